@@ -1,0 +1,103 @@
+"""Pure-PyTorch reference paths: the definition of correct for every kernel.
+
+Written the naive way Hugging Face PEFT computes these things: the prompt/prefix is copied once
+per batch row and concatenated in front of the sequence, a dense mask is built over the
+concatenation, and grouped-query K/V heads are expanded. Slow and memory hungry on purpose —
+every fused kernel in this library is checked against these functions.
+
+`upcast=True` computes in float64 and returns float64 (for tests that need an exact baseline).
+"""
+from __future__ import annotations
+
+import torch
+
+from .validation import (
+    check_prefix_attention,
+    check_prefix_attention_values,
+    check_prompt_embedding,
+    check_prompt_embedding_values,
+)
+
+
+def prompt_embedding(input_ids, weight, prompt, *, prompt_index=None, backend="reference",
+                     upcast=False):
+    """(B, L) ids, (V, d) weight, (P, d) or (T, P, d) prompt -> (B, P + L, d) in weight's dtype.
+
+    Row b is `[prompt (or prompt[prompt_index[b]]); weight[input_ids[b]]]`.
+    `backend` is accepted for signature parity with `ptuning_fast.prompt_embedding` and ignored.
+    """
+    check_prompt_embedding(input_ids, weight, prompt, prompt_index)
+    check_prompt_embedding_values(input_ids, weight, prompt, prompt_index)
+    out_dtype = torch.float64 if upcast else weight.dtype
+    words = torch.nn.functional.embedding(input_ids.long(), weight).to(out_dtype)
+    B = input_ids.shape[0]
+    if prompt.dim() == 2:
+        rows = prompt.unsqueeze(0).expand(B, -1, -1)          # PEFT repeats the prompt per row
+    else:
+        rows = prompt[prompt_index.long()]
+    return torch.cat([rows.to(out_dtype), words], dim=1)
+
+
+def _per_row_prefix(prefix, prefix_index, batch):
+    """(Hkv,P,D) | (B,Hkv,P,D) | (T,Hkv,P,D)+index -> a (B, Hkv, P, D) copy, as PEFT builds it."""
+    if prefix.dim() == 3:
+        return prefix.unsqueeze(0).expand(batch, -1, -1, -1)
+    if prefix_index is not None:
+        return prefix[prefix_index.long()]
+    return prefix
+
+
+def visible_keys(batch, q_len, k_len, prefix_len, *, causal, attention_mask, device):
+    """Bool (B, 1, Lq, P + Lk): which of the concatenated keys each query sees.
+
+    Every prefix key is visible; sequence key j is visible iff the padding mask allows it and,
+    when causal, j <= i + (Lk - Lq) (bottom-right aligned, so a decode step sees its cache).
+    """
+    i = torch.arange(q_len, device=device).view(q_len, 1)
+    j = torch.arange(k_len, device=device).view(1, k_len)
+    seq = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        seq = seq & (j <= i + (k_len - q_len))
+    if attention_mask is not None:
+        seq = seq & attention_mask.bool().view(batch, 1, 1, k_len)
+    pre = torch.ones(batch, 1, q_len, prefix_len, dtype=torch.bool, device=device)
+    return torch.cat([pre, seq], dim=-1)
+
+
+def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
+                     scale=None, prefix_index=None, backend="reference", upcast=False):
+    """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], per (batch row, query head).
+
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Hkv, P, D) shared, (B, Hkv, P, D) per row,
+    or (T, Hkv, P, D) with prefix_index (B,). Returns (B, Hq, Lq, D) in q's dtype (float64 with
+    `upcast`). A query row with no visible key returns zeros (and passes zero gradient).
+    Scores are computed in the inputs' dtype and softmax in float32, as transformers' eager
+    attention does. `backend` is accepted for signature parity and ignored.
+    """
+    check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index)
+    check_prefix_attention_values(prefix_k, prefix_index)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    P = 0
+    if prefix_k is not None and prefix_k.shape[-2] > 0:
+        P = prefix_k.shape[-2]
+        k = torch.cat([_per_row_prefix(prefix_k, prefix_index, B), k], dim=2)
+        v = torch.cat([_per_row_prefix(prefix_v, prefix_index, B), v], dim=2)
+    group = Hq // Hkv
+    k = k.repeat_interleave(group, dim=1)           # expanded GQA heads, as PEFT's eager path
+    v = v.repeat_interleave(group, dim=1)
+    compute = torch.float64 if upcast else q.dtype
+    softmax_dtype = torch.float64 if upcast else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = visible_keys(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
+                           device=q.device)
+    any_visible = allowed.any(dim=-1, keepdim=True)
+    # Masked keys get -inf; a row with no visible key gets finite zeros instead (softmax of an
+    # all -inf row is NaN, and NaN * 0 would still poison the backward), then is zeroed below.
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_visible, 0.0)
+    probs = torch.softmax(scores.to(softmax_dtype), dim=-1) * allowed
+    out = torch.matmul(probs.to(compute), v)
+    return out if upcast else out.to(q.dtype)

@@ -1,0 +1,191 @@
+"""Input checks shared by the reference paths and the fused ops.
+
+Each check collects every reason an input is unsupported (xformers' `not_supported_reasons`
+idea) and raises one error listing them all, so a user fixes everything in one go. Reasons about
+dtypes or devices raise TypeError; reasons about shapes, strides or values raise ValueError.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Reasons:
+    """Collects (kind, message) pairs; `raise_if_any()` turns them into one exception."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.type_errors: list[str] = []
+        self.value_errors: list[str] = []
+
+    def type(self, message: str) -> None:
+        self.type_errors.append(message)
+
+    def value(self, message: str) -> None:
+        self.value_errors.append(message)
+
+    def raise_if_any(self) -> None:
+        reasons = self.type_errors + self.value_errors
+        if not reasons:
+            return
+        kind = TypeError if self.type_errors else ValueError
+        raise kind(f"{self.op}: " + "; ".join(reasons))
+
+
+def describe(t) -> str:
+    """'Tensor(shape=(2, 3), dtype=torch.float16, device=cpu)' — for error messages."""
+    if not isinstance(t, torch.Tensor):
+        return f"{type(t).__name__} {t!r}"
+    return f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device})"
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def require_tensor(r: Reasons, name: str, t, ndims: tuple[int, ...], dtypes) -> bool:
+    """Checks type, rank and dtype; returns False when later checks on `t` make no sense."""
+    if not isinstance(t, torch.Tensor):
+        r.type(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        return False
+    ok = True
+    if t.dim() not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        r.value(f"`{name}` must be {want}, got {describe(t)}")
+        ok = False
+    if t.dtype not in dtypes:
+        r.type(f"`{name}` must have dtype in {[str(d) for d in dtypes]}, got {describe(t)}")
+        ok = False
+    return ok
+
+
+def require_same_device(r: Reasons, named: dict[str, torch.Tensor | None]) -> None:
+    present = {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"`{n}` on {t.device}" for n, t in present.items())
+        r.type(f"all tensors must be on one device, got {listing}")
+
+
+def check_index_range(name: str, index: torch.Tensor, upper: int, what: str) -> None:
+    """Raises ValueError if any entry of `index` is outside [0, upper).
+
+    Data dependent (one device sync on CUDA): called eagerly, outside traced graphs.
+    """
+    if index.numel() == 0:
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"`{name}` has value {bad} outside [0, {upper}) ({what})")
+
+
+def check_prompt_embedding(input_ids, weight, prompt, prompt_index) -> None:
+    r = Reasons("prompt_embedding")
+    ids_ok = require_tensor(r, "input_ids", input_ids, (2,), INDEX_DTYPES)
+    w_ok = require_tensor(r, "weight", weight, (2,), FLOAT_DTYPES)
+    p_ok = require_tensor(r, "prompt", prompt, (2, 3), FLOAT_DTYPES)
+    if prompt_index is not None:
+        require_tensor(r, "prompt_index", prompt_index, (1,), INDEX_DTYPES)
+    require_same_device(r, {"input_ids": input_ids, "weight": weight, "prompt": prompt,
+                            "prompt_index": prompt_index})
+    if w_ok and p_ok and prompt.shape[-1] != weight.shape[1]:
+        r.value(f"`prompt` last dim must equal the embedding width {weight.shape[1]} of `weight`, "
+                f"got {describe(prompt)}")
+    if p_ok and prompt.dim() == 3 and prompt_index is None:
+        r.value(f"`prompt` of shape (T, P, d) = {tuple(prompt.shape)} needs `prompt_index` (B,)")
+    if p_ok and prompt.dim() == 2 and prompt_index is not None:
+        r.value(f"`prompt_index` given but `prompt` is shared (P, d) = {tuple(prompt.shape)}; "
+                "expected a (T, P, d) prompt")
+    if ids_ok and isinstance(prompt_index, torch.Tensor) and prompt_index.dim() == 1 \
+            and prompt_index.shape[0] != input_ids.shape[0]:
+        r.value(f"`prompt_index` must have shape (B,) = ({input_ids.shape[0]},), "
+                f"got {describe(prompt_index)}")
+    r.raise_if_any()
+
+
+def check_prompt_embedding_values(input_ids, weight, prompt, prompt_index) -> None:
+    check_index_range("input_ids", input_ids, weight.shape[0], "vocabulary size of `weight`")
+    if prompt_index is not None:
+        check_index_range("prompt_index", prompt_index, prompt.shape[0], "number of task prompts")
+
+
+def prefix_length(prefix_k) -> int:
+    return 0 if prefix_k is None else prefix_k.shape[-2]
+
+
+def check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale,
+                           prefix_index) -> None:
+    r = Reasons("prefix_attention")
+    qkv_ok = all([require_tensor(r, n, t, (4,), FLOAT_DTYPES) for n, t in
+                  (("q", q), ("k", k), ("v", v))])
+    has_prefix = prefix_k is not None or prefix_v is not None
+    if has_prefix and (prefix_k is None or prefix_v is None):
+        r.value("`prefix_k` and `prefix_v` must be given together "
+                f"(got prefix_k={describe(prefix_k)}, prefix_v={describe(prefix_v)})")
+        has_prefix = False
+    pre_ok = has_prefix and all([require_tensor(r, n, t, (3, 4), FLOAT_DTYPES) for n, t in
+                                 (("prefix_k", prefix_k), ("prefix_v", prefix_v))])
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            r.type(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}")
+            attention_mask = None
+        elif attention_mask.dim() != 2:
+            r.value(f"`attention_mask` must be 2-D (B, Lk) with true/1 = attend, "
+                    f"got {describe(attention_mask)}")
+        elif attention_mask.is_floating_point() or attention_mask.is_complex():
+            r.type(f"`attention_mask` must be bool or integer (true/1 = attend), "
+                   f"got {describe(attention_mask)}")
+    if prefix_index is not None:
+        require_tensor(r, "prefix_index", prefix_index, (1,), INDEX_DTYPES)
+    require_same_device(r, {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v,
+                            "attention_mask": attention_mask, "prefix_index": prefix_index})
+    if scale is not None and not isinstance(scale, (int, float)):
+        r.type(f"`scale` must be a float or None, got {type(scale).__name__}")
+    if not qkv_ok:
+        r.raise_if_any()
+        return
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        r.value(f"`k` and `v` must have the same shape, got {describe(k)} and {describe(v)}")
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B:
+        r.value(f"`k` batch {Bk} must equal `q` batch {B}")
+    if Dk != D:
+        r.value(f"`k` head dim {Dk} must equal `q` head dim {D}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        r.value(f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        r.type(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if Lk == 0 and not has_prefix:
+        r.value("no keys at all: `k` has Lk=0 and there is no prefix")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
+            and tuple(attention_mask.shape) != (B, Lk):
+        r.value(f"`attention_mask` must have shape (B, Lk) = ({B}, {Lk}), "
+                f"got {describe(attention_mask)}")
+    if pre_ok:
+        if prefix_k.shape != prefix_v.shape:
+            r.value(f"`prefix_k` and `prefix_v` must have the same shape, got "
+                    f"{describe(prefix_k)} and {describe(prefix_v)}")
+        if prefix_k.dtype != q.dtype or prefix_v.dtype != q.dtype:
+            r.type(f"`prefix_k`/`prefix_v` must have q's dtype {q.dtype}, got "
+                   f"{prefix_k.dtype}/{prefix_v.dtype}")
+        if prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D:
+            r.value(f"`prefix_k` must be (Hkv, P, D), (B, Hkv, P, D) or (T, Hkv, P, D) with "
+                    f"Hkv={Hkv}, D={D}; got {describe(prefix_k)}")
+        if prefix_k.dim() == 4 and prefix_index is None and prefix_k.shape[0] != B:
+            r.value(f"a 4-D `prefix_k` without `prefix_index` is per-row and needs first dim "
+                    f"B={B}; got {describe(prefix_k)} (pass `prefix_index` for per-task prefixes)")
+        if prefix_index is not None and prefix_k.dim() != 4:
+            r.value(f"`prefix_index` needs per-task prefixes (T, Hkv, P, D), got "
+                    f"{describe(prefix_k)}")
+    elif prefix_index is not None:
+        r.value("`prefix_index` given without `prefix_k`/`prefix_v`")
+    if isinstance(prefix_index, torch.Tensor) and prefix_index.dim() == 1 \
+            and prefix_index.shape[0] != B:
+        r.value(f"`prefix_index` must have shape (B,) = ({B},), got {describe(prefix_index)}")
+    r.raise_if_any()
+
+
+def check_prefix_attention_values(prefix_k, prefix_index) -> None:
+    if prefix_index is not None:
+        check_index_range("prefix_index", prefix_index, prefix_k.shape[0], "number of task prefixes")

@@ -1,0 +1,74 @@
+"""Shared test set-up: interpreter switch, device choice, the one tolerance table, comparisons.
+
+Without CUDA the kernels run under Triton's interpreter, which must be switched on before any
+kernel module is imported (Triton reads TRITON_INTERPRET when it decorates the kernels).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Dtypes the kernels are tested in here: the interpreter cannot do bf16 arithmetic
+# (bf16 tl.dot returns garbage there, triton issue #11584), so bf16 runs only on a GPU.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+# (atol, rtol) per dtype, for outputs and (looser: longer reductions) for gradients.
+# Compared against the float64 reference. fp32 on GPU may use tf32 dots, hence 2e-3 there.
+TOLERANCES = {
+    torch.float32: {"fwd": (2e-3 if HAS_CUDA else 1e-5, 1e-4 if not HAS_CUDA else 2e-3),
+                    "grad": (5e-3 if HAS_CUDA else 1e-4, 1e-3 if not HAS_CUDA else 5e-3)},
+    torch.float16: {"fwd": (2e-3, 2e-3), "grad": (1e-2, 1e-2)},
+    torch.bfloat16: {"fwd": (1.6e-2, 1.6e-2), "grad": (5e-2, 5e-2)},
+}
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def tolerance(dtype, kind="fwd"):
+    return TOLERANCES[dtype][kind]
+
+
+def assert_close(actual, expected, dtype, kind="fwd", name="output"):
+    """allclose against `expected` with the table's tolerance; the message shows the worst
+    element and the share of elements off (as xformers reports it)."""
+    atol, rtol = tolerance(dtype, kind)
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values in result"
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    off = err > bound
+    if off.any():
+        worst = int((err - bound).argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+        pytest.fail(f"{name} ({dtype}, {kind}): {off.float().mean().item():.2%} of elements off; "
+                    f"worst at {idx}: got {actual[idx].item():.6g}, expected "
+                    f"{expected[idx].item():.6g} (atol={atol}, rtol={rtol})")
+
+
+def assert_error_within(actual, same_precision, exact, name="output", factor=2.0, floor=1e-5):
+    """FlashAttention's test rule: the kernel's max error against an exact (float64) result may be
+    at most `factor` times the error of a PyTorch implementation in the same low precision
+    (plus a tiny floor for when that error is zero)."""
+    kernel_err = (actual.double() - exact.double()).abs().max().item()
+    torch_err = (same_precision.double() - exact.double()).abs().max().item()
+    assert kernel_err <= factor * torch_err + floor, (
+        f"{name}: kernel error {kernel_err:.3g} > {factor} x PyTorch's same-precision error "
+        f"{torch_err:.3g} + {floor}")
+
+
+def poison_like(t):
+    """A tensor full of NaN: kernels must overwrite every element they own."""
+    return torch.full_like(t, float("nan"))
+
+
+@pytest.fixture
+def device():
+    return DEVICE
