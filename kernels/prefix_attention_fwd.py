@@ -1,0 +1,298 @@
+"""Prefix attention forward: softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v].
+
+FlashAttention-2 style: one program per (query block, query head, batch row) streams first the
+prefix keys, then the sequence keys, straight from their own tensors (no concatenation, no
+per-row copy of a shared prefix, no repeated GQA heads) with an online softmax in base 2.
+
+Prefix keys are visible to every query, so their blocks need only a bounds mask. Sequence key j
+is visible to query i iff the padding mask allows it and, when causal, j <= i + (Lk - Lq)
+(bottom-right aligned). Blocks that the causal mask removes for the whole query block are never
+visited; blocks it leaves untouched run without the causal mask.
+
+The log-sum-exp (base 2, in units of the scaled scores, fp32) is saved for the backward; a query
+row that sees no key stores LSE = +inf, which makes every probability the backward recomputes
+exactly 0, and outputs zeros.
+
+fp32 inputs: the dots follow torch's matmul setting — tf32 when
+`torch.get_float32_matmul_precision()` is "high" or "medium", exact fp32 ("ieee") when it is
+"highest" (torch's default). Call `torch.set_float32_matmul_precision("highest")` for ieee dots.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_specs import CompileSpec
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_blocks(
+    acc, m_i, l_i, q,
+    K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
+    start, end,                  # key range [start, end); start is a multiple of BLOCK_N
+    stride_k_l, stride_v_l, stride_mask_l,
+    key_len, head_dim, key_shift, q_pos, qk_scale,
+    CHECK_KEYS: tl.constexpr,    # bounds (and causal, if IS_CAUSAL) masks on this range
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, m_i, l_i) with the keys [start, end) of one K/V pair."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        if CHECK_KEYS:
+            key_ok = keys < key_len
+            kt_mask = d_ok[:, None] & key_ok[None, :]
+            v_mask = key_ok[:, None] & d_ok[None, :]
+        else:
+            kt_mask = d_ok[:, None]
+            v_mask = d_ok[None, :]
+        kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
+                     mask=kt_mask, other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        if CHECK_KEYS or HAS_MASK:
+            if CHECK_KEYS:
+                visible = key_ok[None, :]
+                if IS_CAUSAL:
+                    visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
+            else:
+                visible = keys[None, :] >= 0
+            if HAS_MASK:
+                pad = tl.load(Mask + keys * stride_mask_l, mask=keys < key_len, other=0)
+                visible = visible & (pad != 0)[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf; shifting by 0 instead keeps its
+        # probabilities exactly 0 rather than NaN (-inf - -inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + keys[:, None].to(tl.int64) * stride_v_l + offs_d[None, :],
+                    mask=v_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefix_attention_fwd_kernel(
+    Out, Lse, Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex,
+    q_len, key_len, prefix_len, head_dim, group_size, qk_scale,
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_l,
+    stride_v_b, stride_v_h, stride_v_l,
+    stride_pk_b, stride_pk_h, stride_pk_l,      # stride_pk_b = 0 for a shared prefix
+    stride_pv_b, stride_pv_h, stride_pv_l,
+    stride_o_b, stride_o_h, stride_o_l,
+    stride_lse_b, stride_lse_h,
+    stride_mask_b, stride_mask_l,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_INDEX: tl.constexpr,     # per-task prefixes: row b reads prefix PrefixIndex[b]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,       # next power of two >= head_dim (tl.arange needs a power of 2)
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Last dims are contiguous (the launcher guarantees it): d offsets need no stride, and
+    # the loads vectorize.
+    q_block = tl.program_id(0)
+    q_head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = (q_head // group_size).to(tl.int64)
+    if HAS_INDEX:
+        prefix_row = tl.load(PrefixIndex + batch).to(tl.int64)
+    else:
+        prefix_row = batch
+
+    q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = q_pos < q_len
+    d_ok = offs_d < head_dim
+    q_ptr = Q + batch * stride_q_b + q_head.to(tl.int64) * stride_q_h \
+        + q_pos[:, None].to(tl.int64) * stride_q_l + offs_d[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    # Prefix keys: every query sees all of them; only the last block needs a bounds mask.
+    pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
+    pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
+    prefix_full = prefix_len // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, pk, pv, Mask, 0, prefix_full, stride_pk_l, stride_pv_l, 0,
+        prefix_len, head_dim, 0, q_pos, qk_scale,
+        False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, pk, pv, Mask, prefix_full, prefix_len, stride_pk_l, stride_pv_l, 0,
+        prefix_len, head_dim, 0, q_pos, qk_scale,
+        True, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    # Sequence keys: [0, full_end) are visible (causally) to every row of the block and lie
+    # inside Lk; [full_end, end) need the bounds and causal masks; keys >= end are hidden from
+    # the whole block and never loaded.
+    key_shift = key_len - q_len
+    q_start = q_block * BLOCK_M
+    if IS_CAUSAL:
+        end = tl.minimum(tl.maximum(q_start + BLOCK_M + key_shift, 0), key_len)
+        full_end = tl.minimum(tl.maximum(q_start + key_shift + 1, 0), end) // BLOCK_N * BLOCK_N
+    else:
+        end = key_len
+        full_end = key_len // BLOCK_N * BLOCK_N
+    k = K + batch * stride_k_b + kv_head * stride_k_h
+    v = V + batch * stride_v_b + kv_head * stride_v_h
+    mask = Mask + batch * stride_mask_b
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k, v, mask, 0, full_end, stride_k_l, stride_v_l, stride_mask_l,
+        key_len, head_dim, key_shift, q_pos, qk_scale,
+        False, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k, v, mask, full_end, end, stride_k_l, stride_v_l, stride_mask_l,
+        key_len, head_dim, key_shift, q_pos, qk_scale,
+        True, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    # A row with no visible key (possible only without a prefix) has l = 0: output zeros and
+    # LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    out_ptr = Out + batch * stride_o_b + q_head.to(tl.int64) * stride_o_h \
+        + q_pos[:, None].to(tl.int64) * stride_o_l + offs_d[None, :]
+    tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse_ptr = Lse + batch * stride_lse_b + q_head.to(tl.int64) * stride_lse_h + q_pos
+    tl.store(lse_ptr, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch-side helpers shared with the backward module.
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tf32 for fp32 dots only when torch would use it for fp32 matmuls (see module docstring);
+    16-bit dots ignore the setting, so they share the default's compiled kernels."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def mask_as_int8(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, Lk) bool/int -> int8 with 0 = hidden; one kernel signature for every mask dtype."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask != 0
+    return attention_mask.view(torch.int8)
+
+
+def prefix_views(prefix_k, prefix_v, k, v):
+    """Returns (prefix_k4, prefix_v4, P) with 4-D prefixes; a shared (Hkv, P, D) prefix becomes a
+    stride-0 batch view (never copied). P = 0 (or no prefix) points at k/v with no keys to read."""
+    if prefix_k is None or prefix_k.shape[-2] == 0:
+        return k[:, :, :0], v[:, :, :0], 0
+    prefix_k, prefix_v = contiguous_last(prefix_k), contiguous_last(prefix_v)
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    return prefix_k, prefix_v, prefix_k.shape[-2]
+
+
+def prefix_batch_stride(prefix: torch.Tensor, shared: bool) -> int:
+    return 0 if shared else prefix.stride(0)
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Interpreter: one small config so that tests cross block edges at small sizes; BLOCK_M !=
+# BLOCK_N exercises the causal bounds that GPU configs rely on.
+INTERPRETER_FWD = FwdConfig(32, 16, 4, 1)
+
+# GPU configs per (16-bit?, BLOCK_D); fp32 tiles take twice the shared memory, so fp32 uses
+# half the key block. Shared memory per config: see compile_specs() and the module tests.
+GPU_FWD = {
+    (True, 32): FwdConfig(128, 64, 4, 3),
+    (True, 64): FwdConfig(128, 64, 4, 3),
+    (True, 128): FwdConfig(128, 64, 8, 3),
+    (True, 256): FwdConfig(64, 64, 8, 2),
+    (False, 32): FwdConfig(64, 64, 4, 3),
+    (False, 64): FwdConfig(64, 32, 4, 3),
+    (False, 128): FwdConfig(64, 32, 4, 2),
+    (False, 256): FwdConfig(64, 16, 8, 2),
+}
+
+
+def head_block(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype) -> FwdConfig:
+    if interpreting():
+        return INTERPRETER_FWD
+    return GPU_FWD[(dtype != torch.float32, max(32, head_block(head_dim)))]
+
+
+def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
+                         prefix_index=None, *, causal=True, scale=None, out=None, config=None):
+    """Returns (out, lse).
+
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v None, (Hkv, P, D), (B, Hkv, P, D) or
+    (T, Hkv, P, D) with prefix_index (B,). attention_mask (B, Lk) bool/int, true = attend.
+    out: (B, Hq, Lq, D) in q's dtype, laid out as (B, Lq, Hq, D) so that
+    `out.transpose(1, 2).reshape(B, Lq, Hq * D)` is free; pass `out=` to write into any
+    (B, Hq, Lq, D) tensor with a contiguous last dim. lse: (B, Hq, Lq) fp32, base 2, in units
+    of the scaled scores (+inf for a row with no visible key).
+    """
+    q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    shared = prefix_k is not None and prefix_k.dim() == 3
+    pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
+    mask = mask_as_int8(attention_mask)
+    index = prefix_index.to(torch.int64) if (prefix_index is not None and P > 0) else None
+    if out is None:
+        out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = config or fwd_config(D, q.dtype)
+    grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
+    _prefix_attention_fwd_kernel[grid](
+        out, lse, q, k, v, pk, pv, mask if mask is not None else q, index if index is not None else q,
+        Lq, Lk, P, D, Hq // Hkv, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        prefix_batch_stride(pk, shared), pk.stride(1), pk.stride(2),
+        prefix_batch_stride(pv, shared), pv.stride(1), pv.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
+        INPUT_PRECISION=input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
