@@ -35,3 +35,32 @@ def compile_for_target(spec: CompileSpec, arch: int):
     source = ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs))
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+
+
+def _report(module_name: str, arch: int) -> None:
+    """Compiles every spec of `ptuning_fast.kernels.<module_name>` for sm_<arch>; prints one
+    JSON line per spec. Run in a process without TRITON_INTERPRET (the interpreter replaces
+    the kernels by Python functions that cannot be compiled)."""
+    import importlib
+    import json
+
+    module = importlib.import_module(f"ptuning_fast.kernels.{module_name}")
+    for spec in module.compile_specs():
+        if arch not in spec.archs:
+            continue
+        try:
+            compiled = compile_for_target(spec, arch)
+            row = {"name": spec.name, "arch": arch, "ok": True,
+                   "shared": compiled.metadata.shared,
+                   "cubin": bool(compiled.asm.get("cubin")),
+                   "wgmma": "wgmma" in compiled.asm.get("ptx", "")}
+        except Exception as exc:  # reported to the test, which fails on it
+            row = {"name": spec.name, "arch": arch, "ok": False,
+                   "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _report(sys.argv[1], int(sys.argv[2]))
