@@ -1,7 +1,9 @@
 """Fused prompt embedding vs ptuning_fast.reference: forward and both gradients."""
 import pytest
 import torch
-from conftest import DEVICE, KERNEL_DTYPES, assert_close, poison_like
+from conftest import DEVICE, KERNEL_DTYPES, assert_close, gpu, poison_like
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ptuning_fast as pf
 from ptuning_fast import reference
@@ -119,3 +121,33 @@ def test_torch_compile_fullgraph():
     prompt.grad = None
     reference.prompt_embedding(ids, weight, prompt, prompt_index=index).square().sum().backward()
     assert_close(compiled_grad, prompt.grad, torch.float32, "grad", name="dprompt")
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 4), L=st.integers(1, 9), V=st.integers(1, 40), d=st.integers(1, 70),
+       P=st.integers(0, 9), T=st.one_of(st.none(), st.integers(1, 3)),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_property_random_shapes(B, L, V, d, P, T, dtype):
+    ids, weight, prompt, index = make_inputs(B, L, V, d, P, T, dtype, prompt_dtype=dtype)
+    out = pf.prompt_embedding(ids, weight, prompt, prompt_index=index, backend="triton")
+    ref = reference.prompt_embedding(ids, weight, prompt, prompt_index=index)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, prompt, grad)[0]
+    want = torch.autograd.grad(ref, prompt, grad)[0]
+    assert_close(got, want, dtype, "grad", name="dprompt")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_llama_sized(dtype):
+    # Llama-3.2-1B's embedding width, a 32k vocabulary, a mixed-task batch.
+    ids, weight, prompt, index = make_inputs(8, 512, 32000, 2048, 64, 4, dtype,
+                                             prompt_dtype=torch.float32, weight_grad=False)
+    out = pf.prompt_embedding(ids, weight, prompt, prompt_index=index)
+    ref = reference.prompt_embedding(ids, weight, prompt, prompt_index=index)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, prompt, grad)[0]
+    want = torch.autograd.grad(ref, prompt, grad)[0]
+    assert_close(got, want, torch.float32, "grad", name="dprompt")
