@@ -1,0 +1,479 @@
+"""Prefix attention backward: dQ, dK, dV and dPrefixK, dPrefixV without atomics.
+
+FlashAttention-2's identity, with the forward's global LSE: P = exp2(s * scale * log2(e) - LSE),
+dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta) with Delta = rowsum(dO * O), dQ = scale dS K,
+dK = scale dS^T Q. It holds column by column, so the prefix columns get their gradients from the
+same formula as the sequence columns (checked against the float64 reference in the tests).
+
+Programs and what each owns (every output tile has exactly one writer, summed in a fixed order:
+the backward is bitwise deterministic and uses no float atomics):
+- `_delta_kernel`: Delta per (batch row, query head, query block).
+- `_dkdv_kernel`: dK, dV of one (batch row, kv head, key block); loops over the query heads of
+  the group and the query blocks that can see the keys (causal: the earlier ones are skipped).
+- `_prefix_dkdv_kernel`: dPrefixK, dPrefixV of one (prefix slot, kv head, prefix block), where a
+  slot is the shared prefix, one row's prefix, or one task's prefix; loops over the batch rows
+  that read the slot, the query heads of the group and all query blocks.
+- `_dq_kernel`: dQ of one (batch row, query head, query block), over prefix + visible keys.
+Only the kernels whose gradients autograd asks for are launched.
+"""
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_specs import CompileSpec
+from .prefix_attention_fwd import (
+    LOG2E,
+    TileConfig,
+    contiguous_last,
+    head_block,
+    input_precision,
+    interpreting,
+    mask_as_int8,
+    prefix_batch_stride,
+    prefix_views,
+)
+
+
+@triton.jit
+def _delta_kernel(
+    Delta, Out, DO,
+    q_len, head_dim,
+    stride_o_b, stride_o_h, stride_o_l,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_delta_b, stride_delta_h,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    q_head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (q_pos < q_len)[:, None] & (offs_d < head_dim)[None, :]
+    rows = q_pos[:, None].to(tl.int64)
+    o = tl.load(Out + batch * stride_o_b + q_head * stride_o_h + rows * stride_o_l
+                + offs_d[None, :], mask=tile_mask, other=0.0)
+    do = tl.load(DO + batch * stride_do_b + q_head * stride_do_h + rows * stride_do_l
+                 + offs_d[None, :], mask=tile_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + batch * stride_delta_b + q_head * stride_delta_h + q_pos, delta,
+             mask=q_pos < q_len)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, key_visible,
+    Q, DO, Lse, Delta,           # already at (row, query head); Lse/Delta contiguous over l
+    start, end,                  # query range [start, end); start is a multiple of BLOCK_M
+    stride_q_l, stride_do_l,
+    q_len, head_dim, key_pos, key_shift, qk_scale,
+    CAUSAL_MASK: tl.constexpr,   # some query of this range sees only part of the key block
+    HAS_MASK: tl.constexpr,      # key_visible holds the key-padding mask
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Adds the contribution of queries [start, end) to (dk, dv) of one key block (transposed
+    form: rows are keys, so no tile is transposed in registers except q and dO)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    for start_m in range(start, end, BLOCK_M):
+        q_pos = start_m + tl.arange(0, BLOCK_M)
+        row_ok = q_pos < q_len
+        rows = q_pos[:, None].to(tl.int64)
+        tile_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + rows * stride_q_l + offs_d[None, :], mask=tile_mask, other=0.0)
+        do = tl.load(DO + rows * stride_do_l + offs_d[None, :], mask=tile_mask, other=0.0)
+        # Queries past Lq get LSE = +inf: their probabilities are exactly 0.
+        lse = tl.load(Lse + q_pos, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + q_pos, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        if CAUSAL_MASK:
+            st = tl.where(key_pos[:, None] <= q_pos[None, :] + key_shift, st, float("-inf"))
+        if HAS_MASK:
+            st = tl.where(key_visible[:, None], st, float("-inf"))
+        pt = tl.math.exp2(st - lse[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    DK, DV, Q, K, V, DO, Lse, Delta, Mask,
+    q_len, key_len, head_dim, group_size, scale, qk_scale,
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_l,
+    stride_v_b, stride_v_h, stride_v_l,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dk_b, stride_dk_h, stride_dk_l,
+    stride_dv_b, stride_dv_h, stride_dv_l,
+    stride_lse_b, stride_lse_h,          # Lse and Delta share one (B, Hq, Lq) layout
+    stride_mask_b, stride_mask_l,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    key_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    key_pos = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (key_pos < key_len)[:, None] & (offs_d < head_dim)[None, :]
+    keys = key_pos[:, None].to(tl.int64)
+    k = tl.load(K + batch * stride_k_b + kv_head.to(tl.int64) * stride_k_h + keys * stride_k_l
+                + offs_d[None, :], mask=tile_mask, other=0.0)
+    v = tl.load(V + batch * stride_v_b + kv_head.to(tl.int64) * stride_v_h + keys * stride_v_l
+                + offs_d[None, :], mask=tile_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+
+    key_shift = key_len - q_len
+    key_start = key_block * BLOCK_N
+    if HAS_MASK:
+        key_visible = tl.load(Mask + batch * stride_mask_b + key_pos * stride_mask_l,
+                              mask=key_pos < key_len, other=0) != 0
+        # A fully padded key block has zero gradients: skip its queries altogether.
+        end = tl.where(tl.max(key_visible.to(tl.int32), 0) > 0, q_len, 0)
+    else:
+        key_visible = key_pos < key_len
+        end = q_len
+    if IS_CAUSAL:
+        # Query i sees key j iff i >= j - key_shift: queries before the block's first key see
+        # none of it (skipped); from `full_start` on, every query sees the whole block.
+        start = tl.minimum(tl.maximum(key_start - key_shift, 0), end) // BLOCK_M * BLOCK_M
+        full_start = tl.minimum(tl.maximum(key_start + BLOCK_N - 1 - key_shift, 0), end)
+        full_start = tl.maximum((full_start + BLOCK_M - 1) // BLOCK_M * BLOCK_M, start)
+    else:
+        start = 0
+        full_start = 0
+
+    for h in range(0, group_size):
+        q_head = (kv_head * group_size + h).to(tl.int64)
+        q_ptr = Q + batch * stride_q_b + q_head * stride_q_h
+        do_ptr = DO + batch * stride_do_b + q_head * stride_do_h
+        lse_ptr = Lse + batch * stride_lse_b + q_head * stride_lse_h
+        delta_ptr = Delta + batch * stride_lse_b + q_head * stride_lse_h
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, start, full_start,
+            stride_q_l, stride_do_l, q_len, head_dim, key_pos, key_shift, qk_scale,
+            IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, full_start, end,
+            stride_q_l, stride_do_l, q_len, head_dim, key_pos, key_shift, qk_scale,
+            False, HAS_MASK, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+
+    dk = dk * scale
+    tl.store(DK + batch * stride_dk_b + kv_head.to(tl.int64) * stride_dk_h + keys * stride_dk_l
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=tile_mask)
+    tl.store(DV + batch * stride_dv_b + kv_head.to(tl.int64) * stride_dv_h + keys * stride_dv_l
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _prefix_dkdv_kernel(
+    DPK, DPV, Q, PK, PV, DO, Lse, Delta, PrefixIndex,
+    batch_size, q_len, prefix_len, head_dim, group_size, scale, qk_scale,
+    rows_step, rows_per_slot,            # slot s reads rows [s * rows_step, + rows_per_slot)
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_pk_s, stride_pk_h, stride_pk_l,
+    stride_pv_s, stride_pv_h, stride_pv_l,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dpk_s, stride_dpk_h, stride_dpk_l,
+    stride_dpv_s, stride_dpv_h, stride_dpv_l,
+    stride_lse_b, stride_lse_h,
+    HAS_INDEX: tl.constexpr,     # per-task slots: row b belongs to slot PrefixIndex[b]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    key_block = tl.program_id(0)
+    kv_head = tl.program_id(1).to(tl.int64)
+    slot = tl.program_id(2)
+    key_pos = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (key_pos < prefix_len)[:, None] & (offs_d < head_dim)[None, :]
+    keys = key_pos[:, None].to(tl.int64)
+    slot64 = slot.to(tl.int64)
+    k = tl.load(PK + slot64 * stride_pk_s + kv_head * stride_pk_h + keys * stride_pk_l
+                + offs_d[None, :], mask=tile_mask, other=0.0)
+    v = tl.load(PV + slot64 * stride_pv_s + kv_head * stride_pv_h + keys * stride_pv_l
+                + offs_d[None, :], mask=tile_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+
+    # Every query sees every prefix key: no causal or padding mask, all query blocks.
+    first_row = (slot * rows_step).to(tl.int64)
+    for i in range(0, rows_per_slot):
+        batch = first_row + i
+        if HAS_INDEX:
+            q_end = tl.where(tl.load(PrefixIndex + batch) == slot, q_len, 0)
+        else:
+            q_end = q_len
+        for h in range(0, group_size):
+            q_head = (kv_head * group_size + h).to(tl.int64)
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, key_pos < prefix_len,
+                Q + batch * stride_q_b + q_head * stride_q_h,
+                DO + batch * stride_do_b + q_head * stride_do_h,
+                Lse + batch * stride_lse_b + q_head * stride_lse_h,
+                Delta + batch * stride_lse_b + q_head * stride_lse_h,
+                0, q_end, stride_q_l, stride_do_l, q_len, head_dim, key_pos, 0, qk_scale,
+                False, False, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+
+    dk = dk * scale
+    tl.store(DPK + slot64 * stride_dpk_s + kv_head * stride_dpk_h + keys * stride_dpk_l
+             + offs_d[None, :], dk.to(DPK.dtype.element_ty), mask=tile_mask)
+    tl.store(DPV + slot64 * stride_dpv_s + kv_head * stride_dpv_h + keys * stride_dpv_l
+             + offs_d[None, :], dv.to(DPV.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse, delta,
+    K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
+    start, end,
+    stride_k_l, stride_v_l, stride_mask_l,
+    key_len, head_dim, key_shift, q_pos, qk_scale,
+    CHECK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_len
+        t_mask = d_ok[:, None] & key_ok[None, :]
+        cols = keys[None, :].to(tl.int64)
+        kt = tl.load(K + cols * stride_k_l + offs_d[:, None], mask=t_mask, other=0.0)
+        vt = tl.load(V + cols * stride_v_l + offs_d[:, None], mask=t_mask, other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        # Hidden keys go to -inf before exp2: with large logits s - LSE could overflow there.
+        if CHECK_KEYS:
+            visible = key_ok[None, :]
+            if IS_CAUSAL:
+                visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
+            s = tl.where(visible, s, float("-inf"))
+        if HAS_MASK:
+            pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
+            s = tl.where((pad != 0)[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    DQ, Q, K, V, PrefixK, PrefixV, DO, Lse, Delta, Mask, PrefixIndex,
+    q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale,
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_l,
+    stride_v_b, stride_v_h, stride_v_l,
+    stride_pk_b, stride_pk_h, stride_pk_l,
+    stride_pv_b, stride_pv_h, stride_pv_l,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dq_b, stride_dq_h, stride_dq_l,
+    stride_lse_b, stride_lse_h,
+    stride_mask_b, stride_mask_l,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    q_head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = (q_head // group_size).to(tl.int64)
+    q_head = q_head.to(tl.int64)
+    if HAS_INDEX:
+        prefix_row = tl.load(PrefixIndex + batch).to(tl.int64)
+    else:
+        prefix_row = batch
+    q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = q_pos < q_len
+    tile_mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    rows = q_pos[:, None].to(tl.int64)
+    q = tl.load(Q + batch * stride_q_b + q_head * stride_q_h + rows * stride_q_l + offs_d[None, :],
+                mask=tile_mask, other=0.0)
+    do = tl.load(DO + batch * stride_do_b + q_head * stride_do_h + rows * stride_do_l
+                 + offs_d[None, :], mask=tile_mask, other=0.0)
+    lse = tl.load(Lse + batch * stride_lse_b + q_head * stride_lse_h + q_pos, mask=row_ok,
+                  other=float("inf"))
+    delta = tl.load(Delta + batch * stride_lse_b + q_head * stride_lse_h + q_pos, mask=row_ok,
+                    other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
+    pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
+    prefix_full = prefix_len // BLOCK_N * BLOCK_N
+    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, 0, prefix_full,
+                    stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
+                    False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, prefix_full, prefix_len,
+                    stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
+                    True, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    # Same key ranges as the forward: skip what the causal mask hides from the whole block.
+    key_shift = key_len - q_len
+    q_start = q_block * BLOCK_M
+    if IS_CAUSAL:
+        end = tl.minimum(tl.maximum(q_start + BLOCK_M + key_shift, 0), key_len)
+        full_end = tl.minimum(tl.maximum(q_start + key_shift + 1, 0), end) // BLOCK_N * BLOCK_N
+    else:
+        end = key_len
+        full_end = key_len // BLOCK_N * BLOCK_N
+    k = K + batch * stride_k_b + kv_head * stride_k_h
+    v = V + batch * stride_v_b + kv_head * stride_v_h
+    mask = Mask + batch * stride_mask_b
+    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, 0, full_end,
+                    stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
+                    qk_scale, False, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, full_end, end,
+                    stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
+                    qk_scale, True, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    dq = dq * scale
+    tl.store(DQ + batch * stride_dq_b + q_head * stride_dq_h + rows * stride_dq_l
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+
+# Interpreter: one small config per kernel (tests cross block edges at small sizes).
+INTERPRETER_KV = TileConfig(16, 32, 4, 1)     # block_m: queries per step, block_n: keys owned
+INTERPRETER_Q = TileConfig(32, 16, 4, 1)      # block_m: queries owned, block_n: keys per step
+DELTA_BLOCK_M = 64
+
+# GPU configs per (16-bit?, BLOCK_D). The dK/dV program keeps k, v, dk, dv of its key block in
+# registers and streams queries; the dQ program keeps q, dO, dq and streams keys — hence the
+# mirrored tile shapes. fp32 tiles are twice as large, so fp32 halves the streamed block.
+GPU_KV = {
+    (True, 32): TileConfig(32, 128, 4, 3),
+    (True, 64): TileConfig(32, 128, 4, 3),
+    (True, 128): TileConfig(32, 64, 4, 3),
+    (True, 256): TileConfig(16, 64, 8, 2),
+    (False, 32): TileConfig(32, 64, 4, 3),
+    (False, 64): TileConfig(32, 64, 4, 2),
+    (False, 128): TileConfig(16, 64, 4, 2),
+    (False, 256): TileConfig(16, 32, 8, 2),
+}
+GPU_Q = {
+    (True, 32): TileConfig(128, 32, 4, 3),
+    (True, 64): TileConfig(128, 32, 4, 3),
+    (True, 128): TileConfig(64, 32, 4, 3),
+    (True, 256): TileConfig(64, 16, 8, 2),
+    (False, 32): TileConfig(64, 32, 4, 3),
+    (False, 64): TileConfig(64, 32, 4, 2),
+    (False, 128): TileConfig(64, 16, 4, 2),
+    (False, 256): TileConfig(32, 16, 8, 2),
+}
+
+
+def _gpu_key(head_dim: int, dtype: torch.dtype):
+    return dtype != torch.float32, max(32, head_block(head_dim))
+
+
+def kv_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    return INTERPRETER_KV if interpreting() else GPU_KV[_gpu_key(head_dim, dtype)]
+
+
+def q_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    return INTERPRETER_Q if interpreting() else GPU_Q[_gpu_key(head_dim, dtype)]
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
+                         out, lse, *, causal=True, scale=None, needs=(True,) * 5):
+    """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of `prefix_attention_fwd`; None where
+    `needs` (five bools, autograd's needs_input_grad order) is False.
+
+    grad_out, out (B, Hq, Lq, D); lse (B, Hq, Lq) fp32 from the forward; other arguments as for
+    the forward. Gradients have their input's shape and dtype. dk and dv come from one kernel,
+    as do dprefix_k and dprefix_v: asking for either of a pair computes both.
+    """
+    grad_out, out = contiguous_last(grad_out), contiguous_last(out)
+    q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
+    lse = lse.contiguous()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    qk_scale = scale * LOG2E
+    shared = prefix_k is not None and prefix_k.dim() == 3
+    pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
+    mask = mask_as_int8(attention_mask)
+    index = prefix_index.to(torch.int64) if (prefix_index is not None and P > 0) else None
+    block_d = head_block(D)
+    precision = input_precision(q.dtype)
+    mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    mask_arg = mask if mask is not None else q
+    index_arg = index if index is not None else q
+    dq = dk = dv = dpk = dpv = None
+
+    delta = torch.empty_like(lse)
+    if delta.numel() > 0:
+        _delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK_M), Hq, B)](
+            delta, out, grad_out, Lq, D, *_strides3(out), *_strides3(grad_out),
+            delta.stride(0), delta.stride(1),
+            BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4)
+
+    if needs[0]:
+        dq = torch.empty_like(q)
+        cfg = q_config(D, q.dtype)
+        if dq.numel() > 0:
+            _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
+                dq, q, k, v, pk, pv, grad_out, lse, delta, mask_arg, index_arg,
+                Lq, Lk, P, D, group, scale, qk_scale,
+                *_strides3(q), *_strides3(k), *_strides3(v),
+                prefix_batch_stride(pk, shared), pk.stride(1), pk.stride(2),
+                prefix_batch_stride(pv, shared), pv.stride(1), pv.stride(2),
+                *_strides3(grad_out), *_strides3(dq), lse.stride(0), lse.stride(1),
+                *mask_strides,
+                IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = kv_config(D, q.dtype)
+    if needs[1] or needs[2]:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        if dk.numel() > 0:
+            _dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
+                dk, dv, q, k, v, grad_out, lse, delta, mask_arg,
+                Lq, Lk, D, group, scale, qk_scale,
+                *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
+                *_strides3(dk), *_strides3(dv), lse.stride(0), lse.stride(1), *mask_strides,
+                IS_CAUSAL=causal, HAS_MASK=mask is not None,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if needs[3] or needs[4]:
+        dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
+        if P > 0 and B * Lq == 0:
+            dpk.zero_(), dpv.zero_()
+        elif P > 0:
+            dpk4 = dpk.unsqueeze(0) if shared else dpk
+            dpv4 = dpv.unsqueeze(0) if shared else dpv
+            # A slot is the shared prefix (reads every row), one row's prefix, or one task's
+            # prefix (reads the rows whose prefix_index names it).
+            if shared or index is not None:
+                slots, rows_step, rows_per_slot = pk.shape[0], 0, B
+            else:
+                slots, rows_step, rows_per_slot = B, 1, 1
+            _prefix_dkdv_kernel[(triton.cdiv(P, cfg.block_n), Hkv, slots)](
+                dpk4, dpv4, q, pk, pv, grad_out, lse, delta, index_arg,
+                B, Lq, P, D, group, scale, qk_scale, rows_step, rows_per_slot,
+                *_strides3(q), *_strides3(pk), *_strides3(pv), *_strides3(grad_out),
+                *_strides3(dpk4), *_strides3(dpv4), lse.stride(0), lse.stride(1),
+                HAS_INDEX=index is not None,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    return (dq, dk if needs[1] else None, dv if needs[2] else None,
+            dpk if needs[3] else None, dpv if needs[4] else None)

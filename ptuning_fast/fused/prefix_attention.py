@@ -1,0 +1,87 @@
+"""Custom ops `ptuning_fast::prefix_attention` (forward) and `ptuning_fast::prefix_attention_bwd`.
+
+Two opaque ops with fake implementations, so `torch.compile(fullgraph=True)` traces through them;
+the backward op is registered as the forward's autograd formula and launches only the kernels
+whose gradients autograd asks for.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import prefix_attention_bwd as bwd_kernels
+from ..kernels import prefix_attention_fwd as fwd_kernels
+from ..validation import check_prefix_attention_values
+
+
+@torch.library.custom_op("ptuning_fast::prefix_attention", mutates_args=())
+def prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None, prefix_index: torch.Tensor | None,
+                        causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # prefix_index's range needs the data, so it is checked here (eagerly), not in the trace.
+    check_prefix_attention_values(prefix_k, prefix_index)
+    return fwd_kernels.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, attention_mask,
+                                            prefix_index, causal=causal, scale=scale)
+
+
+@prefix_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
+    B, Hq, Lq, D = q.shape
+    # Same layout as the kernel's output: (B, Lq, Hq, D) memory seen as (B, Hq, Lq, D).
+    out = q.new_empty(B, Lq, Hq, D).transpose(1, 2)
+    return out, q.new_empty(B, Hq, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("ptuning_fast::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd_op(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+        attention_mask: torch.Tensor | None, prefix_index: torch.Tensor | None,
+        out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+        needs: list[bool]) -> list[torch.Tensor]:
+    grads = bwd_kernels.prefix_attention_bwd(
+        grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
+        causal=causal, scale=scale, needs=tuple(needs))
+    # A custom op cannot return None: a gradient nobody asked for is an empty placeholder.
+    return [g if g is not None else q.new_empty(0) for g in grads]
+
+
+@prefix_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal,
+      scale, needs):
+    like = (q, k, v, prefix_k, prefix_v)
+    return [torch.empty_like(t) if need else q.new_empty(0) for t, need in zip(like, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    if not any(needs):
+        return (None,) * 9
+    grads = prefix_attention_bwd_op(grad_out, q, k, v, prefix_k, prefix_v, attention_mask,
+                                    prefix_index, out, lse, ctx.causal, ctx.scale, needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
+
+
+prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
+                           attention_mask=None, scale=None, prefix_index=None):
+    """Triton prefix attention; inputs already validated by `ptuning_fast.ops.prefix_attention`.
+
+    Returns (B, Hq, Lq, D) in q's dtype, laid out as (B, Lq, Hq, D) in memory, so that
+    `out.transpose(1, 2).reshape(B, Lq, Hq * D)` needs no copy.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
+                                 bool(causal), scale)
+    return out
