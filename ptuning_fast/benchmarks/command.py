@@ -1,0 +1,152 @@
+"""`ptuning-fast bench`: build the cases, run each with a progress bar, write JSON + markdown +
+one PNG per op, print the tables."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import attention, embedding, models, providers, report, results
+from .case import Case, Unavailable
+from .timing import median_ms, peak_memory_mb
+
+OPS = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
+GPU_NOTICE = ("No CUDA device: timing the reference-style paths against each other at small "
+              "sizes, labelled CPU. Kernel timings need a GPU.")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ptuning-fast bench",
+        description="Time ptuning_fast against PEFT's concatenation, SDPA and FlexAttention.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few representative sizes (minutes on a GPU, ~1 on a CPU)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON file, or a directory for <device>-<date>.json "
+                             "(default bench/results/<device>-<date>.json); the markdown table "
+                             "and the plots are written beside it")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--providers", default=",".join(providers.PROVIDERS),
+                        help="comma-separated attention providers to run "
+                             f"(of {','.join(providers.PROVIDERS)})")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="render the markdown and plots of an existing results file; run nothing")
+    args = parser.parse_args(argv)
+    args.ops = _subset(parser, "--ops", args.ops, OPS)
+    args.providers = _subset(parser, "--providers", args.providers, providers.PROVIDERS)
+    return args
+
+
+def _subset(parser, flag: str, value: str, allowed) -> list[str]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown or not chosen:
+        parser.error(f"{flag}: unknown {unknown or value!r}; choose from {','.join(allowed)}")
+    return chosen
+
+
+def build_cases(ops, provider_names, device: torch.device, quick: bool) -> list[Case]:
+    builders = {
+        "prefix_attention": lambda: attention.attention_cases(device, quick, provider_names),
+        "decode": lambda: attention.decode_cases(device, quick, provider_names),
+        "prompt_embedding": lambda: embedding.prompt_embedding_cases(device, quick,
+                                                                     provider_names),
+        "train_step": lambda: models.train_step_cases(device, quick),
+        "generate": lambda: models.generate_cases(device, quick),
+    }
+    return [case for op in OPS if op in ops for case in builders[op]()]
+
+
+def run_case(case: Case, device: torch.device, quick: bool) -> tuple[dict, bool]:
+    """Measures one case; returns (record, failed). A missing dependency or too little memory is
+    a skip; any other error is a skip that marks the run failed."""
+    prepared = None
+    try:
+        prepared = case.prepare(case, device)
+        prepared.step()                      # first call: compiles, and surfaces errors early
+        ms = median_ms(prepared.step, device, quick=quick, heavy=prepared.heavy)
+        mem = peak_memory_mb(prepared.step, device, whole_process=prepared.whole_process_memory)
+        return results.measured_record(case, prepared, ms, mem), False
+    except Unavailable as e:
+        return results.skipped_record(case, str(e)), False
+    except NotImplementedError as e:
+        return results.skipped_record(case, f"not implemented: {e}"), False
+    except torch.cuda.OutOfMemoryError:
+        return results.skipped_record(case, "out of memory on this device"), False
+    except Exception as e:  # noqa: BLE001 — one broken case must not lose the others' numbers
+        return results.skipped_record(case, f"failed: {type(e).__name__}: {e}"), True
+    finally:
+        del prepared
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def output_path(out: Path | None, device: torch.device) -> Path:
+    name = f"{results.device_slug(device)}-{datetime.date.today().isoformat()}.json"
+    if out is None:
+        return Path("bench") / "results" / name
+    return out if out.suffix == ".json" else out / name
+
+
+def render(json_path: Path, head: dict, records: list[dict]) -> tuple[Path, list[Path]]:
+    """Writes <stem>.md and <stem>-<op>.png beside the JSON; returns their paths."""
+    plots = {}
+    for op in OPS:
+        png = json_path.with_name(f"{json_path.stem}-{op}.png")
+        if report.plot(op, head, records, png):
+            plots[op] = png
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(report.markdown(head, records, {op: p.name for op, p in plots.items()}))
+    return md_path, list(plots.values())
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.from_json is not None:
+        head, records = results.read(args.from_json)
+        md_path, pngs = render(args.from_json, head, records)
+        print(report.markdown(head, records))
+        print(f"wrote {md_path}" + "".join(f"\nwrote {p}" for p in pngs))
+        return 0
+
+    from tqdm import tqdm
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        print(GPU_NOTICE)
+    torch.manual_seed(0)
+    cases = build_cases(args.ops, args.providers, device, args.quick)
+    head = results.header(device)
+    records, failures, reasons_seen = [], 0, set()
+    # Logs (a GPU session's) get a refresh a few seconds apart rather than one per case.
+    refresh_s = 0.1 if sys.stderr.isatty() else 5.0
+    with warnings.catch_warnings(), tqdm(cases, unit="case", file=sys.stderr,
+                                         mininterval=refresh_s) as bar:
+        warnings.simplefilter("ignore")     # PEFT's, transformers' and eager flex's chatter
+        for case in bar:
+            bar.set_description(case.label()[:70], refresh=False)
+            record, failed = run_case(case, device, args.quick)
+            failures += failed
+            records.append(record)
+            reason = record["skipped"]
+            if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
+                reasons_seen.add((case.op, case.provider, reason))
+                bar.write(f"skipped {case.op} {case.provider}: {reason}")
+
+    json_path = output_path(args.out, device)
+    results.write(json_path, head, records)
+    md_path, pngs = render(json_path, head, records)
+    print(report.markdown(head, records))
+    print("\n".join(f"wrote {p}" for p in [json_path, md_path, *pngs]))
+    if device.type != "cuda":
+        print(GPU_NOTICE)
+    if failures:
+        print(f"{failures} case(s) failed; see `skipped` in {json_path}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,132 @@
+"""End-to-end cases on a Llama-3.2-1B-shaped model with random weights (built from a LlamaConfig,
+nothing downloaded): a prefix- or prompt-tuning training step, and greedy generation; ours
+(`pf.wrap`) against PEFT (`peft.get_peft_model`) on identically built base models.
+
+Record fields: method, provider "ptuning_fast" | "peft", B, Lq = sequence (train) or prompt
+(generate) length, Lk = Lq + new tokens (generate), P, Hq/Hkv/D the model's attention heads.
+tokens_per_s counts real tokens trained on, or new tokens generated, per second.
+On CPU a small Llama config stands in (the same code path, seconds instead of hours).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .case import Case, Prepared, Unavailable, torch_dtype
+
+METHODS = ("prefix_tuning", "prompt_tuning")
+PROVIDERS = ("ptuning_fast", "peft")
+
+LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                    vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True)
+SMALL_LLAMA = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=4096,
+                   max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def model_shape(device: torch.device) -> dict:
+    return LLAMA_3_2_1B if device.type == "cuda" else SMALL_LLAMA
+
+
+def _heads(shape: dict) -> dict:
+    return {"Hq": shape["num_attention_heads"], "Hkv": shape["num_key_value_heads"],
+            "D": shape["head_dim"]}
+
+
+def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
+    shape = model_shape(device)
+    B, L, P, dtype = (8, 512, 64, "bf16") if device.type == "cuda" else (2, 64, 16, "fp32")
+    return [Case("train_step", "step", provider, dtype, B=B, Lq=L, P=P, method=method,
+                 prepare=prepare_train_step, **_heads(shape))
+            for method in METHODS for provider in PROVIDERS]
+
+
+def generate_cases(device: torch.device, quick: bool) -> list[Case]:
+    shape = model_shape(device)
+    B, prompt, new, P, dtype = ((8, 128, 64, 64, "bf16") if device.type == "cuda"
+                                else (2, 16, 16, 16, "fp32"))
+    return [Case("generate", "greedy", provider, dtype, B=B, Lq=prompt, Lk=prompt + new, P=P,
+                 method=method, prepare=prepare_generate, **_heads(shape))
+            for method in METHODS for provider in PROVIDERS]
+
+
+def build_base_model(device: torch.device, dtype: torch.dtype):
+    """A frozen Llama-shaped model with random weights, SDPA attention (transformers' default)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    config = LlamaConfig(**model_shape(device))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.requires_grad_(False)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def wrap(base, provider: str, method: str, P: int):
+    """The tuned model: ours through `pf.wrap`, or PEFT's. Checked at run time, so the case runs
+    as soon as the integration lands."""
+    if provider == "ptuning_fast":
+        import ptuning_fast as pf
+        config_name = {"prefix_tuning": "PrefixTuningConfig",
+                       "prompt_tuning": "PromptTuningConfig"}[method]
+        missing = [n for n in ("wrap", config_name) if not hasattr(pf, n)]
+        if missing:
+            raise Unavailable("the transformers integration has not landed: ptuning_fast has no "
+                              + ", ".join(missing))
+        return pf.wrap(base, getattr(pf, config_name)(num_virtual_tokens=P))
+    try:
+        import peft
+    except ImportError as e:
+        raise Unavailable(f"peft is not installed: {e}") from e
+    config_class = {"prefix_tuning": peft.PrefixTuningConfig,
+                    "prompt_tuning": peft.PromptTuningConfig}[method]
+    return peft.get_peft_model(base, config_class(task_type="CAUSAL_LM", num_virtual_tokens=P))
+
+
+def _random_batches(case: Case, device, length: int, count: int = 3):
+    vocab = model_shape(device)["vocab_size"]
+    return [torch.randint(0, vocab, (case.B, length), device=device) for _ in range(count)]
+
+
+def prepare_train_step(case: Case, device: torch.device) -> Prepared:
+    model = wrap(build_base_model(device, torch_dtype(case.dtype)), case.provider, case.method,
+                 case.P)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError(f"{case.provider} left no trainable parameter")
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    batches = itertools.cycle(_random_batches(case, device, case.Lq))
+    attention_mask = torch.ones(case.B, case.Lq, dtype=torch.long, device=device)
+
+    def step():
+        ids = next(batches)
+        loss = model(input_ids=ids, attention_mask=attention_mask, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return Prepared(step=step, tokens=case.B * case.Lq, whole_process_memory=True, heavy=True)
+
+
+def prepare_generate(case: Case, device: torch.device) -> Prepared:
+    model = wrap(build_base_model(device, torch_dtype(case.dtype)), case.provider, case.method,
+                 case.P)
+    model.eval()
+    new_tokens = case.Lk - case.Lq
+    prompts = itertools.cycle(_random_batches(case, device, case.Lq))
+    attention_mask = torch.ones(case.B, case.Lq, dtype=torch.long, device=device)
+
+    def step():
+        # min_new_tokens = max_new_tokens: every row produces exactly `new_tokens` (random
+        # weights would otherwise stop at a random EOS).
+        with torch.no_grad():
+            return model.generate(input_ids=next(prompts), attention_mask=attention_mask,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False)
+    return Prepared(step=step, tokens=case.B * new_tokens, whole_process_memory=True, heavy=True)

@@ -1,0 +1,210 @@
+"""Human-readable output of a results file: a markdown table per op and one PNG plot per op."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+OP_ORDER = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
+PROVIDER_ORDER = ("fused", "ptuning_fast", "naive", "peft", "cat_sdpa", "flex", "flash_attn",
+                  "copy")
+ROW_KEYS = {
+    "prefix_attention": ("mode", "dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
+    "decode": ("dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
+    "prompt_embedding": ("dtype", "B", "Lq", "P", "D"),
+    "train_step": ("method", "dtype", "B", "Lq", "P"),
+    "generate": ("method", "dtype", "B", "Lq", "Lk", "P"),
+}
+COLUMN_TITLES = {"Lq": {"prompt_embedding": "L", "train_step": "L", "generate": "prompt"},
+                 "D": {"prompt_embedding": "d"}, "Lk": {"generate": "total"}}
+# Whose speed the ratio columns compare against the others: ours when it ran, else (CPU) the
+# best concatenation path.
+LEADS = {"prefix_attention": ("fused", "cat_sdpa"), "decode": ("fused", "cat_sdpa"),
+         "prompt_embedding": ("fused", "naive"), "train_step": ("ptuning_fast",),
+         "generate": ("ptuning_fast",)}
+
+
+def is_cpu(head: dict) -> bool:
+    return str(head.get("device", "")).startswith("CPU")
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+
+
+def _cell(op: str, rec: dict) -> str:
+    mem = f", {rec['peak_mem_mb']:,.0f} MB" if rec.get("peak_mem_mb") is not None else ""
+    if op == "prefix_attention":
+        return f"{_fmt(rec['median_ms'])} ms, {_fmt(rec['tflops'])} TF/s{mem}"
+    if op in ("decode", "prompt_embedding"):
+        return f"{_fmt(rec['median_ms'])} ms, {_fmt(rec['gbps'])} GB/s{mem}"
+    return f"{_fmt(rec['tokens_per_s'])} tok/s{mem}"
+
+
+def _ordered(names) -> list[str]:
+    return sorted(set(names), key=lambda n: PROVIDER_ORDER.index(n)
+                  if n in PROVIDER_ORDER else len(PROVIDER_ORDER))
+
+
+def _rows(op: str, records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for rec in records:
+        if rec["op"] == op and rec.get("skipped") is None:
+            rows[tuple(rec[k] for k in ROW_KEYS[op])][rec["provider"]] = rec
+    return rows
+
+
+def _lead(op: str, rows) -> str | None:
+    present = {p for row in rows.values() for p in row}
+    return next((p for p in LEADS[op] if p in present), None)
+
+
+def op_table(op: str, records: list[dict]) -> str:
+    rows = _rows(op, records)
+    if not rows:
+        return ""
+    names = _ordered(p for row in rows.values() for p in row)
+    lead = _lead(op, rows)
+    others = [p for p in names if p != lead and p != "copy"]
+    titles = [COLUMN_TITLES.get(k, {}).get(op, k) for k in ROW_KEYS[op]] + names
+    if lead and op == "prompt_embedding":
+        titles += [f"{p} % of copy" for p in names if p != "copy"]
+    elif lead:
+        titles += [f"{lead} speedup vs {p}" for p in others]
+        if op in ("train_step", "generate"):
+            titles += [f"{lead} memory / {p}" for p in others]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for key, row in rows.items():
+        cells = [str(k) for k in key] + [_cell(op, row[p]) if p in row else "" for p in names]
+        if lead and op == "prompt_embedding":
+            copy = row.get("copy")
+            cells += [f"{100 * row[p]['gbps'] / copy['gbps']:.0f}%" if p in row and copy else ""
+                      for p in names if p != "copy"]
+        elif lead:
+            base = row.get(lead)
+            cells += [f"{row[p]['median_ms'] / base['median_ms']:.2f}x" if base and p in row
+                      else "" for p in others]
+            if op in ("train_step", "generate"):
+                cells += [f"{base['peak_mem_mb'] / row[p]['peak_mem_mb']:.2f}x"
+                          if base and p in row and base["peak_mem_mb"] and row[p]["peak_mem_mb"]
+                          else "" for p in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def skipped_table(records: list[dict]) -> str:
+    counts = Counter((r["op"], r["mode"], r["provider"], r["skipped"])
+                     for r in records if r.get("skipped") is not None)
+    if not counts:
+        return ""
+    lines = ["| op | mode | provider | cases | reason |", "|---|---|---|---|---|"]
+    lines += [f"| {op} | {mode} | {prov} | {n} | {reason} |"
+              for (op, mode, prov, reason), n in counts.items()]
+    return "\n".join(lines)
+
+
+def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None = None) -> str:
+    out = [f"# ptuning_fast benchmarks: {head['device']}, {head['created']}", "",
+           f"torch {head['torch']}, triton {head['triton']}, transformers {head['transformers']}. "
+           "Medians; TF/s counts only unmasked (causal + prefix) work; MB is peak CUDA memory "
+           "(the call's own for ops, everything allocated for train_step/generate)."]
+    if is_cpu(head):
+        out += ["", "**CPU figures**: reference-style paths against each other at small sizes, "
+                "fp32, no peak memory. They say nothing about GPU performance; kernel timings "
+                "need a GPU."]
+    for op in OP_ORDER:
+        table = op_table(op, records)
+        if table:
+            out += ["", f"## {op}", "", table]
+            if plot_names and op in plot_names:
+                out += ["", f"![{op}]({plot_names[op]})"]
+    skipped = skipped_table(records)
+    if skipped:
+        out += ["", "## Not measured", "", skipped]
+    return "\n".join(out) + "\n"
+
+
+def _subplots(count: int, width=5.0, height=3.6):
+    import matplotlib.pyplot as plt
+    cols = min(count, 4)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _line_plot(op: str, records: list[dict], metric: str, ylabel: str, panel_keys: tuple):
+    """x = Lk (log scale), one line per (provider, P), one panel per `panel_keys` value."""
+    measured = [r for r in records if r["op"] == op and r.get("skipped") is None]
+    panels = sorted({tuple(r[k] for k in panel_keys) for r in measured}, key=str)
+    fig, axes = _subplots(len(panels))
+    names = _ordered(r["provider"] for r in measured)
+    styles = ["-", "--", ":", "-."]
+    for ax, panel in zip(axes, panels):
+        mine = [r for r in measured if tuple(r[k] for k in panel_keys) == panel]
+        prefixes = sorted({r["P"] for r in mine})
+        for ci, name in enumerate(names):
+            for si, P in enumerate(prefixes):
+                pts = sorted((r["Lk"], r[metric]) for r in mine
+                             if r["provider"] == name and r["P"] == P and r[metric] is not None)
+                if pts:
+                    ax.plot(*zip(*pts), styles[si % len(styles)], marker="o", color=f"C{ci}",
+                            label=f"{name} P={P}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("Lk (keys per row, prefix excluded)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel)), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _bar_plot(op: str, records: list[dict], metrics: list[tuple[str, str]], group_keys: tuple):
+    measured = [r for r in records if r["op"] == op and r.get("skipped") is None]
+    groups = sorted({tuple(r[k] for k in group_keys) for r in measured}, key=str)
+    names = _ordered(r["provider"] for r in measured)
+    shown = [(m, label) for m, label in metrics if any(r[m] is not None for r in measured)]
+    fig, axes = _subplots(len(shown), width=max(5.0, 1.6 * len(groups) * len(names) / 2))
+    width = 0.8 / max(1, len(names))
+    for ax, (metric, label) in zip(axes, shown):
+        for i, name in enumerate(names):
+            values = []
+            for g in groups:
+                hit = [r[metric] for r in measured if r["provider"] == name
+                       and tuple(r[k] for k in group_keys) == g]
+                values.append(hit[0] if hit and hit[0] is not None else 0.0)
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=name,
+                   color=f"C{i}")
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(groups))])
+        ax.set_xticklabels(["\n".join(f"{k}={v}" for k, v in zip(group_keys, g)) for g in groups],
+                           fontsize=7)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot(op: str, head: dict, records: list[dict], path: Path) -> bool:
+    """Writes `path` (PNG) for `op`; False when the op has no measured record."""
+    if not any(r["op"] == op and r.get("skipped") is None for r in records):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if op == "prefix_attention":
+        fig = _line_plot(op, records, "tflops", "TFLOP/s", ("mode", "dtype", "D"))
+    elif op == "decode":
+        fig = _line_plot(op, records, "gbps", "GB/s", ("dtype", "D"))
+    elif op == "prompt_embedding":
+        fig = _bar_plot(op, records, [("gbps", "GB/s")], ("dtype", "B", "Lq"))
+    else:
+        fig = _bar_plot(op, records, [("tokens_per_s", "tokens/s"), ("peak_mem_mb", "peak MB")],
+                        ("method",))
+    label = "CPU figures: not kernel timings" if is_cpu(head) else "GPU"
+    fig.suptitle(f"{op} on {head['device']} ({label}), {str(head['created'])[:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
