@@ -18,7 +18,6 @@ Only the kernels whose gradients autograd asks for are launched.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +33,8 @@ from .prefix_attention_fwd import (
     mask_as_int8,
     prefix_batch_stride,
     prefix_views,
+    spec_signature,
+    spec_variants,
 )
 
 
@@ -477,3 +478,43 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
 
     return (dq, dk if needs[1] else None, dv if needs[2] else None,
             dpk if needs[3] else None, dpv if needs[4] else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (see kernels/compile_specs.py)
+
+def compile_specs():
+    """Every backward kernel for every GPU config `kv_config` / `q_config` can pick, with the
+    forward's rotation of dtypes, dot precisions and (causal, mask, index) flags."""
+    for i, dtype, elem, precision, block_d, causal, has_mask in spec_variants():
+        key = (dtype != torch.float32, block_d)
+        kv, qc = GPU_KV[key], GPU_Q[key]
+        floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32",
+                      Mask="*i8", PrefixIndex="*i64")
+        kernels = (
+            ("dq", _dq_kernel, qc, dict(IS_CAUSAL=causal, HAS_MASK=has_mask,
+                                        HAS_INDEX=i % 2 == 0, BLOCK_M=qc.block_m,
+                                        BLOCK_N=qc.block_n),
+             ("DQ", "Q", "K", "V", "PrefixK", "PrefixV", "DO")),
+            ("dkdv", _dkdv_kernel, kv, dict(IS_CAUSAL=causal, HAS_MASK=has_mask,
+                                            BLOCK_M=kv.block_m, BLOCK_N=kv.block_n),
+             ("DK", "DV", "Q", "K", "V", "DO")),
+            ("prefix_dkdv", _prefix_dkdv_kernel, kv, dict(HAS_INDEX=i % 2 == 1,
+                                                          BLOCK_M=kv.block_m, BLOCK_N=kv.block_n),
+             ("DPK", "DPV", "Q", "PK", "PV", "DO")),
+        )
+        for name, fn, cfg, constexprs, tensors in kernels:
+            constexprs = dict(constexprs, BLOCK_D=block_d, INPUT_PRECISION=precision)
+            types = dict(floats, **{t: f"*{elem}" for t in tensors})
+            flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+            yield CompileSpec(f"prefix_attention_{name}[{elem},{flags}]", fn,
+                              spec_signature(fn, constexprs, types), constexprs,
+                              cfg.num_warps, cfg.num_stages)
+    # Delta depends only on the dtype and BLOCK_D (and is cheap to compile).
+    for i, block_d in enumerate((32, 64, 128, 256)):
+        elem = ("fp16", "bf16", "fp32", "fp16")[i]
+        constexprs = dict(BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
+        yield CompileSpec(f"prefix_attention_delta[{elem},BLOCK_D={block_d}]", _delta_kernel,
+                          spec_signature(_delta_kernel, constexprs,
+                                         {"Delta": "*fp32", "Out": f"*{elem}", "DO": f"*{elem}"}),
+                          constexprs, 4, 1)

@@ -19,6 +19,7 @@ fp32 inputs: the dots follow torch's matmul setting — tf32 when
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -218,7 +219,7 @@ def prefix_batch_stride(prefix: torch.Tensor, shared: bool) -> int:
 
 
 @dataclass(frozen=True)
-class FwdConfig:
+class TileConfig:
     block_m: int
     block_n: int
     num_warps: int
@@ -227,19 +228,19 @@ class FwdConfig:
 
 # Interpreter: one small config so that tests cross block edges at small sizes; BLOCK_M !=
 # BLOCK_N exercises the causal bounds that GPU configs rely on.
-INTERPRETER_FWD = FwdConfig(32, 16, 4, 1)
+INTERPRETER_FWD = TileConfig(32, 16, 4, 1)
 
 # GPU configs per (16-bit?, BLOCK_D); fp32 tiles take twice the shared memory, so fp32 uses
 # half the key block. Shared memory per config: see compile_specs() and the module tests.
 GPU_FWD = {
-    (True, 32): FwdConfig(128, 64, 4, 3),
-    (True, 64): FwdConfig(128, 64, 4, 3),
-    (True, 128): FwdConfig(128, 64, 8, 3),
-    (True, 256): FwdConfig(64, 64, 8, 2),
-    (False, 32): FwdConfig(64, 64, 4, 3),
-    (False, 64): FwdConfig(64, 32, 4, 3),
-    (False, 128): FwdConfig(64, 32, 4, 2),
-    (False, 256): FwdConfig(64, 16, 8, 2),
+    (True, 32): TileConfig(128, 64, 4, 3),
+    (True, 64): TileConfig(128, 64, 4, 3),
+    (True, 128): TileConfig(128, 64, 8, 3),
+    (True, 256): TileConfig(64, 64, 8, 2),
+    (False, 32): TileConfig(64, 64, 4, 3),
+    (False, 64): TileConfig(64, 32, 4, 3),
+    (False, 128): TileConfig(64, 32, 4, 2),
+    (False, 256): TileConfig(64, 16, 8, 2),
 }
 
 
@@ -247,7 +248,7 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def fwd_config(head_dim: int, dtype: torch.dtype) -> FwdConfig:
+def fwd_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     if interpreting():
         return INTERPRETER_FWD
     return GPU_FWD[(dtype != torch.float32, max(32, head_block(head_dim)))]
@@ -296,3 +297,51 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (see kernels/compile_specs.py)
+
+# (causal, padding mask) combinations, rotated over the specs so that every dtype and every head
+# block meets each combination's code without compiling the full cross product (~2 s a spec).
+FLAG_COMBOS = ((True, True), (True, False), (False, True), (False, False))
+
+# (torch dtype, Triton element type, dot input precision) per spec variant: every (16-bit?,
+# BLOCK_D) table entry once, fp16 and bf16 taking turns (same tiles, same code) and both at
+# D = 128, the common head dim; fp32 alternates exact and tf32 dots.
+SPEC_VARIANTS = (
+    (torch.bfloat16, "bf16", "tf32", 32), (torch.float16, "fp16", "tf32", 64),
+    (torch.bfloat16, "bf16", "tf32", 128), (torch.float16, "fp16", "tf32", 128),
+    (torch.float16, "fp16", "tf32", 256),
+    (torch.float32, "fp32", "ieee", 32), (torch.float32, "fp32", "tf32", 64),
+    (torch.float32, "fp32", "ieee", 128), (torch.float32, "fp32", "tf32", 256),
+)
+
+
+def spec_signature(fn, constexprs: dict, types: dict) -> dict:
+    """Triton types for every runtime argument of `fn`: `types` names pointers and floats;
+    every other runtime argument is an i32 size or stride."""
+    params = inspect.signature(fn.fn).parameters
+    return {name: types.get(name, "i32") for name in params if name not in constexprs}
+
+
+def spec_variants():
+    """Yields (index, torch dtype, element type, precision, BLOCK_D, causal, has_mask)."""
+    for i, (dtype, elem, precision, block_d) in enumerate(SPEC_VARIANTS):
+        causal, has_mask = FLAG_COMBOS[i % len(FLAG_COMBOS)]
+        yield i, dtype, elem, precision, block_d, causal, has_mask
+
+
+def compile_specs():
+    """The forward kernel for every GPU config `fwd_config` can pick (GPU_FWD)."""
+    for i, dtype, elem, precision, block_d, causal, has_mask in spec_variants():
+        cfg = GPU_FWD[(dtype != torch.float32, block_d)]
+        constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                          INPUT_PRECISION=precision)
+        types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
+        types.update(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", qk_scale="fp32")
+        flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+        yield CompileSpec(f"prefix_attention_fwd[{elem},{flags}]", _prefix_attention_fwd_kernel,
+                          spec_signature(_prefix_attention_fwd_kernel, constexprs, types),
+                          constexprs, cfg.num_warps, cfg.num_stages)
