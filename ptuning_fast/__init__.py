@@ -1,7 +1,12 @@
 """ptuning_fast: Triton kernels for soft-prompt fine-tuning on frozen transformers models."""
 from . import reference
+from .config import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+from .integrations import PTuningModel, wrap
 from .ops import prefix_attention, prompt_embedding
+from .prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "prefix_attention", "prompt_embedding", "__version__"]
+__all__ = ["reference", "prefix_attention", "prompt_embedding", "__version__",
+           "PromptEmbedding", "PromptEncoder", "PrefixEncoder",
+           "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "wrap", "PTuningModel"]

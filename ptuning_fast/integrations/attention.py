@@ -1,0 +1,123 @@
+"""Prefix attention inside transformers models, through `AttentionInterface` and
+`AttentionMaskInterface` (no model class is patched).
+
+A wrapped model's config selects `ATTN_IMPLEMENTATION`. Each layer's attention then calls
+`prefix_attention_forward`, which reads that layer's (Hkv, P, D) prefix from a `PrefixBinding`:
+passed as the forward keyword argument `PREFIX_KWARG` (transformers forwards extra model kwargs
+down to the attention function, also under gradient checkpointing), or — during `generate()`,
+which rejects unknown kwargs — from a context variable the wrapper sets around the call. The
+prefixes never enter the KV cache: the cache holds real tokens only, so the mask function hands
+the 2D padding mask over (cache + current) keys through unchanged, and causal masking is
+bottom-right aligned inside `prefix_attention`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..prompts import LayerPrefixes
+
+ATTN_IMPLEMENTATION = "ptuning_fast"
+PREFIX_KWARG = "ptuning_prefix"
+
+_ACTIVE: contextvars.ContextVar["PrefixBinding | None"] = contextvars.ContextVar(
+    "ptuning_fast_prefix", default=None)
+
+
+@dataclass
+class PrefixBinding:
+    """What the attention function needs: the prefixes, the per-row task ids, the backend."""
+    prefixes: LayerPrefixes | None
+    task_ids: torch.Tensor | None
+    backend: str
+
+    def for_layer(self, layer_idx: int, batch: int):
+        """(prefix_k, prefix_v, prefix_index) for one layer and a batch of `batch` rows."""
+        if self.prefixes is None:
+            return None, None, None
+        k, v = self.prefixes.layer(layer_idx)
+        if self.prefixes.num_tasks == 1:
+            return k, v, None
+        ids = self.task_ids
+        if ids.shape[0] != batch:
+            # generate() expands every row into num_beams * num_return_sequences consecutive
+            # rows (repeat_interleave); each copy keeps its row's task.
+            if batch % ids.shape[0]:
+                raise ValueError(f"task_ids has {ids.shape[0]} rows but the attention batch has "
+                                 f"{batch}; expected a multiple")
+            ids = ids.repeat_interleave(batch // ids.shape[0])
+        return k, v, ids
+
+
+@contextlib.contextmanager
+def bound_prefix(binding: PrefixBinding):
+    """Makes `binding` visible to the attention function for calls that cannot take kwargs."""
+    token = _ACTIVE.set(binding)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None,
+                             dropout=0.0, **kwargs):
+    """transformers attention function: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D) ->
+    ((B, Lq, Hq, D), None). `attention_mask` is the 2D padding mask over the Lk real keys."""
+    binding = kwargs.get(PREFIX_KWARG) or _ACTIVE.get()
+    if dropout:
+        raise NotImplementedError(
+            f"ptuning_fast attention has no attention-probability dropout, but "
+            f"{type(module).__name__} asked for dropout={dropout} (training mode). Set the model "
+            "config's attention dropout (attention_dropout / attention_probs_dropout_prob) to 0.")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("ptuning_fast attention does not support logit softcapping "
+                                  f"(softcap={kwargs['softcap']})")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("ptuning_fast attention does not return attention weights "
+                                  "(output_attentions=True)")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"ptuning_fast attention expects the 2D padding mask (B, Lk), got shape "
+            f"{tuple(attention_mask.shape)}; 4D masks (or static caches) are not supported")
+    prefix_k = prefix_v = prefix_index = None
+    backend = "auto"
+    if binding is not None:
+        prefix_k, prefix_v, prefix_index = binding.for_layer(module.layer_idx, query.shape[0])
+        backend = binding.backend
+    window = kwargs.get("sliding_window")
+    total = key.shape[2] + (0 if prefix_k is None else prefix_k.shape[-2])
+    if window is not None and total > window:
+        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported "
+                                  f"with {total} keys")
+    out = ops.prefix_attention(query, key, value, prefix_k, prefix_v,
+                               causal=bool(getattr(module, "is_causal", True)),
+                               attention_mask=attention_mask, scale=scaling,
+                               prefix_index=prefix_index, backend=backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_offset=0,
+                             kv_offset=0, attention_mask=None, **kwargs):
+    """transformers mask function: returns the 2D padding mask (B, kv_length) as it is (or None);
+    causality and the always-visible prefix are handled inside the attention function."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_length or kv_offset:
+        raise ValueError(
+            f"ptuning_fast attention needs a 2D padding mask over all {kv_length} keys (cache + "
+            f"current) with offset 0, got shape {tuple(attention_mask.shape)} and kv_offset="
+            f"{kv_offset}; static or sliding-window caches are not supported")
+    return attention_mask
+
+
+def register() -> str:
+    """Registers the attention and mask functions (idempotent); returns the implementation name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask_passthrough)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,270 @@
+"""`wrap` / `PTuningModel`: a frozen transformers model plus one soft-prompt module.
+
+Same function as PEFT's PeftModel with the same weights:
+- prefix tuning: real-token positions are shifted by P (PEFT's prefilled cache does this), and
+  every layer attends to its prefix through the registered attention function; the prefix is
+  never copied per row and never enters the KV cache.
+- prompt tuning / P-Tuning: the prompt is prepended to the input embeddings (fused gather, one
+  prompt shared by every row), P ones to the attention mask, P zeros to token_type_ids and, for
+  token-level tasks, P -100 labels. Logits keep PEFT's shape (B, P + L, V).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import ModelDims, resolve_config
+from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
+from . import attention
+
+_HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
+
+
+def task_type_of(model: nn.Module) -> str:
+    """PEFT's task type name for a transformers model class."""
+    name = type(model).__name__
+    for key, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                      ("ForTokenClassification", "TOKEN_CLS"),
+                      ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(key):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer=None):
+    if config.method == "prefix_tuning":
+        return PrefixEncoder.from_config(config, dims)
+    if config.method == "p_tuning":
+        return PromptEncoder.from_config(config, dims)
+    return PromptEmbedding.from_config(config, dims, word_embeddings, tokenizer)
+
+
+class PTuningModel(nn.Module):
+    """A frozen transformers model with Prompt Tuning, P-Tuning or Prefix Tuning (P-Tuning v2).
+
+    Trainable: `prompt_encoder` and, for classification models, the head named in
+    `modules_to_save` (default: PEFT's "classifier" / "score"). Everything else is frozen and
+    never gets a `.grad`. Unknown attributes resolve on the base model (config, device, ...).
+    """
+
+    def __init__(self, base_model: nn.Module, config, backend: str = "auto", *, tokenizer=None,
+                 modules_to_save: list[str] | None = None):
+        super().__init__()
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
+        config = resolve_config(config)
+        self.config_ptuning = config
+        self.backend = backend
+        self.dims = ModelDims.from_model_config(base_model.config)
+        self.task_type = task_type_of(base_model)
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.base_model = base_model
+        device = next(base_model.parameters()).device
+        self.prompt_encoder = build_prompt_module(
+            config, self.dims, base_model.get_input_embeddings(), tokenizer).to(device)
+        if modules_to_save is None:
+            modules_to_save = [n for n, _ in base_model.named_children() if n in _HEAD_NAMES] \
+                if self.task_type in ("SEQ_CLS", "TOKEN_CLS") else []
+        for name in modules_to_save:
+            for p in base_model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        self.modules_to_save = list(modules_to_save)
+        self._generation_task_ids = None
+        if self.is_prefix:
+            base_model.set_attn_implementation(attention.register())
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def is_prefix(self) -> bool:
+        return self.config_ptuning.method == "prefix_tuning"
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config_ptuning.num_virtual_tokens
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _model_dtype(self) -> torch.dtype:
+        return self.base_model.get_input_embeddings().weight.dtype
+
+    def _check_task_ids(self, task_ids, batch: int):
+        T = self.config_ptuning.num_tasks
+        if T == 1:
+            if task_ids is not None:
+                raise ValueError("`task_ids` given but the config has num_tasks=1")
+            return None
+        if task_ids is None:
+            raise ValueError(f"the config has num_tasks={T}: pass `task_ids` (B,) = ({batch},)")
+        task_ids = torch.as_tensor(task_ids, device=self.prompt_encoder.embedding.weight.device)
+        if task_ids.dim() != 1 or task_ids.shape[0] != batch or task_ids.is_floating_point():
+            raise ValueError(f"`task_ids` must be an integer tensor of shape ({batch},), got "
+                             f"shape {tuple(task_ids.shape)} dtype {task_ids.dtype}")
+        if int(task_ids.min()) < 0 or int(task_ids.max()) >= T:
+            raise ValueError(f"`task_ids` must be in [0, {T}), got {task_ids.tolist()}")
+        return task_ids.long()
+
+    def _binding(self, task_ids) -> attention.PrefixBinding:
+        prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
+        return attention.PrefixBinding(prefixes, task_ids, self.backend)
+
+    def _embed_with_prompt(self, input_ids, inputs_embeds, task_ids):
+        """[prompt; word embeddings] -> (B, P + L, d), in the model's dtype."""
+        prompt = self.prompt_encoder()
+        emb = self.base_model.get_input_embeddings()
+        if inputs_embeds is None and type(emb) is nn.Embedding:
+            return ops.prompt_embedding(input_ids, emb.weight, prompt, prompt_index=task_ids,
+                                        backend=self.backend)
+        # Embedding modules with extra math (scaled embeddings, ...) or given inputs_embeds:
+        # run the module as the model would, then prepend.
+        words = emb(input_ids) if inputs_embeds is None else inputs_embeds
+        rows = prompt.expand(words.shape[0], -1, -1) if task_ids is None else prompt[task_ids]
+        return torch.cat([rows.to(words.dtype), words], dim=1)
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None,
+                inputs_embeds=None, position_ids=None, token_type_ids=None, **kwargs):
+        """HF-style output of the base model; `task_ids` (B,) picks each row's prompt/prefix."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("pass `input_ids` or `inputs_embeds`")
+        batch, length = ref.shape[0], ref.shape[1]
+        task_ids = self._check_task_ids(task_ids, batch)
+        P = self.num_virtual_tokens
+        if token_type_ids is not None and not self.is_prefix:
+            token_type_ids = torch.cat([token_type_ids.new_zeros(batch, P), token_type_ids], 1)
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        if self.is_prefix:
+            if position_ids is None:
+                past = kwargs.get("past_key_values")
+                start = P + (past.get_seq_length() if past is not None else 0)
+                position_ids = torch.arange(start, start + length, device=ref.device)[None]
+            else:
+                position_ids = position_ids + P
+            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids)
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   inputs_embeds=inputs_embeds, position_ids=position_ids,
+                                   labels=labels, **kwargs)
+        if position_ids is not None:
+            warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
+                          "positions are those of the [prompt; tokens] sequence", stacklevel=2)
+        embeds = self._embed_with_prompt(input_ids, inputs_embeds, task_ids)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+        if labels is not None and self.task_type in ("CAUSAL_LM", "TOKEN_CLS"):
+            labels = torch.cat([labels.new_full((batch, P), -100), labels], 1)
+        return self.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                               labels=labels, **kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, *args, task_ids=None, **kwargs):
+        """`base_model.generate` with the prompt/prefix (greedy, sampling, beam search, ...).
+
+        The prefix reaches the attention function through a context (generate() rejects
+        unknown kwargs); a forward pre-hook on the base model shifts positions (prefix) or
+        swaps the prompt into the first step's embeddings (prompt tuning).
+        """
+        if self.task_type != "CAUSAL_LM":
+            raise ValueError(f"generate() needs a causal LM, this base model is {self.task_type}")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("PTuningModel.generate needs `input_ids`")
+        task_ids = self._check_task_ids(task_ids, input_ids.shape[0])
+        if self.is_prefix:
+            binding = self._binding(task_ids)
+            hook = self.base_model.register_forward_pre_hook(self._prefix_step_hook,
+                                                             with_kwargs=True)
+            try:
+                with attention.bound_prefix(binding):
+                    return self.base_model.generate(*args, **kwargs)
+            finally:
+                hook.remove()
+        self._generation_task_ids = task_ids
+        hook = self.base_model.register_forward_pre_hook(self._prompt_step_hook, with_kwargs=True)
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            hook.remove()
+            self._generation_task_ids = None
+
+    def _prefix_step_hook(self, module, args, kwargs):
+        P = self.num_virtual_tokens
+        ids = kwargs.get("input_ids")
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + P
+        elif ref is not None:
+            past = kwargs.get("past_key_values")
+            start = P + (past.get_seq_length() if past is not None else 0)
+            kwargs["position_ids"] = torch.arange(start, start + ref.shape[1],
+                                                  device=ref.device)[None]
+        return args, kwargs
+
+    def _prompt_step_hook(self, module, args, kwargs):
+        P = self.num_virtual_tokens
+        past = kwargs.get("past_key_values")
+        ids = kwargs.get("input_ids")
+        if (past is None or past.get_seq_length() == 0) and ids is not None:
+            task_ids = self._generation_task_ids
+            if task_ids is not None and task_ids.shape[0] != ids.shape[0]:
+                task_ids = task_ids.repeat_interleave(ids.shape[0] // task_ids.shape[0])
+            kwargs["inputs_embeds"] = self._embed_with_prompt(ids, None, task_ids)
+            kwargs["input_ids"] = None
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], 1)
+        kwargs.pop("position_ids", None)    # PEFT: positions of the [prompt; tokens] sequence
+        return args, kwargs
+
+    # ----------------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing of the base model's layers (works with prefix tuning: the
+        prefix travels in the layers' kwargs). Needs non-reentrant checkpointing."""
+        kw = dict(gradient_checkpointing_kwargs or {})
+        if kw.get("use_reentrant", False):
+            raise ValueError("use_reentrant=True is not supported: reentrant checkpointing drops "
+                             "gradients of tensors passed as keyword arguments (the prefix)")
+        kw["use_reentrant"] = False
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+    def gradient_checkpointing_disable(self):
+        if hasattr(self.base_model, "activation_checkpointing_disable"):
+            self.base_model.activation_checkpointing_disable()
+        else:
+            self.base_model.gradient_checkpointing_disable()
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, save_directory, full_state: bool = False, **kwargs):
+        """PEFT's format (adapter_config.json + adapter_model.safetensors); `full_state=True`
+        also keeps the encoder's parameters for resuming training."""
+        from . import checkpoint
+        checkpoint.save(self, save_directory, full_state=full_state)
+
+    @classmethod
+    def from_pretrained(cls, base_model, model_id, backend: str = "auto", *,
+                        is_trainable: bool = False, **kwargs) -> "PTuningModel":
+        """Loads a directory written by `save_pretrained` or by PEFT."""
+        from . import checkpoint
+        return checkpoint.load(cls, base_model, model_id, backend=backend,
+                               is_trainable=is_trainable, **kwargs)
+
+
+def wrap(base_model: nn.Module, config, backend: str = "auto", **kwargs) -> PTuningModel:
+    """`PTuningModel(base_model, config, backend)`; `config` may be ours or PEFT's."""
+    return PTuningModel(base_model, config, backend, **kwargs)

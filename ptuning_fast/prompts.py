@@ -1,0 +1,247 @@
+"""The trainable modules of the three soft-prompt methods.
+
+Layer structures and parameter names follow PEFT's (`embedding`, `mlp_head`, `lstm_head`,
+`transform`), so a state dict maps one to one onto PEFT's prompt encoder, and the tensor PEFT
+saves as "prompt_embeddings" is `output_for_checkpoint()` here. With `num_tasks` = T > 1 the
+embedding holds T * P rows (task t owns rows [t * P, (t + 1) * P)) and every output gains a
+leading task dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelDims, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+
+
+class _TaskPrompts(nn.Module):
+    """Shared bits: `embedding` of (T * P) rows; `export()` freezes the encoder's output into it."""
+
+    def __init__(self, num_virtual_tokens: int, num_tasks: int, width: int):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        self.num_tasks = num_tasks
+        self.embedding = nn.Embedding(num_tasks * num_virtual_tokens, width)
+        self.exported = False
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, P, width) embeddings -> (T, P, out) outputs; identity unless reparameterized."""
+        return x
+
+    def _encoder_modules(self) -> list[str]:
+        return []
+
+    def raw(self) -> torch.Tensor:
+        """(T, P, out): the encoder's output for every task."""
+        x = self.embedding.weight.view(self.num_tasks, self.num_virtual_tokens, -1)
+        return x if self.exported else self._encode(x)
+
+    def output_for_checkpoint(self) -> torch.Tensor:
+        """PEFT's "prompt_embeddings": (P, out) for one task, (T * P, out) for several."""
+        return self.raw().reshape(self.num_tasks * self.num_virtual_tokens, -1)
+
+    @torch.no_grad()
+    def export(self) -> None:
+        """Replace the encoder by its output (inference; what PEFT keeps in inference mode)."""
+        if self.exported or not self._encoder_modules():
+            self.exported = True
+            return
+        was_training = self.training
+        self.eval()
+        out = self.raw().reshape(self.num_tasks * self.num_virtual_tokens, -1).detach().clone()
+        self.train(was_training)
+        for name in self._encoder_modules():
+            delattr(self, name)
+        self.embedding = nn.Embedding(out.shape[0], out.shape[1], device=out.device,
+                                      dtype=out.dtype)
+        self.embedding.weight.data.copy_(out)
+        self.exported = True
+
+    def load_checkpoint_output(self, prompt_embeddings: torch.Tensor) -> None:
+        """Export (if needed) and load PEFT's "prompt_embeddings" into the embedding."""
+        self.export()
+        want = tuple(self.embedding.weight.shape)
+        if tuple(prompt_embeddings.shape) != want:
+            raise ValueError(f"checkpoint tensor 'prompt_embeddings' has shape "
+                             f"{tuple(prompt_embeddings.shape)}, this model expects {want}")
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings)
+
+
+def _vocab_rows(word_embeddings: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return word_embeddings(ids.to(word_embeddings.weight.device)).detach().float()
+
+
+def _token_ids(text, tokenizer, what: str) -> list[int]:
+    if isinstance(text, (list, tuple)) and all(isinstance(i, int) for i in text):
+        return list(text)
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string or a list of token ids, got {text!r}")
+    if tokenizer is None:
+        raise ValueError(f"{what} {text!r} is a string: pass `tokenizer=` to wrap / "
+                         "PromptEmbedding.from_config, or set `tokenizer_name_or_path`")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{what} {text!r} tokenizes to no tokens")
+    return ids
+
+
+class PromptEmbedding(_TaskPrompts):
+    """Prompt Tuning. forward() -> (P, d) prompt, or (T, P, d) with several tasks."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int, num_tasks: int = 1):
+        super().__init__(num_virtual_tokens, num_tasks, token_dim)
+
+    @classmethod
+    def from_config(cls, config: PromptTuningConfig, dims: ModelDims,
+                    word_embeddings: nn.Module | None = None, tokenizer=None) -> "PromptEmbedding":
+        module = cls(config.num_virtual_tokens, dims.hidden_size, config.num_tasks)
+        if config.init != "random":
+            if word_embeddings is None:
+                raise ValueError(f"init={config.init!r} needs the model's word embeddings")
+            if tokenizer is None and config.tokenizer_name_or_path:
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+            module.init_from_vocab(config, word_embeddings, tokenizer)
+        return module
+
+    @torch.no_grad()
+    def init_from_vocab(self, config: PromptTuningConfig, word_embeddings: nn.Module,
+                        tokenizer=None) -> None:
+        P, T = self.num_virtual_tokens, self.num_tasks
+        vocab = word_embeddings.weight.shape[0]
+        if config.init == "sample_vocab":
+            rows = _vocab_rows(word_embeddings, torch.randint(0, vocab, (P,)))
+        elif config.init == "text":
+            ids = _token_ids(config.init_text, tokenizer, "init_text")
+            ids = (ids * math.ceil(P / len(ids)))[:P]    # repeat, then truncate to P tokens
+            rows = _vocab_rows(word_embeddings, torch.tensor(ids))
+        else:  # "labels": Lester et al.'s class-label initialization
+            labels = config.init_text.split() if isinstance(config.init_text, str) \
+                else list(config.init_text)
+            if len(labels) > P:
+                raise ValueError(f"{len(labels)} labels for only {P} virtual tokens")
+            label_rows = [_vocab_rows(word_embeddings, torch.tensor(
+                _token_ids(label, tokenizer, "label"))).mean(0) for label in labels]
+            rest = _vocab_rows(word_embeddings, torch.randint(0, vocab, (P - len(labels),)))
+            rows = torch.cat([torch.stack(label_rows), rest])
+        self.embedding.weight.copy_(rows.repeat(T, 1).to(self.embedding.weight))
+
+    def forward(self) -> torch.Tensor:
+        out = self.raw()
+        return out[0] if self.num_tasks == 1 else out
+
+
+class PromptEncoder(_TaskPrompts):
+    """P-Tuning v1: prompt = MLP(embedding) or MLP(biLSTM(embedding)), PEFT's layer structure.
+    forward() -> (P, d) or (T, P, d). `export()` keeps only the output."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int, encoder: str = "mlp",
+                 encoder_hidden_size: int | None = None, encoder_num_layers: int = 2,
+                 encoder_dropout: float = 0.0, num_tasks: int = 1):
+        super().__init__(num_virtual_tokens, num_tasks, token_dim)
+        hidden = encoder_hidden_size or token_dim
+        self.encoder = encoder
+        self.encoder_hidden_size = hidden
+        if encoder == "lstm":
+            self.lstm_head = nn.LSTM(input_size=token_dim, hidden_size=hidden,
+                                     num_layers=encoder_num_layers, dropout=encoder_dropout,
+                                     bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
+                                          nn.Linear(2 * hidden, token_dim))
+        elif encoder == "mlp":
+            self.mlp_head = nn.Sequential(nn.Linear(token_dim, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, token_dim))
+        else:
+            raise ValueError(f"`encoder` must be 'mlp' or 'lstm', got {encoder!r}")
+
+    @classmethod
+    def from_config(cls, config: PTuningConfig, dims: ModelDims) -> "PromptEncoder":
+        return cls(config.num_virtual_tokens, dims.hidden_size, config.encoder,
+                   config.encoder_hidden_size, config.encoder_num_layers,
+                   config.encoder_dropout, config.num_tasks)
+
+    def _encoder_modules(self) -> list[str]:
+        return ["lstm_head", "mlp_head"] if self.encoder == "lstm" else ["mlp_head"]
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.encoder == "lstm":
+            x = self.lstm_head(x)[0]          # each task's P tokens are one LSTM sequence
+        return self.mlp_head(x)
+
+    def forward(self) -> torch.Tensor:
+        out = self.raw()
+        return out[0] if self.num_tasks == 1 else out
+
+
+@dataclass
+class LayerPrefixes:
+    """The output of `PrefixEncoder`: K/V prefixes of every layer, views of one tensor.
+
+    `kv` is (num_layers, 2, Hkv, P, D), or (num_layers, 2, T, Hkv, P, D) with several tasks;
+    `layer(i)` gives layer i's (key, value), each (Hkv, P, D) or (T, Hkv, P, D): shared by every
+    batch row, never expanded per row.
+    """
+    kv: torch.Tensor
+    num_tasks: int
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.kv.shape[-2]
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv.shape[0]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[index, 0], self.kv[index, 1]
+
+    def to(self, dtype: torch.dtype) -> "LayerPrefixes":
+        return LayerPrefixes(self.kv.to(dtype), self.num_tasks)
+
+
+class PrefixEncoder(_TaskPrompts):
+    """Prefix Tuning / P-Tuning v2: per-layer key/value prefixes, computed once per step.
+
+    Without projection, `embedding` holds PEFT's flat layout (T * P, num_layers * 2 * Hkv * D),
+    where column ((layer * 2 + kv) * Hkv + head) * D + d is one element; with projection,
+    `embedding` (T * P, token_dim) feeds `transform` = Linear-Tanh-Linear. forward() ->
+    LayerPrefixes. Works for grouped-query models (Hkv < Hq) and any head_dim.
+    """
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int,
+                 head_dim: int, token_dim: int | None = None, projection: bool = False,
+                 encoder_hidden_size: int = 512, dropout: float = 0.0, num_tasks: int = 1):
+        flat = num_layers * 2 * num_kv_heads * head_dim
+        token_dim = token_dim or num_kv_heads * head_dim
+        super().__init__(num_virtual_tokens, num_tasks, token_dim if projection else flat)
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.projection = projection
+        if projection:
+            self.transform = nn.Sequential(nn.Linear(token_dim, encoder_hidden_size), nn.Tanh(),
+                                           nn.Linear(encoder_hidden_size, flat))
+        self.dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def from_config(cls, config: PrefixTuningConfig, dims: ModelDims) -> "PrefixEncoder":
+        return cls(config.num_virtual_tokens, dims.num_layers, dims.num_kv_heads, dims.head_dim,
+                   dims.prefix_token_dim, config.projection, config.encoder_hidden_size,
+                   config.dropout, config.num_tasks)
+
+    def _encoder_modules(self) -> list[str]:
+        return ["transform"] if self.projection else []
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform(x) if self.projection else x
+
+    def forward(self) -> LayerPrefixes:
+        flat = self.dropout(self.raw())                      # (T, P, L * 2 * Hkv * D)
+        T, P = self.num_tasks, self.num_virtual_tokens
+        kv = flat.view(T, P, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        kv = kv.permute(2, 3, 0, 4, 1, 5)                    # (L, 2, T, Hkv, P, D), a view
+        return LayerPrefixes(kv[:, :, 0] if T == 1 else kv, T)

@@ -1,0 +1,117 @@
+"""Same function as PEFT: with the same weights, the wrapped model gives PEFT's logits, loss,
+gradients and optimizer step, on left- and right-padded batches, for every method and model.
+
+Each case builds two identical copies of a tiny random model, wraps one with ptuning_fast and
+the other with PEFT, and copies our soft-prompt weights into PEFT's encoder."""
+import pytest
+import torch
+
+import ptuning_fast as pf
+from conftest import assert_close
+from models import BACKENDS_FOR, batch, wrapped_and_twin
+
+pytest.importorskip("peft")
+
+CONFIGS = {
+    "prefix": pf.PrefixTuningConfig(3),
+    "prefix_proj": pf.PrefixTuningConfig(4, projection=True, encoder_hidden_size=24),
+    "prompt": pf.PromptTuningConfig(3),
+    "ptuning_mlp": pf.PTuningConfig(3, encoder_hidden_size=20),
+    "ptuning_lstm": pf.PTuningConfig(2, encoder="lstm", encoder_hidden_size=8),
+}
+
+
+def cases():
+    """Every model x method x padding with the reference backend; a few tiny triton cases
+    (the interpreter is slow)."""
+    out = []
+    for model_name in ("llama", "qwen2", "bert"):
+        for method in CONFIGS:
+            for padding in ("right", "left"):
+                out.append(pytest.param(model_name, method, padding, "reference",
+                                        id=f"{model_name}-{method}-{padding}-reference"))
+    for method in ("prefix", "prompt", "ptuning_mlp"):
+        backend = [b for b in BACKENDS_FOR[CONFIGS[method].method]
+                   if getattr(b, "values", (b,))[0] == "triton"][0]
+        marks = getattr(backend, "marks", ())
+        for model_name in ("llama", "bert"):
+            out.append(pytest.param(model_name, method, "left", "triton", marks=marks,
+                                    id=f"{model_name}-{method}-left-triton"))
+    return out
+
+
+def peft_name(name: str) -> str:
+    """Our trainable parameter's name in the PEFT twin."""
+    if name.startswith("prompt_encoder."):
+        return name.replace("prompt_encoder.", "prompt_encoder.default.", 1)
+    module, _, leaf = name.rpartition(".")
+    return f"{module}.modules_to_save.default.{leaf}"
+
+
+@pytest.mark.parametrize("model_name, method, padding, backend", cases())
+def test_forward_backward_and_step_match_peft(model_name, method, padding, backend):
+    ours, twin = wrapped_and_twin(model_name, CONFIGS[method], backend=backend)
+    ours.train(), twin.train()
+    ids, mask, labels = batch(model_name, padding=padding)
+
+    out, ref = ours(input_ids=ids, attention_mask=mask, labels=labels), \
+        twin(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == ref.logits.shape          # PEFT's shape, prompt positions too
+    assert_close(out.logits, ref.logits, torch.float32, "fwd", name="logits")
+    assert_close(out.loss, ref.loss, torch.float32, "fwd", name="loss")
+
+    out.loss.backward(), ref.loss.backward()
+    theirs = dict(twin.named_parameters())
+    mine = ours.trainable_parameters()
+    assert {peft_name(n) for n in mine} == {n for n, p in theirs.items() if p.requires_grad}
+    for name, p in mine.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        assert_close(p.grad, theirs[peft_name(name)].grad, torch.float32, "grad", name=name)
+    frozen_with_grad = [n for n, p in ours.named_parameters() if not p.requires_grad
+                        and p.grad is not None]
+    assert not frozen_with_grad
+
+    opt_a = torch.optim.AdamW(list(mine.values()), lr=1e-2)
+    opt_b = torch.optim.AdamW([theirs[peft_name(n)] for n in mine], lr=1e-2)
+    opt_a.step(), opt_b.step()
+    with torch.no_grad():
+        assert_close(ours.prompt_encoder.output_for_checkpoint(),
+                     twin.get_prompt_embedding_to_save("default"), torch.float32, "grad",
+                     name="saved prompt_embeddings after one step")
+        for name, p in mine.items():
+            assert_close(p, theirs[peft_name(name)], torch.float32, "grad", name=name)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "bert"])
+def test_prompt_changes_the_output(model_name):
+    """Guards the equivalence tests: the soft prompt must actually influence the logits."""
+    ours, _ = wrapped_and_twin(model_name, CONFIGS["prefix"])
+    ids, mask, _ = batch(model_name)
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        ours.prompt_encoder.embedding.weight.mul_(2.0)
+        b = ours(input_ids=ids, attention_mask=mask).logits
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_bf16_model_matches_peft():
+    """A bf16 base: prefixes are cast to the model dtype once, as PEFT does."""
+    ours, twin = wrapped_and_twin("llama", CONFIGS["prefix"])
+    ours.base_model.to(torch.bfloat16), twin.base_model.to(torch.bfloat16)
+    ids, mask, labels = batch("llama", padding="left")
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        b = twin(input_ids=ids, attention_mask=mask).logits
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert_close(a.float(), b.float(), torch.bfloat16, "fwd", name="bf16 logits")
+
+
+def test_inputs_embeds_and_position_ids_like_peft():
+    ours, twin = wrapped_and_twin("llama", CONFIGS["prefix"])
+    ids, mask, _ = batch("llama", padding="left")
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    embeds = ours.base_model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        a = ours(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+        b = twin(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+    assert_close(a, b, torch.float32, "fwd", name="logits with inputs_embeds + position_ids")
