@@ -1,0 +1,194 @@
+"""The benchmark machinery (ptuning_fast.benchmarks): work counts checked by hand, providers that
+compute the same function as the reference (so the comparison is honest), the results schema,
+and the CLI end to end on a tiny op subset. CPU only, well under a minute."""
+import json
+
+import pytest
+import torch
+
+from ptuning_fast import reference
+from ptuning_fast.benchmarks import command, flops, models, providers, results
+from ptuning_fast.benchmarks.case import Case
+from ptuning_fast.benchmarks.embedding import naive_prompt_embedding
+
+# Eager FlexAttention on CPU is what the CPU figures time; its advice to compile is expected.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+# --- work counts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("Lq, Lk, P, causal, expected", [
+    (4, 4, 0, True, 1 + 2 + 3 + 4),            # plain causal triangle
+    (4, 4, 2, True, 10 + 4 * 2),               # + every query sees both prefix keys
+    (3, 5, 2, False, 3 * 7),                   # no causal mask: everything
+    (1, 5, 3, True, 3 + 5),                    # decode: the one query sees the whole cache
+    (2, 5, 1, True, (1 + 4) + (1 + 5)),        # bottom-right aligned: query 0 sees keys 0..3
+    (5, 3, 0, True, 0 + 0 + 1 + 2 + 3),        # Lq > Lk: the first two queries see nothing
+    (5, 3, 2, True, 5 * 2 + 6),
+])
+def test_visible_pairs_by_hand(Lq, Lk, P, causal, expected):
+    assert flops.visible_pairs(Lq, Lk, P, causal) == expected
+
+
+@pytest.mark.parametrize("Lq, Lk, P, causal", [(7, 7, 3, True), (1, 9, 4, True), (3, 11, 0, True),
+                                               (6, 4, 2, True), (5, 8, 5, False)])
+def test_visible_pairs_match_the_reference_mask(Lq, Lk, P, causal):
+    mask = reference.visible_keys(1, Lq, Lk, P, causal=causal, attention_mask=None, device="cpu")
+    assert flops.visible_pairs(Lq, Lk, P, causal) == int(mask.sum())
+
+
+def test_attention_flops_by_hand():
+    # B=2, Hq=3, D=8, Lq=Lk=4, P=2: 18 visible pairs per head, 4 * D FLOPs each.
+    fwd = flops.attention_flops(2, 3, 4, 4, 2, 8, True, "fwd")
+    assert fwd == 4 * 8 * 2 * 3 * 18
+    assert flops.attention_flops(2, 3, 4, 4, 2, 8, True, "fwd_bwd") == fwd * 3.5
+    with pytest.raises(ValueError):
+        flops.attention_flops(2, 3, 4, 4, 2, 8, True, "bwd")
+
+
+def test_byte_counts_by_hand():
+    # ids 2*3*8, gathered rows 2*3*4*2, prompt 5*4*2 read; (2, 8, 4) bf16 written.
+    assert flops.prompt_embedding_bytes(2, 3, 5, 4, 2) == 48 + 48 + 40 + 128
+    assert flops.copy_bytes(10, 4) == 80
+    # q and out (1*2*3*4 each), k and v (1*1*5*4 each), prefix K/V (1*2*4 each), fp16
+    assert flops.attention_fwd_bytes(1, 2, 1, 3, 5, 2, 4, 2) == (48 + 40 + 16) * 2
+
+
+# --- the providers compute the reference's function -------------------------------------
+
+def _inputs(B, Hq, Hkv, Lq, Lk, P, D, requires_grad=False):
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64).requires_grad_(requires_grad)
+    return providers.AttnInputs(randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, D),
+                                randn(Hkv, P, D), randn(Hkv, P, D))
+
+
+def _reference(x):
+    # upcast: the reference's softmax runs in float64 too (by default it is float32)
+    return reference.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, causal=x.causal,
+                                      upcast=True)
+
+
+SHAPES = [(2, 4, 2, 37, 37, 5, 16), (1, 6, 3, 19, 19, 1, 32), (2, 4, 1, 4, 23, 7, 16)]
+
+
+@pytest.mark.parametrize("provider", ["naive", "cat_sdpa", "flex"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_provider_forward_matches_reference(provider, shape):
+    x = _inputs(*shape)
+    torch.testing.assert_close(providers.setup(provider, x)(), _reference(x))
+
+
+@pytest.mark.parametrize("provider", ["naive", "cat_sdpa", "flex"])
+def test_provider_decode_matches_reference(provider):
+    x = _inputs(3, 8, 2, 1, 29, 6, 16)
+    torch.testing.assert_close(providers.setup(provider, x, decode=True)(), _reference(x))
+
+
+@pytest.mark.parametrize("provider", ["naive", "cat_sdpa"])
+def test_provider_gradients_match_reference(provider):
+    x = _inputs(2, 4, 2, 13, 13, 3, 16, requires_grad=True)
+    leaves = (x.q, x.k, x.v, x.prefix_k, x.prefix_v)
+    grad_out = torch.randn_like(x.q)
+    got = torch.autograd.grad(providers.setup(provider, x)(), leaves, grad_out)
+    expected = torch.autograd.grad(_reference(x), leaves, grad_out)
+    for name, g, e in zip(("q", "k", "v", "prefix_k", "prefix_v"), got, expected):
+        torch.testing.assert_close(g, e, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_naive_prompt_embedding_matches_reference():
+    ids = torch.randint(0, 50, (3, 7))
+    weight, prompt = torch.randn(50, 8), torch.randn(4, 8)
+    torch.testing.assert_close(naive_prompt_embedding(ids, weight, prompt),
+                               reference.prompt_embedding(ids, weight, prompt))
+
+
+def test_kernel_providers_report_themselves_unavailable_on_cpu():
+    cases = command.build_cases(["prefix_attention", "prompt_embedding"], ["fused", "flash_attn"],
+                                torch.device("cpu"), quick=True)
+    for case in [c for c in cases if c.provider in ("fused", "flash_attn")][:3]:
+        record, failed = command.run_case(case, torch.device("cpu"), quick=True)
+        assert not failed and record["skipped"], record
+        assert record["median_ms"] is None and record["tflops"] is None
+
+
+# --- model cases, on a tiny Llama ----------------------------------------------------------
+
+@pytest.fixture
+def tiny_llama(monkeypatch):
+    monkeypatch.setattr(models, "SMALL_LLAMA", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256))
+
+
+@pytest.mark.parametrize("op", ["train_step", "generate"])
+def test_model_cases_measure_or_say_why(tiny_llama, op):
+    cpu = torch.device("cpu")
+    for case in command.build_cases([op], providers.PROVIDERS, cpu, quick=True)[:2]:
+        record, failed = command.run_case(case, cpu, quick=True)
+        assert not failed, record["skipped"]
+        if case.provider == "peft":
+            assert record["skipped"] is None and record["tokens_per_s"] > 0
+        assert set(record) == set(results.RECORD_KEYS)
+
+
+# --- results schema and the CLI ------------------------------------------------------------
+
+def _check_schema(data):
+    assert set(data) == {"device", "torch", "triton", "transformers", "created", "records"}
+    assert data["device"].startswith("CPU")
+    assert data["records"]
+    for rec in data["records"]:
+        assert set(rec) == set(results.RECORD_KEYS)
+        assert rec["op"] in command.OPS
+        if rec["skipped"] is not None:
+            assert all(rec[k] is None for k in results.MEASURE_KEYS)
+            continue
+        assert rec["median_ms"] > 0
+        assert rec["peak_mem_mb"] is None            # CPU: no allocator counter, no guess
+        if rec["op"] in ("prefix_attention", "decode"):
+            assert rec["tflops"] > 0
+        if rec["op"] in ("decode", "prompt_embedding"):
+            assert rec["gbps"] > 0
+
+
+def test_cli_quick_writes_json_markdown_and_plots(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    code = command.main(["--quick", "--out", str(out), "--ops", "decode,prompt_embedding"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    _check_schema(data)
+    assert {r["op"] for r in data["records"]} == {"decode", "prompt_embedding"}
+    measured = {(r["op"], r["provider"]) for r in data["records"] if r["skipped"] is None}
+    assert {("decode", "naive"), ("decode", "cat_sdpa"), ("prompt_embedding", "copy")} <= measured
+    md = (tmp_path / "run.md").read_text()
+    assert "CPU figures" in md and "## decode" in md and "## prompt_embedding" in md
+    for op in ("decode", "prompt_embedding"):
+        png = tmp_path / f"run-{op}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "Kernel timings need a GPU" in printed
+
+    # Re-rendering from the JSON alone gives the same table.
+    (tmp_path / "run.md").unlink()
+    assert command.main(["--from-json", str(out)]) == 0
+    assert (tmp_path / "run.md").read_text() == md
+
+
+def test_output_path_defaults_to_bench_results(tmp_path):
+    cpu = torch.device("cpu")
+    default = command.output_path(None, cpu)
+    assert default.parent.as_posix() == "bench/results" and default.name.startswith("cpu-")
+    assert command.output_path(tmp_path, cpu).parent == tmp_path
+    assert command.output_path(tmp_path / "x.json", cpu) == tmp_path / "x.json"
+
+
+def test_bad_op_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        command.main(["--ops", "attention"])
+
+
+def test_case_fields_are_the_record_fields():
+    case = Case("decode", "fwd", "naive", "fp32", B=1, Hq=2, Hkv=1, Lq=1, Lk=4, P=2, D=8,
+                causal=True)
+    assert set(case.fields()) == set(results.CASE_KEYS)
