@@ -1,0 +1,392 @@
+"""Fused prefix attention vs ptuning_fast.reference: forward, all five gradients, numerics,
+determinism, frozen inputs, torch.compile, bad inputs, every GPU tile config.
+
+Under the interpreter the kernels run in fp32 and fp16; fp32 is compared with the float64
+reference through the tolerance table, fp16 with FlashAttention's rule (the kernel's error at
+most ~2x that of the reference computed in fp16).
+"""
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, assert_close, assert_error_within, gpu, poison_like
+
+import ptuning_fast as pf
+from ptuning_fast import reference
+from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
+from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
+
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+@dataclass
+class Case:
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    P: int
+    prefix: str = "shared"      # "none" | "shared" | "row" | "task"
+    mask: str = "none"          # "none" | "left" | "right" | "random" | "empty_row"
+    causal: bool = True
+    layout: str = "bhld"        # "bhld" | "blhd" (transformers' transposed views) | "d_strided"
+
+    def __str__(self):
+        return (f"B{self.B}-H{self.Hq}:{self.Hkv}-Lq{self.Lq}-Lk{self.Lk}-D{self.D}-P{self.P}-"
+                f"{self.prefix}-{self.mask}-{'causal' if self.causal else 'full'}-{self.layout}")
+
+
+def _tensor(shape, dtype, layout):
+    """Fresh random data in the requested memory layout, values unchanged by the layout."""
+    if layout == "blhd" and len(shape) == 4:       # (B, H, L, D) seen through (B, L, H, D)
+        B, H, L, D = shape
+        return torch.randn(B, L, H, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    if layout == "d_strided":                      # last dim not contiguous: the launcher copies
+        return torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype, device=DEVICE)[..., ::2]
+    return torch.randn(shape, dtype=dtype, device=DEVICE)
+
+
+def _mask(case):
+    B, Lk = case.B, case.Lk
+    if case.mask == "none":
+        return None
+    lengths = torch.randint(max(1, Lk // 2), Lk + 1, (B,), device=DEVICE)
+    j = torch.arange(Lk, device=DEVICE)
+    if case.mask == "right":                        # right padding, int64 as tokenizers give
+        return (j[None, :] < lengths[:, None]).long()
+    if case.mask == "left":                         # left padding (generation), bool
+        return j[None, :] >= (Lk - lengths)[:, None]
+    mask = torch.rand(B, Lk, device=DEVICE) > 0.3
+    if case.mask == "empty_row":                    # row 0 attends to nothing at all
+        mask[0] = False
+    return mask
+
+
+def make_inputs(case, dtype, requires_grad=True):
+    """(q, k, v, prefix_k, prefix_v) and (attention_mask, prefix_index) for `case`."""
+    q = _tensor((case.B, case.Hq, case.Lq, case.D), dtype, case.layout)
+    k = _tensor((case.B, case.Hkv, case.Lk, case.D), dtype, case.layout)
+    v = _tensor((case.B, case.Hkv, case.Lk, case.D), dtype, case.layout)
+    index = None
+    if case.prefix == "none":
+        pk = pv = None
+    elif case.prefix == "shared":
+        # A (Hkv, P, D) view of a (P, Hkv, D) tensor: strided rows, as an encoder might produce.
+        pk = torch.randn(case.P, case.Hkv, case.D, dtype=dtype, device=DEVICE).transpose(0, 1)
+        pv = torch.randn(case.Hkv, case.P, case.D, dtype=dtype, device=DEVICE)
+    elif case.prefix == "row":
+        pk = torch.randn(case.B, case.Hkv, case.P, case.D, dtype=dtype, device=DEVICE)
+        pv = torch.randn_like(pk)
+    else:
+        tasks = 3
+        pk = torch.randn(tasks, case.Hkv, case.P, case.D, dtype=dtype, device=DEVICE)
+        pv = torch.randn_like(pk)
+        index = torch.randint(0, tasks, (case.B,), device=DEVICE)
+    inputs = [q, k, v, pk, pv]
+    if requires_grad:
+        for t in inputs:
+            if t is not None:
+                t.requires_grad_(True)
+    return inputs, _mask(case), index
+
+
+def run(fn, inputs, mask, index, case, grad_out, **kwargs):
+    """Output and the gradient of every input that requires one (None for the others)."""
+    out = fn(*inputs, causal=case.causal, attention_mask=mask, prefix_index=index, **kwargs)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out.to(out.dtype), allow_unused=True))
+    return out, [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def fused(*args, **kwargs):
+    return pf.prefix_attention(*args, backend="triton", **kwargs)
+
+
+def exact(*args, **kwargs):
+    return reference.prefix_attention(*args, upcast=True, **kwargs)
+
+
+def check_against_reference(case, dtype):
+    inputs, mask, index = make_inputs(case, dtype)
+    grad_out = torch.randn(case.B, case.Hq, case.Lq, case.D, dtype=torch.float64, device=DEVICE)
+    out, grads = run(fused, inputs, mask, index, case, grad_out)
+    ref, ref_grads = run(exact, inputs, mask, index, case, grad_out)
+    assert out.shape == ref.shape and out.dtype == dtype
+    if dtype == torch.float32:
+        assert_close(out, ref, dtype, "fwd")
+    else:
+        low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out)
+        assert torch.isfinite(out).all()
+        assert_error_within(out, low, ref)
+    for name, t, g, want in zip(NAMES, inputs, grads, ref_grads):
+        if t is None:
+            continue
+        # The reference never touches a P = 0 prefix: its gradient is an empty tensor.
+        want = torch.zeros_like(t, dtype=torch.float64) if want is None else want
+        assert g is not None and g.shape == t.shape and g.dtype == t.dtype, name
+        if t.numel() == 0:
+            continue
+        if dtype == torch.float32:
+            assert_close(g, want, dtype, "grad", name=f"d{name}")
+        else:
+            low_g = low_grads[NAMES.index(name)]
+            low_g = torch.zeros_like(t) if low_g is None else low_g
+            assert torch.isfinite(g).all(), name
+            assert_error_within(g, low_g, want, name=f"d{name}", floor=1e-4)
+
+
+CASES = [
+    Case(2, 4, 2, 37, 53, 64, 37),                                    # odd P, GQA 2:1, Lq < Lk
+    Case(2, 4, 1, 1, 53, 80, 5, "row", "right", layout="blhd"),       # decode step, MQA, D = 80
+    Case(2, 2, 2, 70, 70, 32, 0, "none", "left"),                     # plain attention, padding
+    Case(2, 4, 4, 33, 45, 96, 130, "task", "random", False, "blhd"),  # P > block, mixed tasks
+    Case(2, 4, 1, 20, 20, 64, 1, layout="blhd"),                      # P = 1, GQA 4:1
+    Case(2, 2, 1, 23, 23, 32, 0, "shared", "empty_row"),              # fully masked row, P = 0
+    Case(1, 2, 2, 40, 20, 32, 0, "none"),                             # Lq > Lk: early rows empty
+    Case(2, 8, 2, 17, 31, 128, 16, "shared", "left", layout="d_strided"),  # copied last dim
+    Case(2, 2, 2, 64, 64, 32, 48, "row", "right", False),             # multiples of the blocks
+    Case(1, 2, 1, 4, 0, 32, 9),                                       # prefix only (Lk = 0)
+    Case(2, 2, 2, 19, 26, 48, 3, "task", "right"),                    # D not a multiple of 16
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(case, dtype):
+    check_against_reference(case, dtype)
+
+
+def _explicit_attention(q, k, v, pk, pv, mask, index, causal, scale):
+    """Float64 attention written out per (row, head, query) over an explicit concatenation."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            prefix = torch.zeros(0, D, dtype=torch.float64), torch.zeros(0, D, dtype=torch.float64)
+            if pk is not None:
+                row = pk if pk.dim() == 3 else pk[index[b] if index is not None else b]
+                rowv = pv if pv.dim() == 3 else pv[index[b] if index is not None else b]
+                prefix = row[g].double(), rowv[g].double()
+            keys = torch.cat([prefix[0], k[b, g].double()])
+            values = torch.cat([prefix[1], v[b, g].double()])
+            P = prefix[0].shape[0]
+            for i in range(Lq):
+                seen = [p for p in range(P)] + [
+                    P + j for j in range(Lk)
+                    if (mask is None or bool(mask[b, j])) and (not causal or j <= i + Lk - Lq)]
+                if not seen:
+                    continue                                  # no visible key: zeros
+                scores = torch.stack([q[b, h, i].double() @ keys[c] * scale for c in seen])
+                weights = torch.softmax(scores, dim=0)
+                out[b, h, i] = sum(w * values[c] for w, c in zip(weights, seen))
+    return out
+
+
+@pytest.mark.parametrize("case", [
+    Case(2, 4, 2, 3, 7, 8, 2),                                  # bottom-right causal alignment
+    Case(2, 2, 1, 6, 4, 8, 0, "none"),                          # Lq > Lk: rows with no key
+    Case(2, 2, 2, 5, 5, 8, 0, "shared", "empty_row"),           # fully masked row -> zeros
+    Case(3, 2, 1, 4, 6, 8, 3, "task", "random", False),
+    Case(2, 2, 2, 4, 5, 8, 2, "row", "left"),
+], ids=str)
+def test_reference_matches_explicit_float64(case):
+    (q, k, v, pk, pv), mask, index = make_inputs(case, torch.float64, requires_grad=False)
+    scale = 0.3
+    want = _explicit_attention(q, k, v, pk, pv, mask, index, case.causal, scale)
+    got = reference.prefix_attention(q, k, v, pk, pv, causal=case.causal, attention_mask=mask,
+                                     scale=scale, prefix_index=index, upcast=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if case.mask == "empty_row" or case.Lq > case.Lk:
+        assert (want.abs().sum(-1) == 0).any()
+
+
+def test_output_layout_and_poisoned_out():
+    case = Case(2, 4, 2, 21, 30, 64, 7, "shared", "right")
+    (q, k, v, pk, pv), mask, _ = make_inputs(case, torch.float32, requires_grad=False)
+    out = fused(q, k, v, pk, pv, attention_mask=mask)
+    # Laid out as (B, Lq, Hq, D): the caller's transpose(1, 2).reshape(B, Lq, -1) is free.
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    poisoned = poison_like(torch.empty(2, 4, 21, 64, device=DEVICE))
+    written, lse = fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, mask, out=poisoned)
+    assert written is poisoned and torch.isfinite(lse).all()
+    assert torch.equal(poisoned, out)
+
+
+def test_scale_argument():
+    case = Case(1, 2, 2, 9, 9, 32, 4)
+    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
+    got = fused(q, k, v, pk, pv, scale=0.05)
+    assert_close(got, exact(q, k, v, pk, pv, scale=0.05), torch.float32)
+
+
+def test_empty_prefix_tensor_gets_empty_grad():
+    case = Case(2, 2, 2, 8, 8, 32, 0)
+    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32)
+    out = fused(q, k, v, pk, pv)
+    gq, gpk, gpv = torch.autograd.grad(out.sum(), (q, pk, pv))
+    assert gpk.shape == pk.shape == (2, 0, 32) and gpv.shape == pv.shape
+    assert_close(gq, torch.autograd.grad(exact(q, k, v).sum(), q)[0], torch.float32, "grad")
+
+
+def test_backward_is_bitwise_deterministic():
+    case = Case(2, 4, 2, 37, 41, 64, 37, "shared", "random")
+    inputs, mask, index = make_inputs(case, torch.float16)
+    grad_out = torch.randn(2, 4, 37, 64, device=DEVICE)
+    _, first = run(fused, inputs, mask, index, case, grad_out)
+    _, second = run(fused, inputs, mask, index, case, grad_out)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records launches and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("trainable", [("prefix_k", "prefix_v"), ("q",), ("k",), ("q", "v")])
+def test_only_requested_gradients_are_computed(monkeypatch, trainable):
+    case = Case(2, 4, 2, 19, 23, 32, 5, "task", "right")
+    inputs, mask, index = make_inputs(case, torch.float32, requires_grad=False)
+    for name, t in zip(NAMES, inputs):
+        t.requires_grad_(name in trainable)
+    spies = {name: _LaunchSpy(getattr(bwd_kernels, name))
+             for name in ("_dq_kernel", "_dkdv_kernel", "_prefix_dkdv_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(bwd_kernels, name, spy)
+    fused(*inputs, attention_mask=mask, prefix_index=index).square().sum().backward()
+    for name, t in zip(NAMES, inputs):
+        assert (t.grad is not None) == (name in trainable), name
+    assert spies["_dq_kernel"].launches == ("q" in trainable)
+    assert spies["_dkdv_kernel"].launches == bool({"k", "v"} & set(trainable))
+    assert spies["_prefix_dkdv_kernel"].launches == bool({"prefix_k", "prefix_v"} & set(trainable))
+    ref_inputs = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+    exact(*ref_inputs, attention_mask=mask, prefix_index=index).square().sum().backward()
+    for name, t, r in zip(NAMES, inputs, ref_inputs):
+        if name in trainable:
+            assert_close(t.grad, r.grad, torch.float32, "grad", name=f"d{name}")
+
+
+def test_large_logits_stay_finite():
+    # Scores ~1e4: the online softmax must rescale without overflow in every kernel.
+    case = Case(2, 2, 1, 30, 34, 32, 6, "shared", "random")
+    inputs, mask, _ = make_inputs(case, torch.float32, requires_grad=False)
+    inputs[0] = inputs[0] * 30.0
+    inputs[1] = inputs[1] * 30.0
+    inputs[3] = inputs[3] * 30.0
+    for t in inputs:
+        t.requires_grad_(True)
+    scores = (inputs[0] @ inputs[1].transpose(-1, -2)).abs().max()
+    assert scores > 5e3
+    grad_out = torch.randn(2, 2, 30, 32, dtype=torch.float64, device=DEVICE)
+    out, grads = run(fused, inputs, mask, None, case, grad_out, scale=1.0)
+    ref, ref_grads = run(exact, inputs, mask, None, case, grad_out, scale=1.0)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    # Near one-hot rows: fp32 score rounding (~1e4 * 6e-8) moves the weights by ~1e-3.
+    torch.testing.assert_close(out.double(), ref, atol=5e-3, rtol=5e-3)
+    for g, want in zip(grads, ref_grads):
+        scale = want.abs().max().item() + 1.0
+        assert (g.double() - want).abs().max().item() <= 1e-2 * scale
+
+
+def test_input_precision_follows_torch_setting():
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert fwd_kernels.input_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert fwd_kernels.input_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_torch_compile_fullgraph():
+    case = Case(2, 4, 2, 13, 17, 32, 5, "task", "right")
+    inputs, mask, index = make_inputs(case, torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss_fn(q, k, v, pk, pv, mask, index):
+        out = pf.prefix_attention(q, k, v, pk, pv, attention_mask=mask, prefix_index=index,
+                                  backend="triton")
+        return out.transpose(1, 2).reshape(2, 13, -1).square().sum()
+
+    compiled = torch.autograd.grad(loss_fn(*inputs, mask, index), inputs)
+    eager = torch.autograd.grad(
+        fused(*inputs, attention_mask=mask, prefix_index=index).square().sum(), inputs)
+    for name, a, b in zip(NAMES, compiled, eager):
+        assert torch.equal(a, b), name
+
+
+def test_bad_inputs_name_the_argument():
+    case = Case(2, 4, 2, 5, 6, 32, 3, "task")
+    (q, k, v, pk, pv), _, index = make_inputs(case, torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="prefix_index"):
+        fused(q, k, v, pk, pv, prefix_index=torch.tensor([0, 3], device=DEVICE))
+    with pytest.raises(ValueError, match="Hkv"):
+        fused(q[:, :3], k, v, pk, pv, prefix_index=index)
+    with pytest.raises(ValueError, match="attention_mask"):
+        fused(q, k, v, pk, pv, prefix_index=index,
+              attention_mask=torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="prefix_k"):
+        fused(q, k, v, pk.half(), pv.half(), prefix_index=index)
+    with pytest.raises(ValueError, match="prefix_index"):
+        fused(q, k, v, pk, pv)
+
+
+def _gpu_config_cases():
+    """One case per GPU tile config: (16-bit?, BLOCK_D) -> a dtype and head dim it serves."""
+    for sixteen_bit, block_d in fwd_kernels.GPU_FWD:
+        dtype = torch.float16 if sixteen_bit else torch.float32
+        D = {32: 32, 64: 64, 128: 80, 256: 256}[block_d]
+        yield pytest.param(dtype, D, id=f"{'16bit' if sixteen_bit else 'fp32'}-D{D}")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter check of the GPU tiles; the GPU runs them")
+@pytest.mark.parametrize("dtype, D", list(_gpu_config_cases()))
+def test_gpu_tile_configs_under_interpreter(monkeypatch, dtype, D):
+    # The interpreter normally runs one small config; here every launcher picks the config it
+    # would on a GPU (BLOCK_M up to 128, BLOCK_M != BLOCK_N), so its block bounds are checked.
+    for module in (fwd_kernels, bwd_kernels):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+    case = Case(1, 2, 1, 70, 150, D, 70, "shared", "left")
+    check_against_reference(case, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    Case(2, 8, 2, 512, 512, 128, 64, "shared", "left"),
+    Case(2, 8, 8, 1, 700, 64, 16, "task", "right", layout="blhd"),
+    Case(2, 4, 1, 300, 300, 80, 1030, "row", "random", False),
+    Case(1, 4, 2, 200, 200, 256, 33, "shared", "none", layout="blhd"),
+], ids=str)
+def test_gpu_matches_reference(case, dtype):
+    check_against_reference(case, dtype)
+
+
+@gpu
+def test_gpu_fp32_tf32_and_ieee():
+    case = Case(2, 4, 2, 130, 150, 64, 40, "shared", "right")
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        check_against_reference(case, torch.float32)
+        torch.set_float32_matmul_precision("high")
+        inputs, mask, index = make_inputs(case, torch.float32, requires_grad=False)
+        got = fused(*inputs, attention_mask=mask)
+        # tf32 keeps 10 mantissa bits: error ~1e-3 relative on each score.
+        assert math.isfinite(got.abs().max().item())
+        torch.testing.assert_close(got.double(), exact(*inputs, attention_mask=mask),
+                                   atol=1e-2, rtol=1e-2)
+    finally:
+        torch.set_float32_matmul_precision(previous)
