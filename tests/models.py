@@ -119,6 +119,3 @@ PREFIX_KERNEL_MISSING = importlib.util.find_spec("ptuning_fast.fused.prefix_atte
 TRITON_PREFIX = pytest.param("triton", marks=pytest.mark.skipif(
     PREFIX_KERNEL_MISSING, reason="ptuning_fast.fused.prefix_attention (the Triton prefix-attention "
     "kernel) has not landed yet"))
-# backend params per method: prompt methods use only the prompt-embedding kernel, which exists.
-BACKENDS_FOR = {"prefix_tuning": ["reference", TRITON_PREFIX],
-                "prompt_tuning": ["reference", "triton"], "p_tuning": ["reference", "triton"]}

@@ -8,7 +8,7 @@ import torch
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import BACKENDS_FOR, batch, wrapped_and_twin
+from models import TRITON_PREFIX, batch, wrapped_and_twin
 
 pytest.importorskip("peft")
 
@@ -31,9 +31,7 @@ def cases():
                 out.append(pytest.param(model_name, method, padding, "reference",
                                         id=f"{model_name}-{method}-{padding}-reference"))
     for method in ("prefix", "prompt", "ptuning_mlp"):
-        backend = [b for b in BACKENDS_FOR[CONFIGS[method].method]
-                   if getattr(b, "values", (b,))[0] == "triton"][0]
-        marks = getattr(backend, "marks", ())
+        marks = TRITON_PREFIX.marks if method == "prefix" else ()
         for model_name in ("llama", "bert"):
             out.append(pytest.param(model_name, method, "left", "triton", marks=marks,
                                     id=f"{model_name}-{method}-left-triton"))

@@ -1,0 +1,96 @@
+"""generate(): greedy, sampling, beam search and num_return_sequences give PEFT's tokens on the
+same weights; the prefix stays out of the KV cache; decoding with the cache equals a full pass."""
+import pytest
+import torch
+
+import ptuning_fast as pf
+from conftest import assert_close
+from models import TRITON_PREFIX, batch, tiny_llama, wrapped_and_twin
+
+pytest.importorskip("peft")
+
+CONFIGS = {
+    "prefix": pf.PrefixTuningConfig(3),
+    "prompt": pf.PromptTuningConfig(3),
+    "ptuning": pf.PTuningConfig(3, encoder_hidden_size=20),
+}
+MODES = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20, temperature=1.3),
+    "beam": dict(do_sample=False, num_beams=3),
+    "beam_multi": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    "sampling_multi": dict(do_sample=True, num_return_sequences=2),
+}
+
+
+def generate(model, ids, mask, seed=0, **kw):
+    torch.manual_seed(seed)
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0,
+                          **kw)
+
+
+def cases():
+    out = [pytest.param(m, k, mode, "reference", id=f"{m}-{k}-{mode}-reference")
+           for m in ("llama", "qwen2") for k in CONFIGS for mode in MODES]
+    out.append(pytest.param("llama", "prefix", "greedy", "triton", marks=TRITON_PREFIX.marks,
+                            id="llama-prefix-greedy-triton"))
+    out.append(pytest.param("llama", "prompt", "greedy", "triton",
+                            id="llama-prompt-greedy-triton"))
+    return out
+
+
+@pytest.mark.parametrize("model_name, method, mode, backend", cases())
+def test_generate_matches_peft(model_name, method, mode, backend):
+    ours, twin = wrapped_and_twin(model_name, CONFIGS[method], backend=backend)
+    ids, mask, _ = batch(model_name, padding="left")
+    a = generate(ours, ids, mask, **MODES[mode])
+    b = generate(twin, ids, mask, **MODES[mode])
+    assert a.shape == b.shape
+    assert torch.equal(a, b), f"tokens differ:\n{a}\n{b}"
+    # the prompt matters: the base model alone generates something else
+    plain = generate(ours.base_model, ids, mask, **MODES[mode]) if method != "prefix" else None
+    if plain is not None:
+        assert not torch.equal(plain, a)
+
+
+def test_prefix_generation_differs_from_base():
+    ours, _ = wrapped_and_twin("llama", CONFIGS["prefix"])
+    ids, mask, _ = batch("llama", padding="left")
+    a = generate(ours, ids, mask, do_sample=False)
+    with torch.no_grad():                      # the same model with a zero prefix effect removed
+        ours.prompt_encoder.embedding.weight.mul_(3.0)
+    b = generate(ours, ids, mask, do_sample=False)
+    assert not torch.equal(a, b)
+
+
+def test_cache_holds_real_tokens_only_and_decoding_matches_full_pass():
+    ours, _ = wrapped_and_twin("llama", CONFIGS["prefix"])
+    ids, mask, _ = batch("llama", padding="left", length=8)
+    with torch.no_grad():
+        full = ours(input_ids=ids, attention_mask=mask).logits
+        first = ours(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        cache = first.past_key_values
+        assert cache.get_seq_length() == 5                   # no prefix inside the cache
+        assert cache.layers[0].keys.shape[-2] == 5
+        steps = [first.logits]
+        for t in range(5, 8):
+            out = ours(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                       past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    assert_close(torch.cat(steps, dim=1), full, torch.float32, name="cached decoding")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_mixed_task_generation_equals_each_row_alone(method):
+    cfg = pf.PrefixTuningConfig(3, num_tasks=3) if method == "prefix" \
+        else pf.PromptTuningConfig(3, num_tasks=3)
+    ours = pf.wrap(tiny_llama(0), cfg)
+    ids, mask, _ = batch("llama", padding="left")
+    tasks = torch.tensor([2, 0, 1])
+    kw = dict(do_sample=False, num_beams=2, num_return_sequences=2)
+    together = generate(ours, ids, mask, task_ids=tasks, **kw)
+    rows = [generate(ours, ids[r:r + 1], mask[r:r + 1], task_ids=tasks[r:r + 1], **kw)[:, -6:]
+            for r in range(3)]
+    assert torch.equal(together[:, -6:], torch.cat(rows))
+    others = generate(ours, ids, mask, task_ids=torch.tensor([0, 1, 2]), **kw)
+    assert not torch.equal(others, together)      # the task choice matters
