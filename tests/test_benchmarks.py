@@ -192,3 +192,37 @@ def test_case_fields_are_the_record_fields():
     case = Case("decode", "fwd", "naive", "fp32", B=1, Hq=2, Hkv=1, Lq=1, Lk=4, P=2, D=8,
                 causal=True)
     assert set(case.fields()) == set(results.CASE_KEYS)
+
+
+def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    real_run_case = command.run_case
+    calls = []
+
+    def run_case_then_time_limit(case, device, quick):
+        calls.append(case)
+        if len(calls) == 3:
+            raise KeyboardInterrupt          # what `timeout -s INT` delivers
+        return real_run_case(case, device, quick)
+    monkeypatch.setattr(command, "run_case", run_case_then_time_limit)
+    out = tmp_path / "cut.json"
+    assert command.main(["--quick", "--out", str(out), "--ops", "prompt_embedding,decode"]) == 1
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == len(command.build_cases(["prompt_embedding", "decode"],
+                                                   providers.PROVIDERS, torch.device("cpu"),
+                                                   quick=True))
+    assert all(r["skipped"] == command.INTERRUPTED for r in records[2:])
+
+
+def test_from_json_merges_results_of_one_device(tmp_path):
+    head = {"device": "CPU: test", "torch": "t", "triton": "t", "transformers": "t",
+            "created": "2026-01-01T00:00:00+00:00"}
+    case = Case("decode", "fwd", "naive", "fp32", B=1, Hq=2, Hkv=1, Lq=1, Lk=4, P=2, D=8,
+                causal=True)
+    rec = results.skipped_record(case, "for the test")
+    results.write(tmp_path / "a.json", head, [rec])
+    results.write(tmp_path / "b.json", head, [rec, rec])
+    merged = tmp_path / "merged.json"
+    assert command.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                         "--out", str(merged)]) == 0
+    assert len(json.loads(merged.read_text())["records"]) == 3
+    assert (tmp_path / "merged.md").exists()

@@ -16,6 +16,7 @@ from .case import Case, Unavailable
 from .timing import median_ms, peak_memory_mb
 
 OPS = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
+INTERRUPTED = "not run: the run was interrupted (time limit or Ctrl-C) before this case"
 GPU_NOTICE = ("No CUDA device: timing the reference-style paths against each other at small "
               "sizes, labelled CPU. Kernel timings need a GPU.")
 
@@ -35,8 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--providers", default=",".join(providers.PROVIDERS),
                         help="comma-separated attention providers to run "
                              f"(of {','.join(providers.PROVIDERS)})")
-    parser.add_argument("--from-json", type=Path, default=None,
-                        help="render the markdown and plots of an existing results file; run nothing")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: render the markdown and plots of a results file, or "
+                             "merge several from one device into --out and render that")
     args = parser.parse_args(argv)
     args.ops = _subset(parser, "--ops", args.ops, OPS)
     args.providers = _subset(parser, "--providers", args.providers, providers.PROVIDERS)
@@ -107,19 +109,31 @@ def render(json_path: Path, head: dict, records: list[dict]) -> tuple[Path, list
     return md_path, list(plots.values())
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    if args.from_json is not None:
-        head, records = results.read(args.from_json)
-        md_path, pngs = render(args.from_json, head, records)
-        print(report.markdown(head, records))
-        print(f"wrote {md_path}" + "".join(f"\nwrote {p}" for p in pngs))
-        return 0
+def rerender(sources: list[Path], out: Path | None) -> int:
+    head, records = results.read(sources[0])
+    json_path = sources[0]
+    if len(sources) > 1 or out is not None:
+        for extra in sources[1:]:
+            other_head, other_records = results.read(extra)
+            if other_head["device"] != head["device"]:
+                print(f"cannot merge {extra} ({other_head['device']}) into results from "
+                      f"{head['device']}", file=sys.stderr)
+                return 2
+            records += other_records
+        if out is None or out.suffix != ".json":
+            print("merging results needs --out FILE.json", file=sys.stderr)
+            return 2
+        json_path = out
+        results.write(json_path, head, records)
+    md_path, pngs = render(json_path, head, records)
+    print(report.markdown(head, records))
+    print("\n".join(f"wrote {p}" for p in [json_path, md_path, *pngs]))
+    return 0
 
+
+def run_all(args, device: torch.device) -> tuple[list[dict], int, dict]:
+    """Runs every selected case under a progress bar; returns (records, failures, header)."""
     from tqdm import tqdm
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda":
-        print(GPU_NOTICE)
     torch.manual_seed(0)
     cases = build_cases(args.ops, args.providers, device, args.quick)
     head = results.header(device)
@@ -129,15 +143,45 @@ def main(argv: list[str]) -> int:
     with warnings.catch_warnings(), tqdm(cases, unit="case", file=sys.stderr,
                                          mininterval=refresh_s) as bar:
         warnings.simplefilter("ignore")     # PEFT's, transformers' and eager flex's chatter
-        for case in bar:
+        for index, case in enumerate(bar):
             bar.set_description(case.label()[:70], refresh=False)
-            record, failed = run_case(case, device, args.quick)
+            try:
+                record, failed = run_case(case, device, args.quick)
+            except KeyboardInterrupt:
+                # A time limit (timeout -s INT) or Ctrl-C: keep what was measured, say what was not.
+                bar.write(f"interrupted: {len(cases) - index} case(s) not run")
+                records += [results.skipped_record(c, INTERRUPTED) for c in cases[index:]]
+                failures += 1
+                break
             failures += failed
             records.append(record)
             reason = record["skipped"]
             if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
                 reasons_seen.add((case.op, case.provider, reason))
                 bar.write(f"skipped {case.op} {case.provider}: {reason}")
+    return records, failures, head
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.from_json is not None:
+        return rerender(args.from_json, args.out)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        print(GPU_NOTICE)
+    threads = torch.get_num_threads()
+    if device.type != "cpu":
+        records, failures, head = run_all(args, device)
+    else:
+        # One thread: on a small shared CPU an intra-op thread that gets descheduled stalls
+        # every parallel op at its barrier (seen here: the same op 1.3 ms or 32 ms from run to
+        # run with 2 threads under load, 2.6-2.9 ms with 1).
+        torch.set_num_threads(1)
+        try:
+            records, failures, head = run_all(args, device)
+        finally:
+            torch.set_num_threads(threads)
 
     json_path = output_path(args.out, device)
     results.write(json_path, head, records)
@@ -147,6 +191,7 @@ def main(argv: list[str]) -> int:
     if device.type != "cuda":
         print(GPU_NOTICE)
     if failures:
-        print(f"{failures} case(s) failed; see `skipped` in {json_path}", file=sys.stderr)
+        print(f"{failures} case(s) failed or were cut short; see `skipped` in {json_path}",
+              file=sys.stderr)
         return 1
     return 0

@@ -129,7 +129,9 @@ def _subplots(count: int, width=5.0, height=3.6):
     import matplotlib.pyplot as plt
     cols = min(count, 4)
     rows = (count + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    # room for the two-line title however few panels there are
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.0, width * cols), height * rows + 0.6),
+                             squeeze=False)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -142,6 +144,7 @@ def _line_plot(op: str, records: list[dict], metric: str, ylabel: str, panel_key
     fig, axes = _subplots(len(panels))
     names = _ordered(r["provider"] for r in measured)
     styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D"]
     for ax, panel in zip(axes, panels):
         mine = [r for r in measured if tuple(r[k] for k in panel_keys) == panel]
         prefixes = sorted({r["P"] for r in mine})
@@ -150,7 +153,8 @@ def _line_plot(op: str, records: list[dict], metric: str, ylabel: str, panel_key
                 pts = sorted((r["Lk"], r[metric]) for r in mine
                              if r["provider"] == name and r["P"] == P and r[metric] is not None)
                 if pts:
-                    ax.plot(*zip(*pts), styles[si % len(styles)], marker="o", color=f"C{ci}",
+                    ax.plot(*zip(*pts), styles[si % len(styles)], marker=markers[si % 4],
+                            color=f"C{ci}",
                             label=f"{name} P={P}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("Lk (keys per row, prefix excluded)")
@@ -203,7 +207,7 @@ def plot(op: str, head: dict, records: list[dict], path: Path) -> bool:
         fig = _bar_plot(op, records, [("tokens_per_s", "tokens/s"), ("peak_mem_mb", "peak MB")],
                         ("method",))
     label = "CPU figures: not kernel timings" if is_cpu(head) else "GPU"
-    fig.suptitle(f"{op} on {head['device']} ({label}), {str(head['created'])[:10]}", fontsize=10)
+    fig.suptitle(f"{op}: {head['device']}\n{label}, {str(head['created'])[:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -34,7 +34,8 @@ def device_name(device: torch.device) -> str:
         model = found.group(1).strip() if found else model
     except OSError:
         pass
-    return f"CPU: {model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU: {model} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def device_slug(device: torch.device) -> str:
