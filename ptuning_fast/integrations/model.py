@@ -228,24 +228,33 @@ class PTuningModel(nn.Module):
         return args, kwargs
 
     # ----------------------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Activation checkpointing of the base model's layers (works with prefix tuning: the
-        prefix travels in the layers' kwargs). Needs non-reentrant checkpointing."""
-        kw = dict(gradient_checkpointing_kwargs or {})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Activation (gradient) checkpointing of the base model's layers; works with prefix
+        tuning, since the prefix travels in the layers' kwargs. Needs non-reentrant
+        checkpointing (the default). Other kwargs (every_n_layers, offload) go to the base."""
+        kw = dict(activation_checkpointing_kwargs or {})
         if kw.get("use_reentrant", False):
             raise ValueError("use_reentrant=True is not supported: reentrant checkpointing drops "
                              "gradients of tensors passed as keyword arguments (the prefix)")
         kw["use_reentrant"] = False
-        if hasattr(self.base_model, "activation_checkpointing_enable"):
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        if hasattr(self.base_model, "activation_checkpointing_enable"):   # transformers >= 5.x
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw,
+                                                            **kwargs)
         else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw,
+                                                          **kwargs)
 
-    def gradient_checkpointing_disable(self):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Older name of `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
         if hasattr(self.base_model, "activation_checkpointing_disable"):
             self.base_model.activation_checkpointing_disable()
         else:
             self.base_model.gradient_checkpointing_disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

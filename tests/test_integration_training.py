@@ -1,0 +1,173 @@
+"""Beyond PEFT: gradient checkpointing with prefix tuning, mixed-task batches, a shared prefix
+that is never copied per row, frozen bases, clear errors, and a transformers.Trainer run."""
+import pytest
+import torch
+
+import ptuning_fast as pf
+from conftest import assert_close
+from models import TRITON_PREFIX, batch, tiny_bert, tiny_llama
+from ptuning_fast.integrations import attention
+
+CONFIGS = {
+    "prefix": lambda T=1: pf.PrefixTuningConfig(3, num_tasks=T),
+    "prefix_proj": lambda T=1: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16,
+                                                     num_tasks=T),
+    "prompt": lambda T=1: pf.PromptTuningConfig(3, num_tasks=T),
+    "ptuning": lambda T=1: pf.PTuningConfig(3, encoder_hidden_size=16, num_tasks=T),
+}
+BUILD = {"llama": tiny_llama, "bert": tiny_bert}
+
+
+def randomized(model):
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.normal_(0, 0.5)
+    return model
+
+
+def loss_and_grads(model, model_name, **kw):
+    ids, mask, labels = batch(model_name, padding="left")
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, **kw).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters().items()}
+
+
+@pytest.mark.parametrize("model_name, method, backend", [
+    ("llama", "prefix", "reference"), ("bert", "prefix", "reference"),
+    ("llama", "prefix_proj", "reference"), ("llama", "prompt", "reference"),
+    pytest.param("llama", "prefix", "triton", marks=TRITON_PREFIX.marks),
+])
+def test_gradient_checkpointing_gives_same_gradients(model_name, method, backend, monkeypatch):
+    model = randomized(pf.wrap(BUILD[model_name](0), CONFIGS[method](), backend=backend)).train()
+    loss, grads = loss_and_grads(model, model_name)
+    model.gradient_checkpointing_enable()
+    assert model.base_model.is_activation_checkpointing
+    calls = []
+    real = attention.ops.prefix_attention
+    monkeypatch.setattr(attention.ops, "prefix_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    loss_gc, grads_gc = loss_and_grads(model, model_name)
+    if method.startswith("prefix"):   # each layer ran twice: forward, and recomputed in backward
+        assert len(calls) == 2 * model.dims.num_layers
+    assert_close(loss_gc, loss, torch.float32, name="loss under checkpointing")
+    for name, g in grads.items():
+        assert_close(grads_gc[name], g, torch.float32, "grad", name=name)
+    assert not [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+
+
+def test_reentrant_checkpointing_rejected():
+    model = pf.wrap(tiny_llama(0), CONFIGS["prefix"]())
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+@pytest.mark.parametrize("model_name", ["llama", "bert"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_mixed_task_batch_equals_each_row_alone(model_name, method):
+    model = randomized(pf.wrap(BUILD[model_name](0), CONFIGS[method](T=3))).train()
+    ids, mask, labels = batch(model_name, padding="left")
+    tasks = torch.tensor([2, 0, 2])
+    out = model(input_ids=ids, attention_mask=mask, task_ids=tasks)
+    (out.logits.float().pow(2).sum()).backward()
+    together = {n: p.grad.clone() for n, p in model.trainable_parameters().items()}
+    summed = {n: torch.zeros_like(g) for n, g in together.items()}
+    for row in range(3):
+        model.zero_grad(set_to_none=True)
+        alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1],
+                      task_ids=tasks[row:row + 1])
+        assert_close(out.logits[row:row + 1], alone.logits, torch.float32, name=f"row {row}")
+        alone.logits.float().pow(2).sum().backward()
+        for n, p in model.trainable_parameters().items():
+            if p.grad is not None:
+                summed[n] += p.grad
+    for n, g in together.items():
+        assert_close(g, summed[n], torch.float32, "grad", name=n)
+    # task 1 is unused: its rows of the embedding got no gradient
+    grad_rows = together["prompt_encoder.embedding.weight"].view(3, 3, -1)
+    assert grad_rows[1].abs().max() == 0 and grad_rows[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_shared_prefix_reaches_attention_without_batch_copy(num_tasks, monkeypatch):
+    model = pf.wrap(tiny_llama(0), CONFIGS["prefix"](T=num_tasks))
+    seen = []
+    real = attention.ops.prefix_attention
+
+    def spy(q, k, v, prefix_k=None, prefix_v=None, **kw):
+        seen.append((q.shape[0], prefix_k, kw.get("prefix_index")))
+        return real(q, k, v, prefix_k, prefix_v, **kw)
+
+    monkeypatch.setattr(attention.ops, "prefix_attention", spy)
+    ids, mask, _ = batch("llama", batch_size=4)
+    tasks = torch.tensor([0, 2, 2, 1]) if num_tasks > 1 else None
+    model(input_ids=ids, attention_mask=mask, task_ids=tasks)
+    assert len(seen) == model.dims.num_layers
+    storage = model.prompt_encoder.embedding.weight.untyped_storage().data_ptr()
+    for batch_size, prefix_k, index in seen:
+        assert batch_size == 4
+        # (Hkv, P, D) or (T, Hkv, P, D): no batch dim, and a view of the encoder's output
+        assert prefix_k.shape[0] == (num_tasks if num_tasks > 1 else model.dims.num_kv_heads)
+        assert prefix_k.dim() == (3 if num_tasks == 1 else 4)
+        assert prefix_k.untyped_storage().data_ptr() == storage
+        assert (index is None) == (num_tasks == 1)
+
+
+def test_shared_prompt_is_not_expanded(monkeypatch):
+    model = pf.wrap(tiny_llama(0), CONFIGS["prompt"]())
+    seen = []
+    real = pf.ops.prompt_embedding
+
+    def spy(input_ids, weight, prompt, **kw):
+        seen.append(prompt.shape)
+        return real(input_ids, weight, prompt, **kw)
+
+    monkeypatch.setattr("ptuning_fast.integrations.model.ops.prompt_embedding", spy)
+    ids, mask, _ = batch("llama", batch_size=4)
+    model(input_ids=ids, attention_mask=mask)
+    assert seen == [torch.Size([3, 32])]
+
+
+def test_task_id_errors():
+    multi = pf.wrap(tiny_llama(0), CONFIGS["prefix"](T=2))
+    single = pf.wrap(tiny_llama(0), CONFIGS["prompt"]())
+    ids, mask, _ = batch("llama")
+    with pytest.raises(ValueError, match="num_tasks=2: pass `task_ids`"):
+        multi(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        multi(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="shape \\(3,\\)"):
+        multi(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="num_tasks=1"):
+        single(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 0, 0]))
+
+
+def test_attention_dropout_is_a_clear_error():
+    model = pf.wrap(tiny_bert(0, attention_probs_dropout_prob=0.1), CONFIGS["prefix"]()).train()
+    ids, mask, labels = batch("bert")
+    with pytest.raises(NotImplementedError, match="attention_probs_dropout_prob"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    model.eval()                                   # no dropout at inference: runs
+    model(input_ids=ids, attention_mask=mask)
+
+
+def test_trainer_trains_only_the_prompt(tmp_path):
+    from transformers import Trainer, TrainingArguments
+    model = pf.wrap(tiny_llama(0), CONFIGS["prefix_proj"]())
+    base_before = {n: p.clone() for n, p in model.base_model.named_parameters()}
+    prompt_before = model.prompt_encoder.output_for_checkpoint().detach().clone()
+    ids, mask, labels = batch("llama", batch_size=8, length=6)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]}
+            for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, learning_rate=5e-2,
+                             per_device_train_batch_size=4, report_to=[], save_strategy="no",
+                             logging_steps=1, use_cpu=True, gradient_checkpointing=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result.global_step == 4
+    assert not torch.equal(model.prompt_encoder.output_for_checkpoint(), prompt_before)
+    for n, p in model.base_model.named_parameters():
+        assert torch.equal(p, base_before[n]), f"base parameter {n} changed"
