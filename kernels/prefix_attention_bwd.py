@@ -375,7 +375,7 @@ GPU_Q = {
 
 
 def _gpu_key(head_dim: int, dtype: torch.dtype):
-    return dtype != torch.float32, max(32, head_block(head_dim))
+    return dtype != torch.float32, head_block(head_dim)
 
 
 def kv_config(head_dim: int, dtype: torch.dtype) -> TileConfig:

@@ -245,13 +245,15 @@ GPU_FWD = {
 
 
 def head_block(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    # Floor of 32: small head dims share the D = 32 kernels (covered by compile_specs) rather
+    # than compiling a 16-wide variant for a shape real models do not use.
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     if interpreting():
         return INTERPRETER_FWD
-    return GPU_FWD[(dtype != torch.float32, max(32, head_block(head_dim)))]
+    return GPU_FWD[(dtype != torch.float32, head_block(head_dim))]
 
 
 def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,

@@ -109,18 +109,30 @@ def exact(*args, **kwargs):
     return reference.prefix_attention(*args, upcast=True, **kwargs)
 
 
-def check_against_reference(case, dtype):
+def _ulp_floor(exact, dtype):
+    """One unit in the last place of the largest exact value, in `dtype`: storing the result
+    alone may cost half of it, so on tiny shapes (a max over a handful of elements) the 2x rule
+    would otherwise hinge on which side of a rounding the PyTorch implementation happened to land."""
+    return max(exact.abs().max().item() * torch.finfo(dtype).eps, 1e-5)
+
+
+def check_against_reference(case, dtype, rule="flash"):
+    """Forward and every gradient vs the float64 reference. fp32: the tolerance table. 16-bit:
+    FlashAttention's rule (`rule="flash"`), or the table (`rule="table"`) for the property
+    test's tiny shapes, where the max error is over a handful of elements and a single rounding
+    of Delta = rowsum(dO * O) (O stored in 16 bits, as in every FA2 backward) can exceed
+    twice the reference's error by luck."""
     inputs, mask, index = make_inputs(case, dtype)
     grad_out = torch.randn(case.B, case.Hq, case.Lq, case.D, dtype=torch.float64, device=DEVICE)
     out, grads = run(fused, inputs, mask, index, case, grad_out)
     ref, ref_grads = run(exact, inputs, mask, index, case, grad_out)
     assert out.shape == ref.shape and out.dtype == dtype
-    if dtype == torch.float32:
+    if dtype == torch.float32 or rule == "table":
         assert_close(out, ref, dtype, "fwd")
     else:
         low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out)
         assert torch.isfinite(out).all()
-        assert_error_within(out, low, ref)
+        assert_error_within(out, low, ref, floor=_ulp_floor(ref, dtype))
     for name, t, g, want in zip(NAMES, inputs, grads, ref_grads):
         if t is None:
             continue
@@ -129,13 +141,13 @@ def check_against_reference(case, dtype):
         assert g is not None and g.shape == t.shape and g.dtype == t.dtype, name
         if t.numel() == 0:
             continue
-        if dtype == torch.float32:
+        if dtype == torch.float32 or rule == "table":
             assert_close(g, want, dtype, "grad", name=f"d{name}")
         else:
             low_g = low_grads[NAMES.index(name)]
             low_g = torch.zeros_like(t) if low_g is None else low_g
             assert torch.isfinite(g).all(), name
-            assert_error_within(g, low_g, want, name=f"d{name}", floor=1e-4)
+            assert_error_within(g, low_g, want, name=f"d{name}", floor=_ulp_floor(want, dtype))
 
 
 CASES = [
