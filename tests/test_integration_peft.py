@@ -113,3 +113,31 @@ def test_inputs_embeds_and_position_ids_like_peft():
         a = ours(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
         b = twin(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
     assert_close(a, b, torch.float32, "fwd", name="logits with inputs_embeds + position_ids")
+
+
+@pytest.mark.parametrize("kind", ["prefix", "ptuning", "prompt"])
+def test_wrap_accepts_peft_configs(kind):
+    """pf.wrap(model, <PEFT config>) builds the same modules PEFT builds from that config."""
+    import copy
+
+    import peft
+    from models import tiny_llama
+    make = {
+        "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                  prefix_projection=True, encoder_hidden_size=12),
+        "ptuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                    encoder_reparameterization_type="LSTM"),
+        "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    }[kind]
+    base = tiny_llama(0)
+    twin = peft.get_peft_model(copy.deepcopy(base), make())
+    ours = pf.wrap(base, make())
+    theirs = twin.prompt_encoder["default"].state_dict()
+    assert {k: v.shape for k, v in ours.prompt_encoder.state_dict().items()} == \
+        {k: v.shape for k, v in theirs.items()}
+    ours.prompt_encoder.load_state_dict(theirs)
+    ids, mask, labels = batch("llama", padding="left")
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        b = twin(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(a.logits, b.logits, torch.float32, name="logits")

@@ -171,3 +171,17 @@ def test_trainer_trains_only_the_prompt(tmp_path):
     assert not torch.equal(model.prompt_encoder.output_for_checkpoint(), prompt_before)
     for n, p in model.base_model.named_parameters():
         assert torch.equal(p, base_before[n]), f"base parameter {n} changed"
+
+
+def test_autocast_bf16_training_step():
+    """Under autocast the queries are bf16 while the prefix encoder stays fp32."""
+    model = randomized(pf.wrap(tiny_llama(0), CONFIGS["prefix_proj"]())).train()
+    ids, mask, labels = batch("llama")
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    assert_close(loss.float(), exact, torch.bfloat16, name="autocast loss")
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.trainable_parameters().values())

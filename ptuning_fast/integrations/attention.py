@@ -88,6 +88,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if binding is not None:
         prefix_k, prefix_v, prefix_index = binding.for_layer(module.layer_idx, query.shape[0])
         backend = binding.backend
+        if prefix_k is not None and prefix_k.dtype != query.dtype:   # e.g. under autocast
+            prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
     window = kwargs.get("sliding_window")
     total = key.shape[2] + (0 if prefix_k is None else prefix_k.shape[-2])
     if window is not None and total > window:
