@@ -71,7 +71,7 @@ def peft_twin(pf_model, base_copy):
     """A PEFT model on `base_copy` (an identical copy of the base) holding the same soft-prompt
     weights and classification head as `pf_model`."""
     import peft
-    cfg = pf_model.config_ptuning
+    cfg = pf_model.ptuning_config
     task = {"CAUSAL_LM": "CAUSAL_LM", "SEQ_CLS": "SEQ_CLS"}[pf_model.task_type]
     P = cfg.num_virtual_tokens
     if cfg.method == "prefix_tuning":

@@ -62,7 +62,7 @@ def test_round_trips_with_peft(model_name, method, backend, tmp_path):
     twin.save_pretrained(tmp_path / "peft")
     ours_loaded = pf.PTuningModel.from_pretrained(BUILDERS[model_name](0), tmp_path / "peft",
                                                   backend=backend)
-    assert ours_loaded.config_ptuning.method == CONFIGS[method].method
+    assert ours_loaded.ptuning_config.method == CONFIGS[method].method
     assert_close(logits(ours_loaded, model_name), expected, torch.float32, name="we load PEFT's")
     assert not ours_loaded.trainable_parameters()          # inference load: frozen, eval
     assert not ours_loaded.training
@@ -90,7 +90,7 @@ def test_multi_task_and_our_config_round_trip(tmp_path):
         model.prompt_encoder.embedding.weight.normal_()
     model.save_pretrained(tmp_path)
     loaded = pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path)
-    assert loaded.config_ptuning.num_tasks == 2
+    assert loaded.ptuning_config.num_tasks == 2
     ids, mask, _ = batch("llama")
     tasks = torch.tensor([1, 0, 1])
     with torch.no_grad():

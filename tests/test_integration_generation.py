@@ -63,15 +63,18 @@ def test_prefix_generation_differs_from_base():
     assert not torch.equal(a, b)
 
 
-def test_cache_holds_real_tokens_only_and_decoding_matches_full_pass():
-    ours, _ = wrapped_and_twin("llama", CONFIGS["prefix"])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_cached_decoding_matches_full_pass(method):
+    """Prefix: the cache holds the real tokens only. Prompt: the prompt is cached once, and
+    later steps only extend the mask."""
+    ours, _ = wrapped_and_twin("llama", CONFIGS[method])
     ids, mask, _ = batch("llama", padding="left", length=8)
+    P = 3 if method == "prompt" else 0
     with torch.no_grad():
         full = ours(input_ids=ids, attention_mask=mask).logits
         first = ours(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
         cache = first.past_key_values
-        assert cache.get_seq_length() == 5                   # no prefix inside the cache
-        assert cache.layers[0].keys.shape[-2] == 5
+        assert cache.get_seq_length() == 5 + P              # no prefix inside the cache
         steps = [first.logits]
         for t in range(5, 8):
             out = ours(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],

@@ -35,7 +35,7 @@ def _name_or_path(model) -> str | None:
 def save(model, directory, *, full_state: bool = False) -> None:
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
-    config, module = model.config_ptuning, model.prompt_encoder
+    config, module = model.ptuning_config, model.prompt_encoder
     peft_config = to_peft_dict(
         config, model.dims, task_type=model.task_type,
         modules_to_save=model.modules_to_save or None,

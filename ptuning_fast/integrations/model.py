@@ -56,7 +56,7 @@ class PTuningModel(nn.Module):
         if backend not in ops.BACKENDS:
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
-        self.config_ptuning = config
+        self.ptuning_config = config
         self.backend = backend
         self.dims = ModelDims.from_model_config(base_model.config)
         self.task_type = task_type_of(base_model)
@@ -80,11 +80,11 @@ class PTuningModel(nn.Module):
     # ----------------------------------------------------------------------------------------
     @property
     def is_prefix(self) -> bool:
-        return self.config_ptuning.method == "prefix_tuning"
+        return self.ptuning_config.method == "prefix_tuning"
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.config_ptuning.num_virtual_tokens
+        return self.ptuning_config.num_virtual_tokens
 
     def __getattr__(self, name: str):
         try:
@@ -98,7 +98,7 @@ class PTuningModel(nn.Module):
         return self.base_model.get_input_embeddings().weight.dtype
 
     def _check_task_ids(self, task_ids, batch: int):
-        T = self.config_ptuning.num_tasks
+        T = self.ptuning_config.num_tasks
         if T == 1:
             if task_ids is not None:
                 raise ValueError("`task_ids` given but the config has num_tasks=1")
@@ -140,17 +140,16 @@ class PTuningModel(nn.Module):
         batch, length = ref.shape[0], ref.shape[1]
         task_ids = self._check_task_ids(task_ids, batch)
         P = self.num_virtual_tokens
-        if token_type_ids is not None and not self.is_prefix:
-            token_type_ids = torch.cat([token_type_ids.new_zeros(batch, P), token_type_ids], 1)
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
         if self.is_prefix:
             if position_ids is None:
-                past = kwargs.get("past_key_values")
-                start = P + (past.get_seq_length() if past is not None else 0)
+                start = P + past_len
                 position_ids = torch.arange(start, start + length, device=ref.device)[None]
             else:
                 position_ids = position_ids + P
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
             kwargs[attention.PREFIX_KWARG] = self._binding(task_ids)
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids,
@@ -158,11 +157,20 @@ class PTuningModel(nn.Module):
         if position_ids is not None:
             warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
                           "positions are those of the [prompt; tokens] sequence", stacklevel=2)
-        embeds = self._embed_with_prompt(input_ids, inputs_embeds, task_ids)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+        if past_len:
+            # Decoding with a cache that already holds the prompt: only the mask needs it.
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                   attention_mask=attention_mask, labels=labels, **kwargs)
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = torch.cat(
+                [token_type_ids.new_zeros(batch, P), token_type_ids], 1)
         if labels is not None and self.task_type in ("CAUSAL_LM", "TOKEN_CLS"):
             labels = torch.cat([labels.new_full((batch, P), -100), labels], 1)
+        embeds = self._embed_with_prompt(input_ids, inputs_embeds, task_ids)
         return self.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                labels=labels, **kwargs)
 
