@@ -103,11 +103,12 @@ class PTuningConfig:
 @dataclass
 class PrefixTuningConfig:
     """Prefix Tuning (Li & Liang 2021) / P-Tuning v2 (Liu et al. 2022): P key/value vectors per
-    layer. With `projection`, they are an MLP (Linear-Tanh-Linear, hidden `encoder_hidden_size`)
-    of P embeddings; `dropout` applies to the prefix in training (P-Tuning v2's prefix dropout)."""
+    layer. With `projection`, they are an MLP (Linear-Tanh-Linear, hidden `encoder_hidden_size`;
+    None: the model's prefix width, PEFT's default) of P embeddings; `dropout` applies to the
+    prefix in training (P-Tuning v2's prefix dropout)."""
     num_virtual_tokens: int
     projection: bool = False
-    encoder_hidden_size: int = 512
+    encoder_hidden_size: int | None = 512
     dropout: float = 0.0
     num_tasks: int = 1
 
@@ -119,8 +120,10 @@ class PrefixTuningConfig:
         _check_common(r, self.num_virtual_tokens, self.num_tasks)
         if not isinstance(self.projection, bool):
             r.append(f"`projection` must be a bool, got {self.projection!r}")
-        if not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1:
-            r.append(f"`encoder_hidden_size` must be an int >= 1, got {self.encoder_hidden_size!r}")
+        if self.encoder_hidden_size is not None and (
+                not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1):
+            r.append(f"`encoder_hidden_size` must be an int >= 1 (or None: the model's "
+                     f"prefix width, as PEFT), got {self.encoder_hidden_size!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             r.append(f"`dropout` must be in [0, 1), got {self.dropout!r}")
         _raise(type(self).__name__, r)
@@ -197,13 +200,10 @@ def from_peft_config(peft_config) -> PromptTuningConfig | PTuningConfig | Prefix
                              encoder_num_layers=layers,
                              encoder_dropout=float(get("encoder_dropout", 0.0)))
     if peft_type == "PREFIX_TUNING":
-        projection = bool(get("prefix_projection", False))
-        hidden = get("encoder_hidden_size") or get("token_dim")
-        if projection and hidden is None:
-            raise ValueError("PEFT PrefixTuningConfig with prefix_projection=True needs "
-                             "encoder_hidden_size or token_dim (apply it to a model first)")
-        return PrefixTuningConfig(P, projection=projection,
-                                  encoder_hidden_size=int(hidden) if hidden else 512)
+        # PEFT's encoder_hidden_size defaults to the model's token_dim: None here means that.
+        hidden = get("encoder_hidden_size")
+        return PrefixTuningConfig(P, projection=bool(get("prefix_projection", False)),
+                                  encoder_hidden_size=int(hidden) if hidden else None)
     raise ValueError(f"unsupported PEFT config type {peft_type!r}; expected PROMPT_TUNING, "
                      "P_TUNING or PREFIX_TUNING")
 
@@ -248,7 +248,7 @@ def to_peft_dict(config, dims: ModelDims, *, task_type: str, modules_to_save: li
                    encoder_num_layers=config.encoder_num_layers,
                    encoder_dropout=config.encoder_dropout)
     else:
-        out.update(encoder_hidden_size=config.encoder_hidden_size,
+        out.update(encoder_hidden_size=encoder_hidden_size,
                    prefix_projection=config.projection, init_weights=None)
     return out
 

@@ -216,12 +216,15 @@ class PrefixEncoder(_TaskPrompts):
 
     def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, token_dim: int | None = None, projection: bool = False,
-                 encoder_hidden_size: int = 512, dropout: float = 0.0, num_tasks: int = 1):
+                 encoder_hidden_size: int | None = 512, dropout: float = 0.0,
+                 num_tasks: int = 1):
         flat = num_layers * 2 * num_kv_heads * head_dim
         token_dim = token_dim or num_kv_heads * head_dim
         super().__init__(num_virtual_tokens, num_tasks, token_dim if projection else flat)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.projection = projection
+        encoder_hidden_size = encoder_hidden_size or token_dim     # PEFT's default
+        self.encoder_hidden_size = encoder_hidden_size
         if projection:
             self.transform = nn.Sequential(nn.Linear(token_dim, encoder_hidden_size), nn.Tanh(),
                                            nn.Linear(encoder_hidden_size, flat))

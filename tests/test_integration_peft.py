@@ -115,21 +115,24 @@ def test_inputs_embeds_and_position_ids_like_peft():
     assert_close(a, b, torch.float32, "fwd", name="logits with inputs_embeds + position_ids")
 
 
-@pytest.mark.parametrize("kind", ["prefix", "ptuning", "prompt"])
+@pytest.mark.parametrize("kind", ["prefix", "prefix_default_width", "ptuning", "prompt"])
 def test_wrap_accepts_peft_configs(kind):
-    """pf.wrap(model, <PEFT config>) builds the same modules PEFT builds from that config."""
+    """pf.wrap(model, <PEFT config>) builds the same modules PEFT builds from that config
+    (prefix_default_width: PEFT sizes the projection by the GQA prefix width, 1 x 8 on Qwen2)."""
     import copy
 
     import peft
-    from models import tiny_llama
+    from models import tiny_llama, tiny_qwen2
     make = {
         "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
                                                   prefix_projection=True, encoder_hidden_size=12),
+        "prefix_default_width": lambda: peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True),
         "ptuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
                                                     encoder_reparameterization_type="LSTM"),
         "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     }[kind]
-    base = tiny_llama(0)
+    base = tiny_qwen2(0) if kind == "prefix_default_width" else tiny_llama(0)
     twin = peft.get_peft_model(copy.deepcopy(base), make())
     ours = pf.wrap(base, make())
     theirs = twin.prompt_encoder["default"].state_dict()
