@@ -83,6 +83,14 @@ def test_full_state_keeps_encoder_for_resuming(method, tmp_path):
         assert_close(p.grad, mine[name].grad, torch.float32, "grad", name=name)
 
 
+def test_full_state_file_missing_raises(tmp_path):
+    ours, _ = wrapped_and_twin("llama", CONFIGS["prefix_proj"])
+    ours.save_pretrained(tmp_path, full_state=True)
+    os.remove(tmp_path / "ptuning_fast_state.safetensors")
+    with pytest.raises(FileNotFoundError, match="ptuning_fast_state.safetensors is missing"):
+        pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path)
+
+
 def test_multi_task_and_our_config_round_trip(tmp_path):
     cfg = pf.PromptTuningConfig(3, init="text", init_text=[5, 6], num_tasks=2)
     model = pf.wrap(tiny_llama(0), cfg)

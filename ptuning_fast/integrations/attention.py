@@ -86,6 +86,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     prefix_k = prefix_v = prefix_index = None
     backend = "auto"
     if binding is not None:
+        if getattr(module, "layer_idx", None) is None:
+            raise ValueError(f"{type(module).__name__} has no `layer_idx`: ptuning_fast cannot "
+                             "tell which layer's prefix it needs")
         prefix_k, prefix_v, prefix_index = binding.for_layer(module.layer_idx, query.shape[0])
         backend = binding.backend
         if prefix_k is not None and prefix_k.dtype != query.dtype:   # e.g. under autocast

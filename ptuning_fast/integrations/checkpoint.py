@@ -9,6 +9,7 @@ A directory holds
 - ptuning_fast_state.safetensors (full_state=True) the prompt module's own state dict,
                                 encoder included, for resuming training.
 A PEFT directory has only the first two; loading it gives the exported (inference) module.
+PEFT has no per-task prompts: it loads our checkpoints of one task (num_tasks=1) only.
 """
 from __future__ import annotations
 
@@ -119,7 +120,10 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
     device = model.prompt_encoder.embedding.weight.device
     full_path = os.path.join(directory, FULL_STATE)
     module = model.prompt_encoder
-    if ours is not None and ours.get("full_state") and os.path.isfile(full_path):
+    if ours is not None and ours.get("full_state"):
+        if not os.path.isfile(full_path):
+            raise FileNotFoundError(f"{ours_path} records a full-state checkpoint but "
+                                    f"{FULL_STATE} is missing from {directory!r}")
         state = load_file(full_path, device=str(device))
         if ours.get("exported"):
             module.export()
