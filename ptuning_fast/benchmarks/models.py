@@ -16,6 +16,9 @@ import torch
 from .case import Case, Prepared, Unavailable, torch_dtype
 
 METHODS = ("prefix_tuning", "prompt_tuning")
+# Training only: prefix tuning with activation checkpointing, the memory lever that ptuning_fast
+# allows and PEFT's prefix tuning does not survive (transformers drops its prefix cache).
+CHECKPOINTED = "prefix_tuning_checkpointed"
 PROVIDERS = ("ptuning_fast", "peft")
 
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -41,7 +44,7 @@ def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
     B, L, P, dtype = (8, 512, 64, "bf16") if device.type == "cuda" else (2, 64, 16, "fp32")
     return [Case("train_step", "step", provider, dtype, B=B, Lq=L, P=P, method=method,
                  prepare=prepare_train_step, **_heads(shape))
-            for method in METHODS for provider in PROVIDERS]
+            for method in METHODS + (CHECKPOINTED,) for provider in PROVIDERS]
 
 
 def generate_cases(device: torch.device, quick: bool) -> list[Case]:
@@ -72,7 +75,7 @@ def wrap(base, provider: str, method: str, P: int):
     as soon as the integration lands."""
     if provider == "ptuning_fast":
         import ptuning_fast as pf
-        config_name = {"prefix_tuning": "PrefixTuningConfig",
+        config_name = {"prefix_tuning": "PrefixTuningConfig", CHECKPOINTED: "PrefixTuningConfig",
                        "prompt_tuning": "PromptTuningConfig"}[method]
         missing = [n for n in ("wrap", config_name) if not hasattr(pf, n)]
         if missing:
@@ -84,6 +87,7 @@ def wrap(base, provider: str, method: str, P: int):
     except ImportError as e:
         raise Unavailable(f"peft is not installed: {e}") from e
     config_class = {"prefix_tuning": peft.PrefixTuningConfig,
+                    CHECKPOINTED: peft.PrefixTuningConfig,
                     "prompt_tuning": peft.PromptTuningConfig}[method]
     return peft.get_peft_model(base, config_class(task_type="CAUSAL_LM", num_virtual_tokens=P))
 
@@ -97,6 +101,8 @@ def prepare_train_step(case: Case, device: torch.device) -> Prepared:
     model = wrap(build_base_model(device, torch_dtype(case.dtype)), case.provider, case.method,
                  case.P)
     model.train()
+    if case.method == CHECKPOINTED:
+        model.gradient_checkpointing_enable()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError(f"{case.provider} left no trainable parameter")
@@ -111,6 +117,12 @@ def prepare_train_step(case: Case, device: torch.device) -> Prepared:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+    if case.method == CHECKPOINTED and case.provider == "peft":
+        try:
+            step()
+        except RuntimeError as e:     # checked, not assumed: a fixed PEFT gets measured
+            raise Unavailable("PEFT's prefix tuning fails under gradient checkpointing "
+                              f"(transformers drops its prefix cache): {e}") from e
     return Prepared(step=step, tokens=case.B * case.Lq, whole_process_memory=True, heavy=True)
 
 

@@ -90,7 +90,24 @@ def op_table(op: str, records: list[dict]) -> str:
                           if base and p in row and base["peak_mem_mb"] and row[p]["peak_mem_mb"]
                           else "" for p in others]
         lines.append("| " + " | ".join(cells) + " |")
+    if op == "train_step":
+        lines += _checkpointed_line(rows)
     return "\n".join(lines)
+
+
+def _checkpointed_line(rows) -> list[str]:
+    """Ours with activation checkpointing against PEFT's plain prefix tuning (which cannot
+    checkpoint): the pair that decides the memory target."""
+    ours = [r["ptuning_fast"] for k, r in rows.items()
+            if k[0] == "prefix_tuning_checkpointed" and "ptuning_fast" in r]
+    peft = [r["peft"] for k, r in rows.items() if k[0] == "prefix_tuning" and "peft" in r]
+    if not (ours and peft):
+        return []
+    speed = ours[0]["tokens_per_s"] / peft[0]["tokens_per_s"]
+    line = f"ptuning_fast prefix_tuning_checkpointed vs peft prefix_tuning: {speed:.2f}x tokens/s"
+    if ours[0]["peak_mem_mb"] and peft[0]["peak_mem_mb"]:
+        line += f", {ours[0]['peak_mem_mb'] / peft[0]['peak_mem_mb']:.2f}x peak memory"
+    return ["", line + "."]
 
 
 def skipped_table(records: list[dict]) -> str:
@@ -111,8 +128,9 @@ def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None 
            "(the call's own for ops, everything allocated for train_step/generate)."]
     if is_cpu(head):
         out += ["", "**CPU figures**: reference-style paths against each other at small sizes, "
-                "fp32, no peak memory. They say nothing about GPU performance; kernel timings "
-                "need a GPU."]
+                "fp32, no peak memory, one thread on a shared machine (differences under ~30% "
+                "are within run-to-run noise). They say nothing about GPU performance; kernel "
+                "timings need a GPU."]
     for op in OP_ORDER:
         table = op_table(op, records)
         if table:
