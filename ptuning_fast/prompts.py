@@ -53,11 +53,13 @@ class _TaskPrompts(nn.Module):
         self.eval()
         out = self.raw().reshape(self.num_tasks * self.num_virtual_tokens, -1).detach().clone()
         self.train(was_training)
+        trainable = self.embedding.weight.requires_grad
         for name in self._encoder_modules():
             delattr(self, name)
         self.embedding = nn.Embedding(out.shape[0], out.shape[1], device=out.device,
                                       dtype=out.dtype)
         self.embedding.weight.data.copy_(out)
+        self.embedding.weight.requires_grad_(trainable)
         self.exported = True
 
     def load_checkpoint_output(self, prompt_embeddings: torch.Tensor) -> None:

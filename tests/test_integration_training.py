@@ -152,6 +152,7 @@ def test_attention_dropout_is_a_clear_error():
 
 
 def test_trainer_trains_only_the_prompt(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
     model = pf.wrap(tiny_llama(0), CONFIGS["prefix_proj"]())
     base_before = {n: p.clone() for n, p in model.base_model.named_parameters()}
