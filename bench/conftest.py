@@ -9,25 +9,11 @@ to `extra_info`, so TFLOP/s, GB/s and tokens/s follow from the stats. A case who
 missing is skipped with its reason. `ptuning-fast bench` remains the reference measurement
 (do_bench with CUDA events and L2 flushes).
 """
-import os
-
 import pytest
 import torch
 
-from ptuning_fast.benchmarks import build_cases
+from bench_helpers import DEVICE
 from ptuning_fast.benchmarks.case import Unavailable
-from ptuning_fast.benchmarks.providers import PROVIDERS
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-QUICK = os.environ.get("PTUNING_FAST_BENCH_FULL", "0") != "1"
-if DEVICE.type == "cpu":
-    torch.set_num_threads(1)   # as `ptuning-fast bench` does: steadier on a small shared CPU
-
-
-def cases(op: str):
-    """pytest params for every case of `op` on this machine, named by the case's label."""
-    return [pytest.param(c, id=c.label().replace(" ", "-"))
-            for c in build_cases([op], PROVIDERS, DEVICE, QUICK)]
 
 
 @pytest.fixture
@@ -45,15 +31,16 @@ def measure(benchmark):
                 torch.cuda.synchronize()
         rounds, warmup = (3, 1) if prepared.heavy else ((20, 3) if DEVICE.type == "cuda" else (5, 1))
         benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        median_s = benchmark.stats.stats.median
         info = {**case.fields(), "device": torch.cuda.get_device_name() if DEVICE.type == "cuda"
                 else "CPU", "flops": prepared.flops, "bytes": prepared.bytes,
                 "tokens": prepared.tokens}
-        if prepared.flops:
-            info["tflops"] = prepared.flops / median_s / 1e12
-        if prepared.bytes:
-            info["gbps"] = prepared.bytes / median_s / 1e9
-        if prepared.tokens:
-            info["tokens_per_s"] = prepared.tokens / median_s
+        if benchmark.stats is not None:      # None under --benchmark-disable (a smoke run)
+            median_s = benchmark.stats.stats.median
+            if prepared.flops:
+                info["tflops"] = prepared.flops / median_s / 1e12
+            if prepared.bytes:
+                info["gbps"] = prepared.bytes / median_s / 1e9
+            if prepared.tokens:
+                info["tokens_per_s"] = prepared.tokens / median_s
         benchmark.extra_info.update(info)
     return run

@@ -1,7 +1,7 @@
 """Op-level cases: prefix attention (fwd, fwd_bwd), a decode step, prompt embedding vs copy."""
 import pytest
 
-from conftest import cases
+from bench_helpers import cases
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,7 +1,7 @@
 """End-to-end cases on a Llama-3.2-1B-shaped model (a small Llama on CPU): ours vs PEFT."""
 import pytest
 
-from conftest import cases
+from bench_helpers import cases
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -2,6 +2,7 @@
 compute the same function as the reference (so the comparison is honest), the results schema,
 and the CLI end to end on a tiny op subset. CPU only, well under a minute."""
 import json
+import os
 
 import pytest
 import torch
@@ -226,3 +227,17 @@ def test_from_json_merges_results_of_one_device(tmp_path):
                          "--out", str(merged)]) == 0
     assert len(json.loads(merged.read_text())["records"]) == 3
     assert (tmp_path / "merged.md").exists()
+
+
+def test_fused_provider_call_matches_reference_under_the_interpreter():
+    """What the `fused` provider times is the library's kernel computing the same function
+    (fp32 under TRITON_INTERPRET=1 here; on a GPU the bench runs it natively)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x64 = _inputs(1, 4, 2, 19, 19, 5, 16)
+    x = providers.AttnInputs(*(t.float().to(device) for t in (x64.q, x64.k, x64.v, x64.prefix_k,
+                                                               x64.prefix_v)))
+    got = providers.fused_attention(x)()
+    torch.testing.assert_close(got.double().cpu(), _reference(x64), atol=2e-3 if device == "cuda"
+                               else 1e-5, rtol=2e-3 if device == "cuda" else 1e-4)

@@ -59,6 +59,11 @@ def setup_fused(x: AttnInputs, *, decode: bool) -> Callable[[], torch.Tensor]:
         import ptuning_fast.fused.prefix_attention  # noqa: F401  (probe: has the kernel landed?)
     except ImportError as e:
         raise Unavailable(f"the Triton prefix-attention kernel is not available: {e}") from e
+    return fused_attention(x)
+
+
+def fused_attention(x: AttnInputs) -> Callable[[], torch.Tensor]:
+    """The fused call itself (also checked against the reference under the interpreter)."""
     from .. import ops
     return lambda: ops.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, causal=x.causal,
                                         backend="triton")
