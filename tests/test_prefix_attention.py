@@ -355,6 +355,33 @@ def test_bad_inputs_name_the_argument():
         fused(q, k, v, pk, pv)
 
 
+def test_compile_specs_cover_every_gpu_config():
+    # Every tile config a launcher can pick on a GPU appears in compile_specs() (which the
+    # compile test builds for sm_80/sm_90), for each kernel that uses it.
+    specs = list(fwd_kernels.compile_specs()) + list(bwd_kernels.compile_specs())
+    built = {(s.name.split("[")[0], "bf16" in s.name or "fp16" in s.name, s.constexprs["BLOCK_D"],
+              s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages)
+             for s in specs}
+    tables = {"prefix_attention_fwd": fwd_kernels.GPU_FWD, "prefix_attention_dq": bwd_kernels.GPU_Q,
+              "prefix_attention_dkdv": bwd_kernels.GPU_KV,
+              "prefix_attention_prefix_dkdv": bwd_kernels.GPU_KV}
+    for kernel, table in tables.items():
+        for (sixteen_bit, block_d), c in table.items():
+            key = (kernel, sixteen_bit, block_d, c.block_m, c.block_n, c.num_warps, c.num_stages)
+            assert key in built, key
+    for D in (1, 16, 32, 48, 64, 80, 96, 128, 160, 256):
+        assert fwd_kernels.head_block(D) in {32, 64, 128, 256}
+    for flags in fwd_kernels.FLAG_COMBOS:
+        assert any((s.constexprs.get("IS_CAUSAL"), s.constexprs.get("HAS_MASK")) == flags
+                   for s in specs if "fwd" in s.name)
+
+
+def test_head_dim_over_256_is_refused():
+    q = torch.randn(1, 1, 2, 320, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        fused(q, q, q)
+
+
 def _gpu_config_cases():
     """One case per GPU tile config: (16-bit?, BLOCK_D) -> a dtype and head dim it serves."""
     for sixteen_bit, block_d in fwd_kernels.GPU_FWD:

@@ -12,6 +12,9 @@ from ..kernels import prefix_attention_bwd as bwd_kernels
 from ..kernels import prefix_attention_fwd as fwd_kernels
 from ..validation import check_prefix_attention_values
 
+# Head dims up to 256 have GPU tile configs (kernels' GPU_FWD / GPU_KV / GPU_Q tables).
+MAX_HEAD_DIM = 256
+
 
 @torch.library.custom_op("ptuning_fast::prefix_attention", mutates_args=())
 def prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,7 +84,12 @@ def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
     Returns (B, Hq, Lq, D) in q's dtype, laid out as (B, Lq, Hq, D) in memory, so that
     `out.transpose(1, 2).reshape(B, Lq, Hq * D)` needs no copy.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    D = q.shape[-1]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"prefix_attention: `q` head dim D={D} exceeds the Triton kernels' "
+                         f"maximum {MAX_HEAD_DIM} (shape {tuple(q.shape)}); use "
+                         "backend='reference'")
+    scale = D ** -0.5 if scale is None else float(scale)
     out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
                                  bool(causal), scale)
     return out
