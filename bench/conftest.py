@@ -29,7 +29,10 @@ def measure(benchmark):
             prepared.step()
             if DEVICE.type == "cuda":
                 torch.cuda.synchronize()
-        rounds, warmup = (3, 1) if prepared.heavy else ((20, 3) if DEVICE.type == "cuda" else (5, 1))
+        if prepared.heavy:
+            rounds, warmup = 3, 1
+        else:
+            rounds, warmup = (20, 3) if DEVICE.type == "cuda" else (5, 1)
         benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
         info = {**case.fields(), "device": torch.cuda.get_device_name() if DEVICE.type == "cuda"
                 else "CPU", "flops": prepared.flops, "bytes": prepared.bytes,

@@ -26,14 +26,14 @@ class Prepared:
     flops: float | None = None          # unmasked floating-point operations per step
     bytes: float | None = None          # fewest bytes one step must move through memory
     tokens: int | None = None           # tokens processed (train) or produced (generate) per step
-    whole_process_memory: bool = False  # peak = everything allocated (models), not just the step's own
+    whole_process_memory: bool = False  # peak = all allocated (models), not just the step's own
     heavy: bool = False                 # seconds per step: a few timed calls instead of do_bench
 
 
 @dataclass
 class Case:
-    op: str                  # "prefix_attention" | "prompt_embedding" | "decode" | "train_step" | "generate"
-    mode: str                # "fwd" | "fwd_bwd" | "step" | "greedy"
+    op: str         # prefix_attention | prompt_embedding | decode | train_step | generate
+    mode: str       # fwd | fwd_bwd | step | greedy
     provider: str
     dtype: str
     B: int | None = None
@@ -44,7 +44,7 @@ class Case:
     P: int | None = None
     D: int | None = None
     causal: bool | None = None
-    method: str | None = None          # train_step / generate: "prefix_tuning" | "prompt_tuning"
+    method: str | None = None   # train_step / generate: prefix_tuning | prompt_tuning | ...
     prepare: Callable[["Case", torch.device], Prepared] | None = field(
         default=None, repr=False, compare=False)
 
@@ -63,7 +63,3 @@ class Case:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]

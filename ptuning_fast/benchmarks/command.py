@@ -100,7 +100,10 @@ def output_path(out: Path | None, device: torch.device) -> Path:
 def render(json_path: Path, head: dict, records: list[dict]) -> tuple[Path, list[Path]]:
     """Writes <stem>.md and <stem>-<op>.png beside the JSON; returns their paths."""
     plots = {}
-    for op in OPS:
+    why_not = report.plotting_unavailable()
+    if why_not:
+        print(why_not, file=sys.stderr)
+    for op in OPS if why_not is None else ():
         png = json_path.with_name(f"{json_path.stem}-{op}.png")
         if report.plot(op, head, records, png):
             plots[op] = png

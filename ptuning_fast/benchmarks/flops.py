@@ -48,7 +48,7 @@ def attention_fwd_bytes(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, D: 
 
 def prompt_embedding_bytes(B: int, L: int, P: int, d: int, element_size: int,
                            id_size: int = 8) -> int:
-    """Read the ids, the B * L gathered embedding rows and the shared prompt; write (B, P + L, d)."""
+    """Read the ids, the B * L gathered rows and the shared prompt; write (B, P + L, d)."""
     reads = B * L * id_size + B * L * d * element_size + P * d * element_size
     writes = B * (P + L) * d * element_size
     return reads + writes

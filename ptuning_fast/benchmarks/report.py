@@ -208,6 +208,15 @@ def _bar_plot(op: str, records: list[dict], metrics: list[tuple[str, str]], grou
     return fig
 
 
+def plotting_unavailable() -> str | None:
+    """Why no plot can be drawn here (matplotlib is an optional dependency: `[bench]`), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install 'ptuning_fast[bench]'): no plots"
+    return None
+
+
 def plot(op: str, head: dict, records: list[dict], path: Path) -> bool:
     """Writes `path` (PNG) for `op`; False when the op has no measured record."""
     if not any(r["op"] == op and r.get("skipped") is None for r in records):
