@@ -45,7 +45,38 @@ def tiny_bert(seed=0, num_labels=3, **overrides):
     return BertForSequenceClassification(BertConfig(**cfg)).eval()
 
 
-BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "bert": tiny_bert}
+def tiny_roberta(seed=0, num_labels=3, **overrides):
+    """RoBERTa for sequence classification: positions numbered from the padding mask."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=130, num_labels=num_labels,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+               attn_implementation="eager")
+    cfg.update(overrides)
+    return RobertaForSequenceClassification(RobertaConfig(**cfg)).eval()
+
+
+def tiny_causal(arch, seed=0):
+    """More causal LMs of the families the integration targets: Mistral (GQA), Gemma (scaled
+    embeddings, MQA, head_dim 8), Qwen3 (q/k norms, head_dim 16 != 32 / 4)."""
+    import transformers as T
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    config, model = {
+        "mistral": (T.MistralConfig(num_key_value_heads=2, sliding_window=None, **common),
+                    T.MistralForCausalLM),
+        "gemma": (T.GemmaConfig(num_key_value_heads=1, head_dim=8, **common),
+                  T.GemmaForCausalLM),
+        "qwen3": (T.Qwen3Config(num_key_value_heads=2, head_dim=16, **common),
+                  T.Qwen3ForCausalLM),
+    }[arch]
+    return model(config).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "bert": tiny_bert, "roberta": tiny_roberta}
 
 
 def batch(model_name, batch_size=3, length=7, padding="right", seed=1):
@@ -60,7 +91,7 @@ def batch(model_name, batch_size=3, length=7, padding="right", seed=1):
         elif padding == "left":
             mask[b, :pad] = 0
     ids = ids.masked_fill(mask == 0, 0)
-    if model_name == "bert":
+    if model_name in ("bert", "roberta"):
         labels = torch.randint(0, 3, (batch_size,), generator=g)
     else:
         labels = ids.masked_fill(mask == 0, -100)

@@ -37,7 +37,7 @@ def logits(model, model_name):
 
 def cases():
     out = [pytest.param(m, k, "reference", id=f"{m}-{k}-reference")
-           for m in ("llama", "qwen2", "bert") for k in CONFIGS]
+           for m in ("llama", "qwen2", "bert", "roberta") for k in CONFIGS]
     out.append(pytest.param("llama", "prefix", "triton", marks=TRITON_PREFIX.marks,
                             id="llama-prefix-triton"))
     out.append(pytest.param("llama", "prompt", "triton", id="llama-prompt-triton"))

@@ -25,7 +25,7 @@ def cases():
     """Every model x method x padding with the reference backend; a few tiny triton cases
     (the interpreter is slow)."""
     out = []
-    for model_name in ("llama", "qwen2", "bert"):
+    for model_name in ("llama", "qwen2", "bert", "roberta"):
         for method in CONFIGS:
             for padding in ("right", "left"):
                 out.append(pytest.param(model_name, method, padding, "reference",
@@ -42,8 +42,8 @@ def peft_name(name: str) -> str:
     """Our trainable parameter's name in the PEFT twin."""
     if name.startswith("prompt_encoder."):
         return name.replace("prompt_encoder.", "prompt_encoder.default.", 1)
-    module, _, leaf = name.rpartition(".")
-    return f"{module}.modules_to_save.default.{leaf}"
+    _, head, rest = name.split(".", 2)          # base_model.<head>.<param path>
+    return f"base_model.{head}.modules_to_save.default.{rest}"
 
 
 @pytest.mark.parametrize("model_name, method, padding, backend", cases())
@@ -144,3 +144,24 @@ def test_wrap_accepts_peft_configs(kind):
         a = ours(input_ids=ids, attention_mask=mask, labels=labels)
         b = twin(input_ids=ids, attention_mask=mask, labels=labels)
     assert_close(a.logits, b.logits, torch.float32, name="logits")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma", "qwen3"])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_more_architectures_match_peft(arch, method):
+    """Logits and greedy tokens on Mistral / Gemma / Qwen3 equal PEFT's."""
+    import copy
+
+    from models import peft_twin, tiny_causal
+    base = tiny_causal(arch)
+    ours = pf.wrap(copy.deepcopy(base), CONFIGS[method])
+    twin = peft_twin(ours, base)
+    ids, mask, labels = batch("llama", padding="left")
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        b = twin(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(a.logits, b.logits, torch.float32, name="logits")
+    assert_close(a.loss, b.loss, torch.float32, name="loss")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+              pad_token_id=0)
+    assert torch.equal(ours.generate(**kw), twin.generate(**kw))

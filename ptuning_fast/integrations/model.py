@@ -117,6 +117,20 @@ class PTuningModel(nn.Module):
         prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend)
 
+    def _prefix_position_ids(self, input_ids, ref, start: int):
+        """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:
+        start, start + 1, ... — or, for RoBERTa-style embeddings that number tokens from the
+        padding mask, that numbering offset by `start` (None: the model numbers inputs_embeds
+        itself, ignoring any cache, as it does under PEFT)."""
+        embeddings = getattr(getattr(self.base_model, "base_model", None), "embeddings", None)
+        if hasattr(embeddings, "create_position_ids_from_input_ids") \
+                and getattr(embeddings, "padding_idx", None) is not None:
+            if input_ids is None:
+                return None
+            return embeddings.create_position_ids_from_input_ids(
+                input_ids, embeddings.padding_idx, start)
+        return torch.arange(start, start + ref.shape[1], device=ref.device)[None]
+
     def _embed_with_prompt(self, input_ids, inputs_embeds, task_ids):
         """[prompt; word embeddings] -> (B, P + L, d), in the model's dtype."""
         prompt = self.prompt_encoder()
@@ -137,15 +151,14 @@ class PTuningModel(nn.Module):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass `input_ids` or `inputs_embeds`")
-        batch, length = ref.shape[0], ref.shape[1]
+        batch = ref.shape[0]
         task_ids = self._check_task_ids(task_ids, batch)
         P = self.num_virtual_tokens
         past = kwargs.get("past_key_values")
         past_len = past.get_seq_length() if past is not None else 0
         if self.is_prefix:
             if position_ids is None:
-                start = P + past_len
-                position_ids = torch.arange(start, start + length, device=ref.device)[None]
+                position_ids = self._prefix_position_ids(input_ids, ref, P + past_len)
             else:
                 position_ids = position_ids + P
             if token_type_ids is not None:
@@ -215,8 +228,7 @@ class PTuningModel(nn.Module):
         elif ref is not None:
             past = kwargs.get("past_key_values")
             start = P + (past.get_seq_length() if past is not None else 0)
-            kwargs["position_ids"] = torch.arange(start, start + ref.shape[1],
-                                                  device=ref.device)[None]
+            kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start)
         return args, kwargs
 
     def _prompt_step_hook(self, module, args, kwargs):
