@@ -171,9 +171,11 @@ def _get(peft_config, name, default=None):
     return getattr(value, "value", value)  # PEFT's str enums
 
 
-def from_peft_config(peft_config) -> PromptTuningConfig | PTuningConfig | PrefixTuningConfig:
+def from_peft_config(peft_config, *, for_loading: bool = False
+                     ) -> PromptTuningConfig | PTuningConfig | PrefixTuningConfig:
     """Our config from PEFT's PromptTuningConfig / PromptEncoderConfig / PrefixTuningConfig
-    (objects or their dict form, e.g. a loaded adapter_config.json)."""
+    (objects or their dict form, e.g. a loaded adapter_config.json). `for_loading`: the weights
+    come from a checkpoint, so initialization options do not matter."""
     get = (lambda n, d=None: peft_config.get(n, d)) if isinstance(peft_config, dict) \
         else (lambda n, d=None: _get(peft_config, n, d))
     peft_type = get("peft_type")
@@ -200,6 +202,9 @@ def from_peft_config(peft_config) -> PromptTuningConfig | PTuningConfig | Prefix
                              encoder_num_layers=layers,
                              encoder_dropout=float(get("encoder_dropout", 0.0)))
     if peft_type == "PREFIX_TUNING":
+        if get("init_weights") is not None and not for_loading:
+            raise ValueError(f"PEFT PrefixTuningConfig init_weights={get('init_weights')!r} is "
+                             "not supported (prefixes start from PEFT's default random init)")
         # PEFT's encoder_hidden_size defaults to the model's token_dim: None here means that.
         hidden = get("encoder_hidden_size")
         return PrefixTuningConfig(P, projection=bool(get("prefix_projection", False)),

@@ -178,6 +178,14 @@ def test_peft_config_conversion_round_trip():
         assert from_peft_config(peft_cfg) == ours
 
 
+def test_peft_zero_init_rejected_for_training_but_loadable():
+    d = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "init_weights": "zero"}
+    with pytest.raises(ValueError, match="init_weights='zero'"):
+        from_peft_config(d)
+    assert from_peft_config(d, for_loading=True) == pf.PrefixTuningConfig(
+        3, encoder_hidden_size=None)
+
+
 def test_peft_encoder_decoder_config_rejected():
     with pytest.raises(ValueError, match="num_transformer_submodules"):
         from_peft_config({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3,

@@ -106,7 +106,8 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
     if ours is not None and ours.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{OUR_CONFIG} has format_version {ours.get('format_version')!r}; this "
                          f"ptuning_fast reads version {FORMAT_VERSION}")
-    config = from_dict(ours["config"]) if ours is not None else from_peft_config(adapter)
+    config = from_dict(ours["config"]) if ours is not None \
+        else from_peft_config(adapter, for_loading=True)
     tensors = load_file(weights_path)
     if "prompt_embeddings" not in tensors:
         raise ValueError(f"{weights_path} has no 'prompt_embeddings' tensor (keys: "
