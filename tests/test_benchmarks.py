@@ -243,3 +243,20 @@ def test_fused_provider_call_matches_reference_under_the_interpreter():
     got = providers.fused_attention(x)()
     torch.testing.assert_close(got.double().cpu(), _reference(x64), atol=2e-3 if device == "cuda"
                                else 1e-5, rtol=2e-3 if device == "cuda" else 1e-4)
+
+
+def test_gpu_grid_is_the_issues_grid_with_flex_last():
+    """Built without touching CUDA: the full grid covers bf16/fp16 x D {64, 128} x P {16, 64, 256}
+    x Lk {512..8192} x fwd/fwd_bwd for every provider, FlexAttention on its slice, last."""
+    cuda = torch.device("cuda")
+    cases = command.build_cases(["prefix_attention"], providers.PROVIDERS, cuda, quick=False)
+    fused = [c for c in cases if c.provider == "fused"]
+    assert len(fused) == 2 * 2 * 3 * 4 * 2
+    assert {(c.dtype, c.D, c.P, c.Lk, c.mode) for c in fused} == {
+        (dt, D, P, Lk, mode) for dt in ("bf16", "fp16") for D in (64, 128) for P in (16, 64, 256)
+        for Lk in (512, 1024, 2048, 8192) for mode in ("fwd", "fwd_bwd")}
+    assert all(c.Hq == 4 * c.Hkv and c.Hq * c.D == 2048 and c.B * c.Lk == 16384 for c in fused)
+    flex_at = [i for i, c in enumerate(cases) if c.provider == "flex"]
+    assert flex_at and flex_at == list(range(len(cases) - len(flex_at), len(cases)))
+    models_cases = command.build_cases(["train_step"], providers.PROVIDERS, cuda, quick=False)
+    assert {(c.B, c.Lq, c.P, c.dtype) for c in models_cases} == {(8, 512, 64, "bf16")}

@@ -123,9 +123,9 @@ def setup_cat_sdpa(x: AttnInputs, *, decode: bool) -> Callable[[], torch.Tensor]
         bias = causal_lower_right(Lq, P + Lk) if (x.causal and Lq > 1) else None
         return lambda: F.scaled_dot_product_attention(x.q, k, v, attn_mask=bias, enable_gqa=True)
     # causal_lower_right's flash path takes GQA as it is; where flash cannot run, expand the heads
-    # (SDPA's memory-efficient kernel has no GQA) rather than fall to the math path.
-    expand_heads = x.q.device.type == "cuda" and not _flash_backend_usable(
-        x.q, *(_cat_prefix(x)))
+    # (SDPA's memory-efficient kernel has no GQA) rather than fall to the math path. The check
+    # reads dtypes, head counts and strides, which the concatenation shares with k and v.
+    expand_heads = x.q.device.type == "cuda" and not _flash_backend_usable(x.q, x.k, x.v)
     group = x.q.shape[1] // x.k.shape[1]
     bias = causal_lower_right(Lq, P + Lk) if x.causal else None
 
@@ -149,7 +149,8 @@ def _flex_function(device: torch.device):
     if _compiled_flex is None:
         import torch._dynamo
         # One compiled graph per shape: the default limit (8) would silently fall back to eager.
-        for knob in ("recompile_limit", "cache_size_limit"):
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 512)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
