@@ -97,3 +97,14 @@ def test_mixed_task_generation_equals_each_row_alone(method):
     assert torch.equal(together[:, -6:], torch.cat(rows))
     others = generate(ours, ids, mask, task_ids=torch.tensor([0, 1, 2]), **kw)
     assert not torch.equal(others, together)      # the task choice matters
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_generate_from_inputs_embeds_equals_from_ids(method):
+    ours, _ = wrapped_and_twin("llama", CONFIGS[method])
+    ids, mask, _ = batch("llama", padding="left")
+    embeds = ours.base_model.get_input_embeddings()(ids)
+    a = generate(ours, ids, mask, do_sample=False)
+    b = ours.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
+                      max_new_tokens=6, pad_token_id=0, do_sample=False)
+    assert torch.equal(a[:, -6:], b[:, -6:])

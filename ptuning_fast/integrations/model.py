@@ -234,12 +234,14 @@ class PTuningModel(nn.Module):
     def _prompt_step_hook(self, module, args, kwargs):
         P = self.num_virtual_tokens
         past = kwargs.get("past_key_values")
-        ids = kwargs.get("input_ids")
-        if (past is None or past.get_seq_length() == 0) and ids is not None:
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = embeds if embeds is not None else ids
+        if (past is None or past.get_seq_length() == 0) and ref is not None:
             task_ids = self._generation_task_ids
-            if task_ids is not None and task_ids.shape[0] != ids.shape[0]:
-                task_ids = task_ids.repeat_interleave(ids.shape[0] // task_ids.shape[0])
-            kwargs["inputs_embeds"] = self._embed_with_prompt(ids, None, task_ids)
+            if task_ids is not None and task_ids.shape[0] != ref.shape[0]:
+                task_ids = task_ids.repeat_interleave(ref.shape[0] // task_ids.shape[0])
+            kwargs["inputs_embeds"] = self._embed_with_prompt(
+                ids if embeds is None else None, embeds, task_ids)
             kwargs["input_ids"] = None
         mask = kwargs.get("attention_mask")
         if mask is not None:
