@@ -260,3 +260,37 @@ def test_gpu_grid_is_the_issues_grid_with_flex_last():
     assert flex_at and flex_at == list(range(len(cases) - len(flex_at), len(cases)))
     models_cases = command.build_cases(["train_step"], providers.PROVIDERS, cuda, quick=False)
     assert {(c.B, c.Lq, c.P, c.dtype) for c in models_cases} == {(8, 512, 64, "bf16")}
+
+
+def _measured(op, mode, provider, ms, **fields):
+    case = Case(op, mode, provider, "bf16", **fields)
+    rec = dict.fromkeys(results.RECORD_KEYS)
+    rec.update(case.fields(), median_ms=ms)
+    return rec
+
+
+def test_targets_table_judges_the_worst_case():
+    from ptuning_fast.benchmarks import targets
+    shape = dict(B=16, Hq=16, Hkv=4, Lq=1024, Lk=1024, D=128, causal=True)
+    records = []
+    for P, fused_ms in ((16, 1.0), (64, 0.9)):      # cat_sdpa 1.5 ms: 1.50x and 1.67x
+        records.append(_measured("prefix_attention", "fwd", "fused", fused_ms, P=P, **shape))
+        records.append(_measured("prefix_attention", "fwd", "cat_sdpa", 1.5, P=P, **shape))
+    train = dict(B=8, Lq=512, P=64, Hq=32, Hkv=8, D=64, method="prefix_tuning")
+    ours = _measured("train_step", "step", "ptuning_fast", 100.0, **train)
+    theirs = _measured("train_step", "step", "peft", 120.0, **train)
+    ours.update(tokens_per_s=4096 / 0.1, peak_mem_mb=6000.0)
+    theirs.update(tokens_per_s=4096 / 0.12, peak_mem_mb=10000.0)
+    records += [ours, theirs]
+    head = {"device": "NVIDIA H100 80GB HBM3", "created": "2026-01-01T00:00:00+00:00",
+            "torch": "t", "triton": "t", "transformers": "t"}
+    md = report.markdown(head, records)
+    assert "## Targets" in md
+    verdict = {line.split(" | ")[0].lstrip("| "): line.split(" | ", 1)[1]
+               for line in md.splitlines() if line.startswith("| ")}
+    assert verdict["prefix attention fwd vs cat_sdpa, Lk <= 1024"] == "2 | 1.50x | >= 1.30x | yes |"
+    assert verdict["train step (prefix tuning) tokens/s vs PEFT"] == "1 | 1.20x | >= 1.50x | no |"
+    assert verdict["train step (prefix tuning) peak memory vs PEFT"] == \
+        "1 | 0.60x | <= 0.70x | yes |"
+    assert verdict["prefix attention fwd TFLOP/s, Lk = 8192"] == "0 | – | >= 450 TF/s | no data |"
+    assert "## Targets" not in report.markdown({**head, "device": "CPU: x"}, records)

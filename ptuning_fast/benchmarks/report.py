@@ -131,6 +131,10 @@ def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None 
                 "fp32, no peak memory, one thread on a shared machine (differences under ~30% "
                 "are within run-to-run noise). They say nothing about GPU performance; kernel "
                 "timings need a GPU."]
+    if not is_cpu(head):
+        from . import targets
+        out += ["", "## Targets (ARCHITECTURE.md, issue 6)", "",
+                targets.table({op: _rows(op, records) for op in OP_ORDER})]
     for op in OP_ORDER:
         table = op_table(op, records)
         if table:
