@@ -13,7 +13,8 @@ the backward is bitwise deterministic and uses no float atomics):
 - `_prefix_dkdv_kernel`: dPrefixK, dPrefixV of one (prefix slot, kv head, prefix block), where a
   slot is the shared prefix, one row's prefix, or one task's prefix; loops over the batch rows
   that read the slot, the query heads of the group and all query blocks.
-- `_dq_kernel`: dQ of one (batch row, query head, query block), over prefix + visible keys.
+- `_dq_kernel` (in prefix_attention_bwd_dq.py): dQ of one (batch row, query head, query
+  block), over the prefix and the visible sequence keys.
 Only the kernels whose gradients autograd asks for are launched.
 """
 from __future__ import annotations
@@ -31,11 +32,12 @@ from .prefix_attention_fwd import (
     input_precision,
     interpreting,
     mask_as_int8,
-    prefix_batch_stride,
     prefix_views,
     spec_signature,
     spec_variants,
+    strides3,
 )
+from .prefix_attention_bwd_dq import prefix_attention_dq
 
 
 @triton.jit
@@ -230,128 +232,16 @@ def _prefix_dkdv_kernel(
              + offs_d[None, :], dv.to(DPV.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit
-def _dq_blocks(
-    dq, q, do, lse, delta,
-    K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
-    start, end,
-    stride_k_l, stride_v_l, stride_mask_l,
-    key_len, head_dim, key_shift, q_pos, qk_scale,
-    CHECK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    for start_n in range(start, end, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < key_len
-        t_mask = d_ok[:, None] & key_ok[None, :]
-        cols = keys[None, :].to(tl.int64)
-        kt = tl.load(K + cols * stride_k_l + offs_d[:, None], mask=t_mask, other=0.0)
-        vt = tl.load(V + cols * stride_v_l + offs_d[:, None], mask=t_mask, other=0.0)
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-        # Hidden keys go to -inf before exp2: with large logits s - LSE could overflow there.
-        if CHECK_KEYS:
-            visible = key_ok[None, :]
-            if IS_CAUSAL:
-                visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
-            s = tl.where(visible, s, float("-inf"))
-        if HAS_MASK:
-            pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
-            s = tl.where((pad != 0)[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _dq_kernel(
-    DQ, Q, K, V, PrefixK, PrefixV, DO, Lse, Delta, Mask, PrefixIndex,
-    q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale,
-    stride_q_b, stride_q_h, stride_q_l,
-    stride_k_b, stride_k_h, stride_k_l,
-    stride_v_b, stride_v_h, stride_v_l,
-    stride_pk_b, stride_pk_h, stride_pk_l,
-    stride_pv_b, stride_pv_h, stride_pv_l,
-    stride_do_b, stride_do_h, stride_do_l,
-    stride_dq_b, stride_dq_h, stride_dq_l,
-    stride_lse_b, stride_lse_h,
-    stride_mask_b, stride_mask_l,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INDEX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    q_block = tl.program_id(0)
-    q_head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    kv_head = (q_head // group_size).to(tl.int64)
-    q_head = q_head.to(tl.int64)
-    if HAS_INDEX:
-        prefix_row = tl.load(PrefixIndex + batch).to(tl.int64)
-    else:
-        prefix_row = batch
-    q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = q_pos < q_len
-    tile_mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
-    rows = q_pos[:, None].to(tl.int64)
-    q = tl.load(Q + batch * stride_q_b + q_head * stride_q_h + rows * stride_q_l + offs_d[None, :],
-                mask=tile_mask, other=0.0)
-    do = tl.load(DO + batch * stride_do_b + q_head * stride_do_h + rows * stride_do_l
-                 + offs_d[None, :], mask=tile_mask, other=0.0)
-    lse = tl.load(Lse + batch * stride_lse_b + q_head * stride_lse_h + q_pos, mask=row_ok,
-                  other=float("inf"))
-    delta = tl.load(Delta + batch * stride_lse_b + q_head * stride_lse_h + q_pos, mask=row_ok,
-                    other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-
-    pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
-    pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
-    prefix_full = prefix_len // BLOCK_N * BLOCK_N
-    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, 0, prefix_full,
-                    stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
-                    False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, prefix_full, prefix_len,
-                    stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
-                    True, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-
-    # Same key ranges as the forward: skip what the causal mask hides from the whole block.
-    key_shift = key_len - q_len
-    q_start = q_block * BLOCK_M
-    if IS_CAUSAL:
-        end = tl.minimum(tl.maximum(q_start + BLOCK_M + key_shift, 0), key_len)
-        full_end = tl.minimum(tl.maximum(q_start + key_shift + 1, 0), end) // BLOCK_N * BLOCK_N
-    else:
-        end = key_len
-        full_end = key_len // BLOCK_N * BLOCK_N
-    k = K + batch * stride_k_b + kv_head * stride_k_h
-    v = V + batch * stride_v_b + kv_head * stride_v_h
-    mask = Mask + batch * stride_mask_b
-    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, 0, full_end,
-                    stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
-                    qk_scale, False, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, full_end, end,
-                    stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
-                    qk_scale, True, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-
-    dq = dq * scale
-    tl.store(DQ + batch * stride_dq_b + q_head * stride_dq_h + rows * stride_dq_l
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_mask)
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 
 # Interpreter: one small config per kernel (tests cross block edges at small sizes).
 INTERPRETER_KV = TileConfig(16, 32, 4, 1)     # block_m: queries per step, block_n: keys owned
-INTERPRETER_Q = TileConfig(32, 16, 4, 1)      # block_m: queries owned, block_n: keys per step
 DELTA_BLOCK_M = 64
 
 # GPU configs per (16-bit?, BLOCK_D). The dK/dV program keeps k, v, dk, dv of its key block in
-# registers and streams queries; the dQ program keeps q, dO, dq and streams keys — hence the
-# mirrored tile shapes. fp32 tiles are twice as large, so fp32 halves the streamed block.
+# registers and streams queries (the dQ program mirrors this: prefix_attention_bwd_dq.GPU_Q).
+# fp32 tiles are twice as large, so fp32 halves the streamed block.
 GPU_KV = {
     (True, 32): TileConfig(32, 128, 4, 3),
     (True, 64): TileConfig(32, 128, 4, 3),
@@ -362,32 +252,11 @@ GPU_KV = {
     (False, 128): TileConfig(16, 64, 4, 2),
     (False, 256): TileConfig(16, 32, 8, 2),
 }
-GPU_Q = {
-    (True, 32): TileConfig(128, 32, 4, 3),
-    (True, 64): TileConfig(128, 32, 4, 3),
-    (True, 128): TileConfig(64, 32, 4, 3),
-    (True, 256): TileConfig(64, 16, 8, 2),
-    (False, 32): TileConfig(64, 32, 4, 3),
-    (False, 64): TileConfig(64, 32, 4, 2),
-    (False, 128): TileConfig(64, 16, 4, 2),
-    (False, 256): TileConfig(32, 16, 8, 2),
-}
-
-
-def _gpu_key(head_dim: int, dtype: torch.dtype):
-    return dtype != torch.float32, head_block(head_dim)
 
 
 def kv_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    return INTERPRETER_KV if interpreting() else GPU_KV[_gpu_key(head_dim, dtype)]
-
-
-def q_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    return INTERPRETER_Q if interpreting() else GPU_Q[_gpu_key(head_dim, dtype)]
-
-
-def _strides3(t: torch.Tensor):
-    return t.stride(0), t.stride(1), t.stride(2)
+    return INTERPRETER_KV if interpreting() else GPU_KV[(dtype != torch.float32,
+                                                         head_block(head_dim))]
 
 
 def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
@@ -421,25 +290,13 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     delta = torch.empty_like(lse)
     if delta.numel() > 0:
         _delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK_M), Hq, B)](
-            delta, out, grad_out, Lq, D, *_strides3(out), *_strides3(grad_out),
+            delta, out, grad_out, Lq, D, *strides3(out), *strides3(grad_out),
             delta.stride(0), delta.stride(1),
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4)
 
     if needs[0]:
-        dq = torch.empty_like(q)
-        cfg = q_config(D, q.dtype)
-        if dq.numel() > 0:
-            _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
-                dq, q, k, v, pk, pv, grad_out, lse, delta, mask_arg, index_arg,
-                Lq, Lk, P, D, group, scale, qk_scale,
-                *_strides3(q), *_strides3(k), *_strides3(v),
-                prefix_batch_stride(pk, shared), pk.stride(1), pk.stride(2),
-                prefix_batch_stride(pv, shared), pv.stride(1), pv.stride(2),
-                *_strides3(grad_out), *_strides3(dq), lse.stride(0), lse.stride(1),
-                *mask_strides,
-                IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        dq = prefix_attention_dq(q, k, v, pk, pv, shared, grad_out, lse, delta, mask, index,
+                                 causal=causal, scale=scale)
 
     cfg = kv_config(D, q.dtype)
     if needs[1] or needs[2]:
@@ -448,8 +305,8 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
             _dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
                 dk, dv, q, k, v, grad_out, lse, delta, mask_arg,
                 Lq, Lk, D, group, scale, qk_scale,
-                *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
-                *_strides3(dk), *_strides3(dv), lse.stride(0), lse.stride(1), *mask_strides,
+                *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
+                *strides3(dk), *strides3(dv), lse.stride(0), lse.stride(1), *mask_strides,
                 IS_CAUSAL=causal, HAS_MASK=mask is not None,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -470,8 +327,8 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
             _prefix_dkdv_kernel[(triton.cdiv(P, cfg.block_n), Hkv, slots)](
                 dpk4, dpv4, q, pk, pv, grad_out, lse, delta, index_arg,
                 B, Lq, P, D, group, scale, qk_scale, rows_step, rows_per_slot,
-                *_strides3(q), *_strides3(pk), *_strides3(pv), *_strides3(grad_out),
-                *_strides3(dpk4), *_strides3(dpv4), lse.stride(0), lse.stride(1),
+                *strides3(q), *strides3(pk), *strides3(pv), *strides3(grad_out),
+                *strides3(dpk4), *strides3(dpv4), lse.stride(0), lse.stride(1),
                 HAS_INDEX=index is not None,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -484,18 +341,14 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
 # Ahead-of-time compile specs (see kernels/compile_specs.py)
 
 def compile_specs():
-    """Every backward kernel for every GPU config `kv_config` / `q_config` can pick, with the
+    """The dK/dV kernels for every GPU config `kv_config` can pick, and Delta, with the
     forward's rotation of dtypes, dot precisions and (causal, mask, index) flags."""
     for i, dtype, elem, precision, block_d, causal, has_mask in spec_variants():
         key = (dtype != torch.float32, block_d)
-        kv, qc = GPU_KV[key], GPU_Q[key]
+        kv = GPU_KV[key]
         floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32",
                       Mask="*i8", PrefixIndex="*i64")
         kernels = (
-            ("dq", _dq_kernel, qc, dict(IS_CAUSAL=causal, HAS_MASK=has_mask,
-                                        HAS_INDEX=i % 2 == 0, BLOCK_M=qc.block_m,
-                                        BLOCK_N=qc.block_n),
-             ("DQ", "Q", "K", "V", "PrefixK", "PrefixV", "DO")),
             ("dkdv", _dkdv_kernel, kv, dict(IS_CAUSAL=causal, HAS_MASK=has_mask,
                                             BLOCK_M=kv.block_m, BLOCK_N=kv.block_n),
              ("DK", "DV", "Q", "K", "V", "DO")),

@@ -218,6 +218,11 @@ def prefix_batch_stride(prefix: torch.Tensor, shared: bool) -> int:
     return 0 if shared else prefix.stride(0)
 
 
+def strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of the three leading dims of a (B, H, L, D) tensor (D is contiguous)."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int

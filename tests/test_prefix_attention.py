@@ -15,6 +15,7 @@ from conftest import DEVICE, HAS_CUDA, assert_close, assert_error_within, gpu, p
 import ptuning_fast as pf
 from ptuning_fast import reference
 from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
+from ptuning_fast.kernels import prefix_attention_bwd_dq as dq_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -272,10 +273,11 @@ def test_only_requested_gradients_are_computed(monkeypatch, trainable):
     inputs, mask, index = make_inputs(case, torch.float32, requires_grad=False)
     for name, t in zip(NAMES, inputs):
         t.requires_grad_(name in trainable)
-    spies = {name: _LaunchSpy(getattr(bwd_kernels, name))
-             for name in ("_dq_kernel", "_dkdv_kernel", "_prefix_dkdv_kernel")}
+    modules = {"_dq_kernel": dq_kernels, "_dkdv_kernel": bwd_kernels,
+               "_prefix_dkdv_kernel": bwd_kernels}
+    spies = {name: _LaunchSpy(getattr(module, name)) for name, module in modules.items()}
     for name, spy in spies.items():
-        monkeypatch.setattr(bwd_kernels, name, spy)
+        monkeypatch.setattr(modules[name], name, spy)
     fused(*inputs, attention_mask=mask, prefix_index=index).square().sum().backward()
     for name, t in zip(NAMES, inputs):
         assert (t.grad is not None) == (name in trainable), name
@@ -358,11 +360,12 @@ def test_bad_inputs_name_the_argument():
 def test_compile_specs_cover_every_gpu_config():
     # Every tile config a launcher can pick on a GPU appears in compile_specs() (which the
     # compile test builds for sm_80/sm_90), for each kernel that uses it.
-    specs = list(fwd_kernels.compile_specs()) + list(bwd_kernels.compile_specs())
+    specs = [s for m in (fwd_kernels, bwd_kernels, dq_kernels) for s in m.compile_specs()]
     built = {(s.name.split("[")[0], "bf16" in s.name or "fp16" in s.name, s.constexprs["BLOCK_D"],
               s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages)
              for s in specs}
-    tables = {"prefix_attention_fwd": fwd_kernels.GPU_FWD, "prefix_attention_dq": bwd_kernels.GPU_Q,
+    tables = {"prefix_attention_fwd": fwd_kernels.GPU_FWD,
+              "prefix_attention_dq": dq_kernels.GPU_Q,
               "prefix_attention_dkdv": bwd_kernels.GPU_KV,
               "prefix_attention_prefix_dkdv": bwd_kernels.GPU_KV}
     for kernel, table in tables.items():
@@ -395,7 +398,7 @@ def _gpu_config_cases():
 def test_gpu_tile_configs_under_interpreter(monkeypatch, dtype, D):
     # The interpreter normally runs one small config; here every launcher picks the config it
     # would on a GPU (BLOCK_M up to 128, BLOCK_M != BLOCK_N), so its block bounds are checked.
-    for module in (fwd_kernels, bwd_kernels):
+    for module in (fwd_kernels, bwd_kernels, dq_kernels):
         monkeypatch.setattr(module, "interpreting", lambda: False)
     case = Case(1, 2, 1, 70, 150, D, 70, "shared", "left")
     check_against_reference(case, dtype)

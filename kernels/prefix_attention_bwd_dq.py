@@ -1,0 +1,201 @@
+"""Prefix attention backward, dQ: one program per (query block, query head, batch row).
+
+Each program keeps its q, dO, LSE and Delta in registers and streams the prefix keys (bounds
+mask only) and then the sequence keys it can see (the causal mask's hidden blocks are skipped,
+as in the forward), accumulating dQ = scale * sum_j dS_ij k_j in fp32. One writer per tile: no
+atomics. See prefix_attention_bwd.py for the identity and the other gradients.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_specs import CompileSpec
+from .prefix_attention_fwd import (
+    LOG2E,
+    TileConfig,
+    head_block,
+    input_precision,
+    interpreting,
+    prefix_batch_stride,
+    spec_signature,
+    spec_variants,
+    strides3,
+)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse, delta,
+    K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
+    start, end,
+    stride_k_l, stride_v_l, stride_mask_l,
+    key_len, head_dim, key_shift, q_pos, qk_scale,
+    CHECK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_len
+        t_mask = d_ok[:, None] & key_ok[None, :]
+        cols = keys[None, :].to(tl.int64)
+        kt = tl.load(K + cols * stride_k_l + offs_d[:, None], mask=t_mask, other=0.0)
+        vt = tl.load(V + cols * stride_v_l + offs_d[:, None], mask=t_mask, other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        # Hidden keys go to -inf before exp2: with large logits s - LSE could overflow there.
+        if CHECK_KEYS:
+            visible = key_ok[None, :]
+            if IS_CAUSAL:
+                visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
+            s = tl.where(visible, s, float("-inf"))
+        if HAS_MASK:
+            pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
+            s = tl.where((pad != 0)[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    DQ, Q, K, V, PrefixK, PrefixV, DO, Lse, Delta, Mask, PrefixIndex,
+    q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale,
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_l,
+    stride_v_b, stride_v_h, stride_v_l,
+    stride_pk_b, stride_pk_h, stride_pk_l,
+    stride_pv_b, stride_pv_h, stride_pv_l,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dq_b, stride_dq_h, stride_dq_l,
+    stride_lse_b, stride_lse_h,
+    stride_mask_b, stride_mask_l,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    q_head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = (q_head // group_size).to(tl.int64)
+    q_head = q_head.to(tl.int64)
+    if HAS_INDEX:
+        prefix_row = tl.load(PrefixIndex + batch).to(tl.int64)
+    else:
+        prefix_row = batch
+    q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = q_pos < q_len
+    tile_mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    rows = q_pos[:, None].to(tl.int64)
+    q = tl.load(Q + batch * stride_q_b + q_head * stride_q_h + rows * stride_q_l + offs_d[None, :],
+                mask=tile_mask, other=0.0)
+    do = tl.load(DO + batch * stride_do_b + q_head * stride_do_h + rows * stride_do_l
+                 + offs_d[None, :], mask=tile_mask, other=0.0)
+    lse = tl.load(Lse + batch * stride_lse_b + q_head * stride_lse_h + q_pos, mask=row_ok,
+                  other=float("inf"))
+    delta = tl.load(Delta + batch * stride_lse_b + q_head * stride_lse_h + q_pos, mask=row_ok,
+                    other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
+    pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
+    prefix_full = prefix_len // BLOCK_N * BLOCK_N
+    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, 0, prefix_full,
+                    stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
+                    False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, prefix_full, prefix_len,
+                    stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
+                    True, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    # Same key ranges as the forward: skip what the causal mask hides from the whole block.
+    key_shift = key_len - q_len
+    q_start = q_block * BLOCK_M
+    if IS_CAUSAL:
+        end = tl.minimum(tl.maximum(q_start + BLOCK_M + key_shift, 0), key_len)
+        full_end = tl.minimum(tl.maximum(q_start + key_shift + 1, 0), end) // BLOCK_N * BLOCK_N
+    else:
+        end = key_len
+        full_end = key_len // BLOCK_N * BLOCK_N
+    k = K + batch * stride_k_b + kv_head * stride_k_h
+    v = V + batch * stride_v_b + kv_head * stride_v_h
+    mask = Mask + batch * stride_mask_b
+    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, 0, full_end,
+                    stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
+                    qk_scale, False, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, full_end, end,
+                    stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
+                    qk_scale, True, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    dq = dq * scale
+    tl.store(DQ + batch * stride_dq_b + q_head * stride_dq_h + rows * stride_dq_l
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_mask)
+
+
+# Interpreter: small tiles so that tests cross block edges at small sizes.
+INTERPRETER_Q = TileConfig(32, 16, 4, 1)      # block_m: queries owned, block_n: keys per step
+
+# GPU configs per (16-bit?, BLOCK_D): the mirror of the dK/dV tiles (many queries owned, few
+# keys streamed); fp32 halves the streamed block.
+GPU_Q = {
+    (True, 32): TileConfig(128, 32, 4, 3),
+    (True, 64): TileConfig(128, 32, 4, 3),
+    (True, 128): TileConfig(64, 32, 4, 3),
+    (True, 256): TileConfig(64, 16, 8, 2),
+    (False, 32): TileConfig(64, 32, 4, 3),
+    (False, 64): TileConfig(64, 32, 4, 2),
+    (False, 128): TileConfig(64, 16, 4, 2),
+    (False, 256): TileConfig(32, 16, 8, 2),
+}
+
+
+def q_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    return INTERPRETER_Q if interpreting() else GPU_Q[(dtype != torch.float32,
+                                                       head_block(head_dim))]
+
+
+def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, delta, mask, index,
+                        *, causal, scale):
+    """dq (q's shape and dtype). Arguments as prepared by `prefix_attention_bwd`: last dims
+    contiguous; prefix_k4/v4 4-D (shared: a 1-row view read with batch stride 0); mask int8
+    (B, Lk) or None; index int64 (B,) or None; lse and delta (B, Hq, Lq) fp32, one layout."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q)
+    if dq.numel() == 0:
+        return dq
+    cfg = q_config(D, q.dtype)
+    _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
+        dq, q, k, v, prefix_k4, prefix_v4, grad_out, lse, delta,
+        mask if mask is not None else q, index if index is not None else q,
+        Lq, Lk, prefix_k4.shape[2], D, Hq // Hkv, scale, scale * LOG2E,
+        *strides3(q), *strides3(k), *strides3(v),
+        prefix_batch_stride(prefix_k4, shared), prefix_k4.stride(1), prefix_k4.stride(2),
+        prefix_batch_stride(prefix_v4, shared), prefix_v4.stride(1), prefix_v4.stride(2),
+        *strides3(grad_out), *strides3(dq), lse.stride(0), lse.stride(1),
+        *((mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)),
+        IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
+        INPUT_PRECISION=input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq
+
+
+def compile_specs():
+    """The dQ kernel for every GPU config `q_config` can pick (the forward's flag rotation)."""
+    for i, dtype, elem, precision, block_d, causal, has_mask in spec_variants():
+        cfg = GPU_Q[(dtype != torch.float32, block_d)]
+        constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                          INPUT_PRECISION=precision)
+        types = {t: f"*{elem}" for t in ("DQ", "Q", "K", "V", "PrefixK", "PrefixV", "DO")}
+        types.update(Lse="*fp32", Delta="*fp32", Mask="*i8", PrefixIndex="*i64",
+                     scale="fp32", qk_scale="fp32")
+        flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+        yield CompileSpec(f"prefix_attention_dq[{elem},{flags}]", _dq_kernel,
+                          spec_signature(_dq_kernel, constexprs, types), constexprs,
+                          cfg.num_warps, cfg.num_stages)
