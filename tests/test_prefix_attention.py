@@ -379,10 +379,24 @@ def test_compile_specs_cover_every_gpu_config():
                    for s in specs if "fwd" in s.name)
 
 
-def test_head_dim_over_256_is_refused():
+def test_unsupported_kernel_inputs_are_refused():
     q = torch.randn(1, 1, 2, 320, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
         fused(q, q, q)
+    q = torch.randn(1, 1, 2, 32, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        fused(q, q, q)
+
+
+def test_empty_query_and_batch():
+    for B, Lq in ((1, 0), (0, 3)):
+        q = torch.randn(B, 2, Lq, 32, device=DEVICE, requires_grad=True)
+        k = torch.randn(B, 1, 5, 32, device=DEVICE, requires_grad=True)
+        pk = torch.randn(1, 4, 32, device=DEVICE, requires_grad=True)
+        out = fused(q, k, k, pk, pk)
+        assert out.shape == q.shape
+        gk, gpk = torch.autograd.grad(out.sum(), (k, pk))
+        assert torch.equal(gk, torch.zeros_like(k)) and torch.equal(gpk, torch.zeros_like(pk))
 
 
 def _gpu_config_cases():

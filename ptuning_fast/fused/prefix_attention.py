@@ -12,8 +12,9 @@ from ..kernels import prefix_attention_bwd as bwd_kernels
 from ..kernels import prefix_attention_fwd as fwd_kernels
 from ..validation import check_prefix_attention_values
 
-# Head dims up to 256 have GPU tile configs (kernels' GPU_FWD / GPU_KV / GPU_Q tables).
+# What the kernels have GPU tile configs for (GPU_FWD / GPU_KV / GPU_Q) and compile specs.
 MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @torch.library.custom_op("ptuning_fast::prefix_attention", mutates_args=())
@@ -82,8 +83,14 @@ def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
     """Triton prefix attention; inputs already validated by `ptuning_fast.ops.prefix_attention`.
 
     Returns (B, Hq, Lq, D) in q's dtype, laid out as (B, Lq, Hq, D) in memory, so that
-    `out.transpose(1, 2).reshape(B, Lq, Hq * D)` needs no copy.
+    `out.transpose(1, 2).reshape(B, Lq, Hq * D)` needs no copy. fp16/bf16/fp32, D <= 256.
+    fp32 dots use tf32 when `torch.get_float32_matmul_precision()` is "high" or "medium" and
+    exact fp32 when it is "highest" (torch's default), as torch's own fp32 matmuls do.
     """
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"prefix_attention: the Triton kernels take `q`, `k`, `v` in "
+                        f"{[str(d) for d in KERNEL_DTYPES]}, got {q.dtype}; use "
+                        "backend='reference' for float64")
     D = q.shape[-1]
     if D > MAX_HEAD_DIM:
         raise ValueError(f"prefix_attention: `q` head dim D={D} exceeds the Triton kernels' "
