@@ -128,9 +128,9 @@ def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None 
            "(the call's own for ops, everything allocated for train_step/generate)."]
     if is_cpu(head):
         out += ["", "**CPU figures**: reference-style paths against each other at small sizes, "
-                "fp32, no peak memory, one thread on a shared machine (differences under ~30% "
-                "are within run-to-run noise). They say nothing about GPU performance; kernel "
-                "timings need a GPU."]
+                "fp32, no peak memory, one thread on a shared machine: the same case has moved "
+                "by up to 2x between runs here, so read no speedup from them. They say nothing "
+                "about GPU performance; kernel timings need a GPU."]
     if not is_cpu(head):
         from . import targets
         out += ["", "## Targets (ARCHITECTURE.md, issue 6)", "",
