@@ -76,7 +76,7 @@ check() {
   step tests "$tests_cap" "$log" $PY -m pytest tests -q -ra -p no:cacheprovider
   step verify "$verify_cap" "$log" $PY -m ptuning_fast.cli verify
   echo "== check summary"
-  grep -E "^(=+ .*(passed|failed|error).* =+|FAILED|ERROR)" "$log" | tail -n 15
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|errors?)" "$log" | tail -n 15
   tail -n 15 "$log"
 }
 
