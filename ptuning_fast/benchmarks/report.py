@@ -183,7 +183,7 @@ def _line_plot(op: str, records: list[dict], metric: str, ylabel: str, panel_key
         ax.set_ylabel(ylabel)
         ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel)), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     return fig
 
 
