@@ -138,6 +138,8 @@ def test_task_id_errors():
         multi(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 2, 1]))
     with pytest.raises(ValueError, match="shape \\(3,\\)"):
         multi(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        multi(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="num_tasks=1"):
         single(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 0, 0]))
 

@@ -106,9 +106,11 @@ class PTuningModel(nn.Module):
         if task_ids is None:
             raise ValueError(f"the config has num_tasks={T}: pass `task_ids` (B,) = ({batch},)")
         task_ids = torch.as_tensor(task_ids, device=self.prompt_encoder.embedding.weight.device)
-        if task_ids.dim() != 1 or task_ids.shape[0] != batch or task_ids.is_floating_point():
-            raise ValueError(f"`task_ids` must be an integer tensor of shape ({batch},), got "
-                             f"shape {tuple(task_ids.shape)} dtype {task_ids.dtype}")
+        if task_ids.is_floating_point() or task_ids.dtype == torch.bool:
+            raise TypeError(f"`task_ids` must be an integer tensor, got dtype {task_ids.dtype}")
+        if task_ids.dim() != 1 or task_ids.shape[0] != batch:
+            raise ValueError(f"`task_ids` must have shape ({batch},), got shape "
+                             f"{tuple(task_ids.shape)}")
         if int(task_ids.min()) < 0 or int(task_ids.max()) >= T:
             raise ValueError(f"`task_ids` must be in [0, {T}), got {task_ids.tolist()}")
         return task_ids.long()
