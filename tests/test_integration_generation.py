@@ -20,6 +20,7 @@ MODES = {
     "beam": dict(do_sample=False, num_beams=3),
     "beam_multi": dict(do_sample=False, num_beams=3, num_return_sequences=2),
     "sampling_multi": dict(do_sample=True, num_return_sequences=2),
+    "greedy_right_padded": dict(do_sample=False),   # odd for generation, but must still match
 }
 
 
@@ -42,7 +43,8 @@ def cases():
 @pytest.mark.parametrize("model_name, method, mode, backend", cases())
 def test_generate_matches_peft(model_name, method, mode, backend):
     ours, twin = wrapped_and_twin(model_name, CONFIGS[method], backend=backend)
-    ids, mask, _ = batch(model_name, padding="left")
+    padding = "right" if mode.endswith("right_padded") else "left"
+    ids, mask, _ = batch(model_name, padding=padding)
     a = generate(ours, ids, mask, **MODES[mode])
     b = generate(twin, ids, mask, **MODES[mode])
     assert a.shape == b.shape
