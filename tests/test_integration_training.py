@@ -42,7 +42,8 @@ def test_gradient_checkpointing_gives_same_gradients(model_name, method, backend
     model = randomized(pf.wrap(BUILD[model_name](0), CONFIGS[method](), backend=backend)).train()
     loss, grads = loss_and_grads(model, model_name)
     model.gradient_checkpointing_enable()
-    assert model.base_model.is_activation_checkpointing
+    enabled = getattr(model.base_model, "is_activation_checkpointing", None)   # transformers 5.2x
+    assert enabled if enabled is not None else model.base_model.is_gradient_checkpointing
     calls = []
     real = attention.ops.prefix_attention
     monkeypatch.setattr(attention.ops, "prefix_attention",
