@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForSequenceClassification
 
 import ptuning_fast as pf
 from conftest import assert_close
@@ -131,6 +132,14 @@ def test_bert_head_mismatch_raises(tmp_path):
     ours.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="head 'classifier' does not fit"):
         pf.PTuningModel.from_pretrained(BUILDERS["bert"](0, num_labels=5), tmp_path)
+
+
+def test_head_for_another_model_raises(tmp_path):
+    ours, _ = wrapped_and_twin("bert", CONFIGS["prompt"])
+    ours.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"head\(s\) \['classifier'\]"):
+        pf.PTuningModel.from_pretrained(LlamaForSequenceClassification(tiny_llama(0).config),
+                                        tmp_path)
 
 
 def test_pickled_or_foreign_checkpoints_raise(tmp_path):

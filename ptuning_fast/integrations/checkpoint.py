@@ -117,6 +117,12 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
         # The checkpoint holds the trained prompt: skip re-initializing from the vocabulary.
         config = dataclasses.replace(config, init="random", init_text=None)
     _check_fits(adapter, config, ModelDims.from_model_config(base_model.config))
+    children = dict(base_model.named_children())
+    missing = [h for h in heads if h not in children]
+    if missing:
+        raise ValueError(f"checkpoint has weights for head(s) {missing} that "
+                         f"{type(base_model).__name__} does not have (its modules: "
+                         f"{sorted(children)})")
     model = cls(base_model, config, backend, modules_to_save=heads, **kwargs)
     device = model.prompt_encoder.embedding.weight.device
     full_path = os.path.join(directory, FULL_STATE)
