@@ -165,3 +165,17 @@ def test_more_architectures_match_peft(arch, method):
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
               pad_token_id=0)
     assert torch.equal(ours.generate(**kw), twin.generate(**kw))
+
+
+def test_prompt_logits_false_drops_prompt_positions():
+    from models import tiny_llama
+    full = pf.wrap(tiny_llama(0), CONFIGS["prompt"])
+    short = pf.wrap(tiny_llama(0), CONFIGS["prompt"], prompt_logits=False)
+    short.prompt_encoder.load_state_dict(full.prompt_encoder.state_dict())
+    ids, mask, labels = batch("llama")
+    with torch.no_grad():
+        a = full(input_ids=ids, attention_mask=mask, labels=labels)
+        b = short(input_ids=ids, attention_mask=mask, labels=labels)
+    assert b.logits.shape == ids.shape + (a.logits.shape[-1],)
+    assert_close(b.logits, a.logits[:, 3:], torch.float32, name="logits")
+    assert_close(b.loss, a.loss, torch.float32, name="loss")

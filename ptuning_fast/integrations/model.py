@@ -48,16 +48,19 @@ class PTuningModel(nn.Module):
     Trainable: `prompt_encoder` and, for classification models, the head named in
     `modules_to_save` (default: PEFT's "classifier" / "score"). Everything else is frozen and
     never gets a `.grad`. Unknown attributes resolve on the base model (config, device, ...).
+    `prompt_logits=False` drops the P prompt positions from token-level logits (prompt tuning /
+    P-Tuning; PEFT keeps them, hence the default).
     """
 
     def __init__(self, base_model: nn.Module, config, backend: str = "auto", *, tokenizer=None,
-                 modules_to_save: list[str] | None = None):
+                 modules_to_save: list[str] | None = None, prompt_logits: bool = True):
         super().__init__()
         if backend not in ops.BACKENDS:
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
         self.ptuning_config = config
         self.backend = backend
+        self.prompt_logits = prompt_logits
         self.dims = ModelDims.from_model_config(base_model.config)
         self.task_type = task_type_of(base_model)
         for p in base_model.parameters():
@@ -186,8 +189,12 @@ class PTuningModel(nn.Module):
         if labels is not None and self.task_type in ("CAUSAL_LM", "TOKEN_CLS"):
             labels = torch.cat([labels.new_full((batch, P), -100), labels], 1)
         embeds = self._embed_with_prompt(input_ids, inputs_embeds, task_ids)
-        return self.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                               labels=labels, **kwargs)
+        out = self.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                              labels=labels, **kwargs)
+        if not self.prompt_logits and self.task_type in ("CAUSAL_LM", "TOKEN_CLS") \
+                and getattr(out, "logits", None) is not None:
+            out.logits = out.logits[:, P:]
+        return out
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
