@@ -73,7 +73,7 @@ def check_index_range(name: str, index: torch.Tensor, upper: int, what: str) -> 
     """
     if index.numel() == 0:
         return
-    lo, hi = int(index.min()), int(index.max())
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()    # one device sync, not two
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise ValueError(f"`{name}` has value {bad} outside [0, {upper}) ({what})")
