@@ -59,7 +59,7 @@ torch.cuda.get_device_name())"
   } >>"$log" 2>&1
   # No build isolation: the machine reaches no package index, and its setuptools builds this.
   step install 120 "$log" $PY -m pip install --no-deps --no-build-isolation -e . && return 0
-  # An older setuptools (< 77 rejects the SPDX `license = "..."`) cannot build it: fall back to a
+  # If the image's setuptools cannot build it (no index to fetch a newer one), fall back to a
   # copy of the package with kernels/ placed where the install would map it.
   local src=/tmp/ptuning_fast_src
   rm -rf "$src" && mkdir -p "$src" && cp -r ptuning_fast "$src/" && rm -rf "$src/ptuning_fast/kernels" &&
