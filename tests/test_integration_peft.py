@@ -32,7 +32,7 @@ def cases():
                                         id=f"{model_name}-{method}-{padding}-reference"))
     for method in ("prefix", "prompt", "ptuning_mlp"):
         marks = TRITON_PREFIX.marks if method == "prefix" else ()
-        for model_name in ("llama", "bert"):
+        for model_name in ("llama", "bert") + (("qwen2",) if method == "prefix" else ()):
             out.append(pytest.param(model_name, method, "left", "triton", marks=marks,
                                     id=f"{model_name}-{method}-left-triton"))
     return out
