@@ -63,10 +63,15 @@ def test_reentrant_checkpointing_rejected():
         model.gradient_checkpointing_enable({"use_reentrant": True})
 
 
-@pytest.mark.parametrize("model_name", ["llama", "bert"])
-@pytest.mark.parametrize("method", list(CONFIGS))
-def test_mixed_task_batch_equals_each_row_alone(model_name, method):
-    model = randomized(pf.wrap(BUILD[model_name](0), CONFIGS[method](T=3))).train()
+MIXED_CASES = [(m, k, "reference") for m in ("llama", "bert") for k in CONFIGS] + [
+    pytest.param("llama", "prefix", "triton", marks=TRITON_PREFIX.marks),
+    ("llama", "prompt", "triton")]
+
+
+@pytest.mark.parametrize("model_name, method, backend", MIXED_CASES)
+def test_mixed_task_batch_equals_each_row_alone(model_name, method, backend):
+    model = randomized(pf.wrap(BUILD[model_name](0), CONFIGS[method](T=3),
+                               backend=backend)).train()
     ids, mask, labels = batch(model_name, padding="left")
     tasks = torch.tensor([2, 0, 2])
     out = model(input_ids=ids, attention_mask=mask, task_ids=tasks)
