@@ -150,6 +150,14 @@ def test_task_id_errors():
         single(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 0, 0]))
 
 
+def test_changed_attention_implementation_is_an_error():
+    model = pf.wrap(tiny_llama(0), CONFIGS["prefix"]())
+    model.base_model.set_attn_implementation("sdpa")
+    ids, mask, _ = batch("llama")
+    with pytest.raises(RuntimeError, match="'sdpa'"):
+        model(input_ids=ids, attention_mask=mask)
+
+
 def test_attention_dropout_is_a_clear_error():
     model = pf.wrap(tiny_bert(0, attention_probs_dropout_prob=0.1), CONFIGS["prefix"]()).train()
     ids, mask, labels = batch("bert")

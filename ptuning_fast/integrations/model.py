@@ -119,6 +119,12 @@ class PTuningModel(nn.Module):
         return task_ids.long()
 
     def _binding(self, task_ids) -> attention.PrefixBinding:
+        current = getattr(self.base_model.config, "_attn_implementation", None)
+        if current != attention.ATTN_IMPLEMENTATION:
+            # Another attention function would silently ignore the prefix.
+            raise RuntimeError(f"the base model's attention implementation is {current!r}, not "
+                               f"{attention.ATTN_IMPLEMENTATION!r}: prefix tuning needs it (was "
+                               "set_attn_implementation called after wrapping?)")
         prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend)
 
