@@ -8,6 +8,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -40,14 +41,27 @@ def test_every_kernel_module_declares_its_configs():
     assert set(cs.SHARED_MEMORY_LIMIT) == {80, 90}
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("module", SPEC_MODULES)
-def test_compiles_for_target(module, arch):
-    from ptuning_fast.kernels.compile_specs import SHARED_MEMORY_LIMIT
+def _compile_module(module, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "ptuning_fast.kernels.compile_specs", module, str(arch)],
         capture_output=True, text=True, env=env, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every (module, arch) compiled at once, one subprocess each, as many at a time as there
+    are cores: Triton's compiler is single-threaded and this is the slowest test in CI."""
+    jobs = [(m, a) for m in SPEC_MODULES for a in (80, 90)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(jobs, pool.map(lambda job: _compile_module(*job), jobs)))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("module", SPEC_MODULES)
+def test_compiles_for_target(module, arch, compiled):
+    from ptuning_fast.kernels.compile_specs import SHARED_MEMORY_LIMIT
+    proc = compiled[(module, arch)]
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, f"{module}: no configurations compiled\n{proc.stderr[-2000:]}"
