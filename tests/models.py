@@ -3,9 +3,7 @@ downloads), and helpers to put the same soft-prompt weights into a PEFT model.""
 from __future__ import annotations
 
 import copy
-import importlib.util
 
-import pytest
 import torch
 
 VOCAB = 97
@@ -143,8 +141,3 @@ def wrapped_and_twin(model_name, config, backend="reference", seed=0, randomize_
     return ours, peft_twin(ours, base_copy)
 
 
-# The Triton prefix-attention kernel lands separately; until then its backend cannot run.
-PREFIX_KERNEL_MISSING = importlib.util.find_spec("ptuning_fast.fused.prefix_attention") is None
-TRITON_PREFIX = pytest.param("triton", marks=pytest.mark.skipif(
-    PREFIX_KERNEL_MISSING, reason="ptuning_fast.fused.prefix_attention (the Triton prefix-attention "
-    "kernel) has not landed yet"))

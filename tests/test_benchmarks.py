@@ -270,7 +270,6 @@ def _measured(op, mode, provider, ms, **fields):
 
 
 def test_targets_table_judges_the_worst_case():
-    from ptuning_fast.benchmarks import targets
     shape = dict(B=16, Hq=16, Hkv=4, Lq=1024, Lk=1024, D=128, causal=True)
     records = []
     for P, fused_ms in ((16, 1.0), (64, 0.9)):      # cat_sdpa 1.5 ms: 1.50x and 1.67x

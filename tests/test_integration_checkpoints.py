@@ -10,7 +10,7 @@ from transformers import LlamaForSequenceClassification
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import BUILDERS, TRITON_PREFIX, batch, tiny_llama, wrapped_and_twin
+from models import BUILDERS, batch, tiny_llama, wrapped_and_twin
 
 peft = pytest.importorskip("peft")
 
@@ -39,7 +39,7 @@ def logits(model, model_name):
 def cases():
     out = [pytest.param(m, k, "reference", id=f"{m}-{k}-reference")
            for m in ("llama", "qwen2", "bert", "roberta") for k in CONFIGS]
-    out.append(pytest.param("llama", "prefix", "triton", marks=TRITON_PREFIX.marks,
+    out.append(pytest.param("llama", "prefix", "triton",
                             id="llama-prefix-triton"))
     out.append(pytest.param("llama", "prompt", "triton", id="llama-prompt-triton"))
     return out

@@ -5,7 +5,7 @@ import torch
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import TRITON_PREFIX, batch, tiny_llama, wrapped_and_twin
+from models import batch, tiny_llama, wrapped_and_twin
 
 pytest.importorskip("peft")
 
@@ -33,7 +33,7 @@ def generate(model, ids, mask, seed=0, **kw):
 def cases():
     out = [pytest.param(m, k, mode, "reference", id=f"{m}-{k}-{mode}-reference")
            for m in ("llama", "qwen2") for k in CONFIGS for mode in MODES]
-    out.append(pytest.param("llama", "prefix", "greedy", "triton", marks=TRITON_PREFIX.marks,
+    out.append(pytest.param("llama", "prefix", "greedy", "triton",
                             id="llama-prefix-greedy-triton"))
     out.append(pytest.param("llama", "prompt", "greedy", "triton",
                             id="llama-prompt-greedy-triton"))

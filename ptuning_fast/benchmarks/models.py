@@ -71,17 +71,12 @@ def build_base_model(device: torch.device, dtype: torch.dtype):
 
 
 def wrap(base, provider: str, method: str, P: int):
-    """The tuned model: ours through `pf.wrap`, or PEFT's. Checked at run time, so the case runs
-    as soon as the integration lands."""
+    """The tuned model: ours through `pf.wrap`, or PEFT's (when installed)."""
     if provider == "ptuning_fast":
         import ptuning_fast as pf
-        config_name = {"prefix_tuning": "PrefixTuningConfig", CHECKPOINTED: "PrefixTuningConfig",
-                       "prompt_tuning": "PromptTuningConfig"}[method]
-        missing = [n for n in ("wrap", config_name) if not hasattr(pf, n)]
-        if missing:
-            raise Unavailable("the transformers integration has not landed: ptuning_fast has no "
-                              + ", ".join(missing))
-        return pf.wrap(base, getattr(pf, config_name)(num_virtual_tokens=P))
+        config_class = {"prefix_tuning": pf.PrefixTuningConfig, CHECKPOINTED: pf.PrefixTuningConfig,
+                        "prompt_tuning": pf.PromptTuningConfig}[method]
+        return pf.wrap(base, config_class(num_virtual_tokens=P))
     try:
         import peft
     except ImportError as e:

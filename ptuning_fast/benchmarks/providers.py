@@ -55,10 +55,6 @@ def setup_fused(x: AttnInputs, *, decode: bool) -> Callable[[], torch.Tensor]:
     if x.q.device.type != "cuda":
         raise Unavailable("kernel timings need a GPU (on CPU the Triton kernels run only under "
                           "the interpreter, which is not worth timing)")
-    try:
-        import ptuning_fast.fused.prefix_attention  # noqa: F401  (probe: has the kernel landed?)
-    except ImportError as e:
-        raise Unavailable(f"the Triton prefix-attention kernel is not available: {e}") from e
     return fused_attention(x)
 
 

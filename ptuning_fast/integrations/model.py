@@ -42,6 +42,17 @@ def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer
     return PromptEmbedding.from_config(config, dims, word_embeddings, tokenizer)
 
 
+def _refuse_packed_sequences(position_ids, attention_mask, past_len):
+    """transformers reads position ids that restart inside a row (with no attention mask, no
+    cache) as packed sequences and masks across their borders; the prefix attention function
+    sees only causal + padding masks, so it would silently attend across them."""
+    if attention_mask is None and not past_len and position_ids.shape[-1] > 1 \
+            and bool((position_ids.diff(dim=-1) != 1).any()):
+        raise NotImplementedError(
+            "packed sequences (position_ids restarting inside a row, no attention_mask) are not "
+            "supported with prefix tuning: pass one sequence per row with an attention_mask")
+
+
 class PTuningModel(nn.Module):
     """A frozen transformers model with Prompt Tuning, P-Tuning or Prefix Tuning (P-Tuning v2).
 
@@ -171,6 +182,7 @@ class PTuningModel(nn.Module):
             if position_ids is None:
                 position_ids = self._prefix_position_ids(input_ids, ref, P + past_len)
             else:
+                _refuse_packed_sequences(position_ids, attention_mask, past_len)
                 position_ids = position_ids + P
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
