@@ -5,6 +5,11 @@ dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta) with Delta = rowsum(dO * O), dQ 
 dK = scale dS^T Q. It holds column by column, so the prefix columns get their gradients from the
 same formula as the sequence columns (checked against the float64 reference in the tests).
 
+With dropout (keep-mask M regenerated from the forward's seed, see prefix_attention_fwd.py):
+dV = (P * M / (1 - p))^T dO and dP = (dO V^T) * M / (1 - p); dS = P * (dP - Delta) keeps the
+undropped P, and Delta = rowsum(dO * O) still equals rowsum(P * dP) because O is the dropped
+output.
+
 Programs and what each owns (every output tile has exactly one writer, summed in a fixed order:
 the backward is bitwise deterministic and uses no float atomics):
 - `_delta_kernel`: Delta per (batch row, query head, query block).
@@ -28,11 +33,13 @@ from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
     contiguous_last,
+    dropout_keep,
     head_block,
     input_precision,
     interpreting,
     mask_as_int8,
     prefix_views,
+    seed_arg,
     spec_signature,
     spec_variants,
     strides3,
@@ -72,8 +79,12 @@ def _dkdv_blocks(
     start, end,                  # query range [start, end); start is a multiple of BLOCK_M
     stride_q_l, stride_do_l,
     q_len, head_dim, key_pos, key_shift, qk_scale,
+    seed, dropout_p, rng_row0, rng_cols, num_cols,   # dropout: Philox row of this head's
+                                                     # query 0, the block's columns (BLOCK_N,)
+                                                     # int64 and P + Lk (see the forward)
     CAUSAL_MASK: tl.constexpr,   # some query of this range sees only part of the key block
     HAS_MASK: tl.constexpr,      # key_visible holds the key-padding mask
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Adds the contribution of queries [start, end) to (dk, dv) of one key block (transposed
@@ -96,8 +107,17 @@ def _dkdv_blocks(
         if HAS_MASK:
             st = tl.where(key_visible[:, None], st, float("-inf"))
         pt = tl.math.exp2(st - lse[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            rows = (rng_row0 + q_pos) * num_cols
+            keep = dropout_keep(seed, rng_cols[:, None] + rows[None, :], dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv += tl.dot(tl.where(keep, pt * inv_keep, 0.0).to(do.dtype), do,
+                         input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dpt = tl.where(keep, dpt * inv_keep, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
     return dk, dv
@@ -105,8 +125,8 @@ def _dkdv_blocks(
 
 @triton.jit
 def _dkdv_kernel(
-    DK, DV, Q, K, V, DO, Lse, Delta, Mask,
-    q_len, key_len, head_dim, group_size, scale, qk_scale,
+    DK, DV, Q, K, V, DO, Lse, Delta, Mask, Seed,
+    q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale, dropout_p,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_l,
     stride_v_b, stride_v_h, stride_v_l,
@@ -115,7 +135,7 @@ def _dkdv_kernel(
     stride_dv_b, stride_dv_h, stride_dv_l,
     stride_lse_b, stride_lse_h,          # Lse and Delta share one (B, Hq, Lq) layout
     stride_mask_b, stride_mask_l,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -132,6 +152,12 @@ def _dkdv_kernel(
                 + offs_d[None, :], mask=tile_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        rng_cols = (prefix_len + key_pos).to(tl.int64)     # sequence keys follow the prefix
+    else:
+        seed = 0
+        rng_cols = key_pos
 
     key_shift = key_len - q_len
     key_start = key_block * BLOCK_N
@@ -153,8 +179,10 @@ def _dkdv_kernel(
         start = 0
         full_start = 0
 
+    num_heads = tl.num_programs(1) * group_size
     for h in range(0, group_size):
         q_head = (kv_head * group_size + h).to(tl.int64)
+        rng_row0 = (batch * num_heads + q_head) * q_len
         q_ptr = Q + batch * stride_q_b + q_head * stride_q_h
         do_ptr = DO + batch * stride_do_b + q_head * stride_do_h
         lse_ptr = Lse + batch * stride_lse_b + q_head * stride_lse_h
@@ -162,11 +190,13 @@ def _dkdv_kernel(
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, start, full_start,
             stride_q_l, stride_do_l, q_len, head_dim, key_pos, key_shift, qk_scale,
-            IS_CAUSAL, HAS_MASK, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            seed, dropout_p, rng_row0, rng_cols, prefix_len + key_len,
+            IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, full_start, end,
             stride_q_l, stride_do_l, q_len, head_dim, key_pos, key_shift, qk_scale,
-            False, HAS_MASK, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            seed, dropout_p, rng_row0, rng_cols, prefix_len + key_len,
+            False, HAS_MASK, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
 
     dk = dk * scale
     tl.store(DK + batch * stride_dk_b + kv_head.to(tl.int64) * stride_dk_h + keys * stride_dk_l
@@ -177,8 +207,8 @@ def _dkdv_kernel(
 
 @triton.jit
 def _prefix_dkdv_kernel(
-    DPK, DPV, Q, PK, PV, DO, Lse, Delta, PrefixIndex,
-    batch_size, q_len, prefix_len, head_dim, group_size, scale, qk_scale,
+    DPK, DPV, Q, PK, PV, DO, Lse, Delta, PrefixIndex, Seed,
+    batch_size, q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale, dropout_p,
     rows_step, rows_per_slot,            # slot s reads rows [s * rows_step, + rows_per_slot)
     stride_q_b, stride_q_h, stride_q_l,
     stride_pk_s, stride_pk_h, stride_pk_l,
@@ -188,6 +218,7 @@ def _prefix_dkdv_kernel(
     stride_dpv_s, stride_dpv_h, stride_dpv_l,
     stride_lse_b, stride_lse_h,
     HAS_INDEX: tl.constexpr,     # per-task slots: row b belongs to slot PrefixIndex[b]
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -206,6 +237,14 @@ def _prefix_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        rng_cols = key_pos.to(tl.int64)                     # prefix keys are columns [0, P)
+    else:
+        seed = 0
+        rng_cols = key_pos
+    num_heads = tl.num_programs(1) * group_size
+
     # Every query sees every prefix key: no causal or padding mask, all query blocks.
     first_row = (slot * rows_step).to(tl.int64)
     for i in range(0, rows_per_slot):
@@ -223,7 +262,9 @@ def _prefix_dkdv_kernel(
                 Lse + batch * stride_lse_b + q_head * stride_lse_h,
                 Delta + batch * stride_lse_b + q_head * stride_lse_h,
                 0, q_end, stride_q_l, stride_do_l, q_len, head_dim, key_pos, 0, qk_scale,
-                False, False, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+                seed, dropout_p, (batch * num_heads + q_head) * q_len, rng_cols,
+                prefix_len + key_len,
+                False, False, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
 
     dk = dk * scale
     tl.store(DPK + slot64 * stride_dpk_s + kv_head * stride_dpk_h + keys * stride_dpk_l
@@ -260,12 +301,14 @@ def kv_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
 
 
 def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
-                         out, lse, *, causal=True, scale=None, needs=(True,) * 5):
+                         out, lse, *, causal=True, scale=None, needs=(True,) * 5,
+                         dropout_p=0.0, dropout_seed=None):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of `prefix_attention_fwd`; None where
     `needs` (five bools, autograd's needs_input_grad order) is False.
 
     grad_out, out (B, Hq, Lq, D); lse (B, Hq, Lq) fp32 from the forward; other arguments as for
-    the forward. Gradients have their input's shape and dtype. dk and dv come from one kernel,
+    the forward (dropout_p and dropout_seed too: the mask is regenerated from the seed).
+    Gradients have their input's shape and dtype. dk and dv come from one kernel,
     as do dprefix_k and dprefix_v: asking for either of a pair computes both.
     """
     grad_out, out = contiguous_last(grad_out), contiguous_last(out)
@@ -285,6 +328,8 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     mask_arg = mask if mask is not None else q
     index_arg = index if index is not None else q
+    seed = seed_arg(dropout_p, dropout_seed, q)
+    dropout = dict(HAS_DROPOUT=dropout_p > 0)
     dq = dk = dv = dpk = dpv = None
 
     delta = torch.empty_like(lse)
@@ -296,18 +341,19 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
 
     if needs[0]:
         dq = prefix_attention_dq(q, k, v, pk, pv, shared, grad_out, lse, delta, mask, index,
-                                 causal=causal, scale=scale)
+                                 causal=causal, scale=scale, dropout_p=dropout_p,
+                                 seed=dropout_seed)
 
     cfg = kv_config(D, q.dtype)
     if needs[1] or needs[2]:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         if dk.numel() > 0:
             _dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
-                dk, dv, q, k, v, grad_out, lse, delta, mask_arg,
-                Lq, Lk, D, group, scale, qk_scale,
+                dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed,
+                Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p),
                 *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
                 *strides3(dk), *strides3(dv), lse.stride(0), lse.stride(1), *mask_strides,
-                IS_CAUSAL=causal, HAS_MASK=mask is not None,
+                IS_CAUSAL=causal, HAS_MASK=mask is not None, **dropout,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -325,11 +371,12 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
             else:
                 slots, rows_step, rows_per_slot = B, 1, 1
             _prefix_dkdv_kernel[(triton.cdiv(P, cfg.block_n), Hkv, slots)](
-                dpk4, dpv4, q, pk, pv, grad_out, lse, delta, index_arg,
-                B, Lq, P, D, group, scale, qk_scale, rows_step, rows_per_slot,
+                dpk4, dpv4, q, pk, pv, grad_out, lse, delta, index_arg, seed,
+                B, Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p), rows_step,
+                rows_per_slot,
                 *strides3(q), *strides3(pk), *strides3(pv), *strides3(grad_out),
                 *strides3(dpk4), *strides3(dpv4), lse.stride(0), lse.stride(1),
-                HAS_INDEX=index is not None,
+                HAS_INDEX=index is not None, **dropout,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -342,17 +389,20 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
 
 def compile_specs():
     """The dK/dV kernels for every GPU config `kv_config` can pick, and Delta, with the
-    forward's rotation of dtypes, dot precisions and (causal, mask, index) flags."""
-    for i, dtype, elem, precision, block_d, causal, has_mask in spec_variants():
+    forward's rotation of dtypes, dot precisions and (causal, mask, index) flags and its
+    dropout variants."""
+    for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         key = (dtype != torch.float32, block_d)
         kv = GPU_KV[key]
         floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32",
-                      Mask="*i8", PrefixIndex="*i64")
+                      Mask="*i8", PrefixIndex="*i64", Seed="*i64", dropout_p="fp32")
         kernels = (
             ("dkdv", _dkdv_kernel, kv, dict(IS_CAUSAL=causal, HAS_MASK=has_mask,
+                                            HAS_DROPOUT=has_dropout,
                                             BLOCK_M=kv.block_m, BLOCK_N=kv.block_n),
              ("DK", "DV", "Q", "K", "V", "DO")),
             ("prefix_dkdv", _prefix_dkdv_kernel, kv, dict(HAS_INDEX=i % 2 == 1,
+                                                          HAS_DROPOUT=has_dropout,
                                                           BLOCK_M=kv.block_m, BLOCK_N=kv.block_n),
              ("DPK", "DPV", "Q", "PK", "PV", "DO")),
         )

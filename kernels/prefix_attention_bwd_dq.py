@@ -3,7 +3,7 @@
 Each program keeps its q, dO, LSE and Delta in registers and streams the prefix keys (bounds
 mask only) and then the sequence keys it can see (the causal mask's hidden blocks are skipped,
 as in the forward), accumulating dQ = scale * sum_j dS_ij k_j in fp32. One writer per tile: no
-atomics. See prefix_attention_bwd.py for the identity and the other gradients.
+atomics. See prefix_attention_bwd.py for the identity and the other gradients (and dropout).
 """
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from .compile_specs import CompileSpec
 from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
+    dropout_keep,
     head_block,
     input_precision,
     interpreting,
     prefix_batch_stride,
+    seed_arg,
     spec_signature,
     spec_variants,
     strides3,
@@ -32,7 +34,9 @@ def _dq_blocks(
     start, end,
     stride_k_l, stride_v_l, stride_mask_l,
     key_len, head_dim, key_shift, q_pos, qk_scale,
+    seed, dropout_p, rng_rows, rng_col0,   # dropout: as in the forward's _attend_blocks
     CHECK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
@@ -56,6 +60,11 @@ def _dq_blocks(
             s = tl.where((pad != 0)[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            # dP of the undropped probabilities: dO V^T through the kept entries, scaled.
+            cols = (rng_col0 + keys).to(tl.int64)
+            keep = dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
     return dq
@@ -63,8 +72,8 @@ def _dq_blocks(
 
 @triton.jit
 def _dq_kernel(
-    DQ, Q, K, V, PrefixK, PrefixV, DO, Lse, Delta, Mask, PrefixIndex,
-    q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale,
+    DQ, Q, K, V, PrefixK, PrefixV, DO, Lse, Delta, Mask, PrefixIndex, Seed,
+    q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale, dropout_p,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_l,
     stride_v_b, stride_v_h, stride_v_l,
@@ -75,6 +84,7 @@ def _dq_kernel(
     stride_lse_b, stride_lse_h,
     stride_mask_b, stride_mask_l,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -101,16 +111,24 @@ def _dq_kernel(
     delta = tl.load(Delta + batch * stride_lse_b + q_head * stride_lse_h + q_pos, mask=row_ok,
                     other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        rng_rows = ((batch * tl.num_programs(1) + q_head) * q_len + q_pos) * (prefix_len + key_len)
+    else:
+        seed = 0
+        rng_rows = q_pos
 
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
     prefix_full = prefix_len // BLOCK_N * BLOCK_N
     dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, 0, prefix_full,
                     stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
-                    False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+                    seed, dropout_p, rng_rows, 0,
+                    False, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, prefix_full, prefix_len,
                     stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
-                    True, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+                    seed, dropout_p, rng_rows, 0,
+                    True, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
 
     # Same key ranges as the forward: skip what the causal mask hides from the whole block.
     key_shift = key_len - q_len
@@ -126,10 +144,12 @@ def _dq_kernel(
     mask = Mask + batch * stride_mask_b
     dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, 0, full_end,
                     stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
-                    qk_scale, False, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+                    qk_scale, seed, dropout_p, rng_rows, prefix_len,
+                    False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, full_end, end,
                     stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos,
-                    qk_scale, True, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+                    qk_scale, seed, dropout_p, rng_rows, prefix_len,
+                    True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
 
     dq = dq * scale
     tl.store(DQ + batch * stride_dq_b + q_head * stride_dq_h + rows * stride_dq_l
@@ -159,10 +179,11 @@ def q_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
 
 
 def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, delta, mask, index,
-                        *, causal, scale):
+                        *, causal, scale, dropout_p=0.0, seed=None):
     """dq (q's shape and dtype). Arguments as prepared by `prefix_attention_bwd`: last dims
     contiguous; prefix_k4/v4 4-D (shared: a 1-row view read with batch stride 0); mask int8
-    (B, Lk) or None; index int64 (B,) or None; lse and delta (B, Hq, Lq) fp32, one layout."""
+    (B, Lk) or None; index int64 (B,) or None; lse and delta (B, Hq, Lq) fp32, one layout;
+    seed: the forward's 0-d int64 seed tensor when dropout_p > 0."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -172,29 +193,32 @@ def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, de
     _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
         dq, q, k, v, prefix_k4, prefix_v4, grad_out, lse, delta,
         mask if mask is not None else q, index if index is not None else q,
-        Lq, Lk, prefix_k4.shape[2], D, Hq // Hkv, scale, scale * LOG2E,
+        seed_arg(dropout_p, seed, q),
+        Lq, Lk, prefix_k4.shape[2], D, Hq // Hkv, scale, scale * LOG2E, float(dropout_p),
         *strides3(q), *strides3(k), *strides3(v),
         prefix_batch_stride(prefix_k4, shared), prefix_k4.stride(1), prefix_k4.stride(2),
         prefix_batch_stride(prefix_v4, shared), prefix_v4.stride(1), prefix_v4.stride(2),
         *strides3(grad_out), *strides3(dq), lse.stride(0), lse.stride(1),
         *((mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)),
         IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
         INPUT_PRECISION=input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
 
 
 def compile_specs():
-    """The dQ kernel for every GPU config `q_config` can pick (the forward's flag rotation)."""
-    for i, dtype, elem, precision, block_d, causal, has_mask in spec_variants():
+    """The dQ kernel for every GPU config `q_config` can pick (the forward's flag rotation,
+    dropout variants included)."""
+    for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         cfg = GPU_Q[(dtype != torch.float32, block_d)]
         constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
+                          HAS_DROPOUT=has_dropout,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                           INPUT_PRECISION=precision)
         types = {t: f"*{elem}" for t in ("DQ", "Q", "K", "V", "PrefixK", "PrefixV", "DO")}
-        types.update(Lse="*fp32", Delta="*fp32", Mask="*i8", PrefixIndex="*i64",
-                     scale="fp32", qk_scale="fp32")
+        types.update(Lse="*fp32", Delta="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64",
+                     scale="fp32", qk_scale="fp32", dropout_p="fp32")
         flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
         yield CompileSpec(f"prefix_attention_dq[{elem},{flags}]", _dq_kernel,
                           spec_signature(_dq_kernel, constexprs, types), constexprs,

@@ -9,6 +9,13 @@ is visible to query i iff the padding mask allows it and, when causal, j <= i + 
 (bottom-right aligned). Blocks that the causal mask removes for the whole query block are never
 visited; blocks it leaves untouched run without the causal mask.
 
+Attention-probability dropout (HAS_DROPOUT): entry (b, h, i, c) of the probabilities, c numbering
+the concatenated [prefix; sequence] keys, is kept iff `dropout_keep` says so: a Philox draw at
+the global offset ((b * Hq + h) * Lq + i) * (P + Lk) + c (int64), so the mask depends on the
+seed and the shapes only, never on the tile sizes, and the backward regenerates it exactly.
+The normalizer l_i sums the undropped probabilities; acc sums the kept ones, scaled by
+1 / (1 - p) once at the end. `dropout_keep_mask` materializes the same mask for tests.
+
 The log-sum-exp (base 2, in units of the scaled scores, fp32) is saved for the backward; a query
 row that sees no key stores LSE = +inf, which makes every probability the backward recomputes
 exactly 0, and outputs zeros.
@@ -33,15 +40,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def dropout_keep(seed, offsets, dropout_p):
+    """True where the probability at Philox `offsets` (int64, see the module docstring) is
+    kept. Every kernel and `dropout_keep_mask` decide through this one function."""
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
 def _attend_blocks(
     acc, m_i, l_i, q,
     K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
     start, end,                  # key range [start, end); start is a multiple of BLOCK_N
     stride_k_l, stride_v_l, stride_mask_l,
     key_len, head_dim, key_shift, q_pos, qk_scale,
+    seed, dropout_p, rng_rows, rng_col0,   # dropout: Philox row offsets (BLOCK_M,) int64 and
+                                           # the range's first column in [prefix; sequence]
     CHECK_KEYS: tl.constexpr,    # bounds (and causal, if IS_CAUSAL) masks on this range
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) with the keys [start, end) of one K/V pair."""
@@ -77,6 +94,9 @@ def _attend_blocks(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            cols = (rng_col0 + keys).to(tl.int64)
+            p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         v = tl.load(V + keys[:, None].to(tl.int64) * stride_v_l + offs_d[None, :],
                     mask=v_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
@@ -87,7 +107,9 @@ def _attend_blocks(
 @triton.jit
 def _prefix_attention_fwd_kernel(
     Out, Lse, Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex,
+    Seed,                        # int64 Philox seed (read only with HAS_DROPOUT)
     q_len, key_len, prefix_len, head_dim, group_size, qk_scale,
+    dropout_p,                   # probability of dropping (used only with HAS_DROPOUT)
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_l,
     stride_v_b, stride_v_h, stride_v_l,
@@ -99,6 +121,7 @@ def _prefix_attention_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_INDEX: tl.constexpr,     # per-task prefixes: row b reads prefix PrefixIndex[b]
+    HAS_DROPOUT: tl.constexpr,   # constexpr: without it no Philox code is generated at all
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,       # next power of two >= head_dim (tl.arange needs a power of 2)
     INPUT_PRECISION: tl.constexpr,
@@ -125,6 +148,13 @@ def _prefix_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        row = (batch * tl.num_programs(1) + q_head) * q_len + q_pos
+        rng_rows = row.to(tl.int64) * (prefix_len + key_len)
+    else:
+        seed = 0
+        rng_rows = q_pos
 
     # Prefix keys: every query sees all of them; only the last block needs a bounds mask.
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
@@ -132,12 +162,12 @@ def _prefix_attention_fwd_kernel(
     prefix_full = prefix_len // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, pk, pv, Mask, 0, prefix_full, stride_pk_l, stride_pv_l, 0,
-        prefix_len, head_dim, 0, q_pos, qk_scale,
-        False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        prefix_len, head_dim, 0, q_pos, qk_scale, seed, dropout_p, rng_rows, 0,
+        False, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, pk, pv, Mask, prefix_full, prefix_len, stride_pk_l, stride_pv_l, 0,
-        prefix_len, head_dim, 0, q_pos, qk_scale,
-        True, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        prefix_len, head_dim, 0, q_pos, qk_scale, seed, dropout_p, rng_rows, 0,
+        True, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
 
     # Sequence keys: [0, full_end) are visible (causally) to every row of the block and lie
     # inside Lk; [full_end, end) need the bounds and causal masks; keys >= end are hidden from
@@ -155,18 +185,22 @@ def _prefix_attention_fwd_kernel(
     mask = Mask + batch * stride_mask_b
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k, v, mask, 0, full_end, stride_k_l, stride_v_l, stride_mask_l,
-        key_len, head_dim, key_shift, q_pos, qk_scale,
-        False, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        key_len, head_dim, key_shift, q_pos, qk_scale, seed, dropout_p, rng_rows, prefix_len,
+        False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k, v, mask, full_end, end, stride_k_l, stride_v_l, stride_mask_l,
-        key_len, head_dim, key_shift, q_pos, qk_scale,
-        True, IS_CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        key_len, head_dim, key_shift, q_pos, qk_scale, seed, dropout_p, rng_rows, prefix_len,
+        True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
 
     # A row with no visible key (possible only without a prefix) has l = 0: output zeros and
     # LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        # The kept probabilities' 1 / (1 - p), applied once per row instead of per entry.
+        out = acc * ((1.0 / (1.0 - dropout_p)) / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     out_ptr = Out + batch * stride_o_b + q_head.to(tl.int64) * stride_o_h \
         + q_pos[:, None].to(tl.int64) * stride_o_l + offs_d[None, :]
@@ -262,7 +296,8 @@ def fwd_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
 
 
 def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
-                         prefix_index=None, *, causal=True, scale=None, out=None, config=None):
+                         prefix_index=None, *, causal=True, scale=None, out=None, config=None,
+                         dropout_p=0.0, dropout_seed=None):
     """Returns (out, lse).
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v None, (Hkv, P, D), (B, Hkv, P, D) or
@@ -271,6 +306,8 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     `out.transpose(1, 2).reshape(B, Lq, Hq * D)` is free; pass `out=` to write into any
     (B, Hq, Lq, D) tensor with a contiguous last dim. lse: (B, Hq, Lq) fp32, base 2, in units
     of the scaled scores (+inf for a row with no visible key).
+    dropout_p > 0 drops probabilities as `dropout_keep_mask(dropout_seed, ...)` says;
+    dropout_seed: 0-d int64 tensor on q's device (read by the kernel: no host sync).
     """
     q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
     B, Hq, Lq, D = q.shape
@@ -289,7 +326,8 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
     _prefix_attention_fwd_kernel[grid](
         out, lse, q, k, v, pk, pv, mask if mask is not None else q, index if index is not None else q,
-        Lq, Lk, P, D, Hq // Hkv, scale * LOG2E,
+        seed_arg(dropout_p, dropout_seed, q),
+        Lq, Lk, P, D, Hq // Hkv, scale * LOG2E, float(dropout_p),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -299,11 +337,65 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
         lse.stride(0), lse.stride(1),
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
         IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+        HAS_DROPOUT=dropout_p > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
         INPUT_PRECISION=input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# The dropout keep-mask, materialized (tests; the reference path's mask on CUDA/interpreter)
+
+@triton.jit
+def _dropout_mask_kernel(
+    Keep, Seed,
+    q_len, num_cols, dropout_p,
+    stride_keep_bh, stride_keep_l,       # Keep viewed as (B * Hq, Lq, P + Lk), last dim dense
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    col_block = tl.program_id(0)
+    q_block = tl.program_id(1)
+    batch_head = tl.program_id(2).to(tl.int64)      # b * Hq + h
+    q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    rng_rows = (batch_head * q_len + q_pos) * num_cols
+    keep = dropout_keep(tl.load(Seed), rng_rows[:, None] + cols[None, :].to(tl.int64), dropout_p)
+    ptr = Keep + batch_head * stride_keep_bh + q_pos[:, None].to(tl.int64) * stride_keep_l \
+        + cols[None, :]
+    tl.store(ptr, keep.to(tl.int8), mask=(q_pos < q_len)[:, None] & (cols < num_cols)[None, :])
+
+
+MASK_BLOCK = (32, 64)
+
+
+def seed_arg(dropout_p, dropout_seed, like):
+    """The kernels' Seed pointer: the seed tensor with dropout, any tensor (never read) without."""
+    if dropout_p > 0 and dropout_seed is None:
+        raise ValueError("dropout_p > 0 needs a dropout_seed")
+    return dropout_seed if dropout_p > 0 else like
+
+
+def as_seed_tensor(seed, device) -> torch.Tensor:
+    """An int seed (or 0-d integer tensor) as the 0-d int64 tensor on `device` the kernels read."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(())
+    return torch.tensor(int(seed), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):
+    """Bool (B, Hq, Lq, P + Lk): True where the attention kernels keep probability
+    (b, h, i, c) (c numbers [prefix; sequence] keys) for this seed (int or 0-d int tensor)
+    and drop probability p. Exactly the kernels' mask: same Philox offsets."""
+    keep = torch.empty(B, Hq, Lq, P + Lk, dtype=torch.int8, device=device)
+    if keep.numel() > 0:
+        block_m, block_n = MASK_BLOCK
+        grid = (triton.cdiv(P + Lk, block_n), triton.cdiv(Lq, block_m), B * Hq)
+        _dropout_mask_kernel[grid](
+            keep, as_seed_tensor(seed, device), Lq, P + Lk, float(p),
+            keep.stride(1), keep.stride(2), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return keep.view(torch.bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,23 +423,41 @@ def spec_signature(fn, constexprs: dict, types: dict) -> dict:
     return {name: types.get(name, "i32") for name in params if name not in constexprs}
 
 
+# Spec variants compiled a second time with HAS_DROPOUT (BERT/RoBERTa shapes: 16-bit at D = 64
+# and 128, fp32 at D = 64), on top of every variant without it: dropout adds Philox arithmetic
+# in registers, not shared memory, so a few configs prove that code lowers.
+DROPOUT_VARIANTS = (1, 2, 5)
+
+
 def spec_variants():
-    """Yields (index, torch dtype, element type, precision, BLOCK_D, causal, has_mask)."""
-    for i, (dtype, elem, precision, block_d) in enumerate(SPEC_VARIANTS):
-        causal, has_mask = FLAG_COMBOS[i % len(FLAG_COMBOS)]
-        yield i, dtype, elem, precision, block_d, causal, has_mask
+    """Yields (index, torch dtype, element type, precision, BLOCK_D, causal, has_mask,
+    has_dropout): every SPEC_VARIANTS entry without dropout, then DROPOUT_VARIANTS with it."""
+    for has_dropout in (False, True):
+        for i, (dtype, elem, precision, block_d) in enumerate(SPEC_VARIANTS):
+            if has_dropout and i not in DROPOUT_VARIANTS:
+                continue
+            causal, has_mask = FLAG_COMBOS[i % len(FLAG_COMBOS)]
+            yield i, dtype, elem, precision, block_d, causal, has_mask, has_dropout
 
 
 def compile_specs():
-    """The forward kernel for every GPU config `fwd_config` can pick (GPU_FWD)."""
-    for i, dtype, elem, precision, block_d, causal, has_mask in spec_variants():
+    """The forward kernel for every GPU config `fwd_config` can pick (GPU_FWD), a few of them
+    also with dropout, and the dropout-mask kernel."""
+    for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         cfg = GPU_FWD[(dtype != torch.float32, block_d)]
         constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
+                          HAS_DROPOUT=has_dropout,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                           INPUT_PRECISION=precision)
         types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
-        types.update(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", qk_scale="fp32")
+        types.update(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64", qk_scale="fp32",
+                     dropout_p="fp32")
         flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
         yield CompileSpec(f"prefix_attention_fwd[{elem},{flags}]", _prefix_attention_fwd_kernel,
                           spec_signature(_prefix_attention_fwd_kernel, constexprs, types),
                           constexprs, cfg.num_warps, cfg.num_stages)
+    constexprs = dict(BLOCK_M=MASK_BLOCK[0], BLOCK_N=MASK_BLOCK[1])
+    yield CompileSpec("prefix_attention_dropout_mask", _dropout_mask_kernel,
+                      spec_signature(_dropout_mask_kernel, constexprs,
+                                     {"Keep": "*i8", "Seed": "*i64", "dropout_p": "fp32"}),
+                      constexprs, 4, 1)

@@ -52,20 +52,67 @@ def prompt_embedding(input_ids, weight, prompt, *, prompt_index=None, backend="a
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
-                     scale=None, prefix_index=None, backend="auto"):
+                     scale=None, prefix_index=None, backend="auto", dropout_p=0.0,
+                     dropout_seed=None):
     """Attention over [prefix K/V; K/V] without materializing the concatenation.
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Hkv, P, D) shared, (B, Hkv, P, D) per row,
     or (T, Hkv, P, D) with prefix_index (B,). attention_mask (B, Lk), true/1 = attend. Causal
     masking is bottom-right aligned. Returns (B, Hq, Lq, D) in q's dtype. Semantics: see
     ARCHITECTURE.md and `ptuning_fast.reference.prefix_attention`.
+
+    dropout_p in [0, 1): attention-probability dropout, as torch's SDPA / FlashAttention (each
+    probability, prefix and sequence columns alike, kept with probability 1 - p and scaled by
+    1 / (1 - p)). dropout_seed (int) fixes the mask; None draws one from torch's generator on
+    q's device, so `torch.manual_seed` makes runs reproducible (and activation checkpointing,
+    which restores the generator, recomputes the same mask). The Triton kernels regenerate the
+    mask from the seed in the backward (nothing of size Lq x Lk is stored). backend="reference"
+    with dropout draws the kernels' mask for the same seed where the mask kernel can run (CUDA,
+    or CPU under TRITON_INTERPRET=1) and otherwise a `torch.bernoulli` mask: then the two
+    backends drop different entries for one seed, as torch's SDPA backends do.
     """
-    check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index)
+    check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
+                           dropout_p, dropout_seed)
+    dropout_p = float(dropout_p)
+    seed = None
+    if dropout_p > 0:
+        seed = _dropout_seed_tensor(dropout_seed, q.device)
     if resolve_backend(backend, q.device) == "reference":
+        mask = None
+        if dropout_p > 0:
+            P = 0 if prefix_k is None else prefix_k.shape[-2]
+            mask = _reference_dropout_mask(seed, q.shape, P, k.shape[2], dropout_p)
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal,
                                           attention_mask=attention_mask, scale=scale,
-                                          prefix_index=prefix_index)
+                                          prefix_index=prefix_index, dropout_p=dropout_p,
+                                          dropout_mask=mask)
     from .fused.prefix_attention import prefix_attention_fused
     return prefix_attention_fused(q, k, v, prefix_k, prefix_v, causal=causal,
                                   attention_mask=attention_mask, scale=scale,
-                                  prefix_index=prefix_index)
+                                  prefix_index=prefix_index, dropout_p=dropout_p,
+                                  dropout_seed=seed)
+
+
+# Seeds are drawn from [0, 2**62): any int64 works for Philox; this range is what gets drawn.
+SEED_BOUND = 2 ** 62
+
+
+def _dropout_seed_tensor(dropout_seed, device) -> torch.Tensor:
+    """0-d int64 seed on `device`: the given int, or one drawn from torch's generator there
+    (on the device itself: no host sync)."""
+    if dropout_seed is None:
+        return torch.randint(0, SEED_BOUND, (), device=device, dtype=torch.int64)
+    return torch.tensor(dropout_seed, dtype=torch.int64, device=device)
+
+
+def _reference_dropout_mask(seed, q_shape, P, Lk, dropout_p) -> torch.Tensor:
+    """Keep-mask (B, Hq, Lq, P + Lk) for the reference path (see `prefix_attention`)."""
+    B, Hq, Lq, _ = q_shape
+    device = seed.device
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+        from .kernels.prefix_attention_fwd import dropout_keep_mask
+        return dropout_keep_mask(seed, B, Hq, Lq, P, Lk, dropout_p, device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed) % 2 ** 63)
+    keep = torch.full((B, Hq, Lq, P + Lk), 1.0 - dropout_p, device=device)
+    return torch.bernoulli(keep, generator=generator).bool()

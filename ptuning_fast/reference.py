@@ -13,6 +13,7 @@ import torch
 
 from .validation import (
     check_prefix_attention,
+    describe,
     check_prefix_attention_values,
     check_prompt_embedding,
     check_prompt_embedding_values,
@@ -65,7 +66,8 @@ def visible_keys(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
-                     scale=None, prefix_index=None, backend="reference", upcast=False):
+                     scale=None, prefix_index=None, backend="reference", upcast=False,
+                     dropout_p=0.0, dropout_mask=None):
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], per (batch row, query head).
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Hkv, P, D) shared, (B, Hkv, P, D) per row,
@@ -73,8 +75,14 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     `upcast`). A query row with no visible key returns zeros (and passes zero gradient).
     Scores are computed in the inputs' dtype and softmax in float32, as transformers' eager
     attention does. `backend` is accepted for signature parity and ignored.
+
+    Dropout (dropout_p > 0) needs the explicit keep-mask `dropout_mask`, bool (B, Hq, Lq, P + Lk)
+    over the concatenated [prefix; sequence] keys: probabilities become probs * mask / (1 - p)
+    (as torch's SDPA and FlashAttention drop them). `ptuning_fast.kernels.prefix_attention_fwd.
+    dropout_keep_mask` gives the mask the Triton kernels draw for a seed.
     """
-    check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index)
+    check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
+                           dropout_p)
     check_prefix_attention_values(prefix_k, prefix_index)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -99,5 +107,18 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     # all -inf row is NaN, and NaN * 0 would still poison the backward), then is zeroed below.
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_visible, 0.0)
     probs = torch.softmax(scores.to(softmax_dtype), dim=-1) * allowed
+    if dropout_p > 0:
+        check_dropout_mask(dropout_mask, (B, Hq, Lq, P + Lk), q.device)
+        probs = probs * dropout_mask / (1.0 - dropout_p)
     out = torch.matmul(probs.to(compute), v)
     return out if upcast else out.to(q.dtype)
+
+
+def check_dropout_mask(mask, shape, device) -> None:
+    """The reference's dropout keep-mask: bool, the probabilities' shape, the inputs' device."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"prefix_attention: dropout_p > 0 needs `dropout_mask`, a bool keep-mask "
+                         f"of shape (B, Hq, Lq, P + Lk) = {shape}, got {type(mask).__name__}")
+    if mask.dtype != torch.bool or tuple(mask.shape) != shape or mask.device != device:
+        raise ValueError(f"prefix_attention: `dropout_mask` must be a bool tensor of shape "
+                         f"(B, Hq, Lq, P + Lk) = {shape} on {device}, got {describe(mask)}")

@@ -114,8 +114,9 @@ def prefix_length(prefix_k) -> int:
 
 
 def check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale,
-                           prefix_index) -> None:
+                           prefix_index, dropout_p=0.0, dropout_seed=None) -> None:
     r = Reasons("prefix_attention")
+    check_dropout(r, dropout_p, dropout_seed)
     qkv_ok = all([require_tensor(r, n, t, (4,), FLOAT_DTYPES) for n, t in
                   (("q", q), ("k", k), ("v", v))])
     has_prefix = prefix_k is not None or prefix_v is not None
@@ -184,6 +185,25 @@ def check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale,
             and prefix_index.shape[0] != B:
         r.value(f"`prefix_index` must have shape (B,) = ({B},), got {describe(prefix_index)}")
     r.raise_if_any()
+
+
+INT64_RANGE = (-2 ** 63, 2 ** 63)
+
+
+def check_dropout(r: Reasons, dropout_p, dropout_seed) -> None:
+    """dropout_p: a real number in [0, 1); dropout_seed: None or an int in int64's range."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        r.type(f"`dropout_p` must be a float in [0, 1), got {type(dropout_p).__name__} "
+               f"{dropout_p!r}")
+    elif not 0.0 <= dropout_p < 1.0:          # also refuses NaN
+        r.value(f"`dropout_p` must be in [0, 1) (the probability of dropping an attention "
+                f"probability), got {dropout_p!r}")
+    if dropout_seed is None:
+        return
+    if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int):
+        r.type(f"`dropout_seed` must be an int or None, got {type(dropout_seed).__name__}")
+    elif not INT64_RANGE[0] <= dropout_seed < INT64_RANGE[1]:
+        r.value(f"`dropout_seed` must fit in int64, got {dropout_seed}")
 
 
 def check_prefix_attention_values(prefix_k, prefix_index) -> None:

@@ -158,13 +158,38 @@ def test_changed_attention_implementation_is_an_error():
         model(input_ids=ids, attention_mask=mask)
 
 
-def test_attention_dropout_is_a_clear_error():
-    model = pf.wrap(tiny_bert(0, attention_probs_dropout_prob=0.1), CONFIGS["prefix"]()).train()
-    ids, mask, labels = batch("bert")
-    with pytest.raises(NotImplementedError, match="attention_probs_dropout_prob"):
-        model(input_ids=ids, attention_mask=mask, labels=labels)
-    model.eval()                                   # no dropout at inference: runs
-    model(input_ids=ids, attention_mask=mask)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bert_trains_with_attention_dropout(backend):
+    # BERT's default attention_probs_dropout_prob: transformers passes dropout=0.1 in training.
+    model = randomized(pf.wrap(tiny_bert(0, attention_probs_dropout_prob=0.1),
+                               CONFIGS["prefix"](), backend=backend)).train()
+
+    def step(seed):
+        torch.manual_seed(seed)
+        return loss_and_grads(model, "bert")
+
+    loss, grads = step(0)
+    assert torch.isfinite(loss)
+    assert grads["prompt_encoder.embedding.weight"].abs().max() > 0     # reaches the prefix
+    again, grads_again = step(0)
+    assert torch.equal(loss, again)
+    for name, g in grads.items():
+        assert torch.equal(grads_again[name], g), name
+    assert not torch.equal(step(1)[0], loss)                             # dropout is on
+    # Checkpointing restores the generator before recomputing: the same masks are drawn.
+    model.gradient_checkpointing_enable()
+    loss_gc, grads_gc = step(0)
+    assert_close(loss_gc, loss, torch.float32, name="loss under checkpointing")
+    for name, g in grads.items():
+        assert_close(grads_gc[name], g, torch.float32, "grad", name=name)
+    model.gradient_checkpointing_disable()
+    # Eval mode: no dropout, the same function as the dropout-free model.
+    plain = pf.wrap(tiny_bert(0), CONFIGS["prefix"](), backend=backend)
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    ids, mask, _ = batch("bert", padding="left")
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                       plain(input_ids=ids, attention_mask=mask).logits)
 
 
 def test_trainer_trains_only_the_prompt(tmp_path):

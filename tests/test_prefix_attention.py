@@ -353,10 +353,12 @@ def test_bad_inputs_name_the_argument():
 def test_compile_specs_cover_every_gpu_config():
     # Every tile config a launcher can pick on a GPU appears in compile_specs() (which the
     # compile test builds for sm_80/sm_90), for each kernel that uses it.
-    specs = [s for m in (fwd_kernels, bwd_kernels, dq_kernels) for s in m.compile_specs()]
+    specs = [s for m in (fwd_kernels, bwd_kernels, dq_kernels) for s in m.compile_specs()
+             if "BLOCK_D" in s.constexprs]             # not the dropout-mask kernel
+    # The dropout-free kernels alone cover every config (dropout variants come on top).
     built = {(s.name.split("[")[0], "bf16" in s.name or "fp16" in s.name, s.constexprs["BLOCK_D"],
               s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages)
-             for s in specs}
+             for s in specs if not s.constexprs.get("HAS_DROPOUT")}
     tables = {"prefix_attention_fwd": fwd_kernels.GPU_FWD,
               "prefix_attention_dq": dq_kernels.GPU_Q,
               "prefix_attention_dkdv": bwd_kernels.GPU_KV,
@@ -370,6 +372,11 @@ def test_compile_specs_cover_every_gpu_config():
     for flags in fwd_kernels.FLAG_COMBOS:
         assert any((s.constexprs.get("IS_CAUSAL"), s.constexprs.get("HAS_MASK")) == flags
                    for s in specs if "fwd" in s.name)
+    # Dropout-free, every config above; with dropout, some of them for each kernel.
+    for kernel in tables:
+        for has_dropout in (False, True):
+            assert any(s.constexprs["HAS_DROPOUT"] == has_dropout for s in specs
+                       if s.name.split("[")[0] == kernel), (kernel, has_dropout)
 
 
 def test_unsupported_kernel_inputs_are_refused():

@@ -3,6 +3,11 @@
 Two opaque ops with fake implementations, so `torch.compile(fullgraph=True)` traces through them;
 the backward op is registered as the forward's autograd formula and launches only the kernels
 whose gradients autograd asks for.
+
+Dropout: `dropout_p` (float) and `dropout_seed` (0-d int64 tensor on the inputs' device, or None
+when dropout_p == 0) go to both ops; the backward regenerates the forward's keep-mask from the
+seed. A tensor rather than a Python int so that drawing a seed needs no host sync (one per layer
+on CUDA) and stays inside a traced graph.
 """
 from __future__ import annotations
 
@@ -21,15 +26,19 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
                         attention_mask: torch.Tensor | None, prefix_index: torch.Tensor | None,
-                        causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        causal: bool, scale: float, dropout_p: float = 0.0,
+                        dropout_seed: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     # prefix_index's range needs the data, so it is checked here (eagerly), not in the trace.
     check_prefix_attention_values(prefix_k, prefix_index)
     return fwd_kernels.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, attention_mask,
-                                            prefix_index, causal=causal, scale=scale)
+                                            prefix_index, causal=causal, scale=scale,
+                                            dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 @prefix_attention_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
+def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale, dropout_p=0.0,
+      dropout_seed=None):
     B, Hq, Lq, D = q.shape
     # Same layout as the kernel's output: (B, Lq, Hq, D) memory seen as (B, Hq, Lq, D).
     out = q.new_empty(B, Lq, Hq, D).transpose(1, 2)
@@ -42,50 +51,58 @@ def prefix_attention_bwd_op(
         prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
         attention_mask: torch.Tensor | None, prefix_index: torch.Tensor | None,
         out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-        needs: list[bool]) -> list[torch.Tensor]:
+        needs: list[bool], dropout_p: float = 0.0,
+        dropout_seed: torch.Tensor | None = None) -> list[torch.Tensor]:
     grads = bwd_kernels.prefix_attention_bwd(
         grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
-        causal=causal, scale=scale, needs=tuple(needs))
+        causal=causal, scale=scale, needs=tuple(needs), dropout_p=dropout_p,
+        dropout_seed=dropout_seed)
     # A custom op cannot return None: a gradient nobody asked for is an empty placeholder.
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
 @prefix_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse, causal,
-      scale, needs):
+      scale, needs, dropout_p=0.0, dropout_seed=None):
     like = (q, k, v, prefix_k, prefix_v)
     return [torch.empty_like(t) if need else q.new_empty(0) for t, need in zip(like, needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale = inputs
+    (q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale, dropout_p,
+     dropout_seed) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
+                          dropout_seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse = ctx.saved_tensors
+    (q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
+     dropout_seed) = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if not any(needs):
-        return (None,) * 9
+        return (None,) * 11
     grads = prefix_attention_bwd_op(grad_out, q, k, v, prefix_k, prefix_v, attention_mask,
-                                    prefix_index, out, lse, ctx.causal, ctx.scale, needs)
-    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
+                                    prefix_index, out, lse, ctx.causal, ctx.scale, needs,
+                                    ctx.dropout_p, dropout_seed)
+    return (*[g if need else None for g, need in zip(grads, needs)],) + (None,) * 6
 
 
 prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
-                           attention_mask=None, scale=None, prefix_index=None):
+                           attention_mask=None, scale=None, prefix_index=None, dropout_p=0.0,
+                           dropout_seed=None):
     """Triton prefix attention; inputs already validated by `ptuning_fast.ops.prefix_attention`.
 
     Returns (B, Hq, Lq, D) in q's dtype, laid out as (B, Lq, Hq, D) in memory, so that
     `out.transpose(1, 2).reshape(B, Lq, Hq * D)` needs no copy. fp16/bf16/fp32, D <= 256.
     fp32 dots use tf32 when `torch.get_float32_matmul_precision()` is "high" or "medium" and
     exact fp32 when it is "highest" (torch's default), as torch's own fp32 matmuls do.
+    dropout_p > 0 needs dropout_seed: a 0-d int64 tensor on q's device (see the module doc).
     """
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"prefix_attention: the Triton kernels take `q`, `k`, `v` in "
@@ -97,6 +114,12 @@ def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
                          f"maximum {MAX_HEAD_DIM} (shape {tuple(q.shape)}); use "
                          "backend='reference'")
     scale = D ** -0.5 if scale is None else float(scale)
-    out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
-                                 bool(causal), scale)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0:
+        out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
+                                     bool(causal), scale, dropout_p, dropout_seed)
+    else:
+        # The exact call (and traced graph) of the dropout-free op, seed and p left out.
+        out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
+                                     bool(causal), scale)
     return out

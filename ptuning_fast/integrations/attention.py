@@ -66,13 +66,10 @@ def bound_prefix(binding: PrefixBinding):
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None,
                              dropout=0.0, **kwargs):
     """transformers attention function: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D) ->
-    ((B, Lq, Hq, D), None). `attention_mask` is the 2D padding mask over the Lk real keys."""
+    ((B, Lq, Hq, D), None). `attention_mask` is the 2D padding mask over the Lk real keys.
+    `dropout` (transformers passes the attention dropout in training mode, 0 in eval) drops
+    attention probabilities, prefix columns included, with a seed drawn from torch's generator."""
     binding = kwargs.get(PREFIX_KWARG) or _ACTIVE.get()
-    if dropout:
-        raise NotImplementedError(
-            f"ptuning_fast attention has no attention-probability dropout, but "
-            f"{type(module).__name__} asked for dropout={dropout} (training mode). Set the model "
-            "config's attention dropout (attention_dropout / attention_probs_dropout_prob) to 0.")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("ptuning_fast attention does not support logit softcapping "
                                   f"(softcap={kwargs['softcap']})")
@@ -101,7 +98,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     out = ops.prefix_attention(query, key, value, prefix_k, prefix_v,
                                causal=bool(getattr(module, "is_causal", True)),
                                attention_mask=attention_mask, scale=scaling,
-                               prefix_index=prefix_index, backend=backend)
+                               prefix_index=prefix_index, backend=backend,
+                               dropout_p=float(dropout or 0.0))
     return out.transpose(1, 2).contiguous(), None
 
 
