@@ -21,6 +21,7 @@ from .prefix_attention_fwd import (
     interpreting,
     prefix_batch_stride,
     seed_arg,
+    sequence_key_range,
     spec_signature,
     spec_variants,
     strides3,
@@ -133,12 +134,7 @@ def _dq_kernel(
     # Same key ranges as the forward: skip what the causal mask hides from the whole block.
     key_shift = key_len - q_len
     q_start = q_block * BLOCK_M
-    if IS_CAUSAL:
-        end = tl.minimum(tl.maximum(q_start + BLOCK_M + key_shift, 0), key_len)
-        full_end = tl.minimum(tl.maximum(q_start + key_shift + 1, 0), end) // BLOCK_N * BLOCK_N
-    else:
-        end = key_len
-        full_end = key_len // BLOCK_N * BLOCK_N
+    full_end, end = sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k = K + batch * stride_k_b + kv_head * stride_k_h
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b

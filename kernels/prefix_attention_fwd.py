@@ -47,6 +47,22 @@ def dropout_keep(seed, offsets, dropout_p):
 
 
 @triton.jit
+def sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_end, end) of the sequence keys a query block [q_start, q_start + BLOCK_M) visits:
+    keys [0, full_end) are visible to every row of the block and lie inside Lk (no masks but
+    padding); [full_end, end) need the bounds and causal masks; keys >= end are hidden from the
+    whole block (bottom-right causal: key j is visible to query i iff j <= i + key_shift)."""
+    if IS_CAUSAL:
+        end = tl.minimum(tl.maximum(q_start + BLOCK_M + key_shift, 0), key_len)
+        full_end = tl.minimum(tl.maximum(q_start + key_shift + 1, 0), end) // BLOCK_N * BLOCK_N
+    else:
+        end = key_len
+        full_end = key_len // BLOCK_N * BLOCK_N
+    return full_end, end
+
+
+@triton.jit
 def _attend_blocks(
     acc, m_i, l_i, q,
     K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
@@ -169,17 +185,11 @@ def _prefix_attention_fwd_kernel(
         prefix_len, head_dim, 0, q_pos, qk_scale, seed, dropout_p, rng_rows, 0,
         True, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
 
-    # Sequence keys: [0, full_end) are visible (causally) to every row of the block and lie
-    # inside Lk; [full_end, end) need the bounds and causal masks; keys >= end are hidden from
-    # the whole block and never loaded.
+    # Sequence keys: the fully visible blocks run without the causal mask; keys the causal mask
+    # hides from the whole block are never loaded.
     key_shift = key_len - q_len
     q_start = q_block * BLOCK_M
-    if IS_CAUSAL:
-        end = tl.minimum(tl.maximum(q_start + BLOCK_M + key_shift, 0), key_len)
-        full_end = tl.minimum(tl.maximum(q_start + key_shift + 1, 0), end) // BLOCK_N * BLOCK_N
-    else:
-        end = key_len
-        full_end = key_len // BLOCK_N * BLOCK_N
+    full_end, end = sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k = K + batch * stride_k_b + kv_head * stride_k_h
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
