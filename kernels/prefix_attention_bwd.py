@@ -29,14 +29,13 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
+from .launch import contiguous_last, interpreting
 from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
-    contiguous_last,
     dropout_keep,
     head_block,
     input_precision,
-    interpreting,
     mask_as_int8,
     prefix_views,
     seed_arg,

@@ -12,13 +12,13 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
+from .launch import interpreting
 from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
     dropout_keep,
     head_block,
     input_precision,
-    interpreting,
     prefix_batch_stride,
     seed_arg,
     sequence_key_range,

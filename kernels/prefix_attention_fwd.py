@@ -27,7 +27,6 @@ fp32 inputs: the dots follow torch's matmul setting — tf32 when
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
+from .launch import contiguous_last, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -220,11 +220,7 @@ def _prefix_attention_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launch-side helpers shared with the backward module.
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+# Launch-side helpers shared with the backward modules.
 
 def input_precision(dtype: torch.dtype) -> str:
     """tf32 for fp32 dots only when torch would use it for fp32 matmuls (see module docstring);
@@ -232,10 +228,6 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
-
-
-def contiguous_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def mask_as_int8(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
+from .launch import contiguous_last
 
 
 @triton.jit
@@ -99,10 +100,6 @@ def _tile(width: int) -> tuple[int, int]:
 NUM_WARPS = 4
 
 
-def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
                          prompt_index: torch.Tensor | None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,7 +107,7 @@ def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: 
 
     `out`, if given, must be a (B, P + L, d) tensor of weight's dtype with a contiguous last dim.
     """
-    weight, prompt = _contiguous_last(weight), _contiguous_last(prompt)
+    weight, prompt = contiguous_last(weight), contiguous_last(prompt)
     B, L = input_ids.shape
     P, d = prompt.shape[-2], weight.shape[1]
     if out is None:
@@ -136,7 +133,7 @@ def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: 
 def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_tasks: int,
                 num_prompt: int, dtype: torch.dtype) -> torch.Tensor:
     """Sum of grad_out[b, :P] over the rows b that used each prompt -> (T, P, d) in `dtype`."""
-    grad_out = _contiguous_last(grad_out)
+    grad_out = contiguous_last(grad_out)
     B, _, d = grad_out.shape
     grad = torch.empty(num_tasks, num_prompt, d, dtype=dtype, device=grad_out.device)
     if grad.numel() == 0:

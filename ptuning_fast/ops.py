@@ -6,18 +6,13 @@ pure-PyTorch path of `ptuning_fast.reference`.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import reference
+from .kernels.launch import interpreting
 from .validation import check_prefix_attention, check_prompt_embedding
 
 BACKENDS = ("auto", "triton", "reference")
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -30,7 +25,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton"
     if backend == "auto":
         return "reference"
-    if device.type == "cpu" and interpreter_enabled():
+    if device.type == "cpu" and interpreting():
         return "triton"
     raise ValueError(
         f"`backend`='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
@@ -109,7 +104,7 @@ def _reference_dropout_mask(seed, q_shape, P, Lk, dropout_p) -> torch.Tensor:
     """Keep-mask (B, Hq, Lq, P + Lk) for the reference path (see `prefix_attention`)."""
     B, Hq, Lq, _ = q_shape
     device = seed.device
-    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
         from .kernels.prefix_attention_fwd import dropout_keep_mask
         return dropout_keep_mask(seed, B, Hq, Lq, P, Lk, dropout_p, device)
     generator = torch.Generator(device=device)
