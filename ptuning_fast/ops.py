@@ -15,6 +15,11 @@ from .validation import check_prefix_attention, check_prompt_embedding
 BACKENDS = ("auto", "triton", "reference")
 
 
+def kernels_can_run(device: torch.device) -> bool:
+    """The Triton kernels run on CUDA tensors, and on CPU tensors under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Returns "triton" or "reference" for tensors on `device`; a clear error otherwise."""
     if backend not in BACKENDS:
@@ -25,7 +30,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton"
     if backend == "auto":
         return "reference"
-    if device.type == "cpu" and interpreting():
+    if kernels_can_run(device):
         return "triton"
     raise ValueError(
         f"`backend`='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
@@ -104,7 +109,7 @@ def _reference_dropout_mask(seed, q_shape, P, Lk, dropout_p) -> torch.Tensor:
     """Keep-mask (B, Hq, Lq, P + Lk) for the reference path (see `prefix_attention`)."""
     B, Hq, Lq, _ = q_shape
     device = seed.device
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+    if kernels_can_run(device):
         from .kernels.prefix_attention_fwd import dropout_keep_mask
         return dropout_keep_mask(seed, B, Hq, Lq, P, Lk, dropout_p, device)
     generator = torch.Generator(device=device)
