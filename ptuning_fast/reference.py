@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .validation import (
+    check_dropout_mask,
     check_prefix_attention,
-    describe,
     check_prefix_attention_values,
     check_prompt_embedding,
     check_prompt_embedding_values,
@@ -113,12 +113,3 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     out = torch.matmul(probs.to(compute), v)
     return out if upcast else out.to(q.dtype)
 
-
-def check_dropout_mask(mask, shape, device) -> None:
-    """The reference's dropout keep-mask: bool, the probabilities' shape, the inputs' device."""
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"prefix_attention: dropout_p > 0 needs `dropout_mask`, a bool keep-mask "
-                         f"of shape (B, Hq, Lq, P + Lk) = {shape}, got {type(mask).__name__}")
-    if mask.dtype != torch.bool or tuple(mask.shape) != shape or mask.device != device:
-        raise ValueError(f"prefix_attention: `dropout_mask` must be a bool tensor of shape "
-                         f"(B, Hq, Lq, P + Lk) = {shape} on {device}, got {describe(mask)}")

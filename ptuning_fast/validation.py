@@ -209,3 +209,13 @@ def check_dropout(r: Reasons, dropout_p, dropout_seed) -> None:
 def check_prefix_attention_values(prefix_k, prefix_index) -> None:
     if prefix_index is not None:
         check_index_range("prefix_index", prefix_index, prefix_k.shape[0], "number of task prefixes")
+
+
+def check_dropout_mask(mask, shape, device) -> None:
+    """The reference's dropout keep-mask: bool, the probabilities' shape, the inputs' device."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"prefix_attention: dropout_p > 0 needs `dropout_mask`, a bool keep-mask "
+                         f"of shape (B, Hq, Lq, P + Lk) = {shape}, got {type(mask).__name__}")
+    if mask.dtype != torch.bool or tuple(mask.shape) != shape or mask.device != device:
+        raise ValueError(f"prefix_attention: `dropout_mask` must be a bool tensor of shape "
+                         f"(B, Hq, Lq, P + Lk) = {shape} on {device}, got {describe(mask)}")
