@@ -1,7 +1,10 @@
 """Launch-side helpers shared by every kernel module (plain torch, no Triton)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -15,3 +18,54 @@ def contiguous_last(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dim is contiguous (kernels take every other stride as given),
     else a contiguous copy: unit-stride last dims let the loads vectorize."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a launcher sizes its work for: the CUDA architecture (80 = A100, 90 = H100/H200)
+    and the number of SMs (grids that split a reduction aim at >= 2 waves of programs)."""
+    arch: int
+    sm_count: int
+
+
+# The static report compiles launches for these without a GPU (H100 SXM: 132 SMs; A100: 108).
+H100 = Target(90, 132)
+A100 = Target(80, 108)
+
+_PRETEND: Target | None = None
+
+
+@contextlib.contextmanager
+def pretend_target(target: Target):
+    """Launchers size grids and pick tiles for `target` instead of the tensors' device: how the
+    static report captures, on a CPU, exactly the launches a GPU would get."""
+    global _PRETEND
+    previous, _PRETEND = _PRETEND, target
+    try:
+        yield target
+    finally:
+        _PRETEND = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    return Target(props.major * 10 + props.minor, props.multi_processor_count)
+
+
+def device_target(device: torch.device) -> Target | None:
+    """The target a launch on `device` is built for; None under the interpreter (which runs
+    programs one after another: launchers then use small tiles and few programs)."""
+    if _PRETEND is not None:
+        return _PRETEND
+    if device.type == "cuda":
+        return _cuda_target(device.index if device.index is not None
+                            else torch.cuda.current_device())
+    return None
+
+
+def dense_index(index: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B,) index as the kernels read it: int64 with unit stride. Kernels index it as
+    `Index + b`; a strided or expanded view (task_ids = batch[:, 1], a stride-0 expand) is
+    copied first — B elements, no host sync — instead of being read as if it were dense."""
+    return None if index is None else index.to(torch.int64).contiguous()

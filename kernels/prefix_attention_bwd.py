@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, interpreting
+from .launch import contiguous_last, dense_index, interpreting
 from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
@@ -321,7 +321,7 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     shared = prefix_k is not None and prefix_k.dim() == 3
     pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
     mask = mask_as_int8(attention_mask)
-    index = prefix_index.to(torch.int64) if (prefix_index is not None and P > 0) else None
+    index = dense_index(prefix_index) if P > 0 else None
     block_d = head_block(D)
     precision = input_precision(q.dtype)
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)

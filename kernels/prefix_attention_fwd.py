@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, interpreting
+from .launch import contiguous_last, dense_index, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -318,7 +318,7 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     shared = prefix_k is not None and prefix_k.dim() == 3
     pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
     mask = mask_as_int8(attention_mask)
-    index = prefix_index.to(torch.int64) if (prefix_index is not None and P > 0) else None
+    index = dense_index(prefix_index) if P > 0 else None
     if out is None:
         out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import contiguous_last
+from .launch import contiguous_last, dense_index
 
 
 @triton.jit
@@ -108,6 +108,7 @@ def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: 
     `out`, if given, must be a (B, P + L, d) tensor of weight's dtype with a contiguous last dim.
     """
     weight, prompt = contiguous_last(weight), contiguous_last(prompt)
+    prompt_index = dense_index(prompt_index)
     B, L = input_ids.shape
     P, d = prompt.shape[-2], weight.shape[1]
     if out is None:
@@ -134,6 +135,7 @@ def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_t
                 num_prompt: int, dtype: torch.dtype) -> torch.Tensor:
     """Sum of grad_out[b, :P] over the rows b that used each prompt -> (T, P, d) in `dtype`."""
     grad_out = contiguous_last(grad_out)
+    prompt_index = dense_index(prompt_index)
     B, _, d = grad_out.shape
     grad = torch.empty(num_tasks, num_prompt, d, dtype=dtype, device=grad_out.device)
     if grad.numel() == 0:
