@@ -69,3 +69,21 @@ def dense_index(index: torch.Tensor | None) -> torch.Tensor | None:
     `Index + b`; a strided or expanded view (task_ids = batch[:, 1], a stride-0 expand) is
     copied first — B elements, no host sync — instead of being read as if it were dense."""
     return None if index is None else index.to(torch.int64).contiguous()
+
+
+# Programs per SM that a split reduction aims at: two full waves hide the tail of the last one.
+WAVES = 2
+# Splits under the interpreter: more than one, so tests cover the partials and their reduction.
+INTERPRETER_SPLITS = 3
+
+
+def num_splits(device: torch.device, programs: int, work_items: int) -> int:
+    """How many programs share one output tile's reduction (Liger's split-then-sum, made
+    deterministic by a fixed order): enough that `programs` tiles x splits fill WAVES waves of
+    the target's SMs, at most one split per work item (a split never gets empty work)."""
+    target = device_target(device)
+    if target is None:
+        wanted = INTERPRETER_SPLITS
+    else:
+        wanted = -(-WAVES * target.sm_count // max(programs, 1))
+    return max(1, min(wanted, work_items))

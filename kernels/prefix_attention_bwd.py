@@ -28,8 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, interpreting
+from .launch import contiguous_last, dense_index, num_splits
+from .split_reduce import sum_splits
+from .tiles import CANDIDATES, prefix_key_block, spec_configs
 from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
@@ -206,15 +209,15 @@ def _dkdv_kernel(
 
 @triton.jit
 def _prefix_dkdv_kernel(
-    DPK, DPV, Q, PK, PV, DO, Lse, Delta, PrefixIndex, Seed,
-    batch_size, q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale, dropout_p,
-    rows_step, rows_per_slot,            # slot s reads rows [s * rows_step, + rows_per_slot)
+    PartialK, PartialV,          # fp32 (num_splits, slots, Hkv, P, D), dense: one tile per program
+    Q, PK, PV, DO, Lse, Delta, PrefixIndex, Seed,
+    q_len, key_len, prefix_len, head_dim, group_size, qk_scale, dropout_p,
+    rows_step, rows_per_slot,    # slot s reads rows [s * rows_step, + rows_per_slot)
+    num_splits, items_per_split, # a slot's (row, query head, query block) items, split evenly
     stride_q_b, stride_q_h, stride_q_l,
     stride_pk_s, stride_pk_h, stride_pk_l,
     stride_pv_s, stride_pv_h, stride_pv_l,
     stride_do_b, stride_do_h, stride_do_l,
-    stride_dpk_s, stride_dpk_h, stride_dpk_l,
-    stride_dpv_s, stride_dpv_h, stride_dpv_l,
     stride_lse_b, stride_lse_h,
     HAS_INDEX: tl.constexpr,     # per-task slots: row b belongs to slot PrefixIndex[b]
     HAS_DROPOUT: tl.constexpr,
@@ -223,7 +226,11 @@ def _prefix_dkdv_kernel(
 ):
     key_block = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
-    slot = tl.program_id(2)
+    # Axis 2 is split * slots + slot, so the partials are (num_splits, slots, ...) and the
+    # reduction reads one dense (num_splits, numel) buffer.
+    num_slots = tl.num_programs(2) // num_splits
+    slot = tl.program_id(2) % num_slots
+    split = tl.program_id(2) // num_slots
     key_pos = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = (key_pos < prefix_len)[:, None] & (offs_d < head_dim)[None, :]
@@ -244,59 +251,45 @@ def _prefix_dkdv_kernel(
         rng_cols = key_pos
     num_heads = tl.num_programs(1) * group_size
 
-    # Every query sees every prefix key: no causal or padding mask, all query blocks.
+    # The slot's items are (row, query head, query block) in that order; this split owns
+    # [first, last). It walks them as runs of consecutive query blocks of one (row, head), so
+    # the inner loop over query blocks stays one pipelined loop. Every query sees every prefix
+    # key: no causal or padding mask.
+    q_blocks = tl.cdiv(q_len, BLOCK_M)
+    total = rows_per_slot * group_size * q_blocks
+    first = split * items_per_split
+    last = tl.minimum(first + items_per_split, total)
     first_row = (slot * rows_step).to(tl.int64)
-    for i in range(0, rows_per_slot):
-        batch = first_row + i
+    for pair in range(first // q_blocks, tl.cdiv(last, q_blocks)):
+        batch = first_row + pair // group_size
+        q_head = (kv_head * group_size + pair % group_size).to(tl.int64)
+        start = tl.maximum(first - pair * q_blocks, 0) * BLOCK_M
+        end = tl.minimum(tl.minimum(last - pair * q_blocks, q_blocks) * BLOCK_M, q_len)
         if HAS_INDEX:
-            q_end = tl.where(tl.load(PrefixIndex + batch) == slot, q_len, 0)
-        else:
-            q_end = q_len
-        for h in range(0, group_size):
-            q_head = (kv_head * group_size + h).to(tl.int64)
-            dk, dv = _dkdv_blocks(
-                dk, dv, k, v, key_pos < prefix_len,
-                Q + batch * stride_q_b + q_head * stride_q_h,
-                DO + batch * stride_do_b + q_head * stride_do_h,
-                Lse + batch * stride_lse_b + q_head * stride_lse_h,
-                Delta + batch * stride_lse_b + q_head * stride_lse_h,
-                0, q_end, stride_q_l, stride_do_l, q_len, head_dim, key_pos, 0, qk_scale,
-                seed, dropout_p, (batch * num_heads + q_head) * q_len, rng_cols,
-                prefix_len + key_len,
-                False, False, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            end = tl.where(tl.load(PrefixIndex + batch) == slot, end, 0)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, key_pos < prefix_len,
+            Q + batch * stride_q_b + q_head * stride_q_h,
+            DO + batch * stride_do_b + q_head * stride_do_h,
+            Lse + batch * stride_lse_b + q_head * stride_lse_h,
+            Delta + batch * stride_lse_b + q_head * stride_lse_h,
+            start, end, stride_q_l, stride_do_l, q_len, head_dim, key_pos, 0, qk_scale,
+            seed, dropout_p, (batch * num_heads + q_head) * q_len, rng_cols,
+            prefix_len + key_len,
+            False, False, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
 
-    dk = dk * scale
-    tl.store(DPK + slot64 * stride_dpk_s + kv_head * stride_dpk_h + keys * stride_dpk_l
-             + offs_d[None, :], dk.to(DPK.dtype.element_ty), mask=tile_mask)
-    tl.store(DPV + slot64 * stride_dpv_s + kv_head * stride_dpv_h + keys * stride_dpv_l
-             + offs_d[None, :], dv.to(DPV.dtype.element_ty), mask=tile_mask)
+    # Partial tile (split, slot, kv head, keys, :) of the dense fp32 buffers; the dK scale is
+    # applied once, by the reduction.
+    tile = ((tl.program_id(2).to(tl.int64) * tl.num_programs(1) + kv_head) * prefix_len
+            + keys) * head_dim + offs_d[None, :]
+    tl.store(PartialK + tile, dk, mask=tile_mask)
+    tl.store(PartialV + tile, dv, mask=tile_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 
-# Interpreter: one small config per kernel (tests cross block edges at small sizes).
-INTERPRETER_KV = TileConfig(16, 32, 4, 1)     # block_m: queries per step, block_n: keys owned
 DELTA_BLOCK_M = 64
-
-# GPU configs per (16-bit?, BLOCK_D). The dK/dV program keeps k, v, dk, dv of its key block in
-# registers and streams queries (the dQ program mirrors this: prefix_attention_bwd_dq.GPU_Q).
-# fp32 tiles are twice as large, so fp32 halves the streamed block.
-GPU_KV = {
-    (True, 32): TileConfig(32, 128, 4, 3),
-    (True, 64): TileConfig(32, 128, 4, 3),
-    (True, 128): TileConfig(32, 64, 4, 3),
-    (True, 256): TileConfig(16, 64, 8, 2),
-    (False, 32): TileConfig(32, 64, 4, 3),
-    (False, 64): TileConfig(32, 64, 4, 2),
-    (False, 128): TileConfig(16, 64, 4, 2),
-    (False, 256): TileConfig(16, 32, 8, 2),
-}
-
-
-def kv_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    return INTERPRETER_KV if interpreting() else GPU_KV[(dtype != torch.float32,
-                                                         head_block(head_dim))]
 
 
 def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
@@ -326,7 +319,6 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     precision = input_precision(q.dtype)
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     mask_arg = mask if mask is not None else q
-    index_arg = index if index is not None else q
     seed = seed_arg(dropout_p, dropout_seed, q)
     dropout = dict(HAS_DROPOUT=dropout_p > 0)
     dq = dk = dv = dpk = dpv = None
@@ -343,10 +335,10 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
                                  causal=causal, scale=scale, dropout_p=dropout_p,
                                  seed=dropout_seed)
 
-    cfg = kv_config(D, q.dtype)
     if needs[1] or needs[2]:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        if dk.numel() > 0:
+
+        def launch_dkdv(cfg: TileConfig) -> None:
             _dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
                 dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed,
                 Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p),
@@ -356,62 +348,99 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+        if dk.numel() > 0:
+            launch_tuned("dkdv", q.device, q.dtype, D,
+                         (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
+                          length_bucket(Lk)), launch_dkdv)
+
     if needs[3] or needs[4]:
-        dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
-        if P > 0 and B * Lq == 0:
-            dpk.zero_(), dpv.zero_()
-        elif P > 0:
-            dpk4 = dpk.unsqueeze(0) if shared else dpk
-            dpv4 = dpv.unsqueeze(0) if shared else dpv
-            # A slot is the shared prefix (reads every row), one row's prefix, or one task's
-            # prefix (reads the rows whose prefix_index names it).
-            if shared or index is not None:
-                slots, rows_step, rows_per_slot = pk.shape[0], 0, B
-            else:
-                slots, rows_step, rows_per_slot = B, 1, 1
-            _prefix_dkdv_kernel[(triton.cdiv(P, cfg.block_n), Hkv, slots)](
-                dpk4, dpv4, q, pk, pv, grad_out, lse, delta, index_arg, seed,
-                B, Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p), rows_step,
-                rows_per_slot,
-                *strides3(q), *strides3(pk), *strides3(pv), *strides3(grad_out),
-                *strides3(dpk4), *strides3(dpv4), lse.stride(0), lse.stride(1),
-                HAS_INDEX=index is not None, **dropout,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        # The fixed dK/dV tile: the prefix kernel's work is short and its split is sized from
+        # the tile, so it is not timed.
+        cfg = fixed_config("dkdv", q.device, q.dtype, D)
+        dpk, dpv = _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed,
+                                 Lk, scale, dropout_p, cfg, block_d, precision)
 
     return (dq, dk if needs[1] else None, dv if needs[2] else None,
             dpk if needs[3] else None, dpv if needs[4] else None)
+
+
+def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed, Lk, scale,
+                  dropout_p, cfg, block_d, precision):
+    """(dprefix_k, dprefix_v), dense, in prefix_k's shape and dtype.
+
+    A slot is the shared prefix (read by every row), one row's prefix, or one task's prefix
+    (read by the rows whose prefix_index names it). Each slot's (row, query head, query block)
+    items are cut into `splits` ranges, one program per (prefix block, kv head, slot, split)
+    writing fp32 partials that `sum_splits` adds in split order: enough programs to fill the
+    GPU however few prefix tiles there are, and bitwise deterministic (no atomics).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, P = pk.shape[1], pk.shape[2]
+    group = Hq // Hkv
+    if shared or index is not None:
+        slots, rows_step, rows_per_slot = pk.shape[0], 0, B
+    else:
+        slots, rows_step, rows_per_slot = B, 1, 1
+    shape4 = (slots, Hkv, P, D)
+    dpk = torch.empty(shape4, dtype=prefix_k.dtype, device=q.device)
+    dpv = torch.empty(shape4, dtype=prefix_k.dtype, device=q.device)
+    work = rows_per_slot * group * triton.cdiv(Lq, cfg.block_m)
+    if dpk.numel() == 0 or work == 0:
+        return dpk.zero_().view(prefix_k.shape), dpv.zero_().view(prefix_k.shape)
+    block_n = prefix_key_block(P, cfg)
+    tiles = triton.cdiv(P, block_n) * Hkv * slots
+    per_split = triton.cdiv(work, num_splits(q.device, tiles, work))
+    splits = triton.cdiv(work, per_split)               # no split is left without work
+    partial_k = torch.empty((splits, *shape4), dtype=torch.float32, device=q.device)
+    partial_v = torch.empty_like(partial_k)
+    _prefix_dkdv_kernel[(triton.cdiv(P, block_n), Hkv, splits * slots)](
+        partial_k, partial_v, q, pk, pv, grad_out, lse, delta,
+        index if index is not None else q, seed,
+        Lq, Lk, P, D, group, scale * LOG2E, float(dropout_p), rows_step, rows_per_slot,
+        splits, per_split,
+        *strides3(q), *strides3(pk), *strides3(pv), *strides3(grad_out),
+        lse.stride(0), lse.stride(1),
+        HAS_INDEX=index is not None, HAS_DROPOUT=dropout_p > 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    sum_splits(partial_k, dpk, scale)
+    sum_splits(partial_v, dpv)
+    return dpk.view(prefix_k.shape), dpv.view(prefix_k.shape)
 
 
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (see kernels/compile_specs.py)
 
 def compile_specs():
-    """The dK/dV kernels for every GPU config `kv_config` can pick, and Delta, with the
-    forward's rotation of dtypes, dot precisions and (causal, mask, index) flags and its
-    dropout variants."""
+    """The dK/dV kernel for every tile candidate, the prefix dK/dV kernel for each arch's fixed
+    tile (with the short-prefix key blocks), and Delta, with the forward's rotation of dtypes,
+    dot precisions and (causal, mask, index) flags and its dropout variants."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
-        key = (dtype != torch.float32, block_d)
-        kv = GPU_KV[key]
+        sixteen = dtype != torch.float32
         floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32",
-                      Mask="*i8", PrefixIndex="*i64", Seed="*i64", dropout_p="fp32")
-        kernels = (
-            ("dkdv", _dkdv_kernel, kv, dict(IS_CAUSAL=causal, HAS_MASK=has_mask,
-                                            HAS_DROPOUT=has_dropout,
-                                            BLOCK_M=kv.block_m, BLOCK_N=kv.block_n),
-             ("DK", "DV", "Q", "K", "V", "DO")),
-            ("prefix_dkdv", _prefix_dkdv_kernel, kv, dict(HAS_INDEX=i % 2 == 1,
-                                                          HAS_DROPOUT=has_dropout,
-                                                          BLOCK_M=kv.block_m, BLOCK_N=kv.block_n),
-             ("DPK", "DPV", "Q", "PK", "PV", "DO")),
-        )
-        for name, fn, cfg, constexprs, tensors in kernels:
+                      Mask="*i8", PrefixIndex="*i64", Seed="*i64", dropout_p="fp32",
+                      PartialK="*fp32", PartialV="*fp32")
+        jobs = [("dkdv", _dkdv_kernel, cfg, archs,
+                 dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+                 ("DK", "DV", "Q", "K", "V", "DO"))
+                for cfg, archs in spec_configs("dkdv", sixteen, block_d)]
+        # Prefix programs take a shorter key block for short prefixes: rotate P over 16, 64
+        # and 256 so that each block size compiles somewhere.
+        for arch in (80, 90):
+            cfg = CANDIDATES["dkdv"][(arch, sixteen, block_d)][0]
+            jobs.append(("prefix_dkdv", _prefix_dkdv_kernel, cfg, (arch,),
+                         dict(HAS_INDEX=i % 2 == 1, HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m,
+                              BLOCK_N=prefix_key_block((16, 64, 256)[i % 3], cfg)),
+                         ("Q", "PK", "PV", "DO")))
+        for name, fn, cfg, archs, constexprs, tensors in jobs:
             constexprs = dict(constexprs, BLOCK_D=block_d, INPUT_PRECISION=precision)
             types = dict(floats, **{t: f"*{elem}" for t in tensors})
             flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+            flags += f",w{cfg.num_warps}s{cfg.num_stages}"
             yield CompileSpec(f"prefix_attention_{name}[{elem},{flags}]", fn,
                               spec_signature(fn, constexprs, types), constexprs,
-                              cfg.num_warps, cfg.num_stages)
+                              cfg.num_warps, cfg.num_stages, archs)
     # Delta depends only on the dtype and BLOCK_D (and is cheap to compile).
     for i, block_d in enumerate((32, 64, 128, 256)):
         elem = ("fp16", "bf16", "fp32", "fp16")[i]

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import interpreting
 from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
@@ -26,6 +26,7 @@ from .prefix_attention_fwd import (
     spec_variants,
     strides3,
 )
+from .tiles import spec_configs
 
 
 @triton.jit
@@ -152,28 +153,6 @@ def _dq_kernel(
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
-# Interpreter: small tiles so that tests cross block edges at small sizes.
-INTERPRETER_Q = TileConfig(32, 16, 4, 1)      # block_m: queries owned, block_n: keys per step
-
-# GPU configs per (16-bit?, BLOCK_D): the mirror of the dK/dV tiles (many queries owned, few
-# keys streamed); fp32 halves the streamed block.
-GPU_Q = {
-    (True, 32): TileConfig(128, 32, 4, 3),
-    (True, 64): TileConfig(128, 32, 4, 3),
-    (True, 128): TileConfig(64, 32, 4, 3),
-    (True, 256): TileConfig(64, 16, 8, 2),
-    (False, 32): TileConfig(64, 32, 4, 3),
-    (False, 64): TileConfig(64, 32, 4, 2),
-    (False, 128): TileConfig(64, 16, 4, 2),
-    (False, 256): TileConfig(32, 16, 8, 2),
-}
-
-
-def q_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    return INTERPRETER_Q if interpreting() else GPU_Q[(dtype != torch.float32,
-                                                       head_block(head_dim))]
-
-
 def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, delta, mask, index,
                         *, causal, scale, dropout_p=0.0, seed=None):
     """dq (q's shape and dtype). Arguments as prepared by `prefix_attention_bwd`: last dims
@@ -185,37 +164,43 @@ def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, de
     dq = torch.empty_like(q)
     if dq.numel() == 0:
         return dq
-    cfg = q_config(D, q.dtype)
-    _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
-        dq, q, k, v, prefix_k4, prefix_v4, grad_out, lse, delta,
-        mask if mask is not None else q, index if index is not None else q,
-        seed_arg(dropout_p, seed, q),
-        Lq, Lk, prefix_k4.shape[2], D, Hq // Hkv, scale, scale * LOG2E, float(dropout_p),
-        *strides3(q), *strides3(k), *strides3(v),
-        prefix_batch_stride(prefix_k4, shared), prefix_k4.stride(1), prefix_k4.stride(2),
-        prefix_batch_stride(prefix_v4, shared), prefix_v4.stride(1), prefix_v4.stride(2),
-        *strides3(grad_out), *strides3(dq), lse.stride(0), lse.stride(1),
-        *((mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)),
-        IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
-        HAS_DROPOUT=dropout_p > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
-        INPUT_PRECISION=input_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(cfg: TileConfig) -> None:
+        _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
+            dq, q, k, v, prefix_k4, prefix_v4, grad_out, lse, delta,
+            mask if mask is not None else q, index if index is not None else q,
+            seed_arg(dropout_p, seed, q),
+            Lq, Lk, prefix_k4.shape[2], D, Hq // Hkv, scale, scale * LOG2E, float(dropout_p),
+            *strides3(q), *strides3(k), *strides3(v),
+            prefix_batch_stride(prefix_k4, shared), prefix_k4.stride(1), prefix_k4.stride(2),
+            prefix_batch_stride(prefix_v4, shared), prefix_v4.stride(1), prefix_v4.stride(2),
+            *strides3(grad_out), *strides3(dq), lse.stride(0), lse.stride(1),
+            *((mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)),
+            IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+            HAS_DROPOUT=dropout_p > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=head_block(D), INPUT_PRECISION=input_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    launch_tuned("dq", q.device, q.dtype, D,
+                 (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
+                  length_bucket(prefix_k4.shape[2] + Lk)), launch)
     return dq
 
 
 def compile_specs():
-    """The dQ kernel for every GPU config `q_config` can pick (the forward's flag rotation,
-    dropout variants included)."""
+    """The dQ kernel for every tile candidate (the forward's flag rotation, dropout variants
+    included)."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
-        cfg = GPU_Q[(dtype != torch.float32, block_d)]
-        constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
-                          HAS_DROPOUT=has_dropout,
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                          INPUT_PRECISION=precision)
-        types = {t: f"*{elem}" for t in ("DQ", "Q", "K", "V", "PrefixK", "PrefixV", "DO")}
-        types.update(Lse="*fp32", Delta="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64",
-                     scale="fp32", qk_scale="fp32", dropout_p="fp32")
-        flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
-        yield CompileSpec(f"prefix_attention_dq[{elem},{flags}]", _dq_kernel,
-                          spec_signature(_dq_kernel, constexprs, types), constexprs,
-                          cfg.num_warps, cfg.num_stages)
+        for cfg, archs in spec_configs("dq", dtype != torch.float32, block_d):
+            constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
+                              HAS_DROPOUT=has_dropout,
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                              INPUT_PRECISION=precision)
+            types = {t: f"*{elem}" for t in ("DQ", "Q", "K", "V", "PrefixK", "PrefixV", "DO")}
+            types.update(Lse="*fp32", Delta="*fp32", Mask="*i8", PrefixIndex="*i64",
+                         Seed="*i64", scale="fp32", qk_scale="fp32", dropout_p="fp32")
+            flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+            flags += f",w{cfg.num_warps}s{cfg.num_stages}"
+            yield CompileSpec(f"prefix_attention_dq[{elem},{flags}]", _dq_kernel,
+                              spec_signature(_dq_kernel, constexprs, types), constexprs,
+                              cfg.num_warps, cfg.num_stages, archs)

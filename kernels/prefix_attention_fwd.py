@@ -27,14 +27,14 @@ fp32 inputs: the dots follow torch's matmul setting — tf32 when
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, interpreting
+from .launch import contiguous_last, dense_index
+from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
 
 LOG2E = 1.4426950408889634
 
@@ -259,44 +259,6 @@ def strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-# Interpreter: one small config so that tests cross block edges at small sizes; BLOCK_M !=
-# BLOCK_N exercises the causal bounds that GPU configs rely on.
-INTERPRETER_FWD = TileConfig(32, 16, 4, 1)
-
-# GPU configs per (16-bit?, BLOCK_D); fp32 tiles take twice the shared memory, so fp32 uses
-# half the key block. Shared memory per config: see compile_specs() and the module tests.
-GPU_FWD = {
-    (True, 32): TileConfig(128, 64, 4, 3),
-    (True, 64): TileConfig(128, 64, 4, 3),
-    (True, 128): TileConfig(128, 64, 8, 3),
-    (True, 256): TileConfig(64, 64, 8, 2),
-    (False, 32): TileConfig(64, 64, 4, 3),
-    (False, 64): TileConfig(64, 32, 4, 3),
-    (False, 128): TileConfig(64, 32, 4, 2),
-    (False, 256): TileConfig(64, 16, 8, 2),
-}
-
-
-def head_block(head_dim: int) -> int:
-    # Floor of 32: small head dims share the D = 32 kernels (covered by compile_specs) rather
-    # than compiling a 16-wide variant for a shape real models do not use.
-    return max(32, triton.next_power_of_2(head_dim))
-
-
-def fwd_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    if interpreting():
-        return INTERPRETER_FWD
-    return GPU_FWD[(dtype != torch.float32, head_block(head_dim))]
-
-
 def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
                          prefix_index=None, *, causal=True, scale=None, out=None, config=None,
                          dropout_p=0.0, dropout_seed=None):
@@ -324,26 +286,31 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = config or fwd_config(D, q.dtype)
-    grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
-    _prefix_attention_fwd_kernel[grid](
-        out, lse, q, k, v, pk, pv, mask if mask is not None else q, index if index is not None else q,
-        seed_arg(dropout_p, dropout_seed, q),
-        Lq, Lk, P, D, Hq // Hkv, scale * LOG2E, float(dropout_p),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        prefix_batch_stride(pk, shared), pk.stride(1), pk.stride(2),
-        prefix_batch_stride(pv, shared), pv.stride(1), pv.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
-        IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
-        HAS_DROPOUT=dropout_p > 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
-        INPUT_PRECISION=input_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+
+    def launch(cfg: TileConfig) -> None:
+        grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
+        _prefix_attention_fwd_kernel[grid](
+            out, lse, q, k, v, pk, pv, mask if mask is not None else q,
+            index if index is not None else q, seed_arg(dropout_p, dropout_seed, q),
+            Lq, Lk, P, D, Hq // Hkv, scale * LOG2E, float(dropout_p),
+            *strides3(q), *strides3(k), *strides3(v),
+            prefix_batch_stride(pk, shared), pk.stride(1), pk.stride(2),
+            prefix_batch_stride(pv, shared), pv.stride(1), pv.stride(2),
+            *strides3(out), lse.stride(0), lse.stride(1),
+            mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+            IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+            HAS_DROPOUT=dropout_p > 0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
+            INPUT_PRECISION=input_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    if config is not None:
+        launch(config)
+    else:
+        launch_tuned("fwd", q.device, q.dtype, D,
+                     (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
+                      length_bucket(P + Lk)), launch)
     return out, lse
 
 
@@ -443,21 +410,23 @@ def spec_variants():
 
 
 def compile_specs():
-    """The forward kernel for every GPU config `fwd_config` can pick (GPU_FWD), a few of them
-    also with dropout, and the dropout-mask kernel."""
+    """The forward kernel for every tile candidate (kernels/tiles.py) on the archs that list it,
+    a few also with dropout, and the dropout-mask kernel."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
-        cfg = GPU_FWD[(dtype != torch.float32, block_d)]
-        constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
-                          HAS_DROPOUT=has_dropout,
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                          INPUT_PRECISION=precision)
-        types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
-        types.update(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64", qk_scale="fp32",
-                     dropout_p="fp32")
-        flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
-        yield CompileSpec(f"prefix_attention_fwd[{elem},{flags}]", _prefix_attention_fwd_kernel,
-                          spec_signature(_prefix_attention_fwd_kernel, constexprs, types),
-                          constexprs, cfg.num_warps, cfg.num_stages)
+        for cfg, archs in spec_configs("fwd", dtype != torch.float32, block_d):
+            constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
+                              HAS_DROPOUT=has_dropout,
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                              INPUT_PRECISION=precision)
+            types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
+            types.update(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64",
+                         qk_scale="fp32", dropout_p="fp32")
+            flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+            flags += f",w{cfg.num_warps}s{cfg.num_stages}"
+            yield CompileSpec(f"prefix_attention_fwd[{elem},{flags}]",
+                              _prefix_attention_fwd_kernel,
+                              spec_signature(_prefix_attention_fwd_kernel, constexprs, types),
+                              constexprs, cfg.num_warps, cfg.num_stages, archs)
     constexprs = dict(BLOCK_M=MASK_BLOCK[0], BLOCK_N=MASK_BLOCK[1])
     yield CompileSpec("prefix_attention_dropout_mask", _dropout_mask_kernel,
                       spec_signature(_dropout_mask_kernel, constexprs,

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index
+from .launch import contiguous_last, dense_index, num_splits
+from .split_reduce import sum_splits
 
 
 @triton.jit
@@ -59,32 +60,37 @@ def _prompt_embedding_fwd_kernel(
 
 @triton.jit
 def _prompt_grad_kernel(
-    GradPrompt, GradOut, PromptIndex,
-    batch, num_prompt, width,
-    stride_gp_t, stride_gp_r,
+    Partials, GradOut, PromptIndex,  # Partials: fp32 (num_splits, T, P, d), dense
+    batch, num_prompt, width, rows_per_split,
     stride_go_b, stride_go_r,
     HAS_INDEX: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row_block = tl.program_id(0)
+    num_tasks = tl.num_programs(1)
     task = tl.program_id(1)
-    col_block = tl.program_id(2)
+    col_block = tl.program_id(2) % tl.cdiv(width, BLOCK_D)
+    split = tl.program_id(2) // tl.cdiv(width, BLOCK_D)
     rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < num_prompt)[:, None] & (cols < width)[None, :]
     tile = rows[:, None].to(tl.int64) * stride_go_r + cols[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    # Rows are summed in batch order by this one program: deterministic, no atomics.
-    for b in range(0, batch):
+    # This split's batch rows, in order; `sum_splits` then adds the splits in order:
+    # deterministic, no atomics.
+    first = split * rows_per_split
+    row_ptr = GradOut + first.to(tl.int64) * stride_go_b + tile
+    for b in range(first, tl.minimum(first + rows_per_split, batch)):
         if HAS_INDEX:
             uses_task = tl.load(PromptIndex + b) == task
         else:
             uses_task = True
         if uses_task:
-            acc += tl.load(GradOut + b * stride_go_b + tile, mask=mask, other=0.0).to(tl.float32)
-    out_ptr = GradPrompt + task.to(tl.int64) * stride_gp_t \
-        + rows[:, None].to(tl.int64) * stride_gp_r + cols[None, :]
-    tl.store(out_ptr, acc.to(GradPrompt.dtype.element_ty), mask=mask)
+            acc += tl.load(row_ptr, mask=mask, other=0.0).to(tl.float32)
+        row_ptr += stride_go_b
+    out = ((split * num_tasks + task).to(tl.int64) * num_prompt + rows[:, None]) * width \
+        + cols[None, :]
+    tl.store(Partials + out, acc, mask=mask)
 
 
 def _tile(width: int) -> tuple[int, int]:
@@ -133,7 +139,11 @@ def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: 
 
 def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_tasks: int,
                 num_prompt: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum of grad_out[b, :P] over the rows b that used each prompt -> (T, P, d) in `dtype`."""
+    """Sum of grad_out[b, :P] over the rows b that used each prompt -> (T, P, d) in `dtype`.
+
+    The batch rows are cut into splits (enough programs to fill the GPU: a prompt is only
+    P x d, far fewer tiles than SMs), each split's sum an fp32 partial, added in split order.
+    """
     grad_out = contiguous_last(grad_out)
     prompt_index = dense_index(prompt_index)
     B, _, d = grad_out.shape
@@ -143,16 +153,19 @@ def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_t
     if B == 0:
         return grad.zero_()
     block_r, block_d = _tile(d)
-    grid = (triton.cdiv(num_prompt, block_r), num_tasks, triton.cdiv(d, block_d))
-    _prompt_grad_kernel[grid](
-        grad, grad_out, prompt_index if prompt_index is not None else grad_out,
-        B, num_prompt, d,
-        grad.stride(0), grad.stride(1),
+    tiles = (triton.cdiv(num_prompt, block_r), num_tasks, triton.cdiv(d, block_d))
+    rows_per_split = triton.cdiv(B, num_splits(grad_out.device, tiles[0] * tiles[1] * tiles[2], B))
+    splits = triton.cdiv(B, rows_per_split)
+    partials = torch.empty(splits, num_tasks, num_prompt, d, dtype=torch.float32,
+                           device=grad_out.device)
+    _prompt_grad_kernel[(tiles[0], tiles[1], tiles[2] * splits)](
+        partials, grad_out, prompt_index if prompt_index is not None else grad_out,
+        B, num_prompt, d, rows_per_split,
         grad_out.stride(0), grad_out.stride(1),
         HAS_INDEX=prompt_index is not None,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
-    return grad
+    return sum_splits(partials, grad)
 
 
 def compile_specs():
@@ -177,7 +190,7 @@ def compile_specs():
                 yield CompileSpec(
                     f"prompt_grad[{dtype},prompt={prompt_dtype},{block_r}x{block_d},index={has_index}]",
                     _prompt_grad_kernel,
-                    {"GradPrompt": f"*{prompt_dtype}", "GradOut": f"*{dtype}", "PromptIndex": "*i64",
-                     **{n: "i32" for n in ("batch", "num_prompt", "width", "stride_gp_t",
-                                           "stride_gp_r", "stride_go_b", "stride_go_r")}},
+                    {"Partials": "*fp32", "GradOut": f"*{dtype}", "PromptIndex": "*i64",
+                     **{n: "i32" for n in ("batch", "num_prompt", "width", "rows_per_split",
+                                           "stride_go_b", "stride_go_r")}},
                     tile, NUM_WARPS)

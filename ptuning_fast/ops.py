@@ -10,7 +10,12 @@ import torch
 
 from . import reference
 from .kernels.launch import interpreting
-from .validation import check_prefix_attention, check_prompt_embedding
+from .validation import (
+    check_prefix_attention,
+    check_prefix_attention_values,
+    check_prompt_embedding,
+    check_prompt_embedding_values,
+)
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -45,8 +50,9 @@ def prompt_embedding(input_ids, weight, prompt, *, prompt_index=None, backend="a
     used it) and `weight` only if it requires grad.
     """
     check_prompt_embedding(input_ids, weight, prompt, prompt_index)
-    if resolve_backend(backend, weight.device) == "reference":
+    if resolve_backend(backend, weight.device) == "reference":    # checks its values itself
         return reference.prompt_embedding(input_ids, weight, prompt, prompt_index=prompt_index)
+    check_prompt_embedding_values(input_ids, weight, prompt, prompt_index)
     from .fused.prompt_embedding import prompt_embedding_op
     return prompt_embedding_op(input_ids, weight, prompt, prompt_index)
 
@@ -71,6 +77,19 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     or CPU under TRITON_INTERPRET=1) and otherwise a `torch.bernoulli` mask: then the two
     backends drop different entries for one seed, as torch's SDPA backends do.
     """
+    check_prefix_attention_values(prefix_k, prefix_index)
+    return layer_prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal,
+                                  attention_mask=attention_mask, scale=scale,
+                                  prefix_index=prefix_index, backend=backend,
+                                  dropout_p=dropout_p, dropout_seed=dropout_seed)
+
+
+def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
+                           attention_mask=None, scale=None, prefix_index=None, backend="auto",
+                           dropout_p=0.0, dropout_seed=None):
+    """`prefix_attention` as a model layer calls it: shapes, dtypes and devices are checked
+    (metadata only), but not prefix_index's values — the model wrapper checks task_ids once
+    per forward, not once per layer (on a GPU a value check costs a kernel launch)."""
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
                            dropout_p, dropout_seed)
     dropout_p = float(dropout_p)
@@ -82,10 +101,10 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
         if dropout_p > 0:
             P = 0 if prefix_k is None else prefix_k.shape[-2]
             mask = _reference_dropout_mask(seed, q.shape, P, k.shape[2], dropout_p)
-        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal,
-                                          attention_mask=attention_mask, scale=scale,
-                                          prefix_index=prefix_index, dropout_p=dropout_p,
-                                          dropout_mask=mask)
+        return reference.attend(q, k, v, prefix_k, prefix_v, causal=causal,
+                                attention_mask=attention_mask, scale=scale,
+                                prefix_index=prefix_index, dropout_p=dropout_p,
+                                dropout_mask=mask)
     from .fused.prefix_attention import prefix_attention_fused
     return prefix_attention_fused(q, k, v, prefix_k, prefix_v, causal=causal,
                                   attention_mask=attention_mask, scale=scale,

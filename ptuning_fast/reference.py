@@ -84,6 +84,14 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
                            dropout_p)
     check_prefix_attention_values(prefix_k, prefix_index)
+    return attend(q, k, v, prefix_k, prefix_v, causal=causal, attention_mask=attention_mask,
+                  scale=scale, prefix_index=prefix_index, upcast=upcast, dropout_p=dropout_p,
+                  dropout_mask=dropout_mask)
+
+
+def attend(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
+           scale=None, prefix_index=None, upcast=False, dropout_p=0.0, dropout_mask=None):
+    """`prefix_attention` on inputs already validated (by `ptuning_fast.ops`)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)

@@ -67,16 +67,24 @@ def require_same_device(r: Reasons, named: dict[str, torch.Tensor | None]) -> No
 
 
 def check_index_range(name: str, index: torch.Tensor, upper: int, what: str) -> None:
-    """Raises ValueError if any entry of `index` is outside [0, upper).
+    """Entries of `index` must lie in [0, upper).
 
-    Data dependent (one device sync on CUDA): called eagerly, outside traced graphs.
+    On CPU, outside torch.compile: checked now, a ValueError naming the first bad value. On a
+    GPU, or while torch.compile traces: a device-side assert carrying the same message — no
+    host sync (a training step stays sync-free and CUDA-graph capturable), and a bad index
+    stops the computation before any kernel reads outside its table, as torch's own embedding
+    lookup does on CUDA.
     """
     if index.numel() == 0:
         return
-    lo, hi = torch.stack(torch.aminmax(index)).tolist()    # one device sync, not two
-    if lo < 0 or hi >= upper:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"`{name}` has value {bad} outside [0, {upper}) ({what})")
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(index)).tolist()
+        if lo < 0 or hi >= upper:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"`{name}` has value {bad} outside [0, {upper}) ({what})")
+        return
+    torch._assert_async(((index >= 0) & (index < upper)).all(),
+                        f"`{name}` has values outside [0, {upper}) ({what})")
 
 
 def check_prompt_embedding(input_ids, weight, prompt, prompt_index) -> None:

@@ -17,6 +17,8 @@ from ptuning_fast import reference
 from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
 from ptuning_fast.kernels import prefix_attention_bwd_dq as dq_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
+from ptuning_fast.kernels import tiles
+from ptuning_fast.kernels.launch import Target, pretend_target
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
@@ -351,29 +353,35 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_compile_specs_cover_every_gpu_config():
-    # Every tile config a launcher can pick on a GPU appears in compile_specs() (which the
-    # compile test builds for sm_80/sm_90), for each kernel that uses it.
+    # Every tile candidate a launcher can pick on a GPU appears in compile_specs() (which the
+    # compile test builds for sm_80/sm_90) on the archs that list it, for each kernel using it.
     specs = [s for m in (fwd_kernels, bwd_kernels, dq_kernels) for s in m.compile_specs()
              if "BLOCK_D" in s.constexprs]             # not the dropout-mask kernel
     # The dropout-free kernels alone cover every config (dropout variants come on top).
-    built = {(s.name.split("[")[0], "bf16" in s.name or "fp16" in s.name, s.constexprs["BLOCK_D"],
-              s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"), s.num_warps, s.num_stages)
-             for s in specs if not s.constexprs.get("HAS_DROPOUT")}
-    tables = {"prefix_attention_fwd": fwd_kernels.GPU_FWD,
-              "prefix_attention_dq": dq_kernels.GPU_Q,
-              "prefix_attention_dkdv": bwd_kernels.GPU_KV,
-              "prefix_attention_prefix_dkdv": bwd_kernels.GPU_KV}
-    for kernel, table in tables.items():
-        for (sixteen_bit, block_d), c in table.items():
-            key = (kernel, sixteen_bit, block_d, c.block_m, c.block_n, c.num_warps, c.num_stages)
-            assert key in built, key
+    built = {(s.name.split("[")[0], arch, "bf16" in s.name or "fp16" in s.name,
+              s.constexprs["BLOCK_D"], s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"),
+              s.num_warps, s.num_stages)
+             for s in specs if not s.constexprs.get("HAS_DROPOUT") for arch in s.archs}
+    kernels = {"prefix_attention_fwd": "fwd", "prefix_attention_dq": "dq",
+               "prefix_attention_dkdv": "dkdv"}
+    for name, kernel in kernels.items():
+        for (arch, sixteen_bit, block_d), cands in tiles.CANDIDATES[kernel].items():
+            for c in cands:
+                key = (name, arch, sixteen_bit, block_d, c.block_m, c.block_n, c.num_warps,
+                       c.num_stages)
+                assert key in built, key
+    # The prefix kernel runs each arch's fixed dK/dV tile, at every short-prefix key block.
+    prefix = {k[1:4] + (k[5],) for k in built if k[0] == "prefix_attention_prefix_dkdv"}
+    for (arch, sixteen_bit, block_d), cands in tiles.CANDIDATES["dkdv"].items():
+        assert (arch, sixteen_bit, block_d) in {p[:3] for p in prefix}
+    assert {p[3] for p in prefix} >= {16, 64}
     for D in (1, 16, 32, 48, 64, 80, 96, 128, 160, 256):
         assert fwd_kernels.head_block(D) in {32, 64, 128, 256}
     for flags in fwd_kernels.FLAG_COMBOS:
         assert any((s.constexprs.get("IS_CAUSAL"), s.constexprs.get("HAS_MASK")) == flags
                    for s in specs if "fwd" in s.name)
     # Dropout-free, every config above; with dropout, some of them for each kernel.
-    for kernel in tables:
+    for kernel in list(kernels) + ["prefix_attention_prefix_dkdv"]:
         for has_dropout in (False, True):
             assert any(s.constexprs["HAS_DROPOUT"] == has_dropout for s in specs
                        if s.name.split("[")[0] == kernel), (kernel, has_dropout)
@@ -400,22 +408,38 @@ def test_empty_query_and_batch():
 
 
 def _gpu_config_cases():
-    """One case per GPU tile config: (16-bit?, BLOCK_D) -> a dtype and head dim it serves."""
-    for sixteen_bit, block_d in fwd_kernels.GPU_FWD:
+    """One case per distinct set of GPU tiles the launchers can pick: (arch, dtype, head dim,
+    candidate number); a candidate list shorter than the number repeats its last entry."""
+    seen = set()
+    for (arch, sixteen_bit, block_d) in tiles.CANDIDATES["fwd"]:
         dtype = torch.float16 if sixteen_bit else torch.float32
         D = {32: 32, 64: 64, 128: 80, 256: 256}[block_d]
-        yield pytest.param(dtype, D, id=f"{'16bit' if sixteen_bit else 'fp32'}-D{D}")
+        for i in range(max(len(tiles.candidates(k, arch, dtype, D)) for k in tiles.INTERPRETER)):
+            picked = tuple(_nth_candidate(k, arch, dtype, D, i) for k in tiles.INTERPRETER)
+            if (sixteen_bit, block_d, picked) not in seen:
+                seen.add((sixteen_bit, block_d, picked))
+                yield pytest.param(arch, dtype, D, i,
+                                   id=f"sm{arch}-{'16bit' if sixteen_bit else 'fp32'}-D{D}-{i}")
+
+
+def _nth_candidate(kernel, arch, dtype, D, i):
+    cands = tiles.candidates(kernel, arch, dtype, D)
+    return cands[min(i, len(cands) - 1)]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter check of the GPU tiles; the GPU runs them")
-@pytest.mark.parametrize("dtype, D", list(_gpu_config_cases()))
-def test_gpu_tile_configs_under_interpreter(monkeypatch, dtype, D):
-    # The interpreter normally runs one small config; here every launcher picks the config it
-    # would on a GPU (BLOCK_M up to 128, BLOCK_M != BLOCK_N), so its block bounds are checked.
-    for module in (fwd_kernels, bwd_kernels, dq_kernels):
-        monkeypatch.setattr(module, "interpreting", lambda: False)
+@pytest.mark.parametrize("arch, dtype, D, i", list(_gpu_config_cases()))
+def test_gpu_tile_configs_under_interpreter(monkeypatch, arch, dtype, D, i):
+    # The interpreter normally runs one small config; here every launcher picks candidate i of
+    # the tiles it would on a GPU of that arch (BLOCK_M up to 128, BLOCK_M != BLOCK_N) and sizes
+    # its splits for that GPU's SMs, so the block bounds and split ranges are checked.
+    original = tiles.candidates
+    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d: [
+        original(kernel, a, dt, d)[min(i, len(original(kernel, a, dt, d)) - 1)]]
+        if a is not None else original(kernel, a, dt, d))
     case = Case(1, 2, 1, 70, 150, D, 70, "shared", "left")
-    check_against_reference(case, dtype)
+    with pretend_target(Target(arch, 132 if arch == 90 else 108)):
+        check_against_reference(case, dtype)
 
 
 @gpu

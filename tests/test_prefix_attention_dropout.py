@@ -12,9 +12,8 @@ from test_prefix_attention import NAMES, Case, exact, fused, make_inputs, run
 
 import ptuning_fast as pf
 from ptuning_fast import reference
-from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
-from ptuning_fast.kernels import prefix_attention_bwd_dq as dq_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
+from ptuning_fast.kernels import tiles
 from ptuning_fast.kernels.prefix_attention_fwd import TileConfig, dropout_keep_mask
 
 SEED = 0x5EED_1234_ABCD
@@ -159,8 +158,8 @@ def test_mask_does_not_depend_on_tile_sizes(monkeypatch):
     torch.testing.assert_close(first, second, atol=1e-6, rtol=1e-5)
     # The backward kernels regenerate the same mask with other tiles too.
     case = Case(2, 4, 2, 29, 35, 32, 21, "shared", "random")
-    monkeypatch.setattr(dq_kernels, "INTERPRETER_Q", TileConfig(16, 32, 4, 1))
-    monkeypatch.setattr(bwd_kernels, "INTERPRETER_KV", TileConfig(32, 16, 4, 1))
+    monkeypatch.setitem(tiles.INTERPRETER, "dq", TileConfig(16, 32, 4, 1))
+    monkeypatch.setitem(tiles.INTERPRETER, "dkdv", TileConfig(32, 16, 4, 1))
     check_dropout_against_reference(case, torch.float32, p=0.3)
 
 

@@ -15,9 +15,8 @@ import torch
 
 from ..kernels import prefix_attention_bwd as bwd_kernels
 from ..kernels import prefix_attention_fwd as fwd_kernels
-from ..validation import check_prefix_attention_values
 
-# What the kernels have GPU tile configs for (GPU_FWD / GPU_KV / GPU_Q) and compile specs.
+# What the kernels have GPU tile configs for (kernels/tiles.py) and compile specs.
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -29,8 +28,6 @@ def prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         causal: bool, scale: float, dropout_p: float = 0.0,
                         dropout_seed: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    # prefix_index's range needs the data, so it is checked here (eagerly), not in the trace.
-    check_prefix_attention_values(prefix_k, prefix_index)
     return fwd_kernels.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, attention_mask,
                                             prefix_index, causal=causal, scale=scale,
                                             dropout_p=dropout_p, dropout_seed=dropout_seed)

@@ -4,14 +4,11 @@ from __future__ import annotations
 import torch
 
 from ..kernels import prompt_embedding as kernels
-from ..validation import check_prompt_embedding_values
 
 
 @torch.library.custom_op("ptuning_fast::prompt_embedding", mutates_args=())
 def prompt_embedding_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
                         prompt_index: torch.Tensor | None) -> torch.Tensor:
-    # Value checks need the data, so they run here (eagerly) rather than in the traced wrapper.
-    check_prompt_embedding_values(input_ids, weight, prompt, prompt_index)
     return kernels.prompt_embedding_fwd(input_ids, weight, prompt, prompt_index)
 
 

@@ -95,11 +95,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if window is not None and total > window:
         raise NotImplementedError(f"sliding-window attention (window {window}) is not supported "
                                   f"with {total} keys")
-    out = ops.prefix_attention(query, key, value, prefix_k, prefix_v,
-                               causal=bool(getattr(module, "is_causal", True)),
-                               attention_mask=attention_mask, scale=scaling,
-                               prefix_index=prefix_index, backend=backend,
-                               dropout_p=float(dropout or 0.0))
+    out = ops.layer_prefix_attention(query, key, value, prefix_k, prefix_v,
+                                     causal=bool(getattr(module, "is_causal", True)),
+                                     attention_mask=attention_mask, scale=scaling,
+                                     prefix_index=prefix_index, backend=backend,
+                                     dropout_p=float(dropout or 0.0))
     return out.transpose(1, 2).contiguous(), None
 
 

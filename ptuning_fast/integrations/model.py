@@ -18,6 +18,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
+from ..validation import check_index_range
 from . import attention
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
@@ -125,8 +126,9 @@ class PTuningModel(nn.Module):
         if task_ids.dim() != 1 or task_ids.shape[0] != batch:
             raise ValueError(f"`task_ids` must have shape ({batch},), got shape "
                              f"{tuple(task_ids.shape)}")
-        if int(task_ids.min()) < 0 or int(task_ids.max()) >= T:
-            raise ValueError(f"`task_ids` must be in [0, {T}), got {task_ids.tolist()}")
+        # Once per forward (the layers skip it): on CPU a ValueError now, on a GPU a
+        # device-side assert (no host sync in a training step).
+        check_index_range("task_ids", task_ids, T, f"the config's num_tasks={T}")
         return task_ids.long()
 
     def _binding(self, task_ids) -> attention.PrefixBinding:

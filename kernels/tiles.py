@@ -1,0 +1,135 @@
+"""Tile configurations of the attention kernels, per GPU architecture and dtype.
+
+Each (kernel, architecture, 16-bit?, head block) has a short list of candidates. The first is
+the fixed choice: what a launch uses wherever nothing is timed (the static report, CUDA-graph
+capture, PTUNING_FAST_AUTOTUNE=0) and what the static report proves spill-free at the benchmark
+shapes. On a GPU the launchers time the candidates once per tuning key and keep the fastest
+(kernels/autotune.py). Every candidate is compiled for sm_80 and sm_90 by the compile test.
+
+Why these: the dK/dV program holds k, v, dK and dV of its key block in registers, so with 4
+warps a 64 x 128 key block needs ~255 registers a thread and spills (ptxas, sm_90, bf16); 8
+warps halve that. Short prefixes use a shorter prefix key block (see prefix_key_block). fp32
+tiles take twice the shared memory and registers, so fp32 halves the streamed block. sm_80
+(A100: 164 KB shared memory a block, mma.sync) and sm_90 (H100: 227 KB, wgmma) differ where
+ptxas said so; measured figures are in bench/NOTES.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int        # forward / dQ: queries a program owns; dK/dV: queries per step
+    block_n: int        # forward / dQ: keys per step; dK/dV: keys a program owns
+    num_warps: int
+    num_stages: int
+
+
+T = TileConfig
+
+# Interpreter: one small config per kernel, so tests cross block edges at small sizes;
+# BLOCK_M != BLOCK_N exercises the causal bounds that GPU configs rely on.
+INTERPRETER = {
+    "fwd": T(32, 16, 4, 1),
+    "dkdv": T(16, 32, 4, 1),
+    "dq": T(32, 16, 4, 1),
+}
+
+# kernel -> (arch family, 16-bit?, head block) -> candidates, fixed choice first.
+CANDIDATES: dict[str, dict[tuple[int, bool, int], list[TileConfig]]] = {
+    "fwd": {
+        (90, True, 32): [T(128, 64, 4, 3)],
+        (90, True, 64): [T(128, 64, 4, 3), T(128, 128, 8, 3)],
+        (90, True, 128): [T(128, 64, 8, 3), T(128, 128, 8, 3)],
+        (90, True, 256): [T(64, 64, 8, 2)],
+        (90, False, 32): [T(64, 64, 4, 3)],
+        (90, False, 64): [T(64, 32, 4, 3)],
+        (90, False, 128): [T(64, 32, 4, 2)],
+        (90, False, 256): [T(64, 16, 8, 2)],
+        (80, True, 32): [T(128, 64, 4, 3)],
+        (80, True, 64): [T(128, 64, 4, 3)],
+        (80, True, 128): [T(128, 64, 8, 3), T(128, 32, 4, 3)],
+        (80, True, 256): [T(64, 64, 8, 2)],
+        (80, False, 32): [T(64, 64, 4, 3)],
+        (80, False, 64): [T(64, 32, 4, 3)],
+        (80, False, 128): [T(64, 32, 4, 2)],
+        (80, False, 256): [T(64, 16, 8, 2)],
+    },
+    "dkdv": {
+        (90, True, 32): [T(32, 128, 4, 3)],
+        (90, True, 64): [T(32, 128, 8, 3), T(64, 64, 8, 3)],
+        (90, True, 128): [T(32, 64, 8, 3), T(32, 64, 8, 2)],
+        (90, True, 256): [T(16, 64, 8, 2)],
+        (90, False, 32): [T(32, 64, 4, 3)],
+        (90, False, 64): [T(32, 64, 8, 2)],
+        (90, False, 128): [T(16, 64, 8, 2)],
+        (90, False, 256): [T(16, 32, 8, 2)],
+        (80, True, 32): [T(32, 128, 4, 3)],
+        (80, True, 64): [T(32, 128, 8, 3)],
+        (80, True, 128): [T(32, 64, 8, 2)],
+        (80, True, 256): [T(16, 64, 8, 2)],
+        (80, False, 32): [T(32, 64, 4, 3)],
+        (80, False, 64): [T(32, 64, 8, 2)],
+        (80, False, 128): [T(16, 64, 8, 2)],
+        (80, False, 256): [T(16, 32, 8, 2)],
+    },
+    "dq": {
+        (90, True, 32): [T(128, 32, 4, 3)],
+        (90, True, 64): [T(128, 32, 4, 3), T(64, 64, 4, 3)],
+        (90, True, 128): [T(64, 32, 4, 3), T(128, 32, 8, 3)],
+        (90, True, 256): [T(64, 16, 8, 2)],
+        (90, False, 32): [T(64, 32, 4, 3)],
+        (90, False, 64): [T(64, 32, 4, 2)],
+        (90, False, 128): [T(64, 16, 4, 2)],
+        (90, False, 256): [T(32, 16, 8, 2)],
+        (80, True, 32): [T(128, 32, 4, 3)],
+        (80, True, 64): [T(128, 32, 4, 3)],
+        (80, True, 128): [T(64, 32, 4, 3)],
+        (80, True, 256): [T(64, 16, 8, 2)],
+        (80, False, 32): [T(64, 32, 4, 3)],
+        (80, False, 64): [T(64, 32, 4, 2)],
+        (80, False, 128): [T(64, 16, 4, 2)],
+        (80, False, 256): [T(32, 16, 8, 2)],
+    },
+}
+
+
+def head_block(head_dim: int) -> int:
+    # Floor of 32: small head dims share the D = 32 kernels (covered by compile_specs) rather
+    # than compiling a 16-wide variant for a shape real models do not use.
+    return max(32, triton.next_power_of_2(head_dim))
+
+
+def arch_family(arch: int) -> int:
+    """The table an architecture reads: Hopper and newer use the sm_90 tiles, Ampere/Ada
+    (sm_80, 86, 89) the sm_80 ones."""
+    return 90 if arch >= 90 else 80
+
+
+def candidates(kernel: str, arch: int | None, dtype: torch.dtype,
+               head_dim: int) -> list[TileConfig]:
+    """The configs a launch of `kernel` may use; arch None = the interpreter."""
+    if arch is None:
+        return [INTERPRETER[kernel]]
+    return CANDIDATES[kernel][(arch_family(arch), dtype != torch.float32, head_block(head_dim))]
+
+
+def prefix_key_block(prefix_len: int, cfg: TileConfig) -> int:
+    """Prefix keys per prefix-dK/dV program: the config's key block, or less for a short prefix
+    (P = 16 then fills its tile instead of a quarter of a 64-row one). Floor 16: the smallest
+    MMA tile."""
+    return min(cfg.block_n, max(16, triton.next_power_of_2(prefix_len)))
+
+
+def spec_configs(kernel: str, sixteen_bit: bool, block_d: int):
+    """(config, archs) for every candidate of `kernel` at (16-bit?, head block), a config shared
+    by sm_80 and sm_90 listed once with both: what the compile specs must build."""
+    archs_of: dict[TileConfig, list[int]] = {}
+    for arch in (80, 90):
+        for cfg in CANDIDATES[kernel][(arch, sixteen_bit, block_d)]:
+            archs_of.setdefault(cfg, []).append(arch)
+    return [(cfg, tuple(archs)) for cfg, archs in archs_of.items()]
