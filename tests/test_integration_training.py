@@ -45,8 +45,8 @@ def test_gradient_checkpointing_gives_same_gradients(model_name, method, backend
     enabled = getattr(model.base_model, "is_activation_checkpointing", None)   # transformers 5.2x
     assert enabled if enabled is not None else model.base_model.is_gradient_checkpointing
     calls = []
-    real = attention.ops.prefix_attention
-    monkeypatch.setattr(attention.ops, "prefix_attention",
+    real = attention.ops.layer_prefix_attention
+    monkeypatch.setattr(attention.ops, "layer_prefix_attention",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     loss_gc, grads_gc = loss_and_grads(model, model_name)
     if method.startswith("prefix"):   # each layer ran twice: forward, and recomputed in backward
@@ -98,13 +98,13 @@ def test_mixed_task_batch_equals_each_row_alone(model_name, method, backend):
 def test_shared_prefix_reaches_attention_without_batch_copy(num_tasks, monkeypatch):
     model = pf.wrap(tiny_llama(0), CONFIGS["prefix"](T=num_tasks))
     seen = []
-    real = attention.ops.prefix_attention
+    real = attention.ops.layer_prefix_attention
 
     def spy(q, k, v, prefix_k=None, prefix_v=None, **kw):
         seen.append((q.shape[0], prefix_k, kw.get("prefix_index")))
         return real(q, k, v, prefix_k, prefix_v, **kw)
 
-    monkeypatch.setattr(attention.ops, "prefix_attention", spy)
+    monkeypatch.setattr(attention.ops, "layer_prefix_attention", spy)
     ids, mask, _ = batch("llama", batch_size=4)
     tasks = torch.tensor([0, 2, 2, 1]) if num_tasks > 1 else None
     model(input_ids=ids, attention_mask=mask, task_ids=tasks)
@@ -140,7 +140,7 @@ def test_task_id_errors():
     ids, mask, _ = batch("llama")
     with pytest.raises(ValueError, match="num_tasks=2: pass `task_ids`"):
         multi(input_ids=ids, attention_mask=mask)
-    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
         multi(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 2, 1]))
     with pytest.raises(ValueError, match="shape \\(3,\\)"):
         multi(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
