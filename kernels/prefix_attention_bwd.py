@@ -32,7 +32,7 @@ from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
 from .launch import contiguous_last, dense_index, num_splits
 from .split_reduce import sum_splits
-from .tiles import CANDIDATES, prefix_key_block, spec_configs
+from .tiles import CANDIDATES, prefix_tile, spec_configs
 from .prefix_attention_fwd import (
     LOG2E,
     TileConfig,
@@ -351,7 +351,7 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
         if dk.numel() > 0:
             launch_tuned("dkdv", q.device, q.dtype, D,
                          (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
-                          length_bucket(Lk)), launch_dkdv)
+                          length_bucket(Lk)), launch_dkdv, dropout=dropout_p > 0)
 
     if needs[3] or needs[4]:
         # The fixed dK/dV tile: the prefix kernel's work is short and its split is sized from
@@ -387,7 +387,8 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     work = rows_per_slot * group * triton.cdiv(Lq, cfg.block_m)
     if dpk.numel() == 0 or work == 0:
         return dpk.zero_().view(prefix_k.shape), dpv.zero_().view(prefix_k.shape)
-    block_n = prefix_key_block(P, cfg)
+    cfg = prefix_tile(P, cfg)
+    block_n = cfg.block_n
     tiles = triton.cdiv(P, block_n) * Hkv * slots
     per_split = triton.cdiv(work, num_splits(q.device, tiles, work))
     splits = triton.cdiv(work, per_split)               # no split is left without work
@@ -428,10 +429,11 @@ def compile_specs():
         # Prefix programs take a shorter key block for short prefixes: rotate P over 16, 64
         # and 256 so that each block size compiles somewhere.
         for arch in (80, 90):
-            cfg = CANDIDATES["dkdv"][(arch, sixteen, block_d)][0]
+            cfg = prefix_tile((16, 64, 256)[i % 3],
+                              CANDIDATES["dkdv"][(arch, sixteen, block_d)][0])
             jobs.append(("prefix_dkdv", _prefix_dkdv_kernel, cfg, (arch,),
                          dict(HAS_INDEX=i % 2 == 1, HAS_DROPOUT=has_dropout, BLOCK_M=cfg.block_m,
-                              BLOCK_N=prefix_key_block((16, 64, 256)[i % 3], cfg)),
+                              BLOCK_N=cfg.block_n),
                          ("Q", "PK", "PV", "DO")))
         for name, fn, cfg, archs, constexprs, tensors in jobs:
             constexprs = dict(constexprs, BLOCK_D=block_d, INPUT_PRECISION=precision)

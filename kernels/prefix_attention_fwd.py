@@ -65,7 +65,8 @@ def sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL: tl.constexpr,
 @triton.jit
 def _attend_blocks(
     acc, m_i, l_i, q,
-    K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
+    K, V, Mask,                  # K, V already at (row, kv head) — pointers, or with USE_TMA
+                                 # (key_len, head_dim) tensor descriptors; Mask at the row
     start, end,                  # key range [start, end); start is a multiple of BLOCK_N
     stride_k_l, stride_v_l, stride_mask_l,
     key_len, head_dim, key_shift, q_pos, qk_scale,
@@ -76,6 +77,7 @@ def _attend_blocks(
     HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     """Online-softmax update of (acc, m_i, l_i) with the keys [start, end) of one K/V pair."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -89,8 +91,13 @@ def _attend_blocks(
         else:
             kt_mask = d_ok[:, None]
             v_mask = d_ok[None, :]
-        kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
-                     mask=kt_mask, other=0.0)
+        if USE_TMA:
+            # The descriptor's bounds give the zeros a masked load would (keys >= key_len,
+            # columns >= head_dim).
+            kt = tl.trans(K.load([start_n, 0]))
+        else:
+            kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
+                         mask=kt_mask, other=0.0)
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
         if CHECK_KEYS or HAS_MASK:
             if CHECK_KEYS:
@@ -113,8 +120,11 @@ def _attend_blocks(
         if HAS_DROPOUT:
             cols = (rng_col0 + keys).to(tl.int64)
             p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
-        v = tl.load(V + keys[:, None].to(tl.int64) * stride_v_l + offs_d[None, :],
-                    mask=v_mask, other=0.0)
+        if USE_TMA:
+            v = V.load([start_n, 0])
+        else:
+            v = tl.load(V + keys[:, None].to(tl.int64) * stride_v_l + offs_d[None, :],
+                        mask=v_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -141,6 +151,7 @@ def _prefix_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,       # next power of two >= head_dim (tl.arange needs a power of 2)
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,   # Hopper: K/V tiles through tensor descriptors (TMA)
 ):
     # Last dims are contiguous (the launcher guarantees it): d offsets need no stride, and
     # the loads vectorize.
@@ -175,32 +186,41 @@ def _prefix_attention_fwd_kernel(
     # Prefix keys: every query sees all of them; only the last block needs a bounds mask.
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
+    k = K + batch * stride_k_b + kv_head * stride_k_h
+    v = V + batch * stride_v_b + kv_head * stride_v_h
+    if USE_TMA:
+        pk = tl.make_tensor_descriptor(pk, [prefix_len, head_dim], [stride_pk_l, 1],
+                                       [BLOCK_N, BLOCK_D])
+        pv = tl.make_tensor_descriptor(pv, [prefix_len, head_dim], [stride_pv_l, 1],
+                                       [BLOCK_N, BLOCK_D])
+        k = tl.make_tensor_descriptor(k, [key_len, head_dim], [stride_k_l, 1],
+                                      [BLOCK_N, BLOCK_D])
+        v = tl.make_tensor_descriptor(v, [key_len, head_dim], [stride_v_l, 1],
+                                      [BLOCK_N, BLOCK_D])
     prefix_full = prefix_len // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, pk, pv, Mask, 0, prefix_full, stride_pk_l, stride_pv_l, 0,
         prefix_len, head_dim, 0, q_pos, qk_scale, seed, dropout_p, rng_rows, 0,
-        False, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        False, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, pk, pv, Mask, prefix_full, prefix_len, stride_pk_l, stride_pv_l, 0,
         prefix_len, head_dim, 0, q_pos, qk_scale, seed, dropout_p, rng_rows, 0,
-        True, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        True, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
 
     # Sequence keys: the fully visible blocks run without the causal mask; keys the causal mask
     # hides from the whole block are never loaded.
     key_shift = key_len - q_len
     q_start = q_block * BLOCK_M
     full_end, end = sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    k = K + batch * stride_k_b + kv_head * stride_k_h
-    v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k, v, mask, 0, full_end, stride_k_l, stride_v_l, stride_mask_l,
         key_len, head_dim, key_shift, q_pos, qk_scale, seed, dropout_p, rng_rows, prefix_len,
-        False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k, v, mask, full_end, end, stride_k_l, stride_v_l, stride_mask_l,
         key_len, head_dim, key_shift, q_pos, qk_scale, seed, dropout_p, rng_rows, prefix_len,
-        True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
 
     # A row with no visible key (possible only without a prefix) has l = 0: output zeros and
     # LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
@@ -302,6 +322,7 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
             HAS_DROPOUT=dropout_p > 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
             INPUT_PRECISION=input_precision(q.dtype),
+            USE_TMA=cfg.tma and tma_ready(pk, pv, k, v),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -310,8 +331,36 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     else:
         launch_tuned("fwd", q.device, q.dtype, D,
                      (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
-                      length_bucket(P + Lk)), launch)
+                      length_bucket(P + Lk)), launch, dropout=dropout_p > 0)
     return out, lse
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether K, V and the prefixes can be read through tensor descriptors: a Triton that has
+    them, every tensor non-empty, its address and its row / head / batch strides multiples of
+    16 bytes (TMA's rule). Otherwise the TMA config runs its pointer loads (same tiles)."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.numel() == 0 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    if tensors[0].device.type == "cuda":
+        _ensure_descriptor_allocator()
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Descriptors made inside a kernel live in a scratch buffer that Triton asks the host to
+    allocate; give it torch's caching allocator (once per process)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(
+            size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +466,7 @@ def compile_specs():
             constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
                               HAS_DROPOUT=has_dropout,
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                              INPUT_PRECISION=precision)
+                              INPUT_PRECISION=precision, USE_TMA=cfg.tma)
             types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
             types.update(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64",
                          qk_scale="fp32", dropout_p="fp32")

@@ -8,13 +8,14 @@ shapes. On a GPU the launchers time the candidates once per tuning key and keep 
 
 Why these: the dK/dV program holds k, v, dK and dV of its key block in registers, so with 4
 warps a 64 x 128 key block needs ~255 registers a thread and spills (ptxas, sm_90, bf16); 8
-warps halve that. Short prefixes use a shorter prefix key block (see prefix_key_block). fp32
+warps halve that. Short prefixes use a shorter prefix key block (see prefix_tile). fp32
 tiles take twice the shared memory and registers, so fp32 halves the streamed block. sm_80
 (A100: 164 KB shared memory a block, mma.sync) and sm_90 (H100: 227 KB, wgmma) differ where
 ptxas said so; measured figures are in bench/NOTES.md.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ class TileConfig:
     block_n: int        # forward / dQ: keys per step; dK/dV: keys a program owns
     num_warps: int
     num_stages: int
+    tma: bool = False   # forward only, sm_90+: K/V tiles through tensor descriptors (TMA)
+    dropout_ok: bool = True   # False: spills with dropout's Philox registers; not timed then
 
 
 T = TileConfig
@@ -43,8 +46,8 @@ INTERPRETER = {
 CANDIDATES: dict[str, dict[tuple[int, bool, int], list[TileConfig]]] = {
     "fwd": {
         (90, True, 32): [T(128, 64, 4, 3)],
-        (90, True, 64): [T(128, 64, 4, 3), T(128, 128, 8, 3)],
-        (90, True, 128): [T(128, 64, 8, 3), T(128, 128, 8, 3)],
+        (90, True, 64): [T(128, 64, 4, 3), T(128, 128, 8, 3), T(128, 64, 4, 3, tma=True)],
+        (90, True, 128): [T(128, 64, 8, 3), T(128, 128, 8, 3), T(128, 64, 8, 3, tma=True)],
         (90, True, 256): [T(64, 64, 8, 2)],
         (90, False, 32): [T(64, 64, 4, 3)],
         (90, False, 64): [T(64, 32, 4, 3)],
@@ -61,19 +64,19 @@ CANDIDATES: dict[str, dict[tuple[int, bool, int], list[TileConfig]]] = {
     },
     "dkdv": {
         (90, True, 32): [T(32, 128, 4, 3)],
-        (90, True, 64): [T(32, 128, 8, 3), T(64, 64, 8, 3)],
-        (90, True, 128): [T(32, 64, 8, 3), T(32, 64, 8, 2)],
-        (90, True, 256): [T(16, 64, 8, 2)],
-        (90, False, 32): [T(32, 64, 4, 3)],
-        (90, False, 64): [T(32, 64, 8, 2)],
+        (90, True, 64): [T(32, 128, 8, 3)],
+        (90, True, 128): [T(16, 64, 8, 3), T(32, 64, 8, 3, dropout_ok=False)],
+        (90, True, 256): [T(16, 32, 8, 2)],
+        (90, False, 32): [T(32, 64, 8, 2)],
+        (90, False, 64): [T(16, 32, 4, 2)],
         (90, False, 128): [T(16, 64, 8, 2)],
         (90, False, 256): [T(16, 32, 8, 2)],
-        (80, True, 32): [T(32, 128, 4, 3)],
-        (80, True, 64): [T(32, 128, 8, 3)],
-        (80, True, 128): [T(32, 64, 8, 2)],
-        (80, True, 256): [T(16, 64, 8, 2)],
-        (80, False, 32): [T(32, 64, 4, 3)],
-        (80, False, 64): [T(32, 64, 8, 2)],
+        (80, True, 32): [T(32, 64, 4, 3)],
+        (80, True, 64): [T(16, 128, 8, 3), T(32, 64, 8, 3)],
+        (80, True, 128): [T(16, 64, 8, 3)],
+        (80, True, 256): [T(16, 32, 8, 2)],
+        (80, False, 32): [T(16, 64, 4, 2)],
+        (80, False, 64): [T(16, 32, 4, 2)],
         (80, False, 128): [T(16, 64, 8, 2)],
         (80, False, 256): [T(16, 32, 8, 2)],
     },
@@ -110,25 +113,36 @@ def arch_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
-def candidates(kernel: str, arch: int | None, dtype: torch.dtype,
-               head_dim: int) -> list[TileConfig]:
-    """The configs a launch of `kernel` may use; arch None = the interpreter."""
+def tma_enabled() -> bool:
+    """The TMA candidates are compiled and tested (interpreter, sm_90 PTX) but no GPU has timed
+    them yet: they join the timed candidates only with PTUNING_FAST_TMA=1."""
+    return os.environ.get("PTUNING_FAST_TMA", "0") == "1"
+
+
+def candidates(kernel: str, arch: int | None, dtype: torch.dtype, head_dim: int,
+               dropout: bool = False) -> list[TileConfig]:
+    """The configs a launch of `kernel` may use; arch None = the interpreter. The first entry
+    of every table serves dropout too."""
     if arch is None:
         return [INTERPRETER[kernel]]
-    return CANDIDATES[kernel][(arch_family(arch), dtype != torch.float32, head_block(head_dim))]
+    cands = CANDIDATES[kernel][(arch_family(arch), dtype != torch.float32, head_block(head_dim))]
+    return [c for c in cands if (not c.tma or tma_enabled()) and (c.dropout_ok or not dropout)]
 
 
-def prefix_key_block(prefix_len: int, cfg: TileConfig) -> int:
-    """Prefix keys per prefix-dK/dV program: the config's key block, or less for a short prefix
-    (P = 16 then fills its tile instead of a quarter of a 64-row one). Floor 16: the smallest
-    MMA tile."""
-    return min(cfg.block_n, max(16, triton.next_power_of_2(prefix_len)))
+def prefix_tile(prefix_len: int, cfg: TileConfig) -> TileConfig:
+    """The prefix-dK/dV program's tile, from the dK/dV config: its key block, or less for a
+    short prefix (P = 16 then fills its tile instead of a quarter of a 64-row one; floor 16, the
+    smallest MMA tile), and at most 4 warps for a key block under 64 rows (8 warps on a 16-row
+    tile leave ptxas 128 registers a thread and it spills)."""
+    block_n = min(cfg.block_n, max(16, triton.next_power_of_2(prefix_len)))
+    warps = cfg.num_warps if block_n >= 64 else min(cfg.num_warps, 4)
+    return TileConfig(cfg.block_m, block_n, warps, cfg.num_stages)
 
 
 def spec_configs(kernel: str, sixteen_bit: bool, block_d: int):
     """(config, archs) for every candidate of `kernel` at (16-bit?, head block), a config shared
     by sm_80 and sm_90 listed once with both: what the compile specs must build."""
-    archs_of: dict[TileConfig, list[int]] = {}
+    archs_of: dict[TileConfig, list[int]] = {}    # every candidate, TMA ones included
     for arch in (80, 90):
         for cfg in CANDIDATES[kernel][(arch, sixteen_bit, block_d)]:
             archs_of.setdefault(cfg, []).append(arch)

@@ -370,7 +370,7 @@ def test_compile_specs_cover_every_gpu_config():
                 key = (name, arch, sixteen_bit, block_d, c.block_m, c.block_n, c.num_warps,
                        c.num_stages)
                 assert key in built, key
-    # The prefix kernel runs each arch's fixed dK/dV tile, at every short-prefix key block.
+    # The prefix kernel runs each arch's fixed dK/dV tile, with short-prefix key blocks too.
     prefix = {k[1:4] + (k[5],) for k in built if k[0] == "prefix_attention_prefix_dkdv"}
     for (arch, sixteen_bit, block_d), cands in tiles.CANDIDATES["dkdv"].items():
         assert (arch, sixteen_bit, block_d) in {p[:3] for p in prefix}
@@ -422,8 +422,8 @@ def _gpu_config_cases():
                                    id=f"sm{arch}-{'16bit' if sixteen_bit else 'fp32'}-D{D}-{i}")
 
 
-def _nth_candidate(kernel, arch, dtype, D, i):
-    cands = tiles.candidates(kernel, arch, dtype, D)
+def _nth_candidate(kernel, arch, dtype, D, i, candidates=tiles.candidates):
+    cands = candidates(kernel, arch, dtype, D)
     return cands[min(i, len(cands) - 1)]
 
 
@@ -434,12 +434,28 @@ def test_gpu_tile_configs_under_interpreter(monkeypatch, arch, dtype, D, i):
     # the tiles it would on a GPU of that arch (BLOCK_M up to 128, BLOCK_M != BLOCK_N) and sizes
     # its splits for that GPU's SMs, so the block bounds and split ranges are checked.
     original = tiles.candidates
-    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d: [
-        original(kernel, a, dt, d)[min(i, len(original(kernel, a, dt, d)) - 1)]]
-        if a is not None else original(kernel, a, dt, d))
+    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d, drop=False: (
+        [_nth_candidate(kernel, a, dt, d, i, original)] if a is not None
+        else original(kernel, a, dt, d)))
     case = Case(1, 2, 1, 70, 150, D, 70, "shared", "left")
     with pretend_target(Target(arch, 132 if arch == 90 else 108)):
         check_against_reference(case, dtype)
+
+
+@pytest.mark.parametrize("D, layout", [(64, "blhd"), (80, "bhld")])
+def test_tma_forward_equals_pointer_loads(D, layout):
+    # The Hopper path reads K/V tiles through tensor descriptors (bounds give the zeros that
+    # masked loads give); under the interpreter it must give the pointer path's bits.
+    case = Case(2, 4, 2, 37, 45, D, 19, "task", "right", layout=layout)
+    (q, k, v, pk, pv), mask, index = make_inputs(case, torch.float16, requires_grad=False)
+    assert fwd_kernels.tma_ready(pk, pv, k, v)
+    outs = [fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, mask, index,
+                                             config=tiles.TileConfig(32, 16, 4, 1, tma=tma))[0]
+            for tma in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    # A row stride that is not a multiple of 16 bytes cannot be a descriptor: pointer loads.
+    odd = torch.randn(2, 2, 45, D + 1, dtype=torch.float16, device=DEVICE)[..., :D]
+    assert not fwd_kernels.tma_ready(pk, pv, odd, v)
 
 
 @gpu
