@@ -65,7 +65,7 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Hkv, P, D) shared, (B, Hkv, P, D) per row,
     or (T, Hkv, P, D) with prefix_index (B,). attention_mask (B, Lk), true/1 = attend. Causal
     masking is bottom-right aligned. Returns (B, Hq, Lq, D) in q's dtype. Semantics: see
-    ARCHITECTURE.md and `ptuning_fast.reference.prefix_attention`.
+    docs/design.md and `ptuning_fast.reference.prefix_attention`.
 
     dropout_p in [0, 1): attention-probability dropout, as torch's SDPA / FlashAttention (each
     probability, prefix and sequence columns alike, kept with probability 1 - p and scaled by

@@ -1,5 +1,5 @@
 """Prefix-attention cases: forward and forward + backward over a prefilled sequence, and a decode
-step (Lq = 1 against a cache, with a prefix). Shapes follow the targets in ARCHITECTURE.md."""
+step (Lq = 1 against a cache, with a prefix). Shapes follow the targets in docs/design.md."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""The attention providers measured side by side (ARCHITECTURE.md, "Performance").
+"""The attention providers measured side by side (docs/design.md, "Performance targets").
 
 Each provider's `setup(x, decode=...)` does the untimed part and returns a closure that computes
 attention over [prefix K/V; K/V] once. Work that a real model would do once per forward for all

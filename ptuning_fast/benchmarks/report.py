@@ -133,7 +133,7 @@ def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None 
                 "about GPU performance; kernel timings need a GPU."]
     if not is_cpu(head):
         from . import targets
-        out += ["", "## Targets (ARCHITECTURE.md, issue 6)", "",
+        out += ["", "## Targets (docs/design.md)", "",
                 targets.table({op: _rows(op, records) for op in OP_ORDER})]
     for op in OP_ORDER:
         table = op_table(op, records)
