@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
+from .launch import WAVES, device_target
 
-BLOCK = 1024
+BLOCKS = (16, 64, 256, 1024)    # elements a program sums; a power of two, 16 at least
 
 
 @triton.jit
@@ -31,19 +32,37 @@ def _sum_splits_kernel(
     tl.store(Out + offs, (acc * scale).to(Out.dtype.element_ty), mask=ok)
 
 
+def block_size(numel: int, device: torch.device) -> int:
+    """The largest block that still gives WAVES waves of programs on the target (a prefix's
+    gradient can be only a few thousand elements: 1024-element blocks would run it on a
+    handful of SMs, each adding up every split serially)."""
+    target = device_target(device)
+    if target is None:
+        return BLOCKS[0]
+    fitting = [b for b in BLOCKS if triton.cdiv(numel, b) >= WAVES * target.sm_count]
+    return fitting[-1] if fitting else BLOCKS[0]
+
+
 def sum_splits(partials: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """out (dense, any float dtype) = scale * partials.sum(0) in split order; partials is a
     dense fp32 (num_splits, *out.shape) tensor."""
     numel = out.numel()
     if numel:
-        _sum_splits_kernel[(triton.cdiv(numel, BLOCK),)](
-            out, partials, partials.shape[0], numel, float(scale), BLOCK=BLOCK, num_warps=4)
+        block = block_size(numel, out.device)
+        _sum_splits_kernel[(triton.cdiv(numel, block),)](
+            out, partials, partials.shape[0], numel, float(scale), BLOCK=block,
+            num_warps=_warps(block))
     return out
 
 
+def _warps(block: int) -> int:
+    return max(1, min(4, block // 128))
+
+
 def compile_specs():
-    for elem in ("fp16", "bf16", "fp32"):
-        constexprs = dict(BLOCK=BLOCK)
-        yield CompileSpec(f"sum_splits[{elem}]", _sum_splits_kernel,
-                          {"Out": f"*{elem}", "Partials": "*fp32", "num_splits": "i32",
-                           "numel": "i32", "scale": "fp32"}, constexprs, 4, 1)
+    for i, block in enumerate(BLOCKS):
+        for elem in ("fp16", "bf16", "fp32")[i % 2:][:2]:
+            constexprs = dict(BLOCK=block)
+            yield CompileSpec(f"sum_splits[{elem},BLOCK={block}]", _sum_splits_kernel,
+                              {"Out": f"*{elem}", "Partials": "*fp32", "num_splits": "i32",
+                               "numel": "i32", "scale": "fp32"}, constexprs, _warps(block), 1)
