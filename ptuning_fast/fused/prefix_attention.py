@@ -1,8 +1,11 @@
-"""Custom ops `ptuning_fast::prefix_attention` (forward) and `ptuning_fast::prefix_attention_bwd`.
+"""Custom ops `ptuning_fast::prefix_attention` (forward), `ptuning_fast::prefix_attention_bwd`
+and `ptuning_fast::prefix_attention_decode` (forward only, few queries, no gradient).
 
-Two opaque ops with fake implementations, so `torch.compile(fullgraph=True)` traces through them;
+Opaque ops with fake implementations, so `torch.compile(fullgraph=True)` traces through them;
 the backward op is registered as the forward's autograd formula and launches only the kernels
-whose gradients autograd asks for.
+whose gradients autograd asks for. `prefix_attention_fused` takes the decode op, which splits
+the keys across programs (kernels/prefix_attention_decode.py), when Lq is small, dropout is off
+and no gradient can be asked for; otherwise the prefill op.
 
 Dropout: `dropout_p` (float) and `dropout_seed` (0-d int64 tensor on the inputs' device, or None
 when dropout_p == 0) go to both ops; the backward regenerates the forward's keep-mask from the
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import prefix_attention_bwd as bwd_kernels
+from ..kernels import prefix_attention_decode as decode_kernels
 from ..kernels import prefix_attention_fwd as fwd_kernels
 
 # What the kernels have GPU tile configs for (kernels/tiles.py) and compile specs.
@@ -90,6 +94,33 @@ def _backward(ctx, grad_out, _grad_lse):
 prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("ptuning_fast::prefix_attention_decode", mutates_args=())
+def prefix_attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                               attention_mask: torch.Tensor | None,
+                               prefix_index: torch.Tensor | None, causal: bool,
+                               scale: float) -> torch.Tensor:
+    check_prefix_attention_values(prefix_k, prefix_index)
+    out, _ = decode_kernels.prefix_attention_decode(q, k, v, prefix_k, prefix_v, attention_mask,
+                                                    prefix_index, causal=causal, scale=scale)
+    return out
+
+
+@prefix_attention_decode_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
+    B, Hq, Lq, D = q.shape
+    return q.new_empty(B, Lq, Hq, D).transpose(1, 2)
+
+
+def _takes_decode_path(q, k, v, prefix_k, prefix_v, dropout_p) -> bool:
+    """Few queries, no dropout, and no gradient that autograd could ask for: the decode op has
+    no backward (it keeps no LSE for one)."""
+    if dropout_p > 0 or not decode_kernels.supports(q.shape[2]):
+        return False
+    return not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)))
+
+
 def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
                            attention_mask=None, scale=None, prefix_index=None, dropout_p=0.0,
                            dropout_seed=None):
@@ -100,6 +131,7 @@ def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
     fp32 dots use tf32 when `torch.get_float32_matmul_precision()` is "high" or "medium" and
     exact fp32 when it is "highest" (torch's default), as torch's own fp32 matmuls do.
     dropout_p > 0 needs dropout_seed: a 0-d int64 tensor on q's device (see the module doc).
+    Lq <= 16 without dropout and without gradients runs the split-key decode kernel.
     """
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"prefix_attention: the Triton kernels take `q`, `k`, `v` in "
@@ -112,6 +144,9 @@ def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
                          "backend='reference'")
     scale = D ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
+    if _takes_decode_path(q, k, v, prefix_k, prefix_v, dropout_p):
+        return prefix_attention_decode_op(q, k, v, prefix_k, prefix_v, attention_mask,
+                                          prefix_index, bool(causal), scale)
     if dropout_p > 0:
         out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
                                      bool(causal), scale, dropout_p, dropout_seed)

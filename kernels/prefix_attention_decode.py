@@ -1,0 +1,461 @@
+"""Prefix attention for a few queries per row (decoding): split-key ("flash-decoding") forward.
+
+Same function as `prefix_attention_fwd` (same output, same base-2 LSE), laid out for Lq <= 16:
+one program per (key split, kv head x row block, batch row). Its query tile packs the Lq queries
+of every query head that shares the kv head (tile row r = query position r % Lq of group head
+r // Lq), so each program reads its share of that head's [prefix; sequence] keys once for the
+whole group, where the prefill kernel reads them once per query head with a 128-row tile of
+which Lq rows are used. The tile has at least 16 rows (the smallest `tl.dot`): at Lq = 1, GQA
+4:1, 4 of 16 rows are used; decoding is bound by reading K/V, which every row shares.
+
+The keys, prefix blocks then sequence blocks (BLOCK_N each, the prefix's last block partial),
+are numbered as one range and cut into `num_splits` runs of whole blocks; the split count comes
+from the SM count (>= 2 waves of programs). Each split writes its unnormalized fp32 partial
+(acc, running max m, normalizer l) per row; a second kernel merges the splits in split order
+(deterministic: no atomics, a fixed sequence of fp32 operations) and normalizes. With one split
+the first kernel writes the output itself.
+
+Masks are those of the prefill kernel, through its `_attend_blocks`: prefix keys are visible to
+every query; sequence key j is visible to query i iff the padding mask allows it and, when
+causal, j <= i + (Lk - Lq). A row with no visible key outputs zeros and LSE = +inf.
+No dropout and no backward: `ptuning_fast.fused` takes this path only when no gradient is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_specs import CompileSpec
+from .launch import Target, contiguous_last, dense_index, device_target
+from .prefix_attention_fwd import (
+    FLAG_COMBOS,
+    LOG2E,
+    SPEC_VARIANTS,
+    _attend_blocks,
+    head_block,
+    input_precision,
+    mask_as_int8,
+    prefix_batch_stride,
+    prefix_views,
+    spec_signature,
+    strides3,
+)
+
+# Queries per row up to which `ptuning_fast.fused` picks this kernel (one decoding step, or a
+# few draft tokens of speculative decoding); longer queries fill the prefill kernel's tiles.
+MAX_QUERIES = 16
+
+
+@triton.jit
+def _packed_rows(row_block, kv_head, group_size, q_len, BLOCK_M: tl.constexpr):
+    """(query head, query position, in range) of each tile row: row r is position r % q_len of
+    query head kv_head * group_size + r // q_len."""
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_head = kv_head * group_size + rows // q_len
+    return q_head, rows % q_len, rows < group_size * q_len
+
+
+@triton.jit
+def _store_rows(Out, Lse, acc, m_i, l_i, batch, q_head, q_pos, row_ok,
+                stride_o_b, stride_o_h, stride_o_l, stride_lse_b, stride_lse_h,
+                head_dim, BLOCK_D: tl.constexpr):
+    """Normalizes (acc, m, l) and stores the rows' outputs and LSEs; l = 0 (no visible key)
+    gives zeros and LSE = +inf, as in the prefill kernel."""
+    offs_d = tl.arange(0, BLOCK_D)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    q_pos = q_pos.to(tl.int64)
+    out_ptr = Out + batch * stride_o_b + q_head[:, None] * stride_o_h \
+        + q_pos[:, None] * stride_o_l + offs_d[None, :]
+    tl.store(out_ptr, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
+    tl.store(Lse + batch * stride_lse_b + q_head * stride_lse_h + q_pos, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Out, Lse,                    # written when not IS_SPLIT
+    PartAcc, PartStats,          # fp32 partials, written when IS_SPLIT: acc (B, Hq, Lq, S, D),
+                                 # (m, l) pairs (B, Hq, Lq, S, 2)
+    Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex,
+    q_len, key_len, prefix_len, head_dim, group_size, qk_scale,
+    blocks_per_split,            # key blocks per split; prefix blocks and sequence blocks are
+                                 # numbered as one range [0, cdiv(P, BLOCK_N) + cdiv(Lk, BLOCK_N))
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_l,
+    stride_v_b, stride_v_h, stride_v_l,
+    stride_pk_b, stride_pk_h, stride_pk_l,      # stride_pk_b = 0 for a shared prefix
+    stride_pv_b, stride_pv_h, stride_pv_l,
+    stride_o_b, stride_o_h, stride_o_l,
+    stride_lse_b, stride_lse_h,
+    stride_mask_b, stride_mask_l,
+    stride_acc_b, stride_acc_h, stride_acc_l, stride_acc_s,
+    stride_st_b, stride_st_h, stride_st_l, stride_st_s,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_INDEX: tl.constexpr,     # per-task prefixes: row b reads prefix PrefixIndex[b]
+    IS_SPLIT: tl.constexpr,      # partials for the merge kernel, or (one split) the output itself
+    BLOCK_M: tl.constexpr,       # packed rows (group_size * q_len, >= 16 for tl.dot)
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,       # next power of two >= head_dim (tl.arange needs a power of 2)
+    INPUT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    row_blocks = tl.cdiv(group_size * q_len, BLOCK_M)
+    kv_head = (tl.program_id(1) // row_blocks).to(tl.int64)
+    row_block = tl.program_id(1) % row_blocks
+    batch = tl.program_id(2).to(tl.int64)
+    if HAS_INDEX:
+        prefix_row = tl.load(PrefixIndex + batch).to(tl.int64)
+    else:
+        prefix_row = batch
+
+    q_head, q_pos, row_ok = _packed_rows(row_block, kv_head, group_size, q_len, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    q = tl.load(Q + batch * stride_q_b + q_head[:, None] * stride_q_h
+                + q_pos[:, None].to(tl.int64) * stride_q_l + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    # This split's blocks [first, last) of the joint numbering, as a prefix key range and a
+    # sequence key range (either may be empty); every range start is a multiple of BLOCK_N.
+    first = split * blocks_per_split
+    last = first + blocks_per_split
+    prefix_blocks = tl.cdiv(prefix_len, BLOCK_N)
+    p_start = tl.minimum(first, prefix_blocks) * BLOCK_N
+    p_end = tl.minimum(tl.minimum(last, prefix_blocks) * BLOCK_N, prefix_len)
+    s_start = tl.maximum(first - prefix_blocks, 0) * BLOCK_N
+    s_end = tl.minimum(tl.maximum(last - prefix_blocks, 0) * BLOCK_N, key_len)
+
+    # One loop per range, every block with the bounds (and causal) masks: a few integer compares
+    # per block, where splitting off the unmasked blocks as the prefill kernel does doubles the
+    # pipelined loops, and ptxas then spilled on sm_80 (Lq = 4) and fp32.
+    # Prefix keys: visible to every query.
+    pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
+    pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, pk, pv, Mask, p_start, p_end,
+        stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale, 0, 0.0, q_pos, 0,
+        True, False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    # Sequence keys: padding mask and bottom-right causal mask (query i sees j <= i + Lk - Lq).
+    key_shift = key_len - q_len
+    k = K + batch * stride_k_b + kv_head * stride_k_h
+    v = V + batch * stride_v_b + kv_head * stride_v_h
+    mask = Mask + batch * stride_mask_b
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k, v, mask, s_start, s_end,
+        stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos, qk_scale,
+        0, 0.0, q_pos, 0,
+        True, IS_CAUSAL, HAS_MASK, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    if IS_SPLIT:
+        q_pos = q_pos.to(tl.int64)
+        acc_ptr = PartAcc + batch * stride_acc_b + q_head[:, None] * stride_acc_h \
+            + q_pos[:, None] * stride_acc_l + split * stride_acc_s + offs_d[None, :]
+        tl.store(acc_ptr, acc, mask=row_ok[:, None] & d_ok[None, :])
+        st_ptr = PartStats + batch * stride_st_b + q_head * stride_st_h + q_pos * stride_st_l \
+            + split * stride_st_s
+        tl.store(st_ptr, m_i, mask=row_ok)
+        tl.store(st_ptr + 1, l_i, mask=row_ok)
+    else:
+        _store_rows(Out, Lse, acc, m_i, l_i, batch, q_head, q_pos, row_ok,
+                    stride_o_b, stride_o_h, stride_o_l, stride_lse_b, stride_lse_h,
+                    head_dim, BLOCK_D)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    Out, Lse, PartAcc, PartStats,
+    q_len, head_dim, group_size, num_splits,
+    stride_o_b, stride_o_h, stride_o_l,
+    stride_lse_b, stride_lse_h,
+    stride_acc_b, stride_acc_h, stride_acc_l, stride_acc_s,
+    stride_st_b, stride_st_h, stride_st_l, stride_st_s,
+    BLOCK_M: tl.constexpr,       # the split kernel's packing, so both agree on the rows
+    BLOCK_D: tl.constexpr,
+):
+    row_blocks = tl.cdiv(group_size * q_len, BLOCK_M)
+    kv_head = (tl.program_id(0) // row_blocks).to(tl.int64)
+    row_block = tl.program_id(0) % row_blocks
+    batch = tl.program_id(1).to(tl.int64)
+    q_head, q_pos, row_ok = _packed_rows(row_block, kv_head, group_size, q_len, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_ok = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    pos = q_pos.to(tl.int64)
+    acc_ptr = PartAcc + batch * stride_acc_b + q_head[:, None] * stride_acc_h \
+        + pos[:, None] * stride_acc_l + offs_d[None, :]
+    st_ptr = PartStats + batch * stride_st_b + q_head * stride_st_h + pos * stride_st_l
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # Split order, one split at a time: the same operations in the same order on every run.
+    for split in range(num_splits):
+        m_s = tl.load(st_ptr + split * stride_st_s, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(st_ptr + split * stride_st_s + 1, mask=row_ok, other=0.0)
+        acc_s = tl.load(acc_ptr + split * stride_acc_s, mask=tile_ok, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        # Rows that have seen no key so far keep m = -inf: shift by 0 so the weights are 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        beta = tl.math.exp2(m_s - m_safe)
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+    _store_rows(Out, Lse, acc, m_i, l_i, batch, q_head, q_pos, row_ok,
+                stride_o_b, stride_o_h, stride_o_l, stride_lse_b, stride_lse_h,
+                head_dim, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch side: tiles, the split rule, the launcher
+
+@dataclass(frozen=True)
+class DecodeTile:
+    block_n: int
+    max_rows: int        # largest BLOCK_M; more packed rows take more row blocks
+    num_warps: int       # up to 32 rows; see `warps`
+    num_stages: int
+
+    def warps(self, block_m: int) -> int:
+        """Warps for a BLOCK_M-row tile: one more set of num_warps per 32 rows beyond 32, so
+        that each warp's share of the fp32 accumulator (and of q) stays the same (ptxas: 255
+        registers at 64 x 128 on 4 warps for sm_80)."""
+        return self.num_warps * max(1, block_m // 32)
+
+
+# Interpreter: small key blocks so that tests cross block and split edges at small sizes.
+INTERPRETER_DECODE = DecodeTile(16, 32, 4, 1)
+INTERPRETER_SPLITS = 3   # > 1, so that the tests exercise the merge
+
+# GPU tiles per (16-bit?, BLOCK_D). Shared memory holds the K and V blocks in flight (16-bit,
+# D = 128: 32 KB a block pair; the JIT-specialized launch takes 70 KB at 3 stages, so three
+# programs fit an H100 SM and two an A100's); fp32 halves the key block. D = 256 stops at 32 rows: its 32 x 256 accumulator already takes
+# ~170 registers a thread on 4 warps.
+GPU_DECODE = {
+    (True, 32): DecodeTile(128, 64, 4, 4),
+    (True, 64): DecodeTile(128, 64, 4, 3),
+    (True, 128): DecodeTile(64, 64, 4, 3),
+    (True, 256): DecodeTile(32, 32, 4, 3),
+    (False, 32): DecodeTile(64, 64, 4, 4),
+    (False, 64): DecodeTile(64, 64, 4, 3),
+    (False, 128): DecodeTile(32, 64, 4, 3),
+    (False, 256): DecodeTile(16, 32, 4, 3),
+}
+
+MIN_ROWS = 16            # tl.dot needs M >= 16
+WAVES = 2                # programs >= WAVES x SMs where the keys allow
+MIN_BLOCKS_PER_SPLIT = 4   # shorter splits spend more on partials and pipeline ramp-up than
+                           # they win in parallelism
+MAX_SPLITS = 64
+MERGE_WARPS = 4          # the merge is a few fp32 loads and FMAs per element
+
+
+def decode_tile(head_dim: int, dtype: torch.dtype, target: Target | None) -> DecodeTile:
+    if target is None:
+        return INTERPRETER_DECODE
+    return GPU_DECODE[(dtype != torch.float32, head_block(head_dim))]
+
+
+def balanced_splits(key_blocks: int, splits: int) -> tuple[int, int]:
+    """(blocks per split, splits) for at most `splits` runs of whole blocks, none empty."""
+    per_split = triton.cdiv(key_blocks, max(1, min(splits, key_blocks)))
+    return per_split, triton.cdiv(key_blocks, per_split)
+
+
+def wave_efficiency(programs: int, sm_count: int) -> float:
+    """Share of the SM slots of the last wave-rounded grid that programs fill."""
+    return programs / (triton.cdiv(programs, sm_count) * sm_count)
+
+
+def split_count(programs_per_split: int, key_blocks: int, target: Target | None) -> int:
+    """Splits for a grid of `programs_per_split` programs per split: the fewest that give at
+    least WAVES waves on the target's SMs, or up to twice that where waves come out fuller
+    (ties: fewer); fewer where splits would drop under MIN_BLOCKS_PER_SPLIT blocks each."""
+    if target is None:
+        return balanced_splits(key_blocks, INTERPRETER_SPLITS)[1]
+    most = max(1, min(MAX_SPLITS, key_blocks // MIN_BLOCKS_PER_SPLIT))
+    need = min(most, triton.cdiv(WAVES * target.sm_count, programs_per_split))
+    best, best_eff = 1, -1.0
+    for wanted in range(need, min(most, 2 * need) + 1):
+        splits = balanced_splits(key_blocks, wanted)[1]
+        eff = wave_efficiency(splits * programs_per_split, target.sm_count)
+        if eff > best_eff + 1e-9:
+            best, best_eff = splits, eff
+    return best
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one decode launch is cut: what the static report and the tests read."""
+    tile: DecodeTile
+    block_m: int
+    block_d: int
+    row_blocks: int          # per kv head: cdiv(group * Lq, block_m)
+    key_blocks: int          # cdiv(P, block_n) + cdiv(Lk, block_n)
+    blocks_per_split: int
+    num_splits: int
+    grid: tuple[int, int, int]   # (splits, Hkv * row_blocks, B)
+    rows: int                    # packed query rows per kv head: group * Lq
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def row_use(self) -> float:
+        """Share of the tile rows that hold a query (the rest pads up to block_m)."""
+        return self.rows / (self.row_blocks * self.block_m)
+
+
+def decode_plan(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, D: int, dtype: torch.dtype,
+                target: Target | None, num_splits: int | None = None) -> DecodePlan:
+    """Tile, row packing and split count for a launch on `target` (None: the interpreter).
+    `num_splits` overrides the split rule (capped at one block a split)."""
+    tile = decode_tile(D, dtype, target)
+    rows = (Hq // Hkv) * Lq
+    block_m = min(tile.max_rows, max(MIN_ROWS, triton.next_power_of_2(max(rows, 1))))
+    row_blocks = triton.cdiv(rows, block_m)
+    key_blocks = max(1, triton.cdiv(P, tile.block_n) + triton.cdiv(Lk, tile.block_n))
+    if num_splits is None:
+        num_splits = split_count(B * Hkv * row_blocks, key_blocks, target)
+    per_split, splits = balanced_splits(key_blocks, num_splits)
+    return DecodePlan(tile, block_m, head_block(D), row_blocks, key_blocks, per_split, splits,
+                      (splits, Hkv * row_blocks, B), rows)
+
+
+def supports(q_len: int) -> bool:
+    """Whether this kernel serves queries of this length (see MAX_QUERIES)."""
+    return 0 < q_len <= MAX_QUERIES
+
+
+@dataclass
+class ForwardInputs:
+    """A forward launch's inputs as the kernels read them: last dims contiguous, 4-D prefixes
+    (a shared one as a stride-0 batch view, never copied), an int8 mask, a dense index, and the
+    output (laid out as (B, Lq, Hq, D)) and its LSE allocated. The same preparation as
+    `prefix_attention_fwd`'s launcher, whose kernel takes the same pointers and strides."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor       # 4-D view; k[:, :, :0] when P = 0
+    prefix_v: torch.Tensor
+    prefix_len: int
+    shared: bool                 # the prefix is one (Hkv, P, D) for every row
+    mask: torch.Tensor | None
+    index: torch.Tensor | None
+    scale: float
+    out: torch.Tensor
+    lse: torch.Tensor
+
+    @classmethod
+    def prepare(cls, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale, out):
+        q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
+        B, Hq, Lq, D = q.shape
+        pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
+        if out is None:
+            out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+        return cls(q, k, v, pk, pv, P, prefix_k is not None and prefix_k.dim() == 3,
+                   mask_as_int8(attention_mask), dense_index(prefix_index) if P > 0 else None,
+                   D ** -0.5 if scale is None else float(scale), out,
+                   torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device))
+
+    def pointers(self) -> tuple:
+        """Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex (q stands in for an absent one)."""
+        return (self.q, self.k, self.v, self.prefix_k, self.prefix_v,
+                self.q if self.mask is None else self.mask,
+                self.q if self.index is None else self.index)
+
+    def strides(self) -> tuple:
+        """q, k, v, prefix K, prefix V, out (b, h, l each), lse (b, h), mask (b, l)."""
+        mask = (0, 0) if self.mask is None else self.mask.stride()
+        return (*strides3(self.q), *strides3(self.k), *strides3(self.v),
+                prefix_batch_stride(self.prefix_k, self.shared), *self.prefix_k.stride()[1:3],
+                prefix_batch_stride(self.prefix_v, self.shared), *self.prefix_v.stride()[1:3],
+                *strides3(self.out), *self.lse.stride()[:2], *mask)
+
+
+def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
+                            prefix_index=None, *, causal=True, scale=None, out=None,
+                            num_splits=None):
+    """Returns (out, lse), exactly as `prefix_attention_fwd` (same shapes, layout, LSE
+    convention), for few queries per row (Lq <= MAX_QUERIES); no dropout.
+
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v None, (Hkv, P, D), (B, Hkv, P, D) or
+    (T, Hkv, P, D) with prefix_index (B,). attention_mask (B, Lk) bool/int, true = attend.
+    num_splits: override the SM-count rule (tests, tuning).
+    """
+    x = ForwardInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale,
+                              out)
+    B, Hq, Lq, D = x.q.shape
+    Hkv, Lk = x.k.shape[1], x.k.shape[2]
+    if x.out.numel() == 0:
+        return x.out, x.lse
+    plan = decode_plan(B, Hq, Hkv, Lq, Lk, x.prefix_len, D, x.q.dtype,
+                       device_target(x.q.device), num_splits)
+    split = plan.num_splits > 1
+    if split:
+        f32 = dict(dtype=torch.float32, device=x.q.device)
+        acc = torch.empty(B, Hq, Lq, plan.num_splits, D, **f32)
+        stats = torch.empty(B, Hq, Lq, plan.num_splits, 2, **f32)
+        part_strides = (*acc.stride()[:4], *stats.stride()[:4])
+    else:                        # never touched: the kernel writes out and lse directly
+        acc = stats = x.lse
+        part_strides = (0,) * 8
+    _decode_split_kernel[plan.grid](
+        x.out, x.lse, acc, stats, *x.pointers(),
+        Lq, Lk, x.prefix_len, D, Hq // Hkv, x.scale * LOG2E, plan.blocks_per_split,
+        *x.strides(), *part_strides,
+        IS_CAUSAL=causal, HAS_MASK=x.mask is not None, HAS_INDEX=x.index is not None,
+        IS_SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=plan.tile.block_n, BLOCK_D=plan.block_d,
+        INPUT_PRECISION=input_precision(x.q.dtype),
+        num_warps=plan.tile.warps(plan.block_m), num_stages=plan.tile.num_stages,
+    )
+    if split:
+        _decode_merge_kernel[(Hkv * plan.row_blocks, B)](
+            x.out, x.lse, acc, stats, Lq, D, Hq // Hkv, plan.num_splits,
+            *strides3(x.out), *x.lse.stride()[:2], *part_strides,
+            BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=MERGE_WARPS,
+        )
+    return x.out, x.lse
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (see kernels/compile_specs.py)
+
+def compile_specs():
+    """The split kernel for every GPU_DECODE tile at the smallest and the largest BLOCK_M it
+    can pick (flags rotated over the specs, with and without splitting), and the merge kernel
+    for every BLOCK_D and output dtype at the largest BLOCK_M."""
+    for i, (dtype, elem, precision, block_d) in enumerate(SPEC_VARIANTS):
+        tile = GPU_DECODE[(dtype != torch.float32, block_d)]
+        for j, block_m in enumerate(sorted({MIN_ROWS, tile.max_rows})):
+            causal, has_mask = FLAG_COMBOS[(i + j) % len(FLAG_COMBOS)]
+            constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
+                              IS_SPLIT=j == 0 or i % 2 == 1,
+                              BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_D=block_d,
+                              INPUT_PRECISION=precision)
+            types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
+            types.update(Lse="*fp32", PartAcc="*fp32", PartStats="*fp32", Mask="*i8",
+                         PrefixIndex="*i64", qk_scale="fp32")
+            flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+            yield CompileSpec(f"prefix_attention_decode[{elem},{flags}]", _decode_split_kernel,
+                              spec_signature(_decode_split_kernel, constexprs, types),
+                              constexprs, tile.warps(block_m), tile.num_stages)
+    for block_d in sorted({d for *_, d in SPEC_VARIANTS}):
+        for elem in ("fp16", "bf16", "fp32"):
+            constexprs = dict(BLOCK_M=GPU_DECODE[(elem != "fp32", block_d)].max_rows,
+                              BLOCK_D=block_d)
+            types = dict(Out=f"*{elem}", Lse="*fp32", PartAcc="*fp32", PartStats="*fp32")
+            yield CompileSpec(f"prefix_attention_decode_merge[{elem},BLOCK_D={block_d}]",
+                              _decode_merge_kernel,
+                              spec_signature(_decode_merge_kernel, constexprs, types),
+                              constexprs, MERGE_WARPS, 1)
