@@ -2,7 +2,7 @@
 programs and merged in a fixed order. Against the reference (fp32 through the tolerance table,
 fp16 through FlashAttention's rule), the prefill kernel's LSE, every split count, GPU tiles and
 the split rule (under the interpreter via `pretend_target`), determinism, the automatic dispatch
-(also under torch.compile and during generate) and the compile specs.
+(also under torch.compile and during generate), the compile specs and the benchmark case.
 """
 import pytest
 import torch
@@ -11,6 +11,8 @@ from test_prefix_attention import Case, _LaunchSpy, exact, make_inputs
 
 import ptuning_fast as pf
 from ptuning_fast import reference
+from ptuning_fast.benchmarks import attention as bench_attention
+from ptuning_fast.benchmarks import flops, providers
 from ptuning_fast.kernels import launch
 from ptuning_fast.kernels import prefix_attention_decode as decode_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
@@ -242,3 +244,22 @@ def test_compile_specs_cover_every_gpu_tile():
     merged = {(s.constexprs["BLOCK_D"], s.name.split("[")[1].split(",")[0])
               for s in specs if s.fn is decode_kernels._decode_merge_kernel}
     assert merged == {(d, e) for d in (32, 64, 128, 256) for e in ("fp16", "bf16", "fp32")}
+
+
+def test_benchmark_decode_case():
+    """The GPU grid holds the issue's shape for every provider (flash_attn's kvcache function
+    among them); GB/s counts the K/V cache, the prefix, q and the output once; the fused decode
+    call computes the reference's function."""
+    cases = bench_attention.decode_cases(torch.device("cuda"), False, providers.PROVIDERS)
+    issue = [c for c in cases if (c.B, c.Hq, c.Hkv, c.Lk, c.D, c.Lq) == (8, 32, 8, 4096, 128, 1)]
+    assert {c.provider for c in issue} >= {"fused", "naive", "cat_sdpa", "flash_attn"}
+    quick = bench_attention.decode_cases(torch.device("cuda"), True, ["fused"])
+    assert any((c.B, c.Hq, c.Hkv, c.Lk, c.D) == (8, 32, 8, 4096, 128) for c in quick)
+    kv, prefix, q_out = 2 * 8 * 8 * 4096 * 128, 2 * 8 * 64 * 128, 2 * 8 * 32 * 128
+    assert flops.attention_fwd_bytes(8, 32, 8, 1, 4096, 64, 128, 2) == 2 * (kv + prefix + q_out)
+    x = providers.AttnInputs(torch.randn(3, 8, 1, 16, device=DEVICE),
+                             *(torch.randn(3, 2, 29, 16, device=DEVICE) for _ in range(2)),
+                             *(torch.randn(2, 6, 16, device=DEVICE) for _ in range(2)))
+    with torch.no_grad():
+        got = providers.fused_attention(x)()
+    assert_close(got, exact(x.q, x.k, x.v, x.prefix_k, x.prefix_v), torch.float32)

@@ -52,12 +52,20 @@ def _compiled_last(cases: list[Case]) -> list[Case]:
     return sorted(cases, key=lambda c: c.provider == "flex")
 
 
+# The issue's decode shape (a Llama-3-8B-like attention layer: Hq = 32, Hkv = 8, D = 128) at a
+# 4k cache: on 132 SMs its B x Hkv = 64 (row, kv head) pairs need the keys split to fill the GPU.
+DECODE_ISSUE_SHAPE = (4096, {"B": 8, "Hq": 32, "Hkv": 8, "D": 128})
+
+
 def decode_cases(device: torch.device, quick: bool, provider_names) -> list[Case]:
-    """One new token per row against a cache of Lk - 1 past tokens, with a P = 64 prefix."""
+    """One new token per row against a cache of Lk - 1 past tokens, with a P = 64 prefix.
+    GB/s counts the bytes one step must move: the K/V cache, the prefix, q and the output once
+    (`flops.attention_fwd_bytes`)."""
     if device.type == "cuda":
         grid = [(64, 8192)] if quick else [(D, Lk) for D in (64, 128) for Lk in (1024, 8192)]
         shapes = [("bf16", 64, Lk, {"B": 8, "Hq": HIDDEN // D, "Hkv": HIDDEN // D // 4, "D": D})
                   for D, Lk in grid]
+        shapes.append(("bf16", 64, *DECODE_ISSUE_SHAPE))
     else:
         shapes = [("fp32", 16, 512, {"B": 2, "Hq": 8, "Hkv": 2, "D": 64})]
     cases = [Case("decode", "fwd", name, dtype, Lq=1, Lk=Lk, P=P, causal=True,

@@ -5,6 +5,7 @@ attention over [prefix K/V; K/V] once. Work that a real model would do once per 
 its layers (a dense mask, a block mask) is untimed; work done in every layer is timed.
 
 - fused:      ptuning_fast's Triton kernel (`pf.prefix_attention(..., backend="triton")`).
+              Decode (Lq = 1, no gradient): the split-key decode kernel, which the op picks itself.
 - naive:      PEFT's way: a per-row copy of the prefix, torch.cat, a dense 4D bool mask (so SDPA
               leaves its flash path), GQA heads expanded (transformers' repeat_kv), SDPA.
               Decode: the cache already holds [per-row prefix; past tokens] and each step
@@ -15,6 +16,8 @@ its layers (a dense mask, a block mask) is untimed; work done in every layer is 
 - flex:       FlexAttention over the concatenation with a prefix-LM block mask (compiled on CUDA;
               eager forward on CPU, where FlexAttention has no backward).
 - flash_attn: flash_attn_func over the concatenation, causal (bottom-right aligned), when installed.
+              Decode: flash_attn_with_kvcache (FlashAttention's split-KV decoding) on a
+              (B, P + Lk, Hkv, D) cache that holds the prefix already (its native layout).
 """
 from __future__ import annotations
 
@@ -187,6 +190,8 @@ def setup_flash_attn(x: AttnInputs, *, decode: bool) -> Callable[[], torch.Tenso
         raise Unavailable("flash_attn is not installed")
     if x.q.device.type != "cuda" or x.q.dtype not in (torch.float16, torch.bfloat16):
         raise Unavailable("flash_attn needs fp16/bf16 CUDA tensors")
+    if decode:
+        return _flash_attn_decode(x)
     from flash_attn import flash_attn_func
 
     def attend(k, v):
@@ -194,10 +199,18 @@ def setup_flash_attn(x: AttnInputs, *, decode: bool) -> Callable[[], torch.Tenso
         out = flash_attn_func(x.q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               causal=x.causal)
         return out.transpose(1, 2)
-    if decode:
-        k, v = _cat_prefix(x)
-        return lambda: attend(k, v)
     return lambda: attend(*_cat_prefix(x))
+
+
+def _flash_attn_decode(x: AttnInputs) -> Callable[[], torch.Tensor]:
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError as e:
+        raise Unavailable(f"this flash_attn has no flash_attn_with_kvcache: {e}") from e
+    # Untimed: a serving cache in flash_attn's layout, the prefix written into it once.
+    k, v = (t.transpose(1, 2).contiguous() for t in _cat_prefix(x))
+    q = x.q.transpose(1, 2).contiguous()
+    return lambda: flash_attn_with_kvcache(q, k, v, causal=x.causal).transpose(1, 2)
 
 
 SETUP = {"fused": setup_fused, "naive": setup_naive, "cat_sdpa": setup_cat_sdpa,
