@@ -29,13 +29,19 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import Target, contiguous_last, dense_index, device_target
+from .launch import (
+    INTERPRETER_SPLITS,
+    WAVES,
+    Target,
+    contiguous_last,
+    dense_index,
+    device_target,
+)
 from .prefix_attention_fwd import (
     FLAG_COMBOS,
     LOG2E,
     SPEC_VARIANTS,
     _attend_blocks,
-    head_block,
     input_precision,
     mask_as_int8,
     prefix_batch_stride,
@@ -43,6 +49,7 @@ from .prefix_attention_fwd import (
     spec_signature,
     strides3,
 )
+from .tiles import head_block
 
 # Queries per row up to which `ptuning_fast.fused` picks this kernel (one decoding step, or a
 # few draft tokens of speculative decoding); longer queries fill the prefill kernel's tiles.
@@ -232,14 +239,15 @@ class DecodeTile:
         return self.num_warps * max(1, block_m // 32)
 
 
-# Interpreter: small key blocks so that tests cross block and split edges at small sizes.
+# Interpreter: small key blocks so that tests cross block and split edges at small sizes (and
+# launch.INTERPRETER_SPLITS splits, so that they exercise the merge).
 INTERPRETER_DECODE = DecodeTile(16, 32, 4, 1)
-INTERPRETER_SPLITS = 3   # > 1, so that the tests exercise the merge
 
-# GPU tiles per (16-bit?, BLOCK_D). Shared memory holds the K and V blocks in flight (16-bit,
-# D = 128: 32 KB a block pair; the JIT-specialized launch takes 70 KB at 3 stages, so three
-# programs fit an H100 SM and two an A100's); fp32 halves the key block. D = 256 stops at 32 rows: its 32 x 256 accumulator already takes
-# ~170 registers a thread on 4 warps.
+# GPU tiles per (16-bit?, BLOCK_D), the same on sm_80 and sm_90. Shared memory holds the K and V
+# blocks in flight (16-bit, D = 128: 32 KB a block pair; the JIT-specialized launch takes 70 KB
+# at 3 stages, so three programs fit an H100 SM and two an A100's); fp32 halves the key block.
+# D = 256 stops at 32 rows: its 32 x 256 accumulator already takes ~170 registers a thread on
+# 4 warps.
 GPU_DECODE = {
     (True, 32): DecodeTile(128, 64, 4, 4),
     (True, 64): DecodeTile(128, 64, 4, 3),
@@ -252,7 +260,6 @@ GPU_DECODE = {
 }
 
 MIN_ROWS = 16            # tl.dot needs M >= 16
-WAVES = 2                # programs >= WAVES x SMs where the keys allow
 MIN_BLOCKS_PER_SPLIT = 4   # shorter splits spend more on partials and pipeline ramp-up than
                            # they win in parallelism
 MAX_SPLITS = 64

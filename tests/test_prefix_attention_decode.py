@@ -142,7 +142,7 @@ def test_plan_at_the_issue_shape():
     assert plan.num_splits == 1
     # Under the interpreter: a few splits, so that the tests exercise the merge.
     plan = decode_kernels.decode_plan(8, 32, 8, 1, 4096, 64, 128, torch.float16, None)
-    assert 1 < plan.num_splits <= decode_kernels.INTERPRETER_SPLITS
+    assert 1 < plan.num_splits <= launch.INTERPRETER_SPLITS
 
 
 def _spies(monkeypatch):

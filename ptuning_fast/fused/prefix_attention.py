@@ -100,7 +100,6 @@ def prefix_attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                attention_mask: torch.Tensor | None,
                                prefix_index: torch.Tensor | None, causal: bool,
                                scale: float) -> torch.Tensor:
-    check_prefix_attention_values(prefix_k, prefix_index)
     out, _ = decode_kernels.prefix_attention_decode(q, k, v, prefix_k, prefix_v, attention_mask,
                                                     prefix_index, causal=causal, scale=scale)
     return out
