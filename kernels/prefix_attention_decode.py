@@ -33,19 +33,15 @@ from .launch import (
     INTERPRETER_SPLITS,
     WAVES,
     Target,
-    contiguous_last,
-    dense_index,
     device_target,
 )
 from .prefix_attention_fwd import (
     FLAG_COMBOS,
     LOG2E,
+    ForwardInputs,
     SPEC_VARIANTS,
     _attend_blocks,
     input_precision,
-    mask_as_int8,
-    prefix_batch_stride,
-    prefix_views,
     spec_signature,
     strides3,
 )
@@ -342,52 +338,6 @@ def decode_plan(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, D: int, dty
 def supports(q_len: int) -> bool:
     """Whether this kernel serves queries of this length (see MAX_QUERIES)."""
     return 0 < q_len <= MAX_QUERIES
-
-
-@dataclass
-class ForwardInputs:
-    """A forward launch's inputs as the kernels read them: last dims contiguous, 4-D prefixes
-    (a shared one as a stride-0 batch view, never copied), an int8 mask, a dense index, and the
-    output (laid out as (B, Lq, Hq, D)) and its LSE allocated. The same preparation as
-    `prefix_attention_fwd`'s launcher, whose kernel takes the same pointers and strides."""
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    prefix_k: torch.Tensor       # 4-D view; k[:, :, :0] when P = 0
-    prefix_v: torch.Tensor
-    prefix_len: int
-    shared: bool                 # the prefix is one (Hkv, P, D) for every row
-    mask: torch.Tensor | None
-    index: torch.Tensor | None
-    scale: float
-    out: torch.Tensor
-    lse: torch.Tensor
-
-    @classmethod
-    def prepare(cls, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale, out):
-        q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
-        B, Hq, Lq, D = q.shape
-        pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
-        if out is None:
-            out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-        return cls(q, k, v, pk, pv, P, prefix_k is not None and prefix_k.dim() == 3,
-                   mask_as_int8(attention_mask), dense_index(prefix_index) if P > 0 else None,
-                   D ** -0.5 if scale is None else float(scale), out,
-                   torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device))
-
-    def pointers(self) -> tuple:
-        """Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex (q stands in for an absent one)."""
-        return (self.q, self.k, self.v, self.prefix_k, self.prefix_v,
-                self.q if self.mask is None else self.mask,
-                self.q if self.index is None else self.index)
-
-    def strides(self) -> tuple:
-        """q, k, v, prefix K, prefix V, out (b, h, l each), lse (b, h), mask (b, l)."""
-        mask = (0, 0) if self.mask is None else self.mask.stride()
-        return (*strides3(self.q), *strides3(self.k), *strides3(self.v),
-                prefix_batch_stride(self.prefix_k, self.shared), *self.prefix_k.stride()[1:3],
-                prefix_batch_stride(self.prefix_v, self.shared), *self.prefix_v.stride()[1:3],
-                *strides3(self.out), *self.lse.stride()[:2], *mask)
 
 
 def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,

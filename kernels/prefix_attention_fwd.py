@@ -27,6 +27,7 @@ fp32 inputs: the dots follow torch's matmul setting — tf32 when
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
@@ -279,6 +280,52 @@ def strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+@dataclass
+class ForwardInputs:
+    """A forward launch's inputs as the kernels read them: last dims contiguous, 4-D prefixes
+    (a shared one as a stride-0 batch view, never copied), an int8 mask, a dense index, and the
+    output (laid out as (B, Lq, Hq, D)) and its LSE allocated. Shared by the prefill and decode
+    launchers, whose kernels take the same pointers and strides."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor       # 4-D view; k[:, :, :0] when P = 0
+    prefix_v: torch.Tensor
+    prefix_len: int
+    shared: bool                 # the prefix is one (Hkv, P, D) for every row
+    mask: torch.Tensor | None
+    index: torch.Tensor | None
+    scale: float
+    out: torch.Tensor
+    lse: torch.Tensor
+
+    @classmethod
+    def prepare(cls, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale, out):
+        q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
+        B, Hq, Lq, D = q.shape
+        pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
+        if out is None:
+            out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+        return cls(q, k, v, pk, pv, P, prefix_k is not None and prefix_k.dim() == 3,
+                   mask_as_int8(attention_mask), dense_index(prefix_index) if P > 0 else None,
+                   D ** -0.5 if scale is None else float(scale), out,
+                   torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device))
+
+    def pointers(self) -> tuple:
+        """Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex (q stands in for an absent one)."""
+        return (self.q, self.k, self.v, self.prefix_k, self.prefix_v,
+                self.q if self.mask is None else self.mask,
+                self.q if self.index is None else self.index)
+
+    def strides(self) -> tuple:
+        """q, k, v, prefix K, prefix V, out (b, h, l each), lse (b, h), mask (b, l)."""
+        mask = (0, 0) if self.mask is None else self.mask.stride()
+        return (*strides3(self.q), *strides3(self.k), *strides3(self.v),
+                prefix_batch_stride(self.prefix_k, self.shared), *self.prefix_k.stride()[1:3],
+                prefix_batch_stride(self.prefix_v, self.shared), *self.prefix_v.stride()[1:3],
+                *strides3(self.out), *self.lse.stride()[:2], *mask)
+
+
 def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
                          prefix_index=None, *, causal=True, scale=None, out=None, config=None,
                          dropout_p=0.0, dropout_seed=None):
@@ -293,36 +340,23 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     dropout_p > 0 drops probabilities as `dropout_keep_mask(dropout_seed, ...)` says;
     dropout_seed: 0-d int64 tensor on q's device (read by the kernel: no host sync).
     """
-    q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
-    shared = prefix_k is not None and prefix_k.dim() == 3
-    pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
-    mask = mask_as_int8(attention_mask)
-    index = dense_index(prefix_index) if P > 0 else None
-    if out is None:
-        out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    x = ForwardInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale,
+                              out)
+    B, Hq, Lq, D = x.q.shape
+    Hkv, Lk, P, mask, out, lse = x.k.shape[1], x.k.shape[2], x.prefix_len, x.mask, x.out, x.lse
     if out.numel() == 0:
         return out, lse
 
     def launch(cfg: TileConfig) -> None:
         grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
         _prefix_attention_fwd_kernel[grid](
-            out, lse, q, k, v, pk, pv, mask if mask is not None else q,
-            index if index is not None else q, seed_arg(dropout_p, dropout_seed, q),
-            Lq, Lk, P, D, Hq // Hkv, scale * LOG2E, float(dropout_p),
-            *strides3(q), *strides3(k), *strides3(v),
-            prefix_batch_stride(pk, shared), pk.stride(1), pk.stride(2),
-            prefix_batch_stride(pv, shared), pv.stride(1), pv.stride(2),
-            *strides3(out), lse.stride(0), lse.stride(1),
-            mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
-            IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+            out, lse, *x.pointers(), seed_arg(dropout_p, dropout_seed, x.q),
+            Lq, Lk, P, D, Hq // Hkv, x.scale * LOG2E, float(dropout_p), *x.strides(),
+            IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=x.index is not None,
             HAS_DROPOUT=dropout_p > 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
             INPUT_PRECISION=input_precision(q.dtype),
-            USE_TMA=cfg.tma and tma_ready(pk, pv, k, v),
+            USE_TMA=cfg.tma and tma_ready(x.prefix_k, x.prefix_v, x.k, x.v),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
