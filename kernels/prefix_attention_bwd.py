@@ -42,6 +42,7 @@ from .prefix_attention_fwd import (
     mask_as_int8,
     prefix_views,
     seed_arg,
+    spec_ints,
     spec_signature,
     spec_variants,
     strides3,
@@ -442,7 +443,8 @@ def compile_specs():
             flags += f",w{cfg.num_warps}s{cfg.num_stages}"
             yield CompileSpec(f"prefix_attention_{name}[{elem},{flags}]", fn,
                               spec_signature(fn, constexprs, types), constexprs,
-                              cfg.num_warps, cfg.num_stages, archs)
+                              cfg.num_warps, cfg.num_stages, archs,
+                              ints=spec_ints(constexprs))
     # Delta depends only on the dtype and BLOCK_D (and is cheap to compile).
     for i, block_d in enumerate((32, 64, 128, 256)):
         elem = ("fp16", "bf16", "fp32", "fp16")[i]

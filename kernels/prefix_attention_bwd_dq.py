@@ -22,6 +22,7 @@ from .prefix_attention_fwd import (
     prefix_batch_stride,
     seed_arg,
     sequence_key_range,
+    spec_ints,
     spec_signature,
     spec_variants,
     strides3,
@@ -204,4 +205,5 @@ def compile_specs():
             flags += f",w{cfg.num_warps}s{cfg.num_stages}"
             yield CompileSpec(f"prefix_attention_dq[{elem},{flags}]", _dq_kernel,
                               spec_signature(_dq_kernel, constexprs, types), constexprs,
-                              cfg.num_warps, cfg.num_stages, archs)
+                              cfg.num_warps, cfg.num_stages, archs,
+                              ints=spec_ints(constexprs))

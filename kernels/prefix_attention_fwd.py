@@ -475,6 +475,13 @@ def spec_signature(fn, constexprs: dict, types: dict) -> dict:
     return {name: types.get(name, "i32") for name in params if name not in constexprs}
 
 
+def spec_ints(constexprs: dict) -> dict:
+    """The int arguments whose value at a benchmark launch is not a multiple of 16 (the others
+    get compile_specs.REPRESENTATIVE_INT): GQA 4:1, and with a (B, Lk) padding mask its unit
+    last stride, which the JIT turns into the constant 1."""
+    return {"group_size": 4, **({"stride_mask_l": 1} if constexprs.get("HAS_MASK") else {})}
+
+
 # Spec variants compiled a second time with HAS_DROPOUT (BERT/RoBERTa shapes: 16-bit at D = 64
 # and 128, fp32 at D = 64), on top of every variant without it: dropout adds Philox arithmetic
 # in registers, not shared memory, so a few configs prove that code lowers.
@@ -509,7 +516,8 @@ def compile_specs():
             yield CompileSpec(f"prefix_attention_fwd[{elem},{flags}]",
                               _prefix_attention_fwd_kernel,
                               spec_signature(_prefix_attention_fwd_kernel, constexprs, types),
-                              constexprs, cfg.num_warps, cfg.num_stages, archs)
+                              constexprs, cfg.num_warps, cfg.num_stages, archs,
+                              ints=spec_ints(constexprs))
     constexprs = dict(BLOCK_M=MASK_BLOCK[0], BLOCK_N=MASK_BLOCK[1])
     yield CompileSpec("prefix_attention_dropout_mask", _dropout_mask_kernel,
                       spec_signature(_dropout_mask_kernel, constexprs,

@@ -186,7 +186,7 @@ def compile_specs():
                      **{n: "i32" for n in ("seq_len", "num_prompt", "width", "stride_out_b",
                                            "stride_out_r", "stride_w_v", "stride_p_t",
                                            "stride_p_r", "stride_ids_b", "stride_ids_l")}},
-                    tile, NUM_WARPS)
+                    tile, NUM_WARPS, ints={"stride_ids_l": 1})   # contiguous (B, L) ids
                 yield CompileSpec(
                     f"prompt_grad[{dtype},prompt={prompt_dtype},{block_r}x{block_d},index={has_index}]",
                     _prompt_grad_kernel,
