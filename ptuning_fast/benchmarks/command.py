@@ -36,6 +36,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--providers", default=",".join(providers.PROVIDERS),
                         help="comma-separated attention providers to run "
                              f"(of {','.join(providers.PROVIDERS)})")
+    parser.add_argument("--static", action="store_true",
+                        help="run nothing: capture the kernels' launches at the benchmark shapes, "
+                             "compile them for sm_90 and sm_80 and report registers, spills, "
+                             "shared memory, occupancy and waves (no GPU needed; --quick: the "
+                             "quick shapes; --out: JSON file or directory, default a new "
+                             "bench/results/static-<date>.json)")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
                         help="run nothing: render the markdown and plots of a results file, or "
                              "merge several from one device into --out and render that")
@@ -167,6 +173,9 @@ def run_all(args, device: torch.device) -> tuple[list[dict], int, dict]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.static:
+        from .static_report import main as static_report
+        return static_report(quick=args.quick, out=args.out)
     if args.from_json is not None:
         return rerender(args.from_json, args.out)
 

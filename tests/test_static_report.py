@@ -1,0 +1,126 @@
+"""The static report (`ptuning-fast bench --static`) and the targets it checks without a GPU.
+
+One run of the command (every benchmark shape, sm_90 and sm_80 in parallel processes, each
+distinct binary compiled once: about 40 binaries) feeds every test here. The targets come from
+ARCHITECTURE.md ("Performance"): no register spills, and every backward kernel launches at
+least as many programs as the H100 has SMs. Those two fail on kernels that miss them: that is
+what they are for.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ptuning_fast.benchmarks import occupancy, static_report
+from ptuning_fast.kernels import launch
+
+BACKWARD_KERNELS = {"_delta_kernel", "_dq_kernel", "_dkdv_kernel", "_prefix_dkdv_kernel",
+                    "_prompt_grad_kernel"}
+EXPECTED_KERNELS = BACKWARD_KERNELS | {"_prefix_attention_fwd_kernel",
+                                       "_prompt_embedding_fwd_kernel"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptuning_fast.cli", "bench", "--static", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=1500)
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    data["stdout"] = proc.stdout
+    return data
+
+
+def _where(rows):
+    return [f"{r['kernel']} sm_{r['arch']} {r['shape']}" for r in rows]
+
+
+def test_every_kernel_compiles_for_both_archs(report):
+    failed = [f"{r['kernel']} sm_{r['arch']}: {r['error']}" for r in report["rows"] if not r["ok"]]
+    failed += [f"{s['op']} {s['shape']}: {s['reason']}" for s in report["skipped"] if s["failed"]]
+    assert not failed, "\n".join(failed)
+    for arch in static_report.ARCHS:
+        seen = {r["kernel"] for r in report["rows"] if r["arch"] == arch}
+        assert EXPECTED_KERNELS <= seen, EXPECTED_KERNELS - seen
+    assert {r["prefix"] for r in report["rows"]} >= {"shared", "per_row", "per_task"}
+
+
+def test_report_fields_are_sane(report, tmp_path):
+    rows = report["rows"]
+    assert report["binaries"] < len(rows)        # shapes share binaries; each compiled once
+    for r in rows:
+        target = {90: launch.H100, 80: launch.A100}[r["arch"]]
+        assert len(r["grid"]) == 3 and min(r["grid"]) >= 1
+        assert r["programs"] == r["grid"][0] * r["grid"][1] * r["grid"][2]
+        assert 0 < r["regs"] <= 255 and r["spill_store_bytes"] >= 0 and r["stack_bytes"] >= 0
+        assert r["same_cubin"]                   # ptxas's figures describe the compiled binary
+        assert 0 <= r["shared"] <= 228 * 1024 and r["num_warps"] in (1, 2, 4, 8, 16)
+        assert 1 <= r["blocks_per_sm"] <= 32
+        assert set(r["limiter"].split("+")) <= {"regs", "smem", "threads", "blocks"}
+        assert r["sm_count"] == target.sm_count
+        assert r["waves"] == pytest.approx(r["programs"] / (target.sm_count * r["blocks_per_sm"]))
+        assert r["phase"] in ("fwd", "bwd")
+        # Every tensor the launchers pass is aligned (as CUDA allocations are): only ints
+        # may miss the JIT's divisibility.
+        assert not [a for a in r["unaligned_args"] if a[0].isupper()], r["unaligned_args"]
+    fwd = [r for r in rows if r["kernel"] == "_prefix_attention_fwd_kernel"]
+    assert all((r["wgmma"] > 0) == (r["arch"] == 90) for r in fwd)    # tensor cores per arch
+    assert all(r["mma_sync"] > 0 for r in fwd if r["arch"] == 80)
+    # Specialized as a launch: the vectorized loads a launch gets (not element-wise ones).
+    assert all(r["ld_global_vector"] > 0 for r in fwd)
+    for column in static_report.COLUMNS:
+        assert column in report["stdout"]
+    md = static_report.markdown(report)
+    assert md.count("\n| ") == len(rows) + 1 and "| dkdv_kernel |" in md
+
+
+def test_no_register_spills(report):
+    spilling = [f"{w}: {r['regs']} regs, {r['spill_store_bytes']}/{r['spill_load_bytes']} B "
+                f"spill stores/loads" for w, r in zip(_where(report["rows"]), report["rows"])
+                if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    assert not spilling, "register spills:\n" + "\n".join(sorted(set(spilling)))
+
+
+def test_backward_kernels_fill_the_h100(report):
+    sms = launch.H100.sm_count
+    rows = [r for r in report["rows"] if r["arch"] == 90 and r["phase"] == "bwd"]
+    assert {r["kernel"] for r in rows} >= BACKWARD_KERNELS
+    short = [f"{w}: {r['programs']} programs (grid {r['grid']})"
+             for w, r in zip(_where(rows), rows) if r["programs"] < sms]
+    assert not short, f"backward kernels with fewer programs than the H100's {sms} SMs:\n" + \
+        "\n".join(short)
+
+
+def test_decode_is_skipped_cleanly_until_it_lands(report):
+    decode = [r for r in report["rows"] if r["op"] == "decode"]
+    skipped = [s for s in report["skipped"] if s["op"] == "decode"]
+    assert decode or skipped
+    assert all("decode" in s["reason"] for s in skipped)
+
+
+def test_occupancy_by_hand():
+    # 255 regs x 128 threads: 8192 registers per warp -> 8 warps -> 2 blocks of 4 warps.
+    assert occupancy.blocks_per_sm(90, 255, 4, 40 * 1024) == (2, "regs")
+    assert occupancy.blocks_per_sm(90, 255, 4, 80 * 1024) == (2, "smem+regs")
+    # 100 KB of shared memory (+1 KB reserved) fits twice in 228 KB, once in 164 KB.
+    assert occupancy.blocks_per_sm(90, 64, 4, 100 * 1024) == (2, "smem")
+    assert occupancy.blocks_per_sm(80, 64, 4, 100 * 1024) == (1, "smem")
+    # 168 regs: 5376 per warp (a multiple of 256) -> 12 warps -> 1 block of 8 warps.
+    assert occupancy.blocks_per_sm(90, 168, 8, 0) == (1, "regs")
+    # 4 warps: the 2048-thread limit allows 16 blocks; at 32 regs the registers do too.
+    assert occupancy.blocks_per_sm(90, 24, 4, 0) == (16, "threads")
+    assert occupancy.blocks_per_sm(90, 32, 4, 0) == (16, "threads+regs")
+    assert occupancy.blocks_per_sm(90, 16, 1, 0) == (32, "blocks")
+    assert occupancy.waves(528, 132, 2) == 2.0 and occupancy.waves(1, 132, 0) is None
+
+
+def test_output_path_never_overwrites(tmp_path):
+    first = static_report.output_path(tmp_path)
+    first.write_text("{}")
+    second = static_report.output_path(tmp_path)
+    assert second != first and second.parent == tmp_path and second.name.startswith("static-")
+    assert static_report.output_path(tmp_path / "x.json") == tmp_path / "x.json"
