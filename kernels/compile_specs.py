@@ -19,6 +19,7 @@ import contextlib
 import functools
 import io
 import re
+import struct
 from dataclasses import dataclass, field
 
 # Max dynamic shared memory per block (CUDA programming guide, compute capabilities table).
@@ -120,7 +121,7 @@ def ptxas_log(ptx: str, options: dict, arch: int) -> tuple[str, bytes]:
     """(`ptxas -v` log, cubin) of `ptx`: Triton's own ptxas stage (the backend's make_cubin: the
     same ptxas binary and flags that built the cubin) rerun with its log printed
     (TRITON_DUMP_PTXAS_LOG). A compile served from Triton's cache runs no ptxas, hence the rerun;
-    its cubin is byte-identical to the compiled one (checked by compile_and_measure)."""
+    its machine code is the compiled one's (checked by compile_and_measure)."""
     from triton import knobs
     from triton.compiler.compiler import make_backend
     backend = make_backend(_target(arch))
@@ -129,6 +130,22 @@ def ptxas_log(ptx: str, options: dict, arch: int) -> tuple[str, bytes]:
         knobs.nvidia.dump_ptxas_log = True
         cubin = backend.make_cubin(ptx, {}, backend.parse_options(dict(options)), arch)
     return out.getvalue(), cubin
+
+
+def machine_code(cubin: bytes) -> dict[str, bytes]:
+    """The cubin's (ELF64) .text.* sections and their .nv.info.* attributes (register count
+    and the like) by name: what two builds must share to be the same kernel. Debug sections
+    differ between ptxas runs (they name the temporary .ptx file)."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entsize, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entsize) for i in range(count)]
+    names_at = headers[names_index][4]
+
+    def name(offset):
+        start = names_at + offset
+        return cubin[start:cubin.index(b"\0", start)].decode()
+    return {name(h[0]): cubin[h[4]:h[4] + h[5]] for h in headers
+            if name(h[0]).startswith((".text.", ".nv.info."))}
 
 
 _PROPERTIES = re.compile(
@@ -175,7 +192,8 @@ def compile_and_measure(spec: Specialized, arch: int) -> dict:
     compiled = compile_specialized(spec, arch)
     log, cubin = ptxas_log(compiled.asm["ptx"], spec.options, arch)
     return {"shared": compiled.metadata.shared, "cubin": bool(compiled.asm.get("cubin")),
-            "same_cubin": cubin == compiled.asm["cubin"],   # the figures are the binary's
+            # The figures are the binary's: the rerun built the same machine code.
+            "same_cubin": machine_code(cubin) == machine_code(compiled.asm["cubin"]),
             "num_warps": spec.options["num_warps"], "num_stages": spec.options["num_stages"],
             **ptxas_usage(log, compiled.metadata.name), **ptx_features(compiled.asm["ptx"])}
 
