@@ -64,7 +64,8 @@ def test_report_fields_are_sane(report, tmp_path):
         assert 1 <= r["blocks_per_sm"] <= 32
         assert set(r["limiter"].split("+")) <= {"regs", "smem", "threads", "blocks"}
         assert r["sm_count"] == target.sm_count
-        assert r["waves"] == pytest.approx(r["programs"] / (target.sm_count * r["blocks_per_sm"]))
+        assert r["waves"] == pytest.approx(r["programs"] / (target.sm_count * r["blocks_per_sm"]),
+                                           abs=1e-3)
         assert r["phase"] in ("fwd", "bwd")
         # Every tensor the launchers pass is aligned (as CUDA allocations are): only ints
         # may miss the JIT's divisibility.

@@ -234,11 +234,12 @@ def merge(parts: list[dict]) -> dict:
         row = dict(row, **binary)
         target = _target(arch)
         row["sm_count"] = target.sm_count
-        row["programs_per_sm"] = row["programs"] / target.sm_count
+        row["programs_per_sm"] = round(row["programs"] / target.sm_count, 3)
         if binary["ok"]:
             row["blocks_per_sm"], row["limiter"] = blocks_per_sm(
                 arch, binary["regs"], binary["num_warps"], binary["shared"])
-            row["waves"] = waves(row["programs"], target.sm_count, row["blocks_per_sm"])
+            wave_count = waves(row["programs"], target.sm_count, row["blocks_per_sm"])
+            row["waves"] = None if wave_count is None else round(wave_count, 3)
         rows.append(row)
     return {"kind": "static", "command": COMMAND,
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -275,9 +276,18 @@ def markdown(report: dict) -> str:
     order = {a: i for i, a in enumerate(ARCHS)}
     for r in sorted(report["rows"], key=lambda r: order[r["arch"]]):   # stable: launch order
         lines.append("| " + " | ".join(_cells(r)) + " |")
-    lines += [f"\nskipped: {s['op']} {s['shape']} sm_{s['arch']}: {s['reason']}"
+    if report["skipped"]:
+        lines.append("")
+    lines += [f"- skipped: {s['op']} {s['shape']} sm_{s['arch']}: {s['reason']}"
               for s in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def to_json(report: dict) -> str:
+    """The report as JSON with one row a line (files stay readable and diff line by line)."""
+    head = json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1)
+    rows = ",\n".join(json.dumps(r, separators=(",", ":")) for r in report["rows"])
+    return f'{head[:-2]},\n "rows": [\n{rows}\n ]\n}}\n'
 
 
 def output_path(out: Path | None) -> Path:
@@ -301,7 +311,7 @@ def main(quick: bool = False, out: Path | None = None, jobs: int | None = None) 
     report["seconds"] = round(time.perf_counter() - start, 1)
     json_path = output_path(out)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1))
+    json_path.write_text(to_json(report))
     text = markdown(report)
     json_path.with_suffix(".md").write_text(text)
     print(text)
