@@ -42,6 +42,7 @@ from .prefix_attention_fwd import (
     SPEC_VARIANTS,
     _attend_blocks,
     input_precision,
+    spec_ints,
     spec_signature,
     strides3,
 )
@@ -406,7 +407,8 @@ def compile_specs():
             flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
             yield CompileSpec(f"prefix_attention_decode[{elem},{flags}]", _decode_split_kernel,
                               spec_signature(_decode_split_kernel, constexprs, types),
-                              constexprs, tile.warps(block_m), tile.num_stages)
+                              constexprs, tile.warps(block_m), tile.num_stages,
+                              ints=dict(spec_ints(constexprs), q_len=1))   # one new token
     for block_d in sorted({d for *_, d in SPEC_VARIANTS}):
         for elem in ("fp16", "bf16", "fp32"):
             constexprs = dict(BLOCK_M=GPU_DECODE[(elem != "fp32", block_d)].max_rows,
@@ -415,4 +417,4 @@ def compile_specs():
             yield CompileSpec(f"prefix_attention_decode_merge[{elem},BLOCK_D={block_d}]",
                               _decode_merge_kernel,
                               spec_signature(_decode_merge_kernel, constexprs, types),
-                              constexprs, MERGE_WARPS, 1)
+                              constexprs, MERGE_WARPS, 1, ints={"q_len": 1, "group_size": 4})
