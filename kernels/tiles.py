@@ -132,11 +132,13 @@ def candidates(kernel: str, arch: int | None, dtype: torch.dtype, head_dim: int,
 def prefix_tile(prefix_len: int, cfg: TileConfig) -> TileConfig:
     """The prefix-dK/dV program's tile, from the dK/dV config: its key block, or less for a
     short prefix (P = 16 then fills its tile instead of a quarter of a 64-row one; floor 16, the
-    smallest MMA tile), and at most 4 warps for a key block under 64 rows (8 warps on a 16-row
-    tile leave ptxas 128 registers a thread and it spills)."""
+    smallest MMA tile), and for a key block under 64 rows at most 4 warps and 2 stages (8
+    warps on a 16-row tile leave ptxas 128 registers a thread and it spills; with 3 stages
+    ptxas kept 4 bytes on the stack, sm_90 D = 64)."""
     block_n = min(cfg.block_n, max(16, triton.next_power_of_2(prefix_len)))
-    warps = cfg.num_warps if block_n >= 64 else min(cfg.num_warps, 4)
-    return TileConfig(cfg.block_m, block_n, warps, cfg.num_stages)
+    if block_n >= 64:
+        return TileConfig(cfg.block_m, block_n, cfg.num_warps, cfg.num_stages)
+    return TileConfig(cfg.block_m, block_n, min(cfg.num_warps, 4), min(cfg.num_stages, 2))
 
 
 def spec_configs(kernel: str, sixteen_bit: bool, block_d: int):
