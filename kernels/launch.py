@@ -77,13 +77,22 @@ WAVES = 2
 INTERPRETER_SPLITS = 3
 
 
-def num_splits(device: torch.device, programs: int, work_items: int) -> int:
+def resident_programs(num_warps: int) -> int:
+    """Programs of `num_warps` warps one SM holds at once, as the static report measures the
+    split kernels (bench/NOTES.md): 4-warp tiles ~4 (registers), 8-warp tiles ~2. An estimate
+    on the high side: too many splits cost a little partial memory, too few leave SMs idle."""
+    return 4 if num_warps <= 4 else 2
+
+
+def num_splits(device: torch.device, programs: int, work_items: int, num_warps: int) -> int:
     """How many programs share one output tile's reduction (Liger's split-then-sum, made
     deterministic by a fixed order): enough that `programs` tiles x splits fill WAVES waves of
-    the target's SMs, at most one split per work item (a split never gets empty work)."""
+    the target (SMs x resident programs each), at most one split per work item (a split never
+    gets empty work)."""
     target = device_target(device)
     if target is None:
         wanted = INTERPRETER_SPLITS
     else:
-        wanted = -(-WAVES * target.sm_count // max(programs, 1))
+        slots = WAVES * target.sm_count * resident_programs(num_warps)
+        wanted = -(-slots // max(programs, 1))
     return max(1, min(wanted, work_items))

@@ -391,7 +391,7 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     cfg = prefix_tile(P, cfg)
     block_n = cfg.block_n
     tiles = triton.cdiv(P, block_n) * Hkv * slots
-    per_split = triton.cdiv(work, num_splits(q.device, tiles, work))
+    per_split = triton.cdiv(work, num_splits(q.device, tiles, work, cfg.num_warps))
     splits = triton.cdiv(work, per_split)               # no split is left without work
     partial_k = torch.empty((splits, *shape4), dtype=torch.float32, device=q.device)
     partial_v = torch.empty_like(partial_k)

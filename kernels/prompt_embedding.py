@@ -93,6 +93,14 @@ def _prompt_grad_kernel(
     tl.store(Partials + out, acc, mask=mask)
 
 
+def _grad_tile(width: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) of the prompt gradient: a quarter of `_tile`'s size (at most 256 wide).
+    A prompt is only P x d, so large tiles leave too few programs even after the row split
+    (B = 8, P = 64, d = 2048: 32 tiles of 4 x 1024)."""
+    block_d = min(triton.next_power_of_2(max(width, 16)), 256)
+    return max(1, 1024 // block_d), block_d
+
+
 def _tile(width: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D): a tile of ~4096 elements, as wide as the row allows (up to 1024).
 
@@ -152,9 +160,10 @@ def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_t
         return grad
     if B == 0:
         return grad.zero_()
-    block_r, block_d = _tile(d)
+    block_r, block_d = _grad_tile(d)
     tiles = (triton.cdiv(num_prompt, block_r), num_tasks, triton.cdiv(d, block_d))
-    rows_per_split = triton.cdiv(B, num_splits(grad_out.device, tiles[0] * tiles[1] * tiles[2], B))
+    programs = tiles[0] * tiles[1] * tiles[2]
+    rows_per_split = triton.cdiv(B, num_splits(grad_out.device, programs, B, NUM_WARPS))
     splits = triton.cdiv(B, rows_per_split)
     partials = torch.empty(splits, num_tasks, num_prompt, d, dtype=torch.float32,
                            device=grad_out.device)
@@ -170,7 +179,7 @@ def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_t
 
 def compile_specs():
     """Every (dtype, tile) configuration the launchers can pick, for the ahead-of-time compile test."""
-    widths = [16 << i for i in range(7)]              # 16 .. 1024: every tile `_tile` can return
+    widths = [16 << i for i in range(7)]              # 16 .. 1024: every tile either can return
     # A prompt has the embeddings' dtype or is kept in fp32 (mixed-precision training).
     dtype_pairs = [(w, p) for w in ("fp16", "bf16", "fp32") for p in sorted({w, "fp32"})]
     for dtype, prompt_dtype in dtype_pairs:
@@ -187,10 +196,13 @@ def compile_specs():
                                            "stride_out_r", "stride_w_v", "stride_p_t",
                                            "stride_p_r", "stride_ids_b", "stride_ids_l")}},
                     tile, NUM_WARPS, ints={"stride_ids_l": 1})   # contiguous (B, L) ids
+                grad_r, grad_d = _grad_tile(width)
+                if grad_d != width and width > 256:
+                    continue                          # the same grad tile as width 256
                 yield CompileSpec(
-                    f"prompt_grad[{dtype},prompt={prompt_dtype},{block_r}x{block_d},index={has_index}]",
+                    f"prompt_grad[{dtype},prompt={prompt_dtype},{grad_r}x{grad_d},index={has_index}]",
                     _prompt_grad_kernel,
                     {"Partials": "*fp32", "GradOut": f"*{dtype}", "PromptIndex": "*i64",
                      **{n: "i32" for n in ("batch", "num_prompt", "width", "rows_per_split",
                                            "stride_go_b", "stride_go_r")}},
-                    tile, NUM_WARPS)
+                    dict(HAS_INDEX=has_index, BLOCK_R=grad_r, BLOCK_D=grad_d), NUM_WARPS)
