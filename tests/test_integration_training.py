@@ -215,14 +215,24 @@ def test_trainer_trains_only_the_prompt(tmp_path):
         assert torch.equal(p, base_before[n]), f"base parameter {n} changed"
 
 
-def test_autocast_bf16_training_step():
-    """Under autocast the queries are bf16 while the prefix encoder stays fp32."""
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_autocast_bf16_training_step(use_cache, monkeypatch):
+    """Under autocast, attention runs in bf16 as SDPA would, whatever mix of dtypes the layer
+    hands over (RoPE leaves q/k in fp32, v_proj gives bf16; a KV cache may or may not cast v),
+    while the prefix encoder stays fp32."""
     model = randomized(pf.wrap(tiny_llama(0), CONFIGS["prefix_proj"]())).train()
     ids, mask, labels = batch("llama")
     with torch.no_grad():
         exact = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    dtypes = []
+    real = attention.ops.layer_prefix_attention
+    monkeypatch.setattr(attention.ops, "layer_prefix_attention", lambda q, k, v, pk, pv, **kw:
+                        dtypes.append({t.dtype for t in (q, k, v, pk, pv)}) or
+                        real(q, k, v, pk, pv, **kw))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels,
+                     use_cache=use_cache).loss
+    assert dtypes == [{torch.bfloat16}] * model.dims.num_layers
     loss.backward()
     assert_close(loss.float(), exact, torch.bfloat16, name="autocast loss")
     assert all(p.grad is not None and p.grad.dtype == torch.float32

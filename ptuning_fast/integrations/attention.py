@@ -80,6 +80,13 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError(
             f"ptuning_fast attention expects the 2D padding mask (B, Lk), got shape "
             f"{tuple(attention_mask.shape)}; 4D masks (or static caches) are not supported")
+    if torch.is_autocast_enabled(query.device.type):
+        # Autocast skips custom ops but casts the attention transformers would run (SDPA, eager's
+        # matmuls) to its dtype: do the same. Inputs may arrive mixed: RoPE with fp32 cos/sin
+        # keeps q/k in fp32 while v is v_proj's bf16 output (before 5.24, transformers' KV cache
+        # cast v to k's dtype, which hid this whenever a cache was in use).
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k = prefix_v = prefix_index = None
     backend = "auto"
     if binding is not None:
