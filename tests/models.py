@@ -1,8 +1,10 @@
 """Tiny random-weight transformers models for the integration tests (built from configs, no
-downloads), and helpers to put the same soft-prompt weights into a PEFT model."""
+downloads), helpers to put the same soft-prompt weights into a PEFT model, and the PEFT-free
+reference `MaterializedPrompt`."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -140,4 +142,95 @@ def wrapped_and_twin(model_name, config, backend="reference", seed=0, randomize_
                 p.normal_(0, 0.5)
     return ours, peft_twin(ours, base_copy)
 
+
+def cache_kwarg(model) -> str:
+    """The name under which `model`'s backbone takes its KV cache: `cache` from transformers 5.24
+    on (which still accepts `past_key_values` as deprecated), `past_key_values` before."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class MaterializedPrompt(torch.nn.Module):
+    """The reference for the transformers integration, without PEFT and without our attention:
+    an unwrapped copy of the base model (eager attention) whose KV cache holds the soft prompt
+    as P entries in every row, as PEFT's algorithm puts it there. Prefix tuning: each layer's
+    prefix K/V; prompt tuning: the prompt run through the model once. Positions then start at P,
+    and P ones lead the attention mask. Parameter names equal the wrapped model's."""
+
+    def __init__(self, pf_model):
+        super().__init__()
+        self.method = pf_model.ptuning_config.method
+        self.num_virtual_tokens = pf_model.num_virtual_tokens
+        self.prompt_encoder = copy.deepcopy(pf_model.prompt_encoder)
+        self.base_model = copy.deepcopy(pf_model.base_model)
+        self.base_model.set_attn_implementation("eager")
+        for name in pf_model.modules_to_save:
+            self.base_model.get_submodule(name).requires_grad_(True)
+
+    def trainable_parameters(self):
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def prompt_cache(self, rows: int):
+        """A DynamicCache holding the soft prompt in each of `rows` rows."""
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.base_model.config)
+        dtype = self.base_model.get_input_embeddings().weight.dtype
+        if self.method == "prefix_tuning":
+            prefixes = self.prompt_encoder().to(dtype)
+            for layer in range(prefixes.num_layers):
+                k, v = prefixes.layer(layer)
+                cache.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape), layer)
+            return cache
+        prompt = self.prompt_encoder().to(dtype)
+        self.base_model(inputs_embeds=prompt.expand(rows, *prompt.shape), use_cache=True,
+                        **{cache_kwarg(self.base_model): cache})
+        return cache
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        """Prefix tuning's forward (prompt tuning's logits would lack the prompt positions)."""
+        if self.method != "prefix_tuning":
+            raise NotImplementedError("MaterializedPrompt.forward is for prefix tuning")
+        P, batch = self.num_virtual_tokens, input_ids.shape[0]
+        mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+        return self.base_model(input_ids=input_ids, attention_mask=mask, labels=labels,
+                               use_cache=True,
+                               **{cache_kwarg(self.base_model): self.prompt_cache(batch)})
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, **kwargs):
+        """transformers' generate() continuing from the cache: the inputs get P placeholder ids in
+        front (the cache stands for them, generate() feeds only the real ids); they are cut off
+        the result. Positions of the real ids: prefix tuning, generate()'s own numbering shifted
+        by P; prompt tuning, those of [prompt; ids] padding included (PEFT drops position_ids)."""
+        P, (batch, length) = self.num_virtual_tokens, input_ids.shape
+        beams = kwargs.get("num_beams", 1)
+        rows = batch * (beams if beams > 1 else kwargs.get("num_return_sequences", 1))
+        if self.method == "prefix_tuning":
+            # generate()'s numbering of the ids, shifted by P as PEFT and ours do. Letting it
+            # number [placeholders; ids] would differ after right padding (pads count as 0).
+            positions = self.base_model._prepare_position_ids_for_generation(
+                input_ids, {"attention_mask": attention_mask})
+        else:
+            positions = torch.arange(length).expand(batch, -1)
+        kwargs["position_ids"] = torch.cat([torch.arange(P).expand(batch, -1), positions + P], 1)
+        ids = torch.cat([input_ids.new_full((batch, P), 3), input_ids], 1)
+        mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+        out = self.base_model.generate(input_ids=ids, attention_mask=mask, **kwargs,
+                                       **{cache_kwarg(self.base_model): self.prompt_cache(rows)})
+        return out[:, P:]
+
+
+def peft_generation_broken(twin) -> str:
+    """Why a PEFT model's generate() cannot be compared with: its tokens differ from those of
+    `MaterializedPrompt` (PEFT's algorithm done outside PEFT, which equals PEFT's generate()
+    wherever PEFT still gets its prompt into the model)."""
+    import peft
+    import transformers
+    why = (f"peft {peft.__version__} with transformers {transformers.__version__}: PEFT's "
+           "generate() gives other tokens than the unwrapped model with the soft prompt "
+           "materialized in its KV cache (the matching `reference` test holds ours to that)")
+    if cache_kwarg(twin.get_base_model()) == "cache":
+        why += ("; transformers renamed the cache argument past_key_values -> cache, and PEFT "
+                "still looks for and injects it as past_key_values during generate()")
+    return why
 

@@ -43,6 +43,16 @@ def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer
     return PromptEmbedding.from_config(config, dims, word_embeddings, tokenizer)
 
 
+def _cache_length(kwargs) -> int:
+    """Tokens already in the KV cache among a forward's kwargs. transformers 5.24 renamed the
+    argument `past_key_values` to `cache` (generate() passes the new name, models still take the
+    old one); read whichever is there."""
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    return cache.get_seq_length() if cache is not None else 0
+
+
 def _refuse_packed_sequences(position_ids, attention_mask, past_len):
     """transformers reads position ids that restart inside a row (with no attention mask, no
     cache) as packed sequences and masks across their borders; the prefix attention function
@@ -178,8 +188,7 @@ class PTuningModel(nn.Module):
         batch = ref.shape[0]
         task_ids = self._check_task_ids(task_ids, batch)
         P = self.num_virtual_tokens
-        past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
+        past_len = _cache_length(kwargs)
         if self.is_prefix:
             if position_ids is None:
                 position_ids = self._prefix_position_ids(input_ids, ref, P + past_len)
@@ -255,17 +264,15 @@ class PTuningModel(nn.Module):
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + P
         elif ref is not None:
-            past = kwargs.get("past_key_values")
-            start = P + (past.get_seq_length() if past is not None else 0)
+            start = P + _cache_length(kwargs)
             kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start)
         return args, kwargs
 
     def _prompt_step_hook(self, module, args, kwargs):
         P = self.num_virtual_tokens
-        past = kwargs.get("past_key_values")
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else ids
-        if (past is None or past.get_seq_length() == 0) and ref is not None:
+        if _cache_length(kwargs) == 0 and ref is not None:
             task_ids = self._generation_task_ids
             if task_ids is not None and task_ids.shape[0] != ref.shape[0]:
                 task_ids = task_ids.repeat_interleave(ref.shape[0] // task_ids.shape[0])
