@@ -234,3 +234,24 @@ def peft_generation_broken(twin) -> str:
                 "still looks for and injects it as past_key_values during generate()")
     return why
 
+
+_PEFT_PREFIX_REFUSAL = "Model does not support past key values which are required for prefix"
+
+
+def peft_refuses(error: Exception) -> bool:
+    """Whether `error` is PEFT refusing prefix tuning for the model (not a failure of ours)."""
+    return isinstance(error, ValueError) and _PEFT_PREFIX_REFUSAL in str(error)
+
+
+def peft_refusal_reason(twin, error: Exception) -> str:
+    import peft
+    import transformers
+    base = twin.get_base_model()
+    why = (f"peft {peft.__version__} refuses prefix tuning for {type(base).__name__} with "
+           f"transformers {transformers.__version__}: {error} "
+           "(test_forward_backward_and_step_match_materialized_prefix holds ours to PEFT's "
+           "algorithm without PEFT)")
+    if cache_kwarg(base) == "cache":
+        why += ("; PEFT looks for `past_key_values` in the backbone's forward signature, which "
+                "transformers renamed to `cache`")
+    return why

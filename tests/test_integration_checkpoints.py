@@ -10,7 +10,7 @@ from transformers import LlamaForSequenceClassification
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import BUILDERS, batch, tiny_llama, wrapped_and_twin
+from models import BUILDERS, batch, peft_refuses, tiny_llama, wrapped_and_twin
 
 peft = pytest.importorskip("peft")
 
@@ -58,7 +58,20 @@ def test_round_trips_with_peft(model_name, method, backend, tmp_path):
     assert_close(saved["prompt_embeddings"], ours.prompt_encoder.output_for_checkpoint(),
                  torch.float32, name="prompt_embeddings")
     peft_loaded = peft.PeftModel.from_pretrained(BUILDERS[model_name](0), tmp_path / "ours")
-    assert_close(logits(peft_loaded, model_name), expected, torch.float32, name="PEFT loads ours")
+    try:
+        assert_close(logits(peft_loaded, model_name), expected, torch.float32,
+                     name="PEFT loads ours")
+    except ValueError as error:
+        if not peft_refuses(error):
+            raise
+        # This PEFT loads the checkpoint but will not run it: check what it would run on (an
+        # inference-mode load runs on the embedding itself, the encoder dropped).
+        assert_close(peft_loaded.prompt_encoder["default"].embedding.weight,
+                     saved["prompt_embeddings"], torch.float32, name="PEFT loads ours")
+        for name in ours.modules_to_save:
+            head = peft_loaded.base_model.get_submodule(name).modules_to_save["default"]
+            for key, value in ours.base_model.get_submodule(name).state_dict().items():
+                assert torch.equal(head.state_dict()[key], value), f"PEFT loads {name}.{key}"
 
     twin.save_pretrained(tmp_path / "peft")
     ours_loaded = pf.PTuningModel.from_pretrained(BUILDERS[model_name](0), tmp_path / "peft",
