@@ -1,10 +1,9 @@
 """`ptuning-fast verify`: every fused op against its reference, forward and every gradient.
 
-Pass rule (FlashAttention's): the fused result's max error against a float64 reference may be at
-most 2x the error of the reference path run in the same low precision, plus a small floor of a
-couple of units in the last place of the dtype (scaled by the result's magnitude) for when that error is
-zero. Without CUDA the kernels run under Triton's interpreter (fp32, fp16 only: it cannot do
-bf16 arithmetic).
+Pass rule: `ptuning_fast.error_bound` (FlashAttention's, the one the tests use too): the fused
+result's max error against a float64 reference may be at most 2x the error of the reference
+path run in the same low precision, plus a few ulps. Without CUDA the kernels run under
+Triton's interpreter (fp32, fp16 only: it cannot do bf16 arithmetic).
 """
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ from typing import Callable
 
 import torch
 
-FACTOR = 2.0
-# Floor in units of the dtype's machine epsilon; gradients reduce over more terms.
-FLOOR_EPS = {"fwd": 2.0, "grad": 8.0}
+from .error_bound import check_error
 
 
 @dataclass
@@ -116,16 +113,11 @@ def check(case: Case, dtype: torch.dtype, device: str):
     exact = _run(case.op, args, kwargs, grad_names, "reference", True, grad_out)
     fused = _run(case.op, args, kwargs, grad_names, "fused", False, grad_out)
     lowp = _run(case.op, args, kwargs, grad_names, "reference", False, grad_out)
-    eps = torch.finfo(dtype).eps
     rows = []
     for i, name in enumerate(["out"] + [f"d{n}" for n in grad_names]):
-        e, f, low = exact[i], fused[i].double(), lowp[i].double()
-        magnitude = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-        err = (f - e).abs().max().item() if e.numel() else 0.0
-        ref_err = (low - e).abs().max().item() if e.numel() else 0.0
-        allowed = FACTOR * ref_err + FLOOR_EPS["fwd" if i == 0 else "grad"] * eps * magnitude
-        ok = bool(torch.isfinite(f).all()) and err <= allowed
-        rows.append((name, err, err / magnitude, allowed, ok))
+        result = check_error(fused[i], lowp[i], exact[i], kind="fwd" if i == 0 else "grad",
+                             dtype=dtype)
+        rows.append((name, result.error, result.relative_error, result.allowed, result.ok))
     return rows
 
 

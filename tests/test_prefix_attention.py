@@ -143,7 +143,7 @@ def check_against_reference(case, dtype, rule="flash"):
             low_g = low_grads[NAMES.index(name)]
             low_g = torch.zeros_like(t) if low_g is None else low_g
             assert torch.isfinite(g).all(), name
-            assert_error_within(g, low_g, want, name=f"d{name}")
+            assert_error_within(g, low_g, want, name=f"d{name}", kind="grad")
 
 
 CASES = [

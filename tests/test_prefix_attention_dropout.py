@@ -48,7 +48,7 @@ def check_dropout_against_reference(case, dtype, p=0.25, seed=SEED):
         else:
             low_g = low_grads[NAMES.index(name)]
             low_g = torch.zeros_like(t) if low_g is None else low_g
-            assert_error_within(g, low_g, want, name=f"d{name}")
+            assert_error_within(g, low_g, want, name=f"d{name}", kind="grad")
     return out
 
 

@@ -1,0 +1,36 @@
+"""The one error rule (`ptuning_fast.error_bound`) that `ptuning-fast verify` and the tests share."""
+import conftest
+import pytest
+import torch
+
+from ptuning_fast import error_bound, verify
+
+
+def test_verify_and_tests_use_the_same_rule(monkeypatch):
+    # Tightening the library's rule must tighten both: neither keeps a copy of its own.
+    exact = torch.ones(4, dtype=torch.float64)
+    same_precision = exact + 0.25
+    actual = (exact + 0.4).half()
+    conftest.assert_error_within(actual, same_precision.half(), exact)
+    monkeypatch.setattr(error_bound, "FACTOR", 1.0)
+    with pytest.raises(AssertionError, match="allowed"):
+        conftest.assert_error_within(actual, same_precision.half(), exact)
+    assert verify.check_error is error_bound.check_error
+    assert not hasattr(verify, "FACTOR") and not hasattr(verify, "FLOOR_EPS")
+
+
+def test_rule_twice_the_same_precision_error_plus_ulps():
+    exact = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    low = exact + torch.tensor([0.01, 0.0], dtype=torch.float64)
+    eps = torch.finfo(torch.float16).eps
+    floor = 2 * eps * 3.0                       # 2 ulps of the largest magnitude (3)
+    ok = error_bound.check_error((exact + 0.02 + floor * 0.9).half().double(), low, exact,
+                                 dtype=torch.float16)
+    assert ok.allowed == pytest.approx(2 * 0.01 + floor)
+    grad = error_bound.check_error(exact, low, exact, kind="grad", dtype=torch.float16)
+    assert grad.allowed == pytest.approx(2 * 0.01 + 8 * eps * 3.0)     # gradients: 8 ulps
+    assert not error_bound.check_error(exact + 0.05, low, exact, dtype=torch.float16).ok
+    nan = error_bound.check_error(torch.full_like(exact, float("nan")), low, exact)
+    assert not nan.ok and "non-finite" in nan.describe("out")
+    with pytest.raises(ValueError, match="kind"):
+        error_bound.check_error(exact, low, exact, kind="bwd")
