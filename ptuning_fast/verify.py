@@ -16,6 +16,8 @@ import torch
 
 from .error_bound import check_error
 
+OPS = ("prompt_embedding", "prefix_attention")
+
 
 @dataclass
 class Case:
@@ -133,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptuning-fast verify",
                                      description="Check every fused op against its reference.")
     parser.add_argument("--quick", action="store_true", help="a smaller grid of shapes")
-    parser.add_argument("--ops", default="prompt_embedding,prefix_attention",
-                        help="comma-separated ops to check")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated ops to check (of {','.join(OPS)})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    wanted = {name.strip() for name in args.ops.split(",") if name.strip()}
+    unknown = sorted(wanted - set(OPS))
+    if unknown or not wanted:
+        # An op nobody checks must not end in "all checks passed".
+        parser.error(f"--ops: unknown op(s) {unknown or args.ops!r}; choose from {','.join(OPS)}")
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -151,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("No CUDA device: running the Triton kernels under the Triton interpreter on CPU "
               "(fp32, fp16; bf16 needs a GPU).")
-    wanted = set(args.ops.split(","))
     torch.manual_seed(args.seed)
     header = f"{'op':<17} {'shape':<58} {'dtype':<9} {'tensor':<10} {'max abs err':>11} " \
              f"{'rel err':>9} {'allowed':>9}  result"

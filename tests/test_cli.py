@@ -45,3 +45,11 @@ def test_usage_and_unknown_command():
     assert _run("--help").returncode == 0
     proc = _run("frobnicate")
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_verify_unknown_op_is_an_error():
+    # An op nobody checks must not print an empty table and "all checks passed".
+    proc = _run("verify", "--quick", "--ops", "bogus")
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "bogus" in proc.stderr and "prompt_embedding,prefix_attention" in proc.stderr
+    assert "all checks passed" not in proc.stdout
