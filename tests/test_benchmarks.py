@@ -3,6 +3,7 @@ compute the same function as the reference (so the comparison is honest), the re
 and the CLI end to end on a tiny op subset. CPU only, well under a minute."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,21 @@ def test_output_path_defaults_to_bench_results(tmp_path):
     assert default.parent.as_posix() == "bench/results" and default.name.startswith("cpu-")
     assert command.output_path(tmp_path, cpu).parent == tmp_path
     assert command.output_path(tmp_path / "x.json", cpu) == tmp_path / "x.json"
+
+
+def test_output_path_never_overwrites_earlier_results(tmp_path, monkeypatch):
+    # Run from the repo root on the day of a committed result: a new file, never that one.
+    monkeypatch.chdir(tmp_path)
+    cpu = torch.device("cpu")
+    first = command.output_path(None, cpu)
+    first.parent.mkdir(parents=True)
+    first.write_text("{}")
+    second = command.output_path(None, cpu)
+    assert second != first and second.parent == first.parent
+    assert second.name == first.stem + "-2.json"
+    second.with_suffix(".md").write_text("")            # a markdown table alone counts too
+    assert command.output_path(None, cpu).name == first.stem + "-3.json"
+    assert command.output_path(Path("mine.json"), cpu) == Path("mine.json")   # as asked
 
 
 def test_bad_op_is_a_usage_error():

@@ -28,9 +28,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a few representative sizes (minutes on a GPU, ~1 on a CPU)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON file, or a directory for <device>-<date>.json "
-                             "(default bench/results/<device>-<date>.json); the markdown table "
-                             "and the plots are written beside it")
+                        help="results JSON file (written as given), or a directory for a new "
+                             "<device>-<date>[-N].json (default bench/results/; an existing "
+                             "file there is never overwritten); the markdown table and the "
+                             "plots are written beside it")
     parser.add_argument("--ops", default=",".join(OPS),
                         help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--providers", default=",".join(providers.PROVIDERS),
@@ -97,10 +98,16 @@ def run_case(case: Case, device: torch.device, quick: bool) -> tuple[dict, bool]
 
 
 def output_path(out: Path | None, device: torch.device) -> Path:
-    name = f"{results.device_slug(device)}-{datetime.date.today().isoformat()}.json"
-    if out is None:
-        return Path("bench") / "results" / name
-    return out if out.suffix == ".json" else out / name
+    """An explicit `--out FILE.json` as given; otherwise a new <device>-<date>[-N].json in the
+    `--out` folder (default bench/results): a run never overwrites earlier (committed) results."""
+    if out is not None and out.suffix == ".json":
+        return out
+    folder = Path("bench") / "results" if out is None else out
+    stem = f"{results.device_slug(device)}-{datetime.date.today().isoformat()}"
+    path, n = folder / f"{stem}.json", 2
+    while path.exists() or path.with_suffix(".md").exists():
+        path, n = folder / f"{stem}-{n}.json", n + 1
+    return path
 
 
 def render(json_path: Path, head: dict, records: list[dict]) -> tuple[Path, list[Path]]:
