@@ -11,6 +11,7 @@ import torch
 from . import reference
 from .kernels.launch import interpreting
 from .validation import (
+    check_interpreter_dtypes,
     check_prefix_attention,
     check_prefix_attention_values,
     check_prompt_embedding,
@@ -53,6 +54,8 @@ def prompt_embedding(input_ids, weight, prompt, *, prompt_index=None, backend="a
     if resolve_backend(backend, weight.device) == "reference":    # checks its values itself
         return reference.prompt_embedding(input_ids, weight, prompt, prompt_index=prompt_index)
     check_prompt_embedding_values(input_ids, weight, prompt, prompt_index)
+    if weight.device.type == "cpu":
+        check_interpreter_dtypes("prompt_embedding", {"weight": weight, "prompt": prompt})
     from .fused.prompt_embedding import prompt_embedding_op
     return prompt_embedding_op(input_ids, weight, prompt, prompt_index)
 
@@ -91,7 +94,7 @@ def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
     (metadata only), but not prefix_index's values — the model wrapper checks task_ids once
     per forward, not once per layer (on a GPU a value check costs a kernel launch)."""
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
-                           dropout_p, dropout_seed)
+                           dropout_p, dropout_seed, causal)
     dropout_p = float(dropout_p)
     seed = None
     if dropout_p > 0:
@@ -105,6 +108,9 @@ def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
                                 attention_mask=attention_mask, scale=scale,
                                 prefix_index=prefix_index, dropout_p=dropout_p,
                                 dropout_mask=mask)
+    if q.device.type == "cpu":
+        check_interpreter_dtypes("prefix_attention", {"q": q, "k": k, "v": v, "prefix_k": prefix_k,
+                                                      "prefix_v": prefix_v})
     from .fused.prefix_attention import prefix_attention_fused
     return prefix_attention_fused(q, k, v, prefix_k, prefix_v, causal=causal,
                                   attention_mask=attention_mask, scale=scale,

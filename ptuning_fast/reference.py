@@ -82,7 +82,7 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     dropout_keep_mask` gives the mask the Triton kernels draw for a seed.
     """
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
-                           dropout_p)
+                           dropout_p, causal=causal)
     check_prefix_attention_values(prefix_k, prefix_index)
     return attend(q, k, v, prefix_k, prefix_v, causal=causal, attention_mask=attention_mask,
                   scale=scale, prefix_index=prefix_index, upcast=upcast, dropout_p=dropout_p,

@@ -6,6 +6,8 @@ dtypes or devices raise TypeError; reasons about shapes, strides or values raise
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -87,6 +89,18 @@ def check_index_range(name: str, index: torch.Tensor, upper: int, what: str) -> 
                         f"`{name}` has values outside [0, {upper}) ({what})")
 
 
+def check_interpreter_dtypes(op: str, named: dict[str, torch.Tensor | None]) -> None:
+    """The kernels on CPU tensors run under Triton's interpreter, which cannot do bfloat16
+    arithmetic (it stores bf16 as uint16; a bf16 `tl.dot` returns garbage, triton #11584):
+    refuse instead of returning garbage. Call only when the Triton path runs on CPU tensors."""
+    bf16 = [n for n, t in named.items() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16]
+    if bf16:
+        raise TypeError(
+            f"{op}: the Triton kernels on CPU tensors run under Triton's interpreter, which "
+            f"cannot compute in bfloat16; got {', '.join(f'`{n}` {describe(named[n])}' for n in bf16)}. "
+            "Expected float32 or float16 here (bf16 runs on a GPU), or backend='reference'")
+
+
 def check_prompt_embedding(input_ids, weight, prompt, prompt_index) -> None:
     r = Reasons("prompt_embedding")
     ids_ok = require_tensor(r, "input_ids", input_ids, (2,), INDEX_DTYPES)
@@ -122,9 +136,12 @@ def prefix_length(prefix_k) -> int:
 
 
 def check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale,
-                           prefix_index, dropout_p=0.0, dropout_seed=None) -> None:
+                           prefix_index, dropout_p=0.0, dropout_seed=None, causal=True) -> None:
     r = Reasons("prefix_attention")
     check_dropout(r, dropout_p, dropout_seed)
+    if not isinstance(causal, bool):
+        # Used by truthiness, causal="no" or a 1-element tensor would silently mean True.
+        r.type(f"`causal` must be a bool, got {type(causal).__name__} {causal!r}")
     qkv_ok = all([require_tensor(r, n, t, (4,), FLOAT_DTYPES) for n, t in
                   (("q", q), ("k", k), ("v", v))])
     has_prefix = prefix_k is not None or prefix_v is not None
@@ -148,8 +165,10 @@ def check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale,
         require_tensor(r, "prefix_index", prefix_index, (1,), INDEX_DTYPES)
     require_same_device(r, {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v,
                             "attention_mask": attention_mask, "prefix_index": prefix_index})
-    if scale is not None and not isinstance(scale, (int, float)):
-        r.type(f"`scale` must be a float or None, got {type(scale).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        r.type(f"`scale` must be a float or None, got {type(scale).__name__} {scale!r}")
+    elif scale is not None and not math.isfinite(scale):
+        r.value(f"`scale` must be a finite float (or None: D ** -0.5), got {scale!r}")
     if not qkv_ok:
         r.raise_if_any()
         return
@@ -161,6 +180,9 @@ def check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale,
         r.value(f"`k` batch {Bk} must equal `q` batch {B}")
     if Dk != D:
         r.value(f"`k` head dim {Dk} must equal `q` head dim {D}")
+    if D == 0:
+        r.value(f"head dim D must be >= 1, got `q` {describe(q)} (the default scale is "
+                "D ** -0.5)")
     if Hkv == 0 or Hq % Hkv != 0:
         r.value(f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
     if len({q.dtype, k.dtype, v.dtype}) > 1:

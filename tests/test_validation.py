@@ -61,3 +61,43 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
     assert resolve_backend("reference", torch.device("cpu")) == "reference"
+
+
+def _attention_inputs(D=8, dtype=torch.float32):
+    q = torch.randn(1, 2, 3, D, device=DEVICE, dtype=dtype)
+    return q, q.clone(), q.clone()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(scale=float("nan")), ValueError, ["scale", "nan", "finite"]),
+    (dict(scale=float("inf")), ValueError, ["scale", "inf", "finite"]),
+    (dict(scale=True), TypeError, ["scale", "bool"]),
+    (dict(causal="no"), TypeError, ["causal", "str", "'no'", "bool"]),
+    (dict(causal=torch.tensor(True)), TypeError, ["causal", "Tensor", "bool"]),
+    (dict(causal=1), TypeError, ["causal", "int", "bool"]),
+])
+def test_prefix_attention_bad_arguments(kwargs, error, words, backend):
+    with pytest.raises(error) as info:
+        pf.prefix_attention(*_attention_inputs(), backend=backend, **kwargs)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_prefix_attention_zero_head_dim(backend):
+    with pytest.raises(ValueError, match="head dim D must be >= 1.*shape=\\(1, 2, 3, 0\\)"):
+        pf.prefix_attention(*_attention_inputs(D=0), backend=backend)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs CPU tensors only")
+def test_bf16_under_the_interpreter_is_refused():
+    # The interpreter stores bf16 as uint16 and its bf16 dots return garbage: refuse, never
+    # return that. The reference path stays available in bf16.
+    q, k, v = _attention_inputs(dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="interpreter.*bfloat16.*`q`.*float32 or float16"):
+        pf.prefix_attention(q, k, v, backend="triton")
+    ids, weight, prompt = _inputs()
+    with pytest.raises(TypeError, match="interpreter.*bfloat16.*`weight`"):
+        pf.prompt_embedding(ids, weight.bfloat16(), prompt.bfloat16(), backend="triton")
+    assert pf.prefix_attention(q, k, v, backend="reference").dtype == torch.bfloat16
