@@ -16,11 +16,22 @@ ENCODERS = ("mlp", "lstm")
 
 
 def _check_common(r: list[str], num_virtual_tokens, num_tasks) -> None:
-    if not isinstance(num_virtual_tokens, int) or isinstance(num_virtual_tokens, bool) \
-            or num_virtual_tokens < 1:
+    if not _is_int(num_virtual_tokens) or num_virtual_tokens < 1:
         r.append(f"`num_virtual_tokens` must be an int >= 1, got {num_virtual_tokens!r}")
-    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+    if not _is_int(num_tasks) or num_tasks < 1:
         r.append(f"`num_tasks` must be an int >= 1, got {num_tasks!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_probability(r: list[str], name: str, value) -> None:
+    """A dropout probability: a real number in [0, 1) (float("x") would fail naming nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        r.append(f"`{name}` must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    elif not 0.0 <= value < 1.0:              # also refuses NaN
+        r.append(f"`{name}` must be in [0, 1), got {value!r}")
 
 
 def _raise(cls_name: str, reasons: list[str]) -> None:
@@ -87,16 +98,15 @@ class PTuningConfig:
         if self.encoder not in ENCODERS:
             r.append(f"`encoder` must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder_hidden_size is not None and (
-                not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1):
+                not _is_int(self.encoder_hidden_size) or self.encoder_hidden_size < 1):
             r.append(f"`encoder_hidden_size` must be None or an int >= 1, "
                      f"got {self.encoder_hidden_size!r}")
-        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
+        if not _is_int(self.encoder_num_layers) or self.encoder_num_layers < 1:
             r.append(f"`encoder_num_layers` must be an int >= 1, got {self.encoder_num_layers!r}")
         elif self.encoder == "mlp" and self.encoder_num_layers != 2:
             r.append(f"encoder='mlp' has PEFT's fixed structure (3 linear layers); "
                      f"`encoder_num_layers` must be 2, got {self.encoder_num_layers}")
-        if not 0.0 <= float(self.encoder_dropout) < 1.0:
-            r.append(f"`encoder_dropout` must be in [0, 1), got {self.encoder_dropout!r}")
+        _check_probability(r, "encoder_dropout", self.encoder_dropout)
         _raise(type(self).__name__, r)
 
 
@@ -121,11 +131,10 @@ class PrefixTuningConfig:
         if not isinstance(self.projection, bool):
             r.append(f"`projection` must be a bool, got {self.projection!r}")
         if self.encoder_hidden_size is not None and (
-                not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1):
+                not _is_int(self.encoder_hidden_size) or self.encoder_hidden_size < 1):
             r.append(f"`encoder_hidden_size` must be an int >= 1 (or None: the model's "
                      f"prefix width, as PEFT), got {self.encoder_hidden_size!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            r.append(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+        _check_probability(r, "dropout", self.dropout)
         _raise(type(self).__name__, r)
 
 
@@ -200,7 +209,7 @@ def from_peft_config(peft_config, *, for_loading: bool = False
             layers = 2
         return PTuningConfig(P, encoder=encoder, encoder_hidden_size=get("encoder_hidden_size"),
                              encoder_num_layers=layers,
-                             encoder_dropout=float(get("encoder_dropout", 0.0)))
+                             encoder_dropout=get("encoder_dropout", 0.0))
     if peft_type == "PREFIX_TUNING":
         if get("init_weights") is not None and not for_loading:
             raise ValueError(f"PEFT PrefixTuningConfig init_weights={get('init_weights')!r} is "
@@ -208,7 +217,7 @@ def from_peft_config(peft_config, *, for_loading: bool = False
         # PEFT's encoder_hidden_size defaults to the model's token_dim: None here means that.
         hidden = get("encoder_hidden_size")
         return PrefixTuningConfig(P, projection=bool(get("prefix_projection", False)),
-                                  encoder_hidden_size=int(hidden) if hidden else None)
+                                  encoder_hidden_size=hidden or None)
     raise ValueError(f"unsupported PEFT config type {peft_type!r}; expected PROMPT_TUNING, "
                      "P_TUNING or PREFIX_TUNING")
 

@@ -136,6 +136,11 @@ def test_text_init_with_tokenizer():
     (lambda: pf.PrefixTuningConfig(4, num_tasks=0), "num_tasks"),
     (lambda: pf.PrefixTuningConfig(4, dropout=-0.1), "dropout"),
     (lambda: pf.PrefixTuningConfig(4, encoder_hidden_size=0), "encoder_hidden_size"),
+    # Wrong types name the argument (float("x") used to fail naming nothing).
+    (lambda: pf.PTuningConfig(4, encoder_dropout="x"), "`encoder_dropout` must be a float.*'x'"),
+    (lambda: pf.PrefixTuningConfig(4, dropout="x"), "`dropout` must be a float.*'x'"),
+    (lambda: pf.PTuningConfig(4, encoder_dropout=float("nan")), "encoder_dropout"),
+    (lambda: pf.PTuningConfig(4, encoder_hidden_size=True), "encoder_hidden_size"),
 ])
 def test_bad_configs_raise(make, match):
     with pytest.raises(ValueError, match=match):
