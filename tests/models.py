@@ -59,6 +59,17 @@ def tiny_roberta(seed=0, num_labels=3, **overrides):
     return RobertaForSequenceClassification(RobertaConfig(**cfg)).eval()
 
 
+def tiny_gpt2(seed=0, **overrides):
+    """GPT-2: a causal LM whose class name (GPT2LMHeadModel) has no "ForCausalLM"."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0, attn_implementation="eager")
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
 def tiny_causal(arch, seed=0):
     """More causal LMs of the families the integration targets: Mistral (GQA), Gemma (scaled
     embeddings, MQA, head_dim 8), Qwen3 (q/k norms, head_dim 16 != 32 / 4)."""
@@ -79,6 +90,8 @@ def tiny_causal(arch, seed=0):
 
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "bert": tiny_bert, "roberta": tiny_roberta}
+# Not in BUILDERS (which the PEFT matrices run over): extra architectures for targeted tests.
+EXTRA_BUILDERS = {"gpt2": tiny_gpt2}
 
 
 def batch(model_name, batch_size=3, length=7, padding="right", seed=1):
@@ -133,7 +146,7 @@ def peft_twin(pf_model, base_copy):
 def wrapped_and_twin(model_name, config, backend="reference", seed=0, randomize_head=True):
     """(our wrapped model, PEFT twin) on two identical copies of one tiny base model."""
     import ptuning_fast as pf
-    base = BUILDERS[model_name](seed)
+    base = {**BUILDERS, **EXTRA_BUILDERS}[model_name](seed)
     base_copy = copy.deepcopy(base)
     ours = pf.wrap(base, config, backend=backend)
     with torch.no_grad():   # random, not zero: a zero prefix or head would hide mistakes

@@ -134,3 +134,89 @@ def test_generate_from_inputs_embeds_equals_from_ids(method):
     b = ours.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
                       max_new_tokens=6, pad_token_id=0, do_sample=False)
     assert torch.equal(a[:, -6:], b[:, -6:])
+
+
+class _DuringGeneration:
+    """A logits processor that runs `fn` at every generation step (and keeps what it returns)."""
+
+    def __init__(self, fn):
+        self.fn, self.results = fn, []
+
+    def __call__(self, input_ids, scores):
+        self.results.append(self.fn())
+        return scores
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_generation_prefix_is_bound_to_its_model():
+    """During A.generate, another model using the same attention implementation (B wrapped, B's
+    base called directly) and A's own forward see their own prefixes, not A's generation's."""
+    from transformers import LogitsProcessorList
+    a = pf.wrap(tiny_llama(0), pf.PrefixTuningConfig(3))
+    b = pf.wrap(tiny_llama(1), pf.PrefixTuningConfig(3))
+    ids, mask, _ = batch("llama", padding="left")
+    expected = {"b": _logits(b, ids, mask), "b_base": _logits(b.base_model, ids, mask),
+                "a": _logits(a, ids, mask)}
+    probes = {name: _DuringGeneration(lambda m=m: _logits(m, ids, mask))
+              for name, m in (("b", b), ("b_base", b.base_model), ("a", a))}
+    generate(a, ids, mask, do_sample=False, logits_processor=LogitsProcessorList(probes.values()))
+    for name, probe in probes.items():
+        for got in probe.results:
+            assert_close(got, expected[name], torch.float32, name=name)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_concurrent_generations_of_one_model_in_threads(method):
+    """Two threads generate with one model at once (different tasks); a barrier at every step
+    keeps both calls open together. Each gets what it gets alone."""
+    import threading
+
+    from transformers import LogitsProcessorList
+    cfg = pf.PrefixTuningConfig(3, num_tasks=2) if method == "prefix" \
+        else pf.PromptTuningConfig(3, num_tasks=2)
+    model = pf.wrap(tiny_llama(0), cfg)
+    with torch.no_grad():
+        model.prompt_encoder.embedding.weight.normal_()
+    ids, mask, _ = batch("llama", padding="left")
+    tasks = {0: torch.tensor([0, 1, 0]), 1: torch.tensor([1, 1, 0])}
+    alone = {t: generate(model, ids, mask, task_ids=tasks[t], do_sample=False) for t in tasks}
+    barrier = threading.Barrier(2, timeout=60)
+    steps = LogitsProcessorList([_DuringGeneration(barrier.wait)])
+    together, errors = {}, []
+
+    def run(t):
+        try:
+            together[t] = generate(model, ids, mask, task_ids=tasks[t], do_sample=False,
+                                   logits_processor=steps)
+        except Exception as exc:  # noqa: BLE001 — reported below
+            errors.append(exc)
+            barrier.abort()
+    threads = [threading.Thread(target=run, args=(t,)) for t in tasks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for t in tasks:
+        assert torch.equal(together[t], alone[t]), t
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_static_cache_is_refused(method):
+    # Prefix: the static cache's padded keys break the bottom-right causal alignment (tokens
+    # silently differed); prompt: generate() builds a 4D mask the prompt cannot be prepended to.
+    ours, _ = wrapped_and_twin("llama", CONFIGS[method])
+    ids, mask, _ = batch("llama", padding="left")
+    with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+        generate(ours, ids, mask, do_sample=False, cache_implementation="static")
+    from transformers import StaticCache
+    cache = StaticCache(config=ours.base_model.config, max_cache_len=32)
+    with pytest.raises(NotImplementedError, match="StaticCache"):
+        generate(ours, ids, mask, do_sample=False, past_key_values=cache)
+    if method == "prefix":
+        with pytest.raises(NotImplementedError, match="StaticCache"):
+            ours(input_ids=ids, attention_mask=mask, past_key_values=cache)

@@ -5,18 +5,25 @@ A wrapped model's config selects `ATTN_IMPLEMENTATION`. Each layer's attention t
 `prefix_attention_forward`, which reads that layer's (Hkv, P, D) prefix from a `PrefixBinding`:
 passed as the forward keyword argument `PREFIX_KWARG` (transformers forwards extra model kwargs
 down to the attention function, also under gradient checkpointing), or — during `generate()`,
-which rejects unknown kwargs — from a context variable the wrapper sets around the call. The
-prefixes never enter the KV cache: the cache holds real tokens only, so the mask function hands
-the 2D padding mask over (cache + current) keys through unchanged, and causal masking is
+which rejects unknown kwargs — from the `Generation` that the wrapper makes current for its own
+base model (`generating`). That is bound to the model, not the process: each attention module
+of a wrapped base model is mapped to that base model (`claim`), and the current generations live
+in a context variable (per thread, nested calls restore the outer one), so another model using
+the same attention implementation during one model's generate never sees its prefix.
+The prefixes never enter the KV cache: the cache holds real tokens only, so the mask function
+hands the 2D padding mask over (cache + current) keys through unchanged, and causal masking is
 bottom-right aligned inside `prefix_attention`.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import types
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .. import ops
 from ..prompts import LayerPrefixes
@@ -24,8 +31,18 @@ from ..prompts import LayerPrefixes
 ATTN_IMPLEMENTATION = "ptuning_fast"
 PREFIX_KWARG = "ptuning_prefix"
 
-_ACTIVE: contextvars.ContextVar["PrefixBinding | None"] = contextvars.ContextVar(
-    "ptuning_fast_prefix", default=None)
+# Keyword arguments that transformers passes to attention functions and that do not change the
+# result, as passed by the tested models (Llama, Qwen2/3, Mistral, Gemma, BERT, RoBERTa, GPT-2)
+# in transformers 5.17 - 5.24: position ids (RoPE was applied before the call), cache flags and
+# positions (the cache is already merged into key/value; older 5.x releases forward
+# `cache_position`), and model-level flags or loss arguments that ride along in **kwargs.
+HARMLESS_KWARGS = frozenset({
+    "position_ids", "use_cache", "cache_position", "past_key_values", "past_key_value",
+    "num_items_in_batch", "output_hidden_states", "output_router_logits", "return_dict",
+})
+# Computed here (or refused, when their value asks for something the kernels cannot do).
+HANDLED_KWARGS = frozenset({PREFIX_KWARG, "is_causal", "sliding_window", "softcap",
+                            "output_attentions"})
 
 
 @dataclass
@@ -34,6 +51,7 @@ class PrefixBinding:
     prefixes: LayerPrefixes | None
     task_ids: torch.Tensor | None
     backend: str
+    model_name: str = "the model"     # for error messages: the wrapped model's class
 
     def for_layer(self, layer_idx: int, batch: int):
         """(prefix_k, prefix_v, prefix_index) for one layer and a batch of `batch` rows."""
@@ -53,14 +71,71 @@ class PrefixBinding:
         return k, v, ids
 
 
+@dataclass(eq=False)
+class Generation:
+    """One `generate()` call of one wrapped model: what its step hook and its base model's
+    attention layers read. Compared by identity: a hook acts only for its own call."""
+    binding: PrefixBinding | None     # prefix tuning; None for prompt tuning
+    task_ids: torch.Tensor | None
+
+
+# Every module of a wrapped base model -> id(base model). Weak keys: no model is kept alive, and
+# the caller's modules are not modified.
+_OWNER: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_CURRENT: contextvars.ContextVar[types.MappingProxyType] = contextvars.ContextVar(
+    "ptuning_fast_generations", default=types.MappingProxyType({}))
+
+
+def claim(base_model: nn.Module) -> None:
+    """Maps every module of `base_model` to it, so `current_generation` can tell whose it is."""
+    key = id(base_model)
+    for module in base_model.modules():
+        _OWNER[module] = key
+
+
 @contextlib.contextmanager
-def bound_prefix(binding: PrefixBinding):
-    """Makes `binding` visible to the attention function for calls that cannot take kwargs."""
-    token = _ACTIVE.set(binding)
+def generating(base_model: nn.Module, generation: Generation | None):
+    """Makes `generation` current for `base_model`'s modules (None: none), in this context only
+    (threads have their own; the previous state comes back on exit, so nested calls work)."""
+    current = dict(_CURRENT.get())
+    current[id(base_model)] = generation
+    token = _CURRENT.set(types.MappingProxyType(current))
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        _CURRENT.reset(token)
+
+
+def current_generation(module: nn.Module) -> Generation | None:
+    """The generation current for the wrapped base model that `module` belongs to, if any."""
+    key = _OWNER.get(module)
+    return None if key is None else _CURRENT.get().get(key)
+
+
+def _model_name(module, binding) -> str:
+    return f"{binding.model_name} ({type(module).__name__})" if binding is not None \
+        else type(module).__name__
+
+
+def _refuse_unknown_kwargs(module, binding, kwargs) -> None:
+    """A keyword argument that may change the attention (T5's position_bias, GPT-OSS's sinks
+    `s_aux`, packed-sequence lengths, ...) is refused, never dropped. None means "not used"."""
+    unknown = sorted(n for n, v in kwargs.items()
+                     if v is not None and n not in HARMLESS_KWARGS and n not in HANDLED_KWARGS)
+    if unknown:
+        given = ", ".join(f"`{n}`={_short(kwargs[n])}" for n in unknown)
+        raise NotImplementedError(
+            f"{_model_name(module, binding)} passes {given} to its attention; ptuning_fast's "
+            "prefix attention cannot compute it and will not drop it (the result would be "
+            f"wrong). It computes causal/padding masks, scaling, dropout and sliding windows "
+            f"that cover every key; harmless arguments it ignores: {sorted(HARMLESS_KWARGS)}")
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None,
@@ -69,10 +144,14 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     ((B, Lq, Hq, D), None). `attention_mask` is the 2D padding mask over the Lk real keys.
     `dropout` (transformers passes the attention dropout in training mode, 0 in eval) drops
     attention probabilities, prefix columns included, with a seed drawn from torch's generator."""
-    binding = kwargs.get(PREFIX_KWARG) or _ACTIVE.get()
+    binding = kwargs.get(PREFIX_KWARG)
+    if binding is None:
+        generation = current_generation(module)
+        binding = None if generation is None else generation.binding
+    _refuse_unknown_kwargs(module, binding, kwargs)
     if kwargs.get("softcap") is not None:
-        raise NotImplementedError("ptuning_fast attention does not support logit softcapping "
-                                  f"(softcap={kwargs['softcap']})")
+        raise NotImplementedError(f"{_model_name(module, binding)}: ptuning_fast attention does "
+                                  f"not support logit softcapping (softcap={kwargs['softcap']})")
     if kwargs.get("output_attentions"):
         raise NotImplementedError("ptuning_fast attention does not return attention weights "
                                   "(output_attentions=True)")
@@ -102,8 +181,10 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if window is not None and total > window:
         raise NotImplementedError(f"sliding-window attention (window {window}) is not supported "
                                   f"with {total} keys")
-    out = ops.layer_prefix_attention(query, key, value, prefix_k, prefix_v,
-                                     causal=bool(getattr(module, "is_causal", True)),
+    # transformers lets a call override the module's causality (decoders used as encoders).
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True)) if causal is None else causal
+    out = ops.layer_prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal,
                                      attention_mask=attention_mask, scale=scaling,
                                      prefix_index=prefix_index, backend=backend,
                                      dropout_p=float(dropout or 0.0))

@@ -10,6 +10,7 @@ Same function as PEFT's PeftModel with the same weights:
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -25,7 +26,13 @@ _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for cla
 
 
 def task_type_of(model: nn.Module) -> str:
-    """PEFT's task type name for a transformers model class."""
+    """PEFT's task type for a transformers model. Causal LMs by capability (a generation head:
+    `can_generate()`, e.g. GPT2LMHeadModel, whose name has no "ForCausalLM"); the
+    classification / QA heads by transformers' class naming."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate() \
+            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "CAUSAL_LM"
     name = type(model).__name__
     for key, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                       ("ForTokenClassification", "TOKEN_CLS"),
@@ -33,6 +40,31 @@ def task_type_of(model: nn.Module) -> str:
         if name.endswith(key):
             return task
     return "FEATURE_EXTRACTION"
+
+
+# The heads a task type may train and a checkpoint may hold (PEFT's modules_to_save defaults):
+# never the transformer itself, its embeddings or a causal LM's output projection.
+HEADS_BY_TASK = {"SEQ_CLS": _HEAD_NAMES, "TOKEN_CLS": _HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
+
+
+def check_wrappable(base_model) -> None:
+    """What `PTuningModel` refuses before touching anything: a model that is already wrapped,
+    and models whose attention or inputs it cannot handle."""
+    if isinstance(base_model, PTuningModel):
+        raise TypeError(
+            "wrap() got a PTuningModel: wrapping a wrapped model would silently drop the outer "
+            "prompt/prefix. Wrap the base model once (model.base_model is the unwrapped one)")
+    if any(c.__name__ == "PeftModel" for c in type(base_model).__mro__):
+        raise TypeError(f"wrap() got a PEFT model ({type(base_model).__name__}); expected a "
+                        "plain transformers model (PeftModel.get_base_model() gives it)")
+    if not isinstance(base_model, nn.Module) or not hasattr(base_model, "config"):
+        raise TypeError(f"wrap() expects a transformers model (an nn.Module with a `config`), "
+                        f"got {type(base_model).__name__}")
+    if getattr(base_model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"{type(base_model).__name__} is an encoder-decoder model; ptuning_fast supports "
+            "decoder-only and encoder-only models (its attention passes terms such as T5's "
+            "position_bias that the prefix attention does not compute)")
 
 
 def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer=None):
@@ -43,14 +75,49 @@ def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer
     return PromptEmbedding.from_config(config, dims, word_embeddings, tokenizer)
 
 
-def _cache_length(kwargs) -> int:
-    """Tokens already in the KV cache among a forward's kwargs. transformers 5.24 renamed the
-    argument `past_key_values` to `cache` (generate() passes the new name, models still take the
-    old one); read whichever is there."""
+def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"`{what}` names {name!r}, which {type(model).__name__} does not have "
+                         f"(its modules: {sorted(n for n, _ in model.named_children())})") from None
+
+
+def _cache_in(kwargs: dict):
+    """The KV cache among a forward's kwargs. transformers 5.24 renamed the argument
+    `past_key_values` to `cache` (generate() passes the new name, models still take the old
+    one); read whichever is there."""
     cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _cache_length(kwargs) -> int:
+    """Tokens already in the KV cache among a forward's kwargs."""
+    cache = _cache_in(kwargs)
     return cache.get_seq_length() if cache is not None else 0
+
+
+def _refuse_static_cache(past) -> None:
+    """A static cache hands the attention (B, Hkv, max_cache_len, D) keys, mostly not written
+    yet, with a mask padded to that length: the prefix attention's bottom-right causal alignment
+    would let a query see later tokens, and the prompt's mask columns cannot be prepended to the
+    4D mask generate() builds for it. Refused rather than silently different."""
+    if past is not None and getattr(past, "is_compileable", False):
+        raise NotImplementedError(
+            f"ptuning_fast does not support static caches (got {type(past).__name__}): "
+            "use the default dynamic cache (no `cache_implementation`, or 'dynamic')")
+
+
+def _refuse_static_generation(kwargs: dict, base_model) -> None:
+    config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
+    implementation = kwargs.get("cache_implementation",
+                                getattr(config, "cache_implementation", None))
+    # transformers' dynamic caches (DYNAMIC_CACHE_IMPLEMENTATIONS); anything else is static.
+    if implementation not in (None, "dynamic", "offloaded", "quantized"):
+        raise NotImplementedError(
+            f"ptuning_fast's generate does not support cache_implementation={implementation!r} "
+            "(a static cache would silently change the result): use the default dynamic cache")
+    _refuse_static_cache(_cache_in(kwargs))
 
 
 def _refuse_packed_sequences(position_ids, attention_mask, past_len):
@@ -77,30 +144,49 @@ class PTuningModel(nn.Module):
     def __init__(self, base_model: nn.Module, config, backend: str = "auto", *, tokenizer=None,
                  modules_to_save: list[str] | None = None, prompt_logits: bool = True):
         super().__init__()
+        # Everything is checked and built before the caller's model is touched: a refused wrap
+        # leaves it as it was (parameters' requires_grad, attention implementation).
+        check_wrappable(base_model)
         if backend not in ops.BACKENDS:
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
+        dims = ModelDims.from_model_config(base_model.config)
+        task_type = task_type_of(base_model)
+        if modules_to_save is None:
+            modules_to_save = [n for n, _ in base_model.named_children()
+                               if n in HEADS_BY_TASK.get(task_type, ())]
+        heads = {name: _submodule(base_model, name, "modules_to_save") for name in modules_to_save}
+        allowed = HEADS_BY_TASK.get(task_type, ())
+        if any(name not in allowed for name in heads):
+            # A checkpoint loads only these heads (never the transformer or its LM head): train
+            # nothing that could not be loaded back.
+            raise ValueError(f"`modules_to_save` {list(heads)} must name heads that a "
+                             f"{task_type} model ({type(base_model).__name__}) trains: "
+                             f"{list(allowed) or 'none'}")
+        if config.method == "prefix_tuning" and not hasattr(base_model, "set_attn_implementation"):
+            raise TypeError(f"prefix tuning needs a transformers model that can switch its "
+                            f"attention implementation; {type(base_model).__name__} has no "
+                            "set_attn_implementation")
+        device = next(base_model.parameters()).device
+        prompt_encoder = build_prompt_module(
+            config, dims, base_model.get_input_embeddings(), tokenizer).to(device)
+
         self.ptuning_config = config
         self.backend = backend
         self.prompt_logits = prompt_logits
-        self.dims = ModelDims.from_model_config(base_model.config)
-        self.task_type = task_type_of(base_model)
-        for p in base_model.parameters():
-            p.requires_grad_(False)
+        self.dims = dims
+        self.task_type = task_type
         self.base_model = base_model
-        device = next(base_model.parameters()).device
-        self.prompt_encoder = build_prompt_module(
-            config, self.dims, base_model.get_input_embeddings(), tokenizer).to(device)
-        if modules_to_save is None:
-            modules_to_save = [n for n, _ in base_model.named_children() if n in _HEAD_NAMES] \
-                if self.task_type in ("SEQ_CLS", "TOKEN_CLS") else []
-        for name in modules_to_save:
-            for p in base_model.get_submodule(name).parameters():
-                p.requires_grad_(True)
+        self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
-        self._generation_task_ids = None
         if self.is_prefix:
             base_model.set_attn_implementation(attention.register())
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        for head in heads.values():
+            for p in head.parameters():
+                p.requires_grad_(True)
+        attention.claim(base_model)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -149,7 +235,8 @@ class PTuningModel(nn.Module):
                                f"{attention.ATTN_IMPLEMENTATION!r}: prefix tuning needs it (was "
                                "set_attn_implementation called after wrapping?)")
         prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
-        return attention.PrefixBinding(prefixes, task_ids, self.backend)
+        return attention.PrefixBinding(prefixes, task_ids, self.backend,
+                                       type(self.base_model).__name__)
 
     def _prefix_position_ids(self, input_ids, ref, start: int):
         """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:
@@ -182,14 +269,24 @@ class PTuningModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None,
                 inputs_embeds=None, position_ids=None, token_type_ids=None, **kwargs):
         """HF-style output of the base model; `task_ids` (B,) picks each row's prompt/prefix."""
+        # A forward call inside one of this model's generate() calls (a logits processor, ...)
+        # brings its own prompt/prefix: the generation's step hook must not act on it too.
+        with attention.generating(self.base_model, None):
+            return self._forward(input_ids, attention_mask, labels, task_ids, inputs_embeds,
+                                 position_ids, token_type_ids, **kwargs)
+
+    def _forward(self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
+                 token_type_ids, **kwargs):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass `input_ids` or `inputs_embeds`")
         batch = ref.shape[0]
         task_ids = self._check_task_ids(task_ids, batch)
         P = self.num_virtual_tokens
+        past = _cache_in(kwargs)
         past_len = _cache_length(kwargs)
         if self.is_prefix:
+            _refuse_static_cache(past)
             if position_ids is None:
                 position_ids = self._prefix_position_ids(input_ids, ref, P + past_len)
             else:
@@ -230,9 +327,11 @@ class PTuningModel(nn.Module):
     def generate(self, *args, task_ids=None, **kwargs):
         """`base_model.generate` with the prompt/prefix (greedy, sampling, beam search, ...).
 
-        The prefix reaches the attention function through a context (generate() rejects
-        unknown kwargs); a forward pre-hook on the base model shifts positions (prefix) or
-        swaps the prompt into the first step's embeddings (prompt tuning).
+        The prefix reaches the attention function through a `Generation` made current for this
+        base model only (generate() rejects unknown kwargs); a forward pre-hook on the base
+        model, acting for this call only, shifts positions (prefix) or swaps the prompt into the
+        first step's embeddings (prompt tuning). Other threads, nested calls and other wrapped
+        models each see their own.
         """
         if self.task_type != "CAUSAL_LM":
             raise ValueError(f"generate() needs a causal LM, this base model is {self.task_type}")
@@ -240,24 +339,28 @@ class PTuningModel(nn.Module):
         if input_ids is None:
             raise ValueError("PTuningModel.generate needs `input_ids`")
         task_ids = self._check_task_ids(task_ids, input_ids.shape[0])
-        if self.is_prefix:
-            binding = self._binding(task_ids)
-            hook = self.base_model.register_forward_pre_hook(self._prefix_step_hook,
-                                                             with_kwargs=True)
-            try:
-                with attention.bound_prefix(binding):
-                    return self.base_model.generate(*args, **kwargs)
-            finally:
-                hook.remove()
-        self._generation_task_ids = task_ids
-        hook = self.base_model.register_forward_pre_hook(self._prompt_step_hook, with_kwargs=True)
+        _refuse_static_generation(kwargs, self.base_model)
+        generation = attention.Generation(
+            self._binding(task_ids) if self.is_prefix else None, task_ids)
+        step = self._prefix_step_hook if self.is_prefix else self._prompt_step_hook
+        hook = self.base_model.register_forward_pre_hook(
+            functools.partial(self._step_hook, step, generation), with_kwargs=True)
         try:
-            return self.base_model.generate(*args, **kwargs)
+            with attention.generating(self.base_model, generation):
+                return self.base_model.generate(*args, **kwargs)
         finally:
             hook.remove()
-            self._generation_task_ids = None
 
-    def _prefix_step_hook(self, module, args, kwargs):
+    @staticmethod
+    def _step_hook(step, generation, module, args, kwargs):
+        # Every concurrent generate() of this base model (threads) registers a hook; each acts
+        # only in the context where its own call is current.
+        if attention.current_generation(module) is not generation:
+            return None
+        return step(generation, args, kwargs)
+
+    def _prefix_step_hook(self, generation, args, kwargs):
+        _refuse_static_cache(_cache_in(kwargs))
         P = self.num_virtual_tokens
         ids = kwargs.get("input_ids")
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
@@ -268,12 +371,13 @@ class PTuningModel(nn.Module):
             kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start)
         return args, kwargs
 
-    def _prompt_step_hook(self, module, args, kwargs):
+    def _prompt_step_hook(self, generation, args, kwargs):
+        _refuse_static_cache(_cache_in(kwargs))
         P = self.num_virtual_tokens
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else ids
         if _cache_length(kwargs) == 0 and ref is not None:
-            task_ids = self._generation_task_ids
+            task_ids = generation.task_ids
             if task_ids is not None and task_ids.shape[0] != ref.shape[0]:
                 task_ids = task_ids.repeat_interleave(ref.shape[0] // task_ids.shape[0])
             kwargs["inputs_embeds"] = self._embed_with_prompt(
@@ -317,11 +421,14 @@ class PTuningModel(nn.Module):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def save_pretrained(self, save_directory, full_state: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, full_state: bool = False, *,
+                        overwrite: bool = False, **kwargs):
         """PEFT's format (adapter_config.json + adapter_model.safetensors); `full_state=True`
-        also keeps the encoder's parameters for resuming training."""
+        also keeps the encoder's parameters for resuming training. Atomic per file (written
+        aside, then renamed); a directory holding a different adapter is refused unless
+        `overwrite=True`. Other keyword arguments (PEFT's) are accepted and ignored."""
         from . import checkpoint
-        checkpoint.save(self, save_directory, full_state=full_state)
+        checkpoint.save(self, save_directory, full_state=full_state, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, base_model, model_id, backend: str = "auto", *,
