@@ -172,3 +172,171 @@ def test_pickled_or_foreign_checkpoints_raise(tmp_path):
     os.remove(tmp_path / "ptuning_fast.json")
     with pytest.raises(ValueError, match="unsupported PEFT config type 'LORA'"):
         pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path)
+
+
+def _snapshot(model):
+    return ([p.requires_grad for p in model.parameters()], model.config._attn_implementation,
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_unchanged(model, before):
+    grads, attn, state = _snapshot(model)
+    assert (grads, attn) == before[:2]
+    for k, v in state.items():
+        assert torch.equal(v, before[2][k]), f"base parameter {k} changed"
+
+
+def _edit_weights(directory, **changes):
+    """Rewrites adapter_model.safetensors with `changes` (None drops a key), keeping the save id
+    so that only the edited content is judged."""
+    from safetensors import safe_open
+    path = directory / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    for key, value in changes.items():
+        if value is None:
+            tensors.pop(key)
+        else:
+            tensors[key] = value
+    save_file(tensors, path, metadata)
+
+
+def _edit_json(path, **changes):
+    content = json.loads(path.read_text())
+    content.update(changes)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("key", ["base_model.model.embed_tokens.weight", "base_model.lm_head.weight"])
+def test_checkpoint_cannot_overwrite_the_base_model(tmp_path, key):
+    pf.wrap(tiny_llama(0), CONFIGS["prompt"]).save_pretrained(tmp_path)
+    base = tiny_llama(0)
+    _edit_weights(tmp_path, **{key: torch.zeros_like(base.state_dict()[key[len("base_model."):]])})
+    _edit_json(tmp_path / "adapter_config.json", modules_to_save=[key.split(".")[1]])
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=f"weights for \\['{key.split('.')[1]}'\\].*never"):
+        pf.PTuningModel.from_pretrained(base, tmp_path)
+    _assert_unchanged(base, before)
+
+
+def test_head_loads_only_when_modules_to_save_names_it(tmp_path):
+    ours, _ = wrapped_and_twin("bert", CONFIGS["prompt"])
+    ours.save_pretrained(tmp_path)
+    _edit_json(tmp_path / "adapter_config.json", modules_to_save=None)
+    base = BUILDERS["bert"](0)
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match="classifier.*modules_to_save"):
+        pf.PTuningModel.from_pretrained(base, tmp_path)
+    _assert_unchanged(base, before)
+
+
+def test_unknown_tensors_are_refused(tmp_path):
+    pf.wrap(tiny_llama(0), CONFIGS["prompt"]).save_pretrained(tmp_path)
+    _edit_weights(tmp_path, extra=torch.zeros(2))
+    with pytest.raises(ValueError, match="neither 'prompt_embeddings' nor a head.*'extra'"):
+        pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path)
+
+
+@pytest.mark.parametrize("model_name, make_base", [
+    ("bert", lambda: BUILDERS["bert"](0, num_labels=5)),
+    ("llama", lambda: tiny_llama(0, num_hidden_layers=3)),
+], ids=["head-mismatch", "layers-mismatch"])
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path, model_name, make_base):
+    ours, _ = wrapped_and_twin(model_name, CONFIGS["prefix"])
+    ours.save_pretrained(tmp_path)
+    base = make_base()
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match="does not fit"):
+        pf.PTuningModel.from_pretrained(base, tmp_path)
+    _assert_unchanged(base, before)
+
+
+def test_sizes_are_checked_before_any_allocation(tmp_path, monkeypatch):
+    pf.wrap(tiny_llama(0), CONFIGS["prompt"]).save_pretrained(tmp_path)
+    os.remove(tmp_path / "ptuning_fast.json")
+    _edit_json(tmp_path / "adapter_config.json", num_virtual_tokens=10 ** 9)   # ~128 GB
+    real = torch.nn.Embedding.__init__
+
+    def guarded(self, num, dim, *args, **kwargs):
+        assert num * dim < 10 ** 8, f"allocating an embedding of {num} x {dim} rows"
+        real(self, num, dim, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Embedding, "__init__", guarded)
+    with pytest.raises(ValueError, match=r"prompt_embeddings' has shape \(3, 32\).*1000000000"):
+        pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path)
+
+
+def test_integer_prompt_embeddings_are_refused(tmp_path):
+    pf.wrap(tiny_llama(0), CONFIGS["prompt"]).save_pretrained(tmp_path)
+    _edit_weights(tmp_path, prompt_embeddings=torch.ones(3, 32, dtype=torch.int64))
+    with pytest.raises(TypeError, match="'prompt_embeddings' \\(I64\\).*floating point"):
+        pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json"])
+def test_adapter_config_that_is_not_an_object(tmp_path, content):
+    pf.wrap(tiny_llama(0), CONFIGS["prompt"]).save_pretrained(tmp_path)
+    os.remove(tmp_path / "ptuning_fast.json")
+    (tmp_path / "adapter_config.json").write_text(content)
+    with pytest.raises(ValueError, match="adapter_config.json.*(JSON object|not valid JSON)"):
+        pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path)
+
+
+def _prompt_of(directory):
+    return pf.PTuningModel.from_pretrained(tiny_llama(0), directory).prompt_encoder.raw()
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = pf.wrap(tiny_llama(0), CONFIGS["prompt"])
+    model.save_pretrained(tmp_path)
+    first = _prompt_of(tmp_path)
+    with torch.no_grad():
+        model.prompt_encoder.embedding.weight.add_(1.0)
+    real_dump = json.dump
+
+    def failing(content, f, **kwargs):
+        if "format_version" in content:            # our config: the last file written
+            raise OSError("disk full")
+        real_dump(content, f, **kwargs)
+    monkeypatch.setattr(json, "dump", failing)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert torch.equal(_prompt_of(tmp_path), first)        # the earlier save, whole
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors",
+                                            "ptuning_fast.json"]    # no temporary left
+
+
+def test_no_stale_files_of_an_earlier_save(tmp_path):
+    model, _ = wrapped_and_twin("llama", CONFIGS["prefix_proj"])
+    model.save_pretrained(tmp_path, full_state=True)
+    assert (tmp_path / "ptuning_fast_state.safetensors").exists()
+    (tmp_path / "README.md").write_text("mine")             # not ours: left alone
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json",
+                                            "adapter_model.safetensors", "ptuning_fast.json"]
+
+
+def test_a_directory_holding_another_adapter_is_refused(tmp_path):
+    pf.wrap(tiny_llama(0), CONFIGS["prefix"]).save_pretrained(tmp_path)
+    pf.wrap(tiny_llama(0), CONFIGS["prefix"]).save_pretrained(tmp_path)    # the same adapter
+    other = pf.wrap(tiny_llama(0), CONFIGS["prompt"])
+    with pytest.raises(FileExistsError, match="different adapter.*PREFIX_TUNING.*PROMPT_TUNING"):
+        other.save_pretrained(tmp_path)
+    assert pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path).is_prefix
+    other.save_pretrained(tmp_path, overwrite=True)
+    assert not pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path).is_prefix
+
+
+def test_files_of_two_saves_are_refused(tmp_path):
+    pf.wrap(tiny_llama(0), CONFIGS["prompt"]).save_pretrained(tmp_path / "a")
+    pf.wrap(tiny_llama(1), CONFIGS["prompt"]).save_pretrained(tmp_path / "b")
+    os.replace(tmp_path / "b" / "ptuning_fast.json", tmp_path / "a" / "ptuning_fast.json")
+    with pytest.raises(ValueError, match="different saves"):
+        pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path / "a")
+
+
+def test_multi_task_save_says_peft_cannot_load_it(tmp_path):
+    model = pf.wrap(tiny_llama(0), pf.PromptTuningConfig(3, num_tasks=2))
+    with pytest.warns(UserWarning, match="num_tasks=2.*PEFT.*cannot load it"):
+        model.save_pretrained(tmp_path)
