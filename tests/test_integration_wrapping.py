@@ -143,3 +143,17 @@ def test_gpt2_generates(method):
         for _ in range(4):
             seq = torch.cat([seq, ours(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(tokens[:, -4:], seq[:, -4:])
+
+
+@pytest.mark.parametrize("config", [pf.PrefixTuningConfig(3, num_tasks=2),
+                                    pf.PromptTuningConfig(3, num_tasks=2)], ids=["prefix", "prompt"])
+def test_an_empty_batch_names_the_argument(config):
+    model = pf.wrap(tiny_llama(0), config)
+    empty = torch.empty(0, 4, dtype=torch.long)
+    no_tasks = torch.empty(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="`input_ids` has an empty batch.*\\(0, 4\\)"):
+        model(input_ids=empty, task_ids=no_tasks)
+    with pytest.raises(ValueError, match="`inputs_embeds` has an empty batch"):
+        model(inputs_embeds=torch.empty(0, 4, 32), task_ids=no_tasks)
+    with pytest.raises(ValueError, match="`input_ids` has an empty batch"):
+        model.generate(input_ids=empty, task_ids=no_tasks, max_new_tokens=2)

@@ -83,6 +83,14 @@ def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
                          f"(its modules: {sorted(n for n, _ in model.named_children())})") from None
 
 
+def _refuse_empty_batch(name: str, ref) -> None:
+    """transformers' models cannot run a batch of 0 rows (their reshapes fail with an error that
+    names nothing; per-task ids of 0 rows failed in a min()): say so up front."""
+    if isinstance(ref, torch.Tensor) and ref.dim() >= 1 and ref.shape[0] == 0:
+        raise ValueError(f"`{name}` has an empty batch (shape {tuple(ref.shape)}); expected at "
+                         "least one row")
+
+
 def _cache_in(kwargs: dict):
     """The KV cache among a forward's kwargs. transformers 5.24 renamed the argument
     `past_key_values` to `cache` (generate() passes the new name, models still take the old
@@ -280,6 +288,7 @@ class PTuningModel(nn.Module):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass `input_ids` or `inputs_embeds`")
+        _refuse_empty_batch("input_ids" if input_ids is not None else "inputs_embeds", ref)
         batch = ref.shape[0]
         task_ids = self._check_task_ids(task_ids, batch)
         P = self.num_virtual_tokens
@@ -338,6 +347,7 @@ class PTuningModel(nn.Module):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("PTuningModel.generate needs `input_ids`")
+        _refuse_empty_batch("input_ids", input_ids)
         task_ids = self._check_task_ids(task_ids, input_ids.shape[0])
         _refuse_static_generation(kwargs, self.base_model)
         generation = attention.Generation(
