@@ -1,4 +1,8 @@
 """Bad input gets a clear error naming the argument, never a crash inside a kernel."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -101,3 +105,18 @@ def test_bf16_under_the_interpreter_is_refused():
     with pytest.raises(TypeError, match="interpreter.*bfloat16.*`weight`"):
         pf.prompt_embedding(ids, weight.bfloat16(), prompt.bfloat16(), backend="triton")
     assert pf.prefix_attention(q, k, v, backend="reference").dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a plain CPU: no CUDA device")
+@pytest.mark.xfail(strict=True, reason="needs a device check at the top of the launcher "
+                   "kernels/prefix_attention_fwd.py:dropout_keep_mask (kernel owner's file)")
+def test_dropout_keep_mask_on_a_plain_cpu_is_a_clear_error():
+    # Without the interpreter, Triton's own error says "0 active drivers ([])".
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from ptuning_fast.kernels.prefix_attention_fwd import dropout_keep_mask\n"
+            "dropout_keep_mask(1, 1, 1, 2, 0, 4, 0.5, 'cpu')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "TRITON_INTERPRET" in proc.stderr and "active drivers" not in proc.stderr, \
+        proc.stderr[-2000:]
