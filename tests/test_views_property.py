@@ -29,9 +29,8 @@ def _make(shape, make_data):
     return make_data(shape).to(DEVICE)
 
 
-def view(draw, shape, make_data, requires_grad=False, permute_last=True, layouts=LAYOUTS):
-    """(leaf, view): `view` has `shape` in a drawn layout and is computed from `leaf`.
-    permute_last=False keeps the last dim in place in "transposed" layouts."""
+def view(draw, shape, make_data, requires_grad=False, layouts=LAYOUTS):
+    """(leaf, view): `view` has `shape` in a drawn layout and is computed from `leaf`."""
     layout = draw(st.sampled_from(layouts))
     shape = tuple(shape)
     dims = len(shape)
@@ -54,8 +53,7 @@ def view(draw, shape, make_data, requires_grad=False, permute_last=True, layouts
         index[dim] = slice(None, None, step)
         make = lambda t: t[tuple(index)]                                      # noqa: E731
     elif layout == "transposed" and dims > 1:
-        order = list(draw(st.permutations(range(dims if permute_last else dims - 1))))
-        order += [] if permute_last else [dims - 1]
+        order = list(draw(st.permutations(range(dims))))
         leaf = _make([shape[i] for i in order], make_data)
         inverse = [order.index(i) for i in range(dims)]
         make = lambda t: t.permute(inverse)                                   # noqa: E731
@@ -105,10 +103,7 @@ def attention_inputs(draw):
         T = 3
         lead = {"shared": (), "row": (B,), "task": (T,)}[prefix]
         for name in ("prefix_k", "prefix_v"):
-            # A prefix whose (dense) last dim is permuted gets a wrong gradient from the kernel
-            # launcher: test_prefix_gradient_with_permuted_last_dim below.
-            leaves[name], args[name] = view(draw, (*lead, Hkv, P, D), floats, requires_grad=True,
-                                            permute_last=False)
+            leaves[name], args[name] = view(draw, (*lead, Hkv, P, D), floats, requires_grad=True)
         if prefix == "task":
             _, kwargs["prefix_index"] = view(draw, (B,), ints_below(T), layouts=INDEX_LAYOUTS)
     if Lk and draw(st.booleans()):
@@ -139,10 +134,9 @@ def test_prefix_attention_any_views(inputs):
         assert_close(g, want, torch.float32, "grad", name=f"d{name}")
 
 
-@pytest.mark.xfail(strict=True, reason="kernel launcher bug (kernels/prefix_attention_bwd.py): "
-                   "dprefix_k/dprefix_v are allocated with empty_like(prefix_k), which keeps a "
-                   "permuted prefix's strides, while the kernel stores them with a unit D stride")
 def test_prefix_gradient_with_permuted_last_dim():
+    # Found by the property test: the prefix gradient was allocated with the strides of a
+    # permuted prefix while the kernel stored it with a unit D stride.
     q = torch.randn(1, 1, 3, 8, device=DEVICE)
     k, v = torch.randn(1, 1, 4, 8, device=DEVICE), torch.randn(1, 1, 4, 8, device=DEVICE)
     leaf = torch.randn(1, 8, 2, device=DEVICE, requires_grad=True)     # (Hkv, D, P)
