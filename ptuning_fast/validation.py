@@ -93,11 +93,12 @@ def check_interpreter_dtypes(op: str, named: dict[str, torch.Tensor | None]) -> 
     """The kernels on CPU tensors run under Triton's interpreter, which cannot do bfloat16
     arithmetic (it stores bf16 as uint16; a bf16 `tl.dot` returns garbage, triton #11584):
     refuse instead of returning garbage. Call only when the Triton path runs on CPU tensors."""
-    bf16 = [n for n, t in named.items() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16]
+    bf16 = [f"`{n}` {describe(t)}" for n, t in named.items()
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16]
     if bf16:
         raise TypeError(
             f"{op}: the Triton kernels on CPU tensors run under Triton's interpreter, which "
-            f"cannot compute in bfloat16; got {', '.join(f'`{n}` {describe(named[n])}' for n in bf16)}. "
+            f"cannot compute in bfloat16; got {', '.join(bf16)}. "
             "Expected float32 or float16 here (bf16 runs on a GPU), or backend='reference'")
 
 

@@ -1,4 +1,4 @@
-"""The one error rule (`ptuning_fast.error_bound`) that `ptuning-fast verify` and the tests share."""
+"""The one error rule (`ptuning_fast.error_bound`) shared by `ptuning-fast verify` and the tests."""
 import conftest
 import pytest
 import torch

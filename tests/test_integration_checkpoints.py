@@ -208,7 +208,8 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps(content))
 
 
-@pytest.mark.parametrize("key", ["base_model.model.embed_tokens.weight", "base_model.lm_head.weight"])
+@pytest.mark.parametrize("key", ["base_model.model.embed_tokens.weight",
+                                 "base_model.lm_head.weight"])
 def test_checkpoint_cannot_overwrite_the_base_model(tmp_path, key):
     pf.wrap(tiny_llama(0), CONFIGS["prompt"]).save_pretrained(tmp_path)
     base = tiny_llama(0)

@@ -146,7 +146,8 @@ def test_gpt2_generates(method):
 
 
 @pytest.mark.parametrize("config", [pf.PrefixTuningConfig(3, num_tasks=2),
-                                    pf.PromptTuningConfig(3, num_tasks=2)], ids=["prefix", "prompt"])
+                                    pf.PromptTuningConfig(3, num_tasks=2)],
+                         ids=["prefix", "prompt"])
 def test_an_empty_batch_names_the_argument(config):
     model = pf.wrap(tiny_llama(0), config)
     empty = torch.empty(0, 4, dtype=torch.long)
