@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import types
 import weakref
 from dataclasses import dataclass
@@ -93,16 +94,32 @@ def claim(base_model: nn.Module) -> None:
         _OWNER[module] = key
 
 
+# How many `generating` contexts are open in the process (any thread). A plain int that
+# PTuningModel.forward reads before it opens one: torch.compile cannot trace ContextVar.get, and
+# outside generate() (training, compiled or not) there is nothing to hide a forward from.
+_open_contexts = 0
+_open_lock = threading.Lock()
+
+
+def any_generation_open() -> bool:
+    return _open_contexts > 0
+
+
 @contextlib.contextmanager
 def generating(base_model: nn.Module, generation: Generation | None):
     """Makes `generation` current for `base_model`'s modules (None: none), in this context only
     (threads have their own; the previous state comes back on exit, so nested calls work)."""
+    global _open_contexts
     current = dict(_CURRENT.get())
     current[id(base_model)] = generation
     token = _CURRENT.set(types.MappingProxyType(current))
+    with _open_lock:
+        _open_contexts += 1
     try:
         yield
     finally:
+        with _open_lock:
+            _open_contexts -= 1
         _CURRENT.reset(token)
 
 

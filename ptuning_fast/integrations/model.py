@@ -277,11 +277,14 @@ class PTuningModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None,
                 inputs_embeds=None, position_ids=None, token_type_ids=None, **kwargs):
         """HF-style output of the base model; `task_ids` (B,) picks each row's prompt/prefix."""
+        args = (input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
+                token_type_ids)
+        if not attention.any_generation_open():       # training, compiled or not
+            return self._forward(*args, **kwargs)
         # A forward call inside one of this model's generate() calls (a logits processor, ...)
         # brings its own prompt/prefix: the generation's step hook must not act on it too.
         with attention.generating(self.base_model, None):
-            return self._forward(input_ids, attention_mask, labels, task_ids, inputs_embeds,
-                                 position_ids, token_type_ids, **kwargs)
+            return self._forward(*args, **kwargs)
 
     def _forward(self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                  token_type_ids, **kwargs):
