@@ -40,6 +40,15 @@ def test_prefix_attention_ops(prefix, dropout):
                                needs, p, seed))
 
 
+@pytest.mark.parametrize("prefix", ["shared", "task"])
+def test_prefix_attention_decode_op(prefix):
+    # Inference only (no autograd formula): inputs that need no gradient, a few queries.
+    q, k, v, pk, pv, mask, index, causal, scale, _, _ = _attention_args(prefix, False,
+                                                                       requires_grad=False)
+    torch.library.opcheck(fused_attention.prefix_attention_decode_op,
+                          (q[:, :, :2].contiguous(), k, v, pk, pv, mask, index, causal, scale))
+
+
 @pytest.mark.parametrize("tasks", [None, 3])
 def test_prompt_embedding_ops(tasks):
     B, L, V, d, P = 3, 4, 11, 16, 2
@@ -59,5 +68,5 @@ def test_every_custom_op_is_checked():
     namespace = torch.ops.ptuning_fast
     ops = {name for name in dir(namespace)
            if isinstance(getattr(namespace, name, None), torch._ops.OpOverloadPacket)}
-    assert ops == {"prefix_attention", "prefix_attention_bwd", "prompt_embedding",
-                   "prompt_embedding_prompt_grad"}, ops
+    assert ops == {"prefix_attention", "prefix_attention_bwd", "prefix_attention_decode",
+                   "prompt_embedding", "prompt_embedding_prompt_grad"}, ops

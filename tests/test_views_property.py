@@ -1,6 +1,7 @@
 """Property test: every tensor argument of both ops, as any view — strided, expanded (stride 0),
 transposed, sliced at a storage offset — gives the reference's result, forward and every
-gradient (Triton path, fp32; under the interpreter without a GPU).
+gradient (Triton path, fp32; under the interpreter without a GPU), and without autograd
+(the decode kernel for few queries).
 
 Each float input is a differentiable view of a leaf, so gradients are compared on the leaf: an
 expanded input's gradient is summed over its copies, as autograd defines it. Indices and masks
@@ -127,6 +128,9 @@ def test_prefix_attention_any_views(inputs):
         results.append((out, grads))
     (out, grads), (ref, ref_grads) = results
     assert_close(out, ref, torch.float32, "fwd")
+    with torch.no_grad():                   # inference: few queries take the decode kernel
+        assert_close(pf.prefix_attention(*args.values(), backend="triton", **kwargs), ref,
+                     torch.float32, "fwd", name="output without autograd")
     for name, g, want in zip(names, grads, ref_grads):
         leaf = leaves[name]
         want = torch.zeros_like(leaf, dtype=torch.float64) if want is None else want
