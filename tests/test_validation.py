@@ -108,8 +108,6 @@ def test_bf16_under_the_interpreter_is_refused():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a plain CPU: no CUDA device")
-@pytest.mark.xfail(strict=True, reason="needs a device check at the top of the launcher "
-                   "kernels/prefix_attention_fwd.py:dropout_keep_mask (kernel owner's file)")
 def test_dropout_keep_mask_on_a_plain_cpu_is_a_clear_error():
     # Without the interpreter, Triton's own error says "0 active drivers ([])".
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
