@@ -14,11 +14,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernels_can_run(device: torch.device) -> bool:
-    """The Triton kernels run on CUDA tensors, and on CPU tensors under the interpreter."""
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
-
-
 def contiguous_last(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dim is contiguous (kernels take every other stride as given),
     else a contiguous copy: unit-stride last dims let the loads vectorize."""

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, kernels_can_run
+from .launch import contiguous_last, dense_index, interpreting
 from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
 
 LOG2E = 1.4426950408889634
@@ -441,7 +441,7 @@ def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):
     (b, h, i, c) (c numbers [prefix; sequence] keys) for this seed (int or 0-d int tensor)
     and drop probability p. Exactly the kernels' mask: same Philox offsets."""
     device = torch.device(device)
-    if not kernels_can_run(device):
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise ValueError(f"dropout_keep_mask runs a Triton kernel: it needs a CUDA device, or CPU "
                          f"tensors with TRITON_INTERPRET=1 set before import; got device={device}")
     keep = torch.empty(B, Hq, Lq, P + Lk, dtype=torch.int8, device=device)

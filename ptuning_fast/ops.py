@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .kernels.launch import kernels_can_run
+from .kernels.launch import interpreting
 from .validation import (
     check_interpreter_dtypes,
     check_prefix_attention,
@@ -19,6 +19,11 @@ from .validation import (
 )
 
 BACKENDS = ("auto", "triton", "reference")
+
+
+def kernels_can_run(device: torch.device) -> bool:
+    """The Triton kernels run on CUDA tensors, and on CPU tensors under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
