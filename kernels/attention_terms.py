@@ -104,7 +104,8 @@ def block_ranges(lo, hi, ok, key_len, BLOCK_N: tl.constexpr):
     hi_min = tl.min(tl.where(ok, hi, _UNBOUNDED), 0)
     hi_max = tl.max(tl.where(ok, hi, -_UNBOUNDED), 0)
     end = tl.minimum(tl.maximum(hi_max + 1, 0), key_len)
-    start = tl.minimum(tl.maximum(lo_min, 0), end) // BLOCK_N * BLOCK_N
+    # Keys all below the queries' floor (a prefix outside every window): an empty range.
+    start = tl.where(lo_min >= end, end, tl.maximum(lo_min, 0) // BLOCK_N * BLOCK_N)
     full_start = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, start), end)
     full_end = tl.minimum(tl.maximum(hi_min + 1, 0), key_len) // BLOCK_N * BLOCK_N
     full_end = tl.maximum(tl.minimum(full_end, end), full_start)
@@ -190,3 +191,41 @@ NO_TERMS = Terms()
 # Compile-spec types of the terms' runtime arguments (kernels/compile_specs.py).
 SPEC_TYPES = dict(Bias="*fp32", Sinks="*fp32", SegStart="*i32", SegEnd="*i32",
                   softcap_scale="fp32")
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (kernels/compile_specs.py): every term's code, at the models'
+# head dims, for each arch's fixed 16-bit tile. (label, flags, causal, head block, element).
+TERM_VARIANTS = (
+    ("all", dict(HAS_BIAS=True, HAS_SINKS=True, IS_PACKED=True, HAS_WINDOW=True, SOFTCAP=True),
+     True, 64, "bf16"),
+    ("all", dict(HAS_BIAS=True, HAS_SINKS=True, IS_PACKED=True, HAS_WINDOW=True, SOFTCAP=True),
+     True, 128, "bf16"),
+    ("gemma2", dict(HAS_WINDOW=True, SOFTCAP=True), True, 128, "bf16"),
+    ("gpt_oss", dict(HAS_WINDOW=True, HAS_SINKS=True), True, 64, "bf16"),
+    ("t5", dict(HAS_BIAS=True), False, 64, "fp16"),
+)
+
+
+def term_compile_specs(kind, fn, tile_kernel, tensors, types, base_constexprs, *,
+                       takes_sinks=False, tile=lambda cfg: cfg):
+    """CompileSpecs of `fn` for every TERM_VARIANTS entry on sm_80 and sm_90.
+
+    tile_kernel: the kernels/tiles.py table whose fixed (first) 16-bit config is used, mapped
+    through `tile`; tensors: the pointer arguments in the element type; types: the other
+    non-int arguments' types; base_constexprs(causal, cfg): the kernel's own flags."""
+    from .compile_specs import CompileSpec
+    from .prefix_attention_fwd import spec_ints, spec_signature
+    from .tiles import CANDIDATES
+    for label, flags, causal, block_d, elem in TERM_VARIANTS:
+        flags = {n: f for n, f in flags.items() if takes_sinks or n != "HAS_SINKS"}
+        for arch in (80, 90):
+            cfg = tile(CANDIDATES[tile_kernel][(arch, True, block_d)][0])
+            constexprs = dict(base_constexprs(causal, cfg), **flags, BLOCK_M=cfg.block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_D=block_d, INPUT_PRECISION="tf32")
+            arg_types = dict(types, **SPEC_TYPES)
+            arg_types.update({t: f"*{elem}" for t in (*tensors, "Bias")})
+            ints = dict(spec_ints(constexprs), stride_bias_c=1)
+            yield CompileSpec(f"prefix_attention_{kind}[{elem},terms={label},D={block_d}]", fn,
+                              spec_signature(fn, constexprs, arg_types), constexprs,
+                              cfg.num_warps, cfg.num_stages, (arch,), ints=ints)

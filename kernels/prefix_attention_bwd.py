@@ -28,7 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_terms import NO_TERMS, load_bias, logits, query_bounds, softcap_grad
+from .attention_terms import (
+    NO_TERMS,
+    load_bias,
+    logits,
+    query_bounds,
+    softcap_grad,
+    term_compile_specs,
+)
 from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
 from .launch import contiguous_last, dense_index, num_splits
@@ -508,7 +515,8 @@ def _scales(terms, scale, dropout_p) -> tuple:
 def compile_specs():
     """The dK/dV kernel for every tile candidate, the prefix dK/dV kernel for each arch's fixed
     tile (with the short-prefix key blocks), and Delta, with the forward's rotation of dtypes,
-    dot precisions and (causal, mask, index) flags and its dropout variants."""
+    dot precisions and (causal, mask, index) flags and its dropout variants; both dK/dV kernels
+    with the attention terms' variants."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         sixteen = dtype != torch.float32
         floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32",
@@ -537,6 +545,16 @@ def compile_specs():
                               spec_signature(fn, constexprs, types), constexprs,
                               cfg.num_warps, cfg.num_stages, archs,
                               ints=spec_ints(constexprs))
+    floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32", Mask="*i8",
+                  PrefixIndex="*i64", Seed="*i64", dropout_p="fp32", PartialK="*fp32",
+                  PartialV="*fp32")
+    yield from term_compile_specs(
+        "dkdv", _dkdv_kernel, "dkdv", ("DK", "DV", "Q", "K", "V", "DO"), floats,
+        lambda causal, cfg: dict(IS_CAUSAL=causal, HAS_MASK=True, HAS_DROPOUT=False))
+    yield from term_compile_specs(
+        "prefix_dkdv", _prefix_dkdv_kernel, "dkdv", ("Q", "PK", "PV", "DO"), floats,
+        lambda causal, cfg: dict(HAS_INDEX=False, HAS_DROPOUT=False),
+        tile=lambda cfg: prefix_tile(64, cfg))
     # Delta depends only on the dtype and BLOCK_D (and is cheap to compile).
     for i, block_d in enumerate((32, 64, 128, 256)):
         elem = ("fp16", "bf16", "fp32", "fp16")[i]

@@ -18,6 +18,7 @@ from .attention_terms import (
     logits,
     query_bounds,
     softcap_grad,
+    term_compile_specs,
 )
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
@@ -255,7 +256,7 @@ def _dq_flags(terms) -> dict:
 
 def compile_specs():
     """The dQ kernel for every tile candidate (the forward's flag rotation, dropout variants
-    included)."""
+    included), and the attention terms' variants."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         for cfg, archs in spec_configs("dq", dtype != torch.float32, block_d):
             constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
@@ -271,3 +272,9 @@ def compile_specs():
                               spec_signature(_dq_kernel, constexprs, types), constexprs,
                               cfg.num_warps, cfg.num_stages, archs,
                               ints=spec_ints(constexprs))
+    yield from term_compile_specs(
+        "dq", _dq_kernel, "dq", ("DQ", "Q", "K", "V", "PrefixK", "PrefixV", "DO"),
+        dict(Lse="*fp32", Delta="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64",
+             scale="fp32", qk_scale="fp32", dropout_p="fp32"),
+        lambda causal, cfg: dict(IS_CAUSAL=causal, HAS_MASK=True, HAS_INDEX=False,
+                                 HAS_DROPOUT=False))

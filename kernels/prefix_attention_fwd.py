@@ -39,6 +39,7 @@ from .attention_terms import (
     load_bias,
     logits,
     query_bounds,
+    term_compile_specs,
 )
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
@@ -570,7 +571,8 @@ def spec_variants():
 
 def compile_specs():
     """The forward kernel for every tile candidate (kernels/tiles.py) on the archs that list it,
-    a few also with dropout, and the dropout-mask kernel."""
+    a few also with dropout, with the attention terms' variants, and the dropout-mask
+    kernel."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         for cfg, archs in spec_configs("fwd", dtype != torch.float32, block_d):
             constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
@@ -587,6 +589,12 @@ def compile_specs():
                               spec_signature(_prefix_attention_fwd_kernel, constexprs, types),
                               constexprs, cfg.num_warps, cfg.num_stages, archs,
                               ints=spec_ints(constexprs))
+    yield from term_compile_specs(
+        "fwd", _prefix_attention_fwd_kernel, "fwd", ("Out", "Q", "K", "V", "PrefixK", "PrefixV"),
+        dict(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64", qk_scale="fp32",
+             dropout_p="fp32"),
+        lambda causal, cfg: dict(IS_CAUSAL=causal, HAS_MASK=True, HAS_INDEX=False,
+                                 HAS_DROPOUT=False, USE_TMA=False), takes_sinks=True)
     constexprs = dict(BLOCK_M=MASK_BLOCK[0], BLOCK_N=MASK_BLOCK[1])
     yield CompileSpec("prefix_attention_dropout_mask", _dropout_mask_kernel,
                       spec_signature(_dropout_mask_kernel, constexprs,
