@@ -211,16 +211,18 @@ def term_compile_specs(kind, fn, tile_kernel, tensors, types, base_constexprs, *
                        takes_sinks=False, tile=lambda cfg: cfg):
     """CompileSpecs of `fn` for every TERM_VARIANTS entry on sm_80 and sm_90.
 
-    tile_kernel: the kernels/tiles.py table whose fixed (first) 16-bit config is used, mapped
-    through `tile`; tensors: the pointer arguments in the element type; types: the other
-    non-int arguments' types; base_constexprs(causal, cfg): the kernel's own flags."""
+    tile_kernel: the kernels/tiles.py table whose fixed 16-bit config (as `terms_tile` adapts
+    it) is used, mapped through `tile`; tensors: the pointer arguments in the element type;
+    types: the other non-int arguments' types; base_constexprs(causal, cfg): the kernel's own
+    flags."""
     from .compile_specs import CompileSpec
     from .prefix_attention_fwd import spec_ints, spec_signature
-    from .tiles import CANDIDATES
+    from .tiles import CANDIDATES, terms_tile
     for label, flags, causal, block_d, elem in TERM_VARIANTS:
         flags = {n: f for n, f in flags.items() if takes_sinks or n != "HAS_SINKS"}
         for arch in (80, 90):
-            cfg = tile(CANDIDATES[tile_kernel][(arch, True, block_d)][0])
+            fixed = CANDIDATES[tile_kernel][(arch, True, block_d)][0]
+            cfg = tile(terms_tile(tile_kernel, arch, fixed, block_d))
             constexprs = dict(base_constexprs(causal, cfg), **flags, BLOCK_M=cfg.block_m,
                               BLOCK_N=cfg.block_n, BLOCK_D=block_d, INPUT_PRECISION="tf32")
             arg_types = dict(types, **SPEC_TYPES)

@@ -439,12 +439,12 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
             launch_tuned("dkdv", q.device, q.dtype, D,
                          (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
                           length_bucket(Lk), *terms.key()), launch_dkdv,
-                         dropout=dropout_p > 0)
+                         dropout=dropout_p > 0, terms=terms.any)
 
     if needs[3] or needs[4]:
         # The fixed dK/dV tile: the prefix kernel's work is short and its split is sized from
         # the tile, so it is not timed.
-        cfg = fixed_config("dkdv", q.device, q.dtype, D)
+        cfg = fixed_config("dkdv", q.device, q.dtype, D, terms=terms.any)
         dpk, dpv = _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed,
                                  Lk, scale, dropout_p, cfg, block_d, precision, terms)
 

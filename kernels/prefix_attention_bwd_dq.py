@@ -243,7 +243,7 @@ def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, de
     launch_tuned("dq", q.device, q.dtype, D,
                  (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
                   length_bucket(prefix_k4.shape[2] + Lk), *terms.key()), launch,
-                 dropout=dropout_p > 0)
+                 dropout=dropout_p > 0, terms=terms.any)
     return dq
 
 

@@ -35,6 +35,7 @@ import triton.language as tl
 from .attention_terms import (
     LOG2E,
     NO_TERMS,
+    _LOG2E,
     block_ranges,
     load_bias,
     logits,
@@ -198,7 +199,7 @@ def _prefix_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if HAS_SINKS:
         # The sink's exp2(sink - m) = 1 at m = sink: it joins the normalizer from the start.
-        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(Sinks + q_head) * 1.4426950408889634
+        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(Sinks + q_head) * _LOG2E
         l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     else:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -211,14 +212,7 @@ def _prefix_attention_fwd_kernel(
         seed = 0
         rng_rows = q_pos
     key_shift = key_len - q_len
-    seq_lo, seq_hi, pre_lo = query_bounds(
-        q_pos, row_ok, SegStart + batch * stride_seg_b, SegEnd + batch * stride_seg_b, key_len,
-        key_shift, window_left, window_right, prefix_left, prefix_len, IS_CAUSAL, HAS_WINDOW,
-        IS_PACKED)
     bias = Bias + batch * stride_bias_b + q_head.to(tl.int64) * stride_bias_h
-
-    # Prefix keys: every query sees all of them (but for a window that counts the prefix);
-    # without a window only the last block needs a bounds mask.
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
     k = K + batch * stride_k_b + kv_head * stride_k_h
@@ -232,58 +226,75 @@ def _prefix_attention_fwd_kernel(
                                       [BLOCK_N, BLOCK_D])
         v = tl.make_tensor_descriptor(v, [key_len, head_dim], [stride_v_l, 1],
                                       [BLOCK_N, BLOCK_D])
-    if HAS_WINDOW:
+    mask = Mask + batch * stride_mask_b
+    if HAS_WINDOW or IS_PACKED:
+        # Per-query key intervals (attention_terms.py). Prefix keys below every query's window
+        # are skipped, the rest masked; sequence blocks inside every query's interval run
+        # without interval masks, blocks outside all of them are never loaded.
+        seq_lo, seq_hi, pre_lo = query_bounds(
+            q_pos, row_ok, SegStart + batch * stride_seg_b, SegEnd + batch * stride_seg_b,
+            key_len, key_shift, window_left, window_right, prefix_left, prefix_len, IS_CAUSAL,
+            HAS_WINDOW, IS_PACKED)
         pre_start, _, _, _ = block_ranges(pre_lo, pre_lo, row_ok, prefix_len, BLOCK_N)
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, pk, pv, Mask, bias, pre_start, prefix_len, stride_pk_l,
             stride_pv_l, 0, stride_bias_l, stride_bias_c, prefix_len, head_dim, pre_lo, pre_lo,
             q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, 0,
-            True, True, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D,
+            True, HAS_WINDOW, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D,
             INPUT_PRECISION, USE_TMA)
+        start, full_start, full_end, end = block_ranges(seq_lo, seq_hi, row_ok, key_len, BLOCK_N)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, start, full_start, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
+            True, True, True, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, full_start, full_end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
+            False, False, False, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, full_end, end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
+            True, True, True, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
     else:
+        # Prefix keys: every query sees all of them; only the last block needs a bounds mask.
+        # Sequence keys: the fully visible blocks run without the causal mask; keys the causal
+        # mask hides from the whole block are never loaded. (No interval vectors stay alive
+        # here: ptxas counted 28 more registers and 416 B of spills with them, sm_90 D = 64.)
         prefix_full = prefix_len // BLOCK_N * BLOCK_N
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, pk, pv, Mask, bias, 0, prefix_full, stride_pk_l, stride_pv_l, 0,
-            stride_bias_l, stride_bias_c, prefix_len, head_dim, pre_lo, pre_lo, q_pos, row_ok,
+            stride_bias_l, stride_bias_c, prefix_len, head_dim, q_pos, q_pos, q_pos, row_ok,
             qk_scale, softcap_scale, seed, dropout_p, rng_rows, 0,
             False, False, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D,
             INPUT_PRECISION, USE_TMA)
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, pk, pv, Mask, bias, prefix_full, prefix_len, stride_pk_l,
-            stride_pv_l, 0, stride_bias_l, stride_bias_c, prefix_len, head_dim, pre_lo, pre_lo,
+            stride_pv_l, 0, stride_bias_l, stride_bias_c, prefix_len, head_dim, q_pos, q_pos,
             q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, 0,
             True, False, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D,
             INPUT_PRECISION, USE_TMA)
-
-    # Sequence keys: blocks inside every query's interval run without interval masks; blocks
-    # outside all of them (causal future, outside a window or the packed sequence) are never
-    # loaded.
-    if HAS_WINDOW or IS_PACKED:
-        start, full_start, full_end, end = block_ranges(seq_lo, seq_hi, row_ok, key_len, BLOCK_N)
-    else:
         full_end, end = sequence_key_range(q_block * BLOCK_M, key_shift, key_len, IS_CAUSAL,
                                            BLOCK_M, BLOCK_N)
-        start = 0
-        full_start = 0
-    mask = Mask + batch * stride_mask_b
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k, v, mask, bias, start, full_start, stride_k_l, stride_v_l,
-        stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi, q_pos,
-        row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
-        True, HAS_WINDOW or IS_PACKED, IS_CAUSAL or HAS_WINDOW or IS_PACKED, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
-        BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k, v, mask, bias, full_start, full_end, stride_k_l, stride_v_l,
-        stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi, q_pos,
-        row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
-        False, False, False, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
-        BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k, v, mask, bias, full_end, end, stride_k_l, stride_v_l,
-        stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi, q_pos,
-        row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
-        True, HAS_WINDOW or IS_PACKED, IS_CAUSAL or HAS_WINDOW or IS_PACKED, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
-        BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, 0, full_end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, q_pos,
+            q_pos + key_shift, q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p,
+            rng_rows, prefix_len,
+            False, False, False, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, full_end, end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, q_pos,
+            q_pos + key_shift, q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p,
+            rng_rows, prefix_len,
+            True, False, IS_CAUSAL, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
 
     # A row with no visible key (possible only without a prefix or sinks) has l = 0: output
     # zeros and LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
@@ -431,7 +442,8 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     else:
         launch_tuned("fwd", q.device, q.dtype, D,
                      (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
-                      length_bucket(P + Lk), *terms.key()), launch, dropout=dropout_p > 0)
+                      length_bucket(P + Lk), *terms.key()), launch, dropout=dropout_p > 0,
+                     terms=terms.any)
     return out, lse
 
 
@@ -540,9 +552,12 @@ SPEC_VARIANTS = (
 
 def spec_signature(fn, constexprs: dict, types: dict) -> dict:
     """Triton types for every runtime argument of `fn`: `types` names pointers and floats;
-    every other runtime argument is an i32 size or stride."""
+    every other runtime argument is an i32 size or stride. A constexpr parameter the spec
+    leaves out keeps its default (it must never be compiled as a runtime int)."""
     params = inspect.signature(fn.fn).parameters
-    return {name: types.get(name, "i32") for name in params if name not in constexprs}
+    constexpr = {p.name for p in fn.params if p.is_constexpr}
+    return {name: types.get(name, "i32") for name in params
+            if name not in constexprs and name not in constexpr}
 
 
 def spec_ints(constexprs: dict) -> dict:

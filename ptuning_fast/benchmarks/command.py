@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from . import attention, embedding, models, providers, report, results
+from . import attention, embedding, models, providers, report, results, terms
 from .case import Case, Unavailable
 from .timing import median_ms, peak_memory_mb
 
-OPS = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
+OPS = ("prefix_attention", "attention_terms", "decode", "prompt_embedding", "train_step",
+       "generate")
 INTERRUPTED = "not run: the run was interrupted (time limit or Ctrl-C) before this case"
 GPU_NOTICE = ("No CUDA device: timing the reference-style paths against each other at small "
               "sizes, labelled CPU. Kernel timings need a GPU.")
@@ -63,6 +64,7 @@ def _subset(parser, flag: str, value: str, allowed) -> list[str]:
 def build_cases(ops, provider_names, device: torch.device, quick: bool) -> list[Case]:
     builders = {
         "prefix_attention": lambda: attention.attention_cases(device, quick, provider_names),
+        "attention_terms": lambda: terms.terms_cases(device, quick, provider_names),
         "decode": lambda: attention.decode_cases(device, quick, provider_names),
         "prompt_embedding": lambda: embedding.prompt_embedding_cases(device, quick,
                                                                      provider_names),
