@@ -74,7 +74,10 @@ class PeftSurfaceMixin:
     # -- PeftModel's ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters) counted as PEFT counts them: every parameter
-        of the wrapped model once (the base model's and the prompt module's)."""
+        of the wrapped model once (the base model's and the prompt module's). The trainable
+        count equals PEFT's; with a classification head, PEFT's total is larger by the head's
+        size, because PEFT trains a copy of the head beside the frozen original (its
+        modules_to_save wrapper) where this model trains the head in place."""
         trainable = total = 0
         for _, p in self.named_parameters():
             total += p.numel()
