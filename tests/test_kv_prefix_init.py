@@ -126,10 +126,10 @@ def test_zero_init_prefix_checkpoints_both_ways(tmp_path):
         with torch.no_grad():                           # one "training step" away from zero
             for p in list(mine.prompt_encoder.parameters()):
                 p.add_(torch.randn_like(p) * 0.1)
-        mine.save_pretrained(tmp_path / f"ours-{projection}")
-        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / f"ours-{projection}")
+        ours_dir, peft_dir = tmp_path / f"ours-{projection}", tmp_path / f"peft-{projection}"
+        mine.save_pretrained(ours_dir)
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), ours_dir)
         assert_close(_logits(loaded), _logits(mine), torch.float32, name="ours in PEFT")
-        twin.save_pretrained(tmp_path / f"peft-{projection}")
-        back = pf.PTuningModel.from_pretrained(copy.deepcopy(base), tmp_path / f"peft-{projection}",
-                                               backend="reference")
+        twin.save_pretrained(peft_dir)
+        back = pf.PTuningModel.from_pretrained(copy.deepcopy(base), peft_dir, backend="reference")
         assert_close(_logits(back), _logits(twin), torch.float32, name="PEFT's here")
