@@ -1,8 +1,10 @@
 """Configurations of the three soft-prompt methods, and their mapping to and from PEFT's configs.
 
-The model-dependent sizes (layers, heads, head dim) are not part of a config: `ModelDims` reads
-them from the transformers model at wrap time, as PEFT's `_prepare_prompt_learning_config` does,
-so one config can be applied to any model.
+Each config has the fields of PEFT's class of the same method, with PEFT's names and defaults
+(our older short names are aliases), so a PEFT user's keyword arguments build the same model.
+The model-dependent sizes (layers, heads, head dim) are read from the transformers model at wrap
+time by `ModelDims`, as PEFT's `_prepare_prompt_learning_config` does when they are None, so one
+config can be applied to any model; given, they are checked against it.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ leading task dim.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +99,6 @@ def _token_ids(text, tokenizer, what: str, special_tokens: bool) -> list[int]:
 def _load_tokenizer(config: PromptTuningConfig):
     """PEFT's way: AutoTokenizer.from_pretrained(tokenizer_name_or_path, **tokenizer_kwargs),
     never with remote code (PEFT drops trust_remote_code too; here with a warning)."""
-    import warnings
-
     from transformers import AutoTokenizer
     kwargs = dict(config.tokenizer_kwargs or {})
     if kwargs.pop("trust_remote_code", None) is not None:
@@ -165,9 +164,9 @@ class PromptEncoder(_TaskPrompts):
                  encoder_dropout: float = 0.0, num_tasks: int = 1):
         super().__init__(num_virtual_tokens, num_tasks, token_dim)
         hidden = encoder_hidden_size or token_dim
+        encoder = encoder.lower()           # PEFT's "MLP" / "LSTM" or ours
         self.encoder = encoder
         self.encoder_hidden_size = hidden
-        encoder = encoder.lower()
         if encoder == "lstm":
             self.lstm_head = nn.LSTM(input_size=token_dim, hidden_size=hidden,
                                      num_layers=encoder_num_layers, dropout=encoder_dropout,
