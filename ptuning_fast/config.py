@@ -84,6 +84,11 @@ class _PromptLearningConfig:
 
     method = ""
     PEFT_TYPE = ""
+    is_prompt_learning = True      # PEFT's flag, read by code that handles several methods
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (PEFT's `PeftConfig.to_dict`)."""
+        return dataclasses.asdict(self)
 
     def _check_base(self) -> list[str]:
         r: list[str] = []

@@ -125,3 +125,10 @@ def test_unload_gives_the_untouched_base_model_back(method):
     with pytest.raises(RuntimeError, match="unloaded"):
         mine.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
     pf.wrap(back, METHODS[method][0]())          # and it can be wrapped again
+
+
+def test_peft_bookkeeping_attributes():
+    cfg = pf.PrefixTuningConfig(num_virtual_tokens=3)
+    mine = pf.wrap(tiny_llama(0), cfg)
+    assert mine.active_adapter == "default" and mine.peft_config == {"default": cfg}
+    assert cfg.is_prompt_learning and cfg.to_dict()["prefix_projection"] is False

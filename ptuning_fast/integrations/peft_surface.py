@@ -90,6 +90,13 @@ class PeftSurfaceMixin:
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
+    active_adapter = "default"      # PEFT's name for a model's one adapter
+
+    @property
+    def peft_config(self) -> dict:
+        """PEFT's `{adapter name: config}` view of this model's one config."""
+        return {self.active_adapter: self.ptuning_config}
+
     def get_base_model(self) -> nn.Module:
         """The transformers model inside (frozen, shared with this wrapper)."""
         self._check_not_unloaded()
