@@ -264,3 +264,23 @@ def test_cartridge_config_wraps_as_prefix_without_frozen_tokens():
     with torch.no_grad():
         mine.prompt_encoder.embedding.weight.copy_(twin.prompt_encoder["default"].weight)
     _assert_same_outputs(mine, twin)
+
+
+def test_tokenizer_kwargs_reach_the_tokenizer_without_remote_code(tmp_path):
+    tiny_tokenizer(tmp_path)
+    cfg = pf.PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text="lazy dog",
+                                tokenizer_name_or_path=str(tmp_path),
+                                tokenizer_kwargs={"trust_remote_code": True})
+    with pytest.warns(UserWarning, match="trust_remote_code'\\] is dropped"):
+        mine = pf.wrap(tiny_llama(0), cfg)
+    emb = mine.base_model.get_input_embeddings().weight
+    torch.testing.assert_close(mine.prompt_encoder.embedding.weight, emb[[1, 11, 12]])
+
+
+def test_inference_mode_trains_no_head_as_peft():
+    kwargs = dict(task_type="SEQ_CLS", num_virtual_tokens=3, inference_mode=True)
+    mine, twin = _peft_and_ours(tiny_bert(0), pf.PromptTuningConfig, "PromptTuningConfig",
+                                kwargs)
+    assert not any(p.requires_grad for p in mine.base_model.classifier.parameters())
+    assert mine.get_nb_trainable_parameters()[0] == twin.get_nb_trainable_parameters()[0]
