@@ -62,7 +62,9 @@ class _PromptLearningConfig:
     model at wrap time, as PEFT does when they are None; given, they must agree with the model.
     `task_type` None: inferred from the model (PEFT requires it for prompt learning); given, it
     must be the model's. `inference_mode=True` builds the module PEFT builds for inference (the
-    encoder's output only) with nothing trainable. `modules_to_save`: extra heads to train, on
+    encoder's output only) and trains no head; as in PEFT, the prompt itself stays a parameter
+    that requires grad (`from_pretrained(is_trainable=False)` freezes everything).
+    `modules_to_save`: extra heads to train, on
     top of PEFT's defaults for the task ("classifier" / "score" for classification).
     `num_tasks` (ours): T prompts in one module, chosen per row by `task_ids`.
     """
@@ -115,7 +117,7 @@ class _PromptLearningConfig:
                      f"encoder-only models), got {self.num_transformer_submodules!r}; "
                      "encoder-decoder models (2) are not supported")
         if self.modules_to_save is not None and (
-                isinstance(self.modules_to_save, str)
+                not isinstance(self.modules_to_save, (list, tuple, set))
                 or not all(isinstance(n, str) for n in self.modules_to_save)):
             r.append(f"`modules_to_save` must be None or a list of module names, got "
                      f"{self.modules_to_save!r}")
