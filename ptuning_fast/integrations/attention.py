@@ -94,6 +94,12 @@ def claim(base_model: nn.Module) -> None:
         _OWNER[module] = key
 
 
+def release(base_model: nn.Module) -> None:
+    """Undoes `claim` (unwrapping): no module of `base_model` stays mapped."""
+    for module in base_model.modules():
+        _OWNER.pop(module, None)
+
+
 # How many `generating` contexts are open in the process (any thread). A plain int that
 # PTuningModel.forward reads before it opens one: torch.compile cannot trace ContextVar.get, and
 # outside generate() (training, compiled or not) there is nothing to hide a forward from.

@@ -21,6 +21,7 @@ from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention
+from .peft_surface import BaseModelState, PeftSurfaceMixin
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -45,6 +46,17 @@ def task_type_of(model: nn.Module) -> str:
 # The heads a task type may train and a checkpoint may hold (PEFT's modules_to_save defaults):
 # never the transformer itself, its embeddings or a causal LM's output projection.
 HEADS_BY_TASK = {"SEQ_CLS": _HEAD_NAMES, "TOKEN_CLS": _HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
+
+
+def heads_to_train(config, given, base_model, task_type: str) -> list[str]:
+    """`given` (wrap's modules_to_save) or the task's default heads, plus the config's
+    `modules_to_save` as PEFT adds them; PEFT's default names ("classifier", "score") that the
+    model lacks are skipped, as PEFT skips them."""
+    children = [n for n, _ in base_model.named_children()]
+    names = list(given) if given is not None \
+        else [n for n in children if n in HEADS_BY_TASK.get(task_type, ())]
+    return names + [n for n in (config.modules_to_save or []) if n not in names
+                    and (n in children or n not in _HEAD_NAMES)]
 
 
 def check_wrappable(base_model) -> None:
@@ -139,12 +151,14 @@ def _refuse_packed_sequences(position_ids, attention_mask, past_len):
             "supported with prefix tuning: pass one sequence per row with an attention_mask")
 
 
-class PTuningModel(nn.Module):
+class PTuningModel(PeftSurfaceMixin, nn.Module):
     """A frozen transformers model with Prompt Tuning, P-Tuning or Prefix Tuning (P-Tuning v2).
 
     Trainable: `prompt_encoder` and, for classification models, the head named in
     `modules_to_save` (default: PEFT's "classifier" / "score"). Everything else is frozen and
     never gets a `.grad`. Unknown attributes resolve on the base model (config, device, ...).
+    PeftModel's calls (print_trainable_parameters, disable_adapter, unload, ...) and
+    nearest_tokens / ensemble come from `PeftSurfaceMixin`.
     `prompt_logits=False` drops the P prompt positions from token-level logits (prompt tuning /
     P-Tuning; PEFT keeps them, hence the default).
     """
@@ -160,9 +174,8 @@ class PTuningModel(nn.Module):
         config = resolve_config(config)
         dims = ModelDims.from_model_config(base_model.config)
         task_type = task_type_of(base_model)
-        if modules_to_save is None:
-            modules_to_save = [n for n, _ in base_model.named_children()
-                               if n in HEADS_BY_TASK.get(task_type, ())]
+        config.check_model(dims, task_type)
+        modules_to_save = heads_to_train(config, modules_to_save, base_model, task_type)
         heads = {name: _submodule(base_model, name, "modules_to_save") for name in modules_to_save}
         allowed = HEADS_BY_TASK.get(task_type, ())
         if any(name not in allowed for name in heads):
@@ -178,6 +191,9 @@ class PTuningModel(nn.Module):
         device = next(base_model.parameters()).device
         prompt_encoder = build_prompt_module(
             config, dims, base_model.get_input_embeddings(), tokenizer).to(device)
+        if config.inference_mode:     # PEFT's inference module: the encoder's output only
+            prompt_encoder.export()
+        base_state = BaseModelState(base_model)
 
         self.ptuning_config = config
         self.backend = backend
@@ -187,13 +203,15 @@ class PTuningModel(nn.Module):
         self.base_model = base_model
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
+        self._base_state = base_state
+        self._adapter_disabled = self._unloaded = False
         if self.is_prefix:
             base_model.set_attn_implementation(attention.register())
         for p in base_model.parameters():
             p.requires_grad_(False)
         for head in heads.values():
             for p in head.parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(not config.inference_mode)    # PEFT: frozen for inference
         attention.claim(base_model)
 
     # ----------------------------------------------------------------------------------------
@@ -277,6 +295,10 @@ class PTuningModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None,
                 inputs_embeds=None, position_ids=None, token_type_ids=None, **kwargs):
         """HF-style output of the base model; `task_ids` (B,) picks each row's prompt/prefix."""
+        self._check_not_unloaded()
+        if self._adapter_disabled:
+            return self._base_forward(input_ids, attention_mask, labels, inputs_embeds,
+                                      position_ids, token_type_ids, kwargs)
         args = (input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                 token_type_ids)
         if not attention.any_generation_open():       # training, compiled or not
@@ -345,6 +367,9 @@ class PTuningModel(nn.Module):
         first step's embeddings (prompt tuning). Other threads, nested calls and other wrapped
         models each see their own.
         """
+        self._check_not_unloaded()
+        if self._adapter_disabled:
+            return self.base_model.generate(*args, **kwargs)
         if self.task_type != "CAUSAL_LM":
             raise ValueError(f"generate() needs a causal LM, this base model is {self.task_type}")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
