@@ -1,0 +1,249 @@
+"""FSDP2 on 2 CPU processes (gloo): a soft prompt trained on a frozen tiny Llama whose layers and
+root `fully_shard` shards, directly and through HF Trainer with accelerate's FSDP config.
+
+Each run checks what a user relies on: the loss of every step equals that of one process
+training on the whole batch, only the prompt parameters change (the gathered base equals the
+untouched model), and `save_pretrained`, called on every rank, gathers the shards and is
+written by rank 0 alone; the adapter loads back with `PTuningModel.from_pretrained` and gives
+the sharded model's logits.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import ptuning_fast as pf
+from conftest import assert_close
+from distributed import WORLD, free_port, needs_gloo, soft_prompt_model
+from models import batch, tiny_llama
+
+STEPS = 3
+ROWS = 4                      # per step; rank r takes rows [r * ROWS / WORLD, (r + 1) * ...)
+METHODS = {
+    "prompt_tuning": lambda: pf.PromptTuningConfig(3),
+    "prefix_tuning": lambda: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16),
+}
+
+
+def step_batches():
+    return [batch("llama", batch_size=ROWS, length=6, padding="left", seed=10 + s)
+            for s in range(STEPS)]
+
+
+def eval_batch():
+    ids, mask, _ = batch("llama", batch_size=3, length=5, padding="right", seed=99)
+    return ids, mask
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _finish(model, method: str, results: dict, out_dir: str, rank: int) -> None:
+    """Records what the test compares (whole trained parameters, how far the frozen base moved,
+    the logits of an eval batch) and saves the adapter from every rank into a per-rank folder:
+    only rank 0's may exist afterwards."""
+    from ptuning_fast.integrations.sharded import whole
+    untouched = {f"base_model.{k}": v for k, v in tiny_llama(0).state_dict().items()}
+    drift, grads = 0.0, 0
+    for name, p in model.named_parameters():
+        full = whole(p).detach()                 # a collective: same order on every rank
+        if p.requires_grad:
+            results[f"{method}/{name}"] = full.clone()
+        else:
+            drift = max(drift, (full - untouched[name]).abs().max().item())
+            grads += p.grad is not None
+    results[f"{method}/frozen_drift"] = torch.tensor(drift)
+    results[f"{method}/frozen_grads"] = torch.tensor(float(grads))
+    model.eval()
+    with torch.no_grad():
+        ids, mask = eval_batch()
+        results[f"{method}/logits"] = model(input_ids=ids, attention_mask=mask).logits.clone()
+    model.save_pretrained(os.path.join(out_dir, f"{method}-rank{rank}"))
+
+
+def _fsdp_worker(rank, port, out_dir):
+    from torch.distributed.fsdp import fully_shard
+    _init(rank, port)
+    try:
+        results = {}
+        for method, config in METHODS.items():
+            model = soft_prompt_model(config())
+            for layer in model.base_model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)             # the root: embeddings, head and the prompt module
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            rows = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+            for step, (ids, mask, labels) in enumerate(step_batches()):
+                loss = model(input_ids=ids[rows], attention_mask=mask[rows],
+                             labels=labels[rows]).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mean = loss.detach().clone()
+                dist.all_reduce(mean)
+                results[f"{method}/loss{step}"] = mean / WORLD
+            _finish(model, method, results, out_dir, rank)
+        save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process(method):
+    """One process on the whole batch, minimizing the mean of the ranks' losses (FSDP averages
+    the ranks' gradients as DDP does): per-step losses and the trained model."""
+    model = soft_prompt_model(METHODS[method]())
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-2)
+    losses, half = [], ROWS // WORLD
+    for ids, mask, labels in step_batches():
+        parts = [model(input_ids=ids[r * half:(r + 1) * half],
+                       attention_mask=mask[r * half:(r + 1) * half],
+                       labels=labels[r * half:(r + 1) * half]).loss for r in range(WORLD)]
+        loss = sum(parts) / WORLD
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses, model
+
+
+def _check_run(ranks: list[dict], method: str, losses, reference, out_dir) -> None:
+    """The sharded run of `method` (`ranks`: what each rank recorded) against one process."""
+    params = reference.trainable_parameters()
+    for r, got in enumerate(ranks):
+        for step, expected in enumerate(losses):
+            assert_close(got[f"{method}/loss{step}"], expected, torch.float32,
+                         name=f"{method} rank {r} loss of step {step}")
+        for name, p in params.items():
+            assert_close(got[f"{method}/{name}"], p, torch.float32, "grad",
+                         name=f"{method} rank {r} {name}")
+        assert got[f"{method}/frozen_drift"] == 0, f"{method}: the frozen base changed"
+        assert got[f"{method}/frozen_grads"] == 0, f"{method}: a frozen parameter got a .grad"
+    start = soft_prompt_model(METHODS[method]()).trainable_parameters()
+    assert any(not torch.equal(start[n], p) for n, p in params.items()), "nothing trained"
+
+    saved = os.path.join(out_dir, f"{method}-rank0")
+    assert os.path.isfile(os.path.join(saved, "adapter_model.safetensors"))
+    assert not os.path.exists(os.path.join(out_dir, f"{method}-rank1")), \
+        "rank 1 wrote a checkpoint: only rank 0 may"
+    loaded = pf.PTuningModel.from_pretrained(tiny_llama(0), saved, backend="reference")
+    ids, mask = eval_batch()
+    with torch.no_grad():
+        logits = loaded(input_ids=ids, attention_mask=mask).logits
+        expected = reference.eval()(input_ids=ids, attention_mask=mask).logits
+    assert_close(logits, ranks[0][f"{method}/logits"], torch.float32,
+                 name=f"{method}: reloaded adapter vs the sharded model")
+    assert_close(logits, expected, torch.float32, "grad",
+                 name=f"{method}: reloaded adapter vs the single-process model")
+
+
+@needs_gloo
+def test_fully_shard_two_processes_match_single_process(tmp_path):
+    mp.start_processes(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD,
+                       start_method="spawn", join=True)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
+    for method in METHODS:
+        losses, reference = _single_process(method)
+        _check_run(ranks, method, losses, reference, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# HF Trainer with accelerate's FSDP config
+
+class _Rows(torch.utils.data.Dataset):
+    """The ROWS rows of one batch: with ROWS / WORLD rows per rank, every step is one epoch over
+    all of them, whatever order the sampler draws (the loss is their mean)."""
+
+    def __init__(self):
+        ids, mask, labels = batch("llama", batch_size=ROWS, length=6, padding="left", seed=10)
+        self.rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]}
+                     for i in range(ROWS)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _cpu_fsdp_trainer(**kwargs):
+    """A Trainer whose accelerate state takes the FSDP plugin on CPU processes. accelerate
+    (1.x) enables FSDP only for accelerator device types and maps a CPU run to plain
+    multi-CPU data parallelism; this flips that one decision after the Accelerator is built,
+    so that everything else (fsdp2_prepare_model's fully_shard with the config's auto-wrap,
+    Trainer's FSDP branches, the optimizer on DTensors) runs as on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from transformers import Trainer
+
+    class CpuFsdpTrainer(Trainer):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            state = self.accelerator.state
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
+    return CpuFsdpTrainer(**kwargs)
+
+
+def _trainer_worker(index, port, out_dir):
+    """Processes 0 and 1: one FSDP run; process 2: the same Trainer in one process (apart, as
+    Trainer and accelerate keep process-wide state)."""
+    from transformers import Trainer, TrainingArguments
+    sharded = index < WORLD
+    if sharded:
+        _init(index, port)
+    try:
+        results = {}
+        for method in METHODS:
+            model = soft_prompt_model(METHODS[method]())
+            fsdp = dict(fsdp=True, fsdp_config={
+                "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+                ddp_backend="gloo") if sharded else {}
+            args = TrainingArguments(
+                output_dir=os.path.join(out_dir, f"trainer-{index}"), max_steps=STEPS,
+                per_device_train_batch_size=ROWS // WORLD if sharded else ROWS,
+                learning_rate=1e-2, weight_decay=0.0, lr_scheduler_type="constant",
+                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                disable_tqdm=True, seed=0, **fsdp)
+            make = _cpu_fsdp_trainer if sharded else Trainer
+            trainer = make(model=model, args=args, train_dataset=_Rows())
+            trainer.train()
+            if sharded:
+                assert trainer.is_fsdp_enabled and type(trainer.model).__name__.startswith("FSDP")
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            results[f"{method}/losses"] = torch.tensor(losses)
+            if sharded:
+                _finish(trainer.model, method, results, out_dir, index)
+            else:
+                results.update({f"{method}/{n}": p.detach().clone()
+                                for n, p in model.trainable_parameters().items()})
+        save_file(results, os.path.join(out_dir, f"process{index}.safetensors"))
+    finally:
+        if sharded:
+            dist.destroy_process_group()
+
+
+@needs_gloo
+def test_trainer_with_accelerate_fsdp_matches_single_process(tmp_path):
+    mp.start_processes(_trainer_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD + 1,
+                       start_method="spawn", join=True)
+    ranks = [load_file(tmp_path / f"process{r}.safetensors") for r in range(WORLD)]
+    single = load_file(tmp_path / f"process{WORLD}.safetensors")
+    for method in METHODS:
+        reference = soft_prompt_model(METHODS[method]())
+        with torch.no_grad():
+            for name, p in reference.trainable_parameters().items():
+                p.copy_(single[f"{method}/{name}"])
+        losses = single[f"{method}/losses"]
+        assert losses.shape == (STEPS,)
+        for r in range(WORLD):
+            assert ranks[r][f"{method}/losses"].shape == (STEPS,)
+            ranks[r].update({f"{method}/loss{s}": ranks[r][f"{method}/losses"][s]
+                             for s in range(STEPS)})
+        _check_run(ranks, method, list(losses), reference, str(tmp_path))
