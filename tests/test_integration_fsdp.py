@@ -1,5 +1,6 @@
 """FSDP2 on 2 CPU processes (gloo): a soft prompt trained on a frozen tiny Llama whose layers and
-root `fully_shard` shards, directly and through HF Trainer with accelerate's FSDP config.
+root `fully_shard` shards, directly and through HF Trainer with accelerate's FSDP config (both
+runs in one pair of processes: starting a process costs more than the runs).
 
 Each run checks what a user relies on: the loss of every step equals that of one process
 training on the whole batch, only the prompt parameters change (the gathered base equals the
@@ -9,6 +10,7 @@ the sharded model's logits.
 """
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -37,13 +39,7 @@ def eval_batch():
     return ids, mask
 
 
-def _init(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-
-
-def _finish(model, method: str, results: dict, out_dir: str, rank: int) -> None:
+def _finish(model, run: str, results: dict, out_dir: str, rank: int) -> None:
     """Records what the test compares (whole trained parameters, how far the frozen base moved,
     the logits of an eval batch) and saves the adapter from every rank into a per-rank folder:
     only rank 0's may exist afterwards."""
@@ -53,44 +49,61 @@ def _finish(model, method: str, results: dict, out_dir: str, rank: int) -> None:
     for name, p in model.named_parameters():
         full = whole(p).detach()                 # a collective: same order on every rank
         if p.requires_grad:
-            results[f"{method}/{name}"] = full.clone()
+            results[f"{run}/{name}"] = full.clone()
         else:
             drift = max(drift, (full - untouched[name]).abs().max().item())
             grads += p.grad is not None
-    results[f"{method}/frozen_drift"] = torch.tensor(drift)
-    results[f"{method}/frozen_grads"] = torch.tensor(float(grads))
+    results[f"{run}/frozen_drift"] = torch.tensor(drift)
+    results[f"{run}/frozen_grads"] = torch.tensor(float(grads))
     model.eval()
     with torch.no_grad():
         ids, mask = eval_batch()
-        results[f"{method}/logits"] = model(input_ids=ids, attention_mask=mask).logits.clone()
-    model.save_pretrained(os.path.join(out_dir, f"{method}-rank{rank}"))
+        results[f"{run}/logits"] = model(input_ids=ids, attention_mask=mask).logits.clone()
+    model.save_pretrained(os.path.join(out_dir, f"{run.replace('/', '-')}-rank{rank}"))
 
 
-def _fsdp_worker(rank, port, out_dir):
+def _fully_shard_run(method: str, rank: int, results: dict, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
-    _init(rank, port)
+    run = f"fully_shard/{method}"
+    model = soft_prompt_model(METHODS[method]())
+    for layer in model.base_model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)                     # the root: embeddings, head and the prompt module
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    rows = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+    for step, (ids, mask, labels) in enumerate(step_batches()):
+        loss = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        results[f"{run}/loss{step}"] = mean / WORLD
+    _finish(model, run, results, out_dir, rank)
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for method, config in METHODS.items():
-            model = soft_prompt_model(config())
-            for layer in model.base_model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)             # the root: embeddings, head and the prompt module
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-            rows = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
-            for step, (ids, mask, labels) in enumerate(step_batches()):
-                loss = model(input_ids=ids[rows], attention_mask=mask[rows],
-                             labels=labels[rows]).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                mean = loss.detach().clone()
-                dist.all_reduce(mean)
-                results[f"{method}/loss{step}"] = mean / WORLD
-            _finish(model, method, results, out_dir, rank)
+        for method in METHODS:
+            _fully_shard_run(method, rank, results, out_dir)
+            _trainer_run(method, out_dir, results, rank)
         save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """(output folder, what each rank recorded) of both runs of every method."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD,
+                       start_method="spawn", join=True)
+    return str(out), [load_file(out / f"rank{r}.safetensors") for r in range(WORLD)]
 
 
 def _single_process(method):
@@ -112,44 +125,44 @@ def _single_process(method):
     return losses, model
 
 
-def _check_run(ranks: list[dict], method: str, losses, reference, out_dir) -> None:
-    """The sharded run of `method` (`ranks`: what each rank recorded) against one process."""
+def _check_run(ranks: list[dict], run: str, losses, reference, out_dir: str) -> None:
+    """The sharded `run` ("<kind>/<method>"; `ranks`: what each rank recorded) against one
+    process: `losses` per step and the trained `reference` model."""
     params = reference.trainable_parameters()
     for r, got in enumerate(ranks):
         for step, expected in enumerate(losses):
-            assert_close(got[f"{method}/loss{step}"], expected, torch.float32,
-                         name=f"{method} rank {r} loss of step {step}")
+            assert_close(got[f"{run}/loss{step}"], expected, torch.float32,
+                         name=f"{run} rank {r} loss of step {step}")
         for name, p in params.items():
-            assert_close(got[f"{method}/{name}"], p, torch.float32, "grad",
-                         name=f"{method} rank {r} {name}")
-        assert got[f"{method}/frozen_drift"] == 0, f"{method}: the frozen base changed"
-        assert got[f"{method}/frozen_grads"] == 0, f"{method}: a frozen parameter got a .grad"
+            assert_close(got[f"{run}/{name}"], p, torch.float32, "grad",
+                         name=f"{run} rank {r} {name}")
+        assert got[f"{run}/frozen_drift"] == 0, f"{run}: the frozen base changed"
+        assert got[f"{run}/frozen_grads"] == 0, f"{run}: a frozen parameter got a .grad"
+    method = run.split("/")[1]
     start = soft_prompt_model(METHODS[method]()).trainable_parameters()
     assert any(not torch.equal(start[n], p) for n, p in params.items()), "nothing trained"
 
-    saved = os.path.join(out_dir, f"{method}-rank0")
+    saved = os.path.join(out_dir, f"{run.replace('/', '-')}-rank0")
     assert os.path.isfile(os.path.join(saved, "adapter_model.safetensors"))
-    assert not os.path.exists(os.path.join(out_dir, f"{method}-rank1")), \
+    assert not os.path.exists(os.path.join(out_dir, f"{run.replace('/', '-')}-rank1")), \
         "rank 1 wrote a checkpoint: only rank 0 may"
     loaded = pf.PTuningModel.from_pretrained(tiny_llama(0), saved, backend="reference")
     ids, mask = eval_batch()
     with torch.no_grad():
         logits = loaded(input_ids=ids, attention_mask=mask).logits
         expected = reference.eval()(input_ids=ids, attention_mask=mask).logits
-    assert_close(logits, ranks[0][f"{method}/logits"], torch.float32,
-                 name=f"{method}: reloaded adapter vs the sharded model")
+    assert_close(logits, ranks[0][f"{run}/logits"], torch.float32,
+                 name=f"{run}: reloaded adapter vs the sharded model")
     assert_close(logits, expected, torch.float32, "grad",
-                 name=f"{method}: reloaded adapter vs the single-process model")
+                 name=f"{run}: reloaded adapter vs the single-process model")
 
 
 @needs_gloo
-def test_fully_shard_two_processes_match_single_process(tmp_path):
-    mp.start_processes(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD,
-                       start_method="spawn", join=True)
-    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
-    for method in METHODS:
-        losses, reference = _single_process(method)
-        _check_run(ranks, method, losses, reference, str(tmp_path))
+@pytest.mark.parametrize("method", METHODS)
+def test_fully_shard_two_processes_match_single_process(sharded_runs, method):
+    out_dir, ranks = sharded_runs
+    losses, reference = _single_process(method)
+    _check_run(ranks, f"fully_shard/{method}", losses, reference, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,59 +204,40 @@ def _cpu_fsdp_trainer(**kwargs):
     return CpuFsdpTrainer(**kwargs)
 
 
-def _trainer_worker(index, port, out_dir):
-    """Processes 0 and 1: one FSDP run; process 2: the same Trainer in one process (apart, as
-    Trainer and accelerate keep process-wide state)."""
+def _trainer_run(method: str, out_dir: str, results: dict | None = None, rank: int | None = None):
+    """Trains `method` with HF Trainer for STEPS steps of the ROWS rows: sharded over the
+    process group when `rank` is given (recorded into `results`), else in this one process
+    (returns the logged losses and the model)."""
     from transformers import Trainer, TrainingArguments
-    sharded = index < WORLD
-    if sharded:
-        _init(index, port)
-    try:
-        results = {}
-        for method in METHODS:
-            model = soft_prompt_model(METHODS[method]())
-            fsdp = dict(fsdp=True, fsdp_config={
-                "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
-                ddp_backend="gloo") if sharded else {}
-            args = TrainingArguments(
-                output_dir=os.path.join(out_dir, f"trainer-{index}"), max_steps=STEPS,
-                per_device_train_batch_size=ROWS // WORLD if sharded else ROWS,
-                learning_rate=1e-2, weight_decay=0.0, lr_scheduler_type="constant",
-                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                disable_tqdm=True, seed=0, **fsdp)
-            make = _cpu_fsdp_trainer if sharded else Trainer
-            trainer = make(model=model, args=args, train_dataset=_Rows())
-            trainer.train()
-            if sharded:
-                assert trainer.is_fsdp_enabled and type(trainer.model).__name__.startswith("FSDP")
-            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            results[f"{method}/losses"] = torch.tensor(losses)
-            if sharded:
-                _finish(trainer.model, method, results, out_dir, index)
-            else:
-                results.update({f"{method}/{n}": p.detach().clone()
-                                for n, p in model.trainable_parameters().items()})
-        save_file(results, os.path.join(out_dir, f"process{index}.safetensors"))
-    finally:
-        if sharded:
-            dist.destroy_process_group()
+    sharded = rank is not None
+    model = soft_prompt_model(METHODS[method]())
+    fsdp = dict(fsdp=True, ddp_backend="gloo", fsdp_config={
+        "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}) if sharded else {}
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, f"trainer-{rank}"), max_steps=STEPS,
+        per_device_train_batch_size=ROWS // WORLD if sharded else ROWS,
+        learning_rate=1e-2, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **fsdp)
+    trainer = (_cpu_fsdp_trainer if sharded else Trainer)(model=model, args=args,
+                                                          train_dataset=_Rows())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if not sharded:
+        return torch.tensor(losses), model
+    run = f"trainer/{method}"
+    assert trainer.is_fsdp_enabled and type(trainer.model).__name__.startswith("FSDP"), \
+        f"the Trainer did not shard the model ({type(trainer.model).__name__})"
+    results.update({f"{run}/loss{s}": torch.tensor(loss) for s, loss in enumerate(losses)})
+    _finish(trainer.model, run, results, out_dir, rank)
+    return None
 
 
 @needs_gloo
-def test_trainer_with_accelerate_fsdp_matches_single_process(tmp_path):
-    mp.start_processes(_trainer_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD + 1,
-                       start_method="spawn", join=True)
-    ranks = [load_file(tmp_path / f"process{r}.safetensors") for r in range(WORLD)]
-    single = load_file(tmp_path / f"process{WORLD}.safetensors")
-    for method in METHODS:
-        reference = soft_prompt_model(METHODS[method]())
-        with torch.no_grad():
-            for name, p in reference.trainable_parameters().items():
-                p.copy_(single[f"{method}/{name}"])
-        losses = single[f"{method}/losses"]
-        assert losses.shape == (STEPS,)
-        for r in range(WORLD):
-            assert ranks[r][f"{method}/losses"].shape == (STEPS,)
-            ranks[r].update({f"{method}/loss{s}": ranks[r][f"{method}/losses"][s]
-                             for s in range(STEPS)})
-        _check_run(ranks, method, list(losses), reference, str(tmp_path))
+@pytest.mark.parametrize("method", METHODS)
+def test_trainer_with_accelerate_fsdp_matches_single_process(sharded_runs, method, tmp_path):
+    out_dir, ranks = sharded_runs
+    losses, reference = _trainer_run(method, str(tmp_path))
+    assert losses.shape == (STEPS,)
+    for r in range(WORLD):
+        assert f"trainer/{method}/loss{STEPS - 1}" in ranks[r], "a logged loss is missing"
+    _check_run(ranks, f"trainer/{method}", list(losses), reference, out_dir)
