@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import ptuning_fast as pf
 from conftest import assert_close
 from distributed import WORLD, free_port, needs_gloo, soft_prompt_model
-from models import batch, tiny_llama
+from models import batch, tiny_bert, tiny_llama
 
 STEPS = 3
 ROWS = 4                      # per step; rank r takes rows [r * ROWS / WORLD, (r + 1) * ...)
@@ -241,3 +241,43 @@ def test_trainer_with_accelerate_fsdp_matches_single_process(sharded_runs, metho
     for r in range(WORLD):
         assert f"trainer/{method}/loss{STEPS - 1}" in ranks[r], "a logged loss is missing"
     _check_run(ranks, f"trainer/{method}", list(losses), reference, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving a sharded model, in this process: a group of one rank makes DTensors too
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_gloo
+@pytest.mark.parametrize("build, config", [
+    (tiny_llama, lambda: pf.PTuningConfig(3, encoder="lstm", encoder_hidden_size=8)),
+    (tiny_llama, lambda: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16)),
+    (tiny_bert, lambda: pf.PromptTuningConfig(3)),               # with a classifier head
+], ids=["p_tuning_lstm", "prefix_projection", "bert_prompt_head"])
+def test_save_of_a_sharded_model_equals_the_unsharded_save(one_rank_group, tmp_path, build,
+                                                           config):
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = pf.wrap(build(0), config(), backend="reference")
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "plain", full_state=True)
+    backbone = model.base_model.base_model                     # LlamaModel / BertModel
+    for layer in backbone.layers if hasattr(backbone, "layers") else backbone.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    assert all(type(p).__name__ == "DTensor" for p in model.trainable_parameters().values())
+    model.save_pretrained(tmp_path / "sharded", full_state=True)
+    for name in ("adapter_model.safetensors", "ptuning_fast_state.safetensors"):
+        plain, sharded = load_file(tmp_path / "plain" / name), load_file(tmp_path / "sharded" / name)
+        assert plain.keys() == sharded.keys()
+        for key in plain:
+            assert torch.equal(plain[key], sharded[key]), f"{name}: {key} differs"
