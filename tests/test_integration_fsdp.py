@@ -276,6 +276,8 @@ def test_save_of_a_sharded_model_equals_the_unsharded_save(one_rank_group, tmp_p
     fully_shard(model)
     assert all(type(p).__name__ == "DTensor" for p in model.trainable_parameters().values())
     model.save_pretrained(tmp_path / "sharded", full_state=True)
+    model.save_pretrained(tmp_path / "not_main", is_main_process=False)   # gathers, writes nothing
+    assert not (tmp_path / "not_main").exists()
     for name in ("adapter_model.safetensors", "ptuning_fast_state.safetensors"):
         plain, sharded = load_file(tmp_path / "plain" / name), load_file(tmp_path / "sharded" / name)
         assert plain.keys() == sharded.keys()
