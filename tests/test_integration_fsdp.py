@@ -238,6 +238,13 @@ def test_trainer_with_accelerate_fsdp_matches_single_process(sharded_runs, metho
     out_dir, ranks = sharded_runs
     losses, reference = _trainer_run(method, str(tmp_path))
     assert losses.shape == (STEPS,)
+    # Trainer's first loss is the untrained model's mean loss over the batch's label tokens
+    # (Trainer divides by the labels it counts: with a prompt in front, all of them).
+    rows = _Rows().rows
+    with torch.no_grad():
+        untrained = soft_prompt_model(METHODS[method]())(
+            **{k: torch.stack([row[k] for row in rows]) for k in rows[0]}).loss
+    assert_close(losses[0], untrained, torch.float32, name=f"{method}: Trainer's first loss")
     for r in range(WORLD):
         assert f"trainer/{method}/loss{STEPS - 1}" in ranks[r], "a logged loss is missing"
     _check_run(ranks, f"trainer/{method}", list(losses), reference, out_dir)

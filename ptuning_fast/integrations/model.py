@@ -205,6 +205,17 @@ class PTuningModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.ptuning_config.num_virtual_tokens
 
+    @property
+    def loss_type(self):
+        """The base model's, except for a causal LM with a prompt in front (prompt tuning,
+        P-Tuning): None. HF Trainer reads it to count a batch's label tokens
+        (`num_items_in_batch`, the loss's divisor): for a causal LM loss it skips each row's
+        first label, which a shifted loss never predicts; behind a prompt that label is
+        predicted (from the last prompt position), so every label must count."""
+        if not self.is_prefix and self.task_type == "CAUSAL_LM":
+            return None
+        return getattr(self.base_model, "loss_type", None)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
