@@ -36,6 +36,7 @@ import torch
 
 from ..config import (ModelDims, from_dict, from_peft_config, frozen_tokens_of, to_dict,
                       to_peft_dict)
+from . import sharded
 from .model import HEADS_BY_TASK, build_prompt_module, check_wrappable, task_type_of
 from .peft_surface import BaseModelState
 
@@ -59,11 +60,19 @@ def _name_or_path(model) -> str | None:
 # -------------------------------------------------------------------------------------------
 # Saving
 
-def save(model, directory, *, full_state: bool = False, overwrite: bool = False) -> None:
+def save(model, directory, *, full_state: bool = False, overwrite: bool = False,
+         is_main_process: bool | None = None) -> None:
     """Writes the adapter into `directory` (created if needed). A directory holding a different
     adapter (another method, base model or size) is refused unless `overwrite`; files of an
-    earlier save that this one does not write are removed; other files are left alone."""
+    earlier save that this one does not write are removed; other files are left alone.
+    Only the main process writes (default: rank 0 under torch.distributed). Parameters sharded
+    by FSDP2 are gathered first, a collective: then every rank must call it."""
     from safetensors.torch import save_file
+    # Gathered before any check that only the main process makes: a rank that raised here
+    # would leave the others waiting in the all-gather.
+    tensors, module_state = _whole_tensors(model, full_state)
+    if not (sharded.is_main_process() if is_main_process is None else is_main_process):
+        return
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_pretrained: {directory!r} exists and is not a directory")
@@ -82,14 +91,6 @@ def save(model, directory, *, full_state: bool = False, overwrite: bool = False)
     if not overwrite:
         _refuse_other_adapter(directory, peft_config, config.num_tasks)
     save_id = uuid.uuid4().hex
-    with torch.no_grad():
-        was_training = module.training
-        module.eval()                                  # no prefix dropout in the saved output
-        tensors = {"prompt_embeddings": module.output_for_checkpoint().detach()}
-        module.train(was_training)
-    for name in model.modules_to_save:
-        for key, value in model.base_model.get_submodule(name).state_dict().items():
-            tensors[f"base_model.{name}.{key}"] = value.detach()
     ours = {"format_version": FORMAT_VERSION, "config": to_dict(config),
             "dims": dataclasses.asdict(model.dims), "full_state": full_state,
             "exported": module.exported, "save_id": save_id}
@@ -101,7 +102,7 @@ def save(model, directory, *, full_state: bool = False, overwrite: bool = False)
         written = [ADAPTER_WEIGHTS, OUR_CONFIG, ADAPTER_CONFIG]    # the configs last
         save_file(_contiguous_cpu(tensors), os.path.join(staging, ADAPTER_WEIGHTS), metadata)
         if full_state:
-            save_file(_contiguous_cpu(module.state_dict()), os.path.join(staging, FULL_STATE),
+            save_file(_contiguous_cpu(module_state), os.path.join(staging, FULL_STATE),
                       metadata)
             written.insert(0, FULL_STATE)
         for name, content in ((ADAPTER_CONFIG, peft_config), (OUR_CONFIG, ours)):
@@ -135,6 +136,22 @@ def _refuse_other_adapter(directory: str, peft_config: dict, num_tasks: int) -> 
     if diffs:
         raise FileExistsError(f"save_pretrained: {directory!r} holds a different adapter "
                               f"({'; '.join(diffs)}); save elsewhere or pass overwrite=True")
+
+
+def _whole_tensors(model, full_state: bool) -> tuple[dict, dict | None]:
+    """(the adapter file's tensors, the prompt module's state dict if `full_state`), whole even
+    where FSDP2 sharded the parameters."""
+    module = model.prompt_encoder
+    was_training = module.training
+    module.eval()                                      # no prefix dropout in the saved output
+    try:
+        tensors = {"prompt_embeddings": sharded.checkpoint_output(module).detach()}
+    finally:
+        module.train(was_training)
+    for name in model.modules_to_save:
+        head = sharded.whole_state_dict(model.base_model.get_submodule(name))
+        tensors.update({f"base_model.{name}.{key}": value for key, value in head.items()})
+    return tensors, sharded.whole_state_dict(module) if full_state else None
 
 
 def _contiguous_cpu(tensors: dict) -> dict:

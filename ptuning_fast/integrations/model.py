@@ -223,6 +223,17 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.ptuning_config.num_virtual_tokens
 
+    @property
+    def loss_type(self):
+        """The base model's, except for a causal LM with a prompt in front (prompt tuning,
+        P-Tuning): None. HF Trainer reads it to count a batch's label tokens
+        (`num_items_in_batch`, the loss's divisor): for a causal LM loss it skips each row's
+        first label, which a shifted loss never predicts; behind a prompt that label is
+        predicted (from the last prompt position), so every label must count."""
+        if not self.is_prefix and self.task_type == "CAUSAL_LM":
+            return None
+        return getattr(self.base_model, "loss_type", None)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -460,13 +471,16 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, save_directory, full_state: bool = False, *,
-                        overwrite: bool = False, **kwargs):
+                        overwrite: bool = False, is_main_process: bool | None = None, **kwargs):
         """PEFT's format (adapter_config.json + adapter_model.safetensors); `full_state=True`
         also keeps the encoder's parameters for resuming training. Atomic per file (written
         aside, then renamed); a directory holding a different adapter is refused unless
-        `overwrite=True`. Other keyword arguments (PEFT's) are accepted and ignored."""
+        `overwrite=True`. Under torch.distributed only rank 0 writes (`is_main_process`
+        overrides); a model sharded with FSDP2 (`fully_shard`) is gathered first, so there
+        every rank must call it. Other keyword arguments (PEFT's) are accepted and ignored."""
         from . import checkpoint
-        checkpoint.save(self, save_directory, full_state=full_state, overwrite=overwrite)
+        checkpoint.save(self, save_directory, full_state=full_state, overwrite=overwrite,
+                        is_main_process=is_main_process)
 
     @classmethod
     def from_pretrained(cls, base_model, model_id, backend: str = "auto", *,
