@@ -555,7 +555,7 @@ def spec_signature(fn, constexprs: dict, types: dict) -> dict:
     every other runtime argument is an i32 size or stride. A constexpr parameter the spec
     leaves out keeps its default (it must never be compiled as a runtime int)."""
     params = inspect.signature(fn.fn).parameters
-    constexpr = {p.name for p in fn.params if p.is_constexpr}
+    constexpr = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
     return {name: types.get(name, "i32") for name in params
             if name not in constexprs and name not in constexpr}
 

@@ -52,6 +52,8 @@ class Work:
             text = f"B={c.B} L={c.Lq} P={c.P} d={c.D}"
         else:
             text = f"B={c.B} Hq={c.Hq} Hkv={c.Hkv} Lq={c.Lq} Lk={c.Lk} P={c.P} D={c.D}"
+        if c.terms:
+            text += f" terms={c.terms}"
         return f"{c.dtype} {text}" + ("" if self.prefix == "shared" else f" {self.prefix}")
 
 
