@@ -11,8 +11,10 @@ of a wrapped base model is mapped to that base model (`claim`), and the current 
 in a context variable (per thread, nested calls restore the outer one), so another model using
 the same attention implementation during one model's generate never sees its prefix.
 The prefixes never enter the KV cache: the cache holds real tokens only, so the mask function
-hands the 2D padding mask over (cache + current) keys through unchanged, and causal masking is
-bottom-right aligned inside `prefix_attention`.
+hands the 2D padding mask over (cache + current) keys through (cut to the keys a sliding-window
+cache layer kept), and causal masking is bottom-right aligned inside `prefix_attention`. The
+models' other attention terms (windows, soft-capping, sinks, T5's position bias, packed
+sequences) are translated in `attention_terms`.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ ATTN_IMPLEMENTATION = "ptuning_fast"
 PREFIX_KWARG = "ptuning_prefix"
 
 # Keyword arguments that transformers passes to attention functions and that do not change the
-# result, as passed by the tested models (Llama, Qwen2/3, Mistral, Gemma, BERT, RoBERTa, GPT-2)
-# in transformers 5.17 - 5.24: position ids (RoPE was applied before the call), cache flags and
+# result, as passed by the tested models (Llama, Qwen2/3, Mistral, Gemma 1/2/3, GPT-OSS, BERT,
+# RoBERTa, GPT-2) in transformers 5.17 - 5.24: position ids (RoPE was applied before the call), cache flags and
 # positions (the cache is already merged into key/value; older 5.x releases forward
 # `cache_position`), and model-level flags or loss arguments that ride along in **kwargs.
 HARMLESS_KWARGS = frozenset({
