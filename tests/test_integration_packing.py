@@ -160,3 +160,15 @@ def test_prompt_methods_refuse_packed_batches(config, flash_kwargs):
     ids = torch.randint(3, VOCAB, (2, 5))
     with pytest.warns(UserWarning, match="position_ids are ignored"):
         model(input_ids=ids, position_ids=torch.arange(5).expand(2, -1))
+
+
+def test_packed_batch_under_gradient_checkpointing():
+    """The segments ride in the layers' kwargs: recomputed layers see them too."""
+    model = pf.wrap(tiny_terms("mistral"), pf.PrefixTuningConfig(3)).train()
+    batch = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in sequences([6, 3, 5])])
+    out, grads = step(model, **batch)
+    model.gradient_checkpointing_enable()
+    out_gc, grads_gc = step(model, **batch)
+    assert_close(out_gc.loss, out.loss, torch.float32, name="loss")
+    for name, grad in grads.items():
+        assert_close(grads_gc[name], grad, torch.float32, "grad", name=name)

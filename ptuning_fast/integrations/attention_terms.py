@@ -27,7 +27,7 @@ def attention_terms(module, binding, kwargs: dict, *, causal: bool, prefix_len: 
     """The attention terms of one layer's call: window_size, softcap, sinks, bias, segments.
     `name` names the model in errors."""
     segments = None if binding is None else binding.segments
-    given = [n for n in PACKING_KWARGS if kwargs.get(n) is not None]
+    given = ", ".join(f"`{n}`" for n in PACKING_KWARGS if kwargs.get(n) is not None)
     if given and segments is None:
         raise NotImplementedError(
             f"{name} passes {given} (packed sequences) to its attention, but the wrapper did "
