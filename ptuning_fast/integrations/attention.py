@@ -37,9 +37,10 @@ PREFIX_KWARG = "ptuning_prefix"
 
 # Keyword arguments that transformers passes to attention functions and that do not change the
 # result, as passed by the tested models (Llama, Qwen2/3, Mistral, Gemma 1/2/3, GPT-OSS, BERT,
-# RoBERTa, GPT-2) in transformers 5.17 - 5.24: position ids (RoPE was applied before the call), cache flags and
-# positions (the cache is already merged into key/value; older 5.x releases forward
-# `cache_position`), and model-level flags or loss arguments that ride along in **kwargs.
+# RoBERTa, GPT-2) in transformers 5.17 - 5.24: position ids (RoPE was applied before the call;
+# packed sequences reach the layers as the binding's segments), cache flags and positions (the
+# cache is already merged into key/value; older 5.x releases forward `cache_position`), and
+# model-level flags or loss arguments that ride along in **kwargs.
 HARMLESS_KWARGS = frozenset({
     "position_ids", "use_cache", "cache_position", "past_key_values", "past_key_value",
     "num_items_in_batch", "output_hidden_states", "output_router_logits", "return_dict",
