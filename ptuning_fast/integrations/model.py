@@ -21,6 +21,7 @@ from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention
+from .packed_inputs import packed_segments_of, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
@@ -140,17 +141,6 @@ def _refuse_static_generation(kwargs: dict, base_model) -> None:
     _refuse_static_cache(_cache_in(kwargs))
 
 
-def _refuse_packed_sequences(position_ids, attention_mask, past_len):
-    """transformers reads position ids that restart inside a row (with no attention mask, no
-    cache) as packed sequences and masks across their borders; the prefix attention function
-    sees only causal + padding masks, so it would silently attend across them."""
-    if attention_mask is None and not past_len and position_ids.shape[-1] > 1 \
-            and bool((position_ids.diff(dim=-1) != 1).any()):
-        raise NotImplementedError(
-            "packed sequences (position_ids restarting inside a row, no attention_mask) are not "
-            "supported with prefix tuning: pass one sequence per row with an attention_mask")
-
-
 class PTuningModel(PeftSurfaceMixin, nn.Module):
     """A frozen transformers model with Prompt Tuning, P-Tuning or Prefix Tuning (P-Tuning v2).
 
@@ -264,7 +254,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         check_index_range("task_ids", task_ids, T, f"the config's num_tasks={T}")
         return task_ids.long()
 
-    def _binding(self, task_ids) -> attention.PrefixBinding:
+    def _binding(self, task_ids, segments=None) -> attention.PrefixBinding:
         current = getattr(self.base_model.config, "_attn_implementation", None)
         if current != attention.ATTN_IMPLEMENTATION:
             # Another attention function would silently ignore the prefix.
@@ -273,7 +263,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                                "set_attn_implementation called after wrapping?)")
         prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
-                                       type(self.base_model).__name__)
+                                       type(self.base_model).__name__, segments)
 
     def _prefix_position_ids(self, input_ids, ref, start: int):
         """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:
@@ -332,17 +322,20 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         past_len = _cache_length(kwargs)
         if self.is_prefix:
             _refuse_static_cache(past)
+            # Every packed sequence sees the prefix, its positions shifted by P as in its own row.
+            segments, position_ids = packed_segments_of(position_ids, attention_mask, past_len,
+                                                        kwargs, ref)
             if position_ids is None:
                 position_ids = self._prefix_position_ids(input_ids, ref, P + past_len)
             else:
-                _refuse_packed_sequences(position_ids, attention_mask, past_len)
                 position_ids = position_ids + P
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
-            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids)
+            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids, segments)
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids,
                                    labels=labels, **kwargs)
+        refuse_packed_prompt(position_ids, attention_mask, past_len, kwargs)
         if position_ids is not None:
             warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
                           "positions are those of the [prompt; tokens] sequence", stacklevel=2)
