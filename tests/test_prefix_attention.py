@@ -436,7 +436,7 @@ def test_gpu_tile_configs_under_interpreter(monkeypatch, arch, dtype, D, i):
     # the tiles it would on a GPU of that arch (BLOCK_M up to 128, BLOCK_M != BLOCK_N) and sizes
     # its splits for that GPU's SMs, so the block bounds and split ranges are checked.
     original = tiles.candidates
-    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d, drop=False: (
+    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d, drop=False, terms=False: (
         [_nth_candidate(kernel, a, dt, d, i, original)] if a is not None
         else original(kernel, a, dt, d)))
     case = Case(1, 2, 1, 70, 150, D, 70, "shared", "left")

@@ -5,12 +5,13 @@ packed rows against the same sequences run one per row; blocks outside a window 
 bad arguments named."""
 import pytest
 import torch
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, HAS_CUDA, assert_close
 from test_prefix_attention import (NAMES, Case, check_against_reference, exact, fused,
                                    make_inputs, run)
 
 import ptuning_fast as pf
 from ptuning_fast import reference
+from ptuning_fast.kernels.launch import Target, pretend_target
 from ptuning_fast.kernels.prefix_attention_fwd import dropout_keep_mask
 
 
@@ -69,6 +70,18 @@ TERM_CASES = [
 @pytest.mark.parametrize("case, spec", TERM_CASES, ids=[f"{c}-{s}" for c, s in TERM_CASES])
 def test_terms_match_reference(case, spec, dtype):
     check_against_reference(case, dtype, **make_terms(case, spec, dtype))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter check of the GPU tiles; the GPU runs them")
+@pytest.mark.parametrize("arch, dtype, D", [(90, torch.float16, 64), (90, torch.float32, 80),
+                                            (80, torch.float16, 128)])
+def test_terms_gpu_tiles_under_interpreter(arch, dtype, D):
+    """Launches with terms take their own tiles (tiles.terms_tile: 128-row query blocks, a
+    shorter key block): every term at once through the tiles and splits a GPU of that arch
+    gets."""
+    case = Case(1, 2, 1, 75, 75, D, 21, "shared", "left")
+    with pretend_target(Target(arch, 132 if arch == 90 else 108)):
+        check_against_reference(case, dtype, **make_terms(case, "bwcsp", dtype))
 
 
 @pytest.mark.parametrize("spec", ["w", "bcs"])
