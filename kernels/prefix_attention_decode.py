@@ -321,18 +321,21 @@ class DecodeTile:
 INTERPRETER_DECODE = DecodeTile(16, 32, 4, 1)
 
 # GPU tiles per (16-bit?, BLOCK_D), the same on sm_80 and sm_90. Shared memory holds the K and V
-# blocks in flight (16-bit, D = 128: 32 KB a block pair; the JIT-specialized launch takes 70 KB
-# at 3 stages, so three programs fit an H100 SM and two an A100's); fp32 halves the key block.
-# D = 256 stops at 32 rows: its 32 x 256 accumulator already takes ~170 registers a thread on
-# 4 warps.
+# blocks in flight (16-bit, D = 128: 32 KB a block pair; the JIT-specialized row-major launch
+# takes 70 KB at 3 stages, three programs an H100 SM; keys-major on sm_90, 99 KB: wgmma keeps
+# every stage, two programs). fp32 quarters the key block at D = 64 / 128 and stops at 32 / 16
+# rows (more rows take more row blocks, each reading K/V again): its ieee dots run on the CUDA
+# cores with both operands in registers, and the halved blocks spilled 4-1248 B at 16-64 rows
+# (ptxas, sm_90; 8 or 16 warps spilled in other flag combinations). D = 256 stops at 32 rows:
+# its 32 x 256 accumulator already takes ~170 registers a thread on 4 warps.
 GPU_DECODE = {
     (True, 32): DecodeTile(128, 64, 4, 4),
     (True, 64): DecodeTile(128, 64, 4, 3),
     (True, 128): DecodeTile(64, 64, 4, 3),
     (True, 256): DecodeTile(32, 32, 4, 3),
     (False, 32): DecodeTile(64, 64, 4, 4),
-    (False, 64): DecodeTile(64, 64, 4, 3),
-    (False, 128): DecodeTile(32, 64, 4, 3),
+    (False, 64): DecodeTile(32, 32, 4, 3),
+    (False, 128): DecodeTile(16, 16, 4, 3),
     (False, 256): DecodeTile(16, 32, 4, 3),
 }
 
@@ -344,7 +347,13 @@ KEYS_MAJOR_ROWS = 8      # packed rows up to which the keys-major tile runs, as 
 MIN_BLOCKS_PER_SPLIT = 4   # shorter splits spend more on partials and pipeline ramp-up than
                            # they win in parallelism
 MAX_SPLITS = 64
-MERGE_WARPS = 4          # the merge is a few fp32 loads and FMAs per element
+MERGE_WARPS = 4          # the merge is a few fp32 loads and FMAs per element ...
+
+
+def merge_warps(block_m: int, block_d: int) -> int:
+    """... 4 warps up to 4096 accumulator elements (32 a thread), 4 more per 4096 beyond: 64 x
+    128 and 32 x 256 on 4 warps took 255 registers and spilled 8-16 B (ptxas, fp32 output)."""
+    return MERGE_WARPS * max(1, block_m * block_d // 4096)
 
 
 def decode_tile(head_dim: int, dtype: torch.dtype, target: Target | None) -> DecodeTile:
@@ -471,7 +480,8 @@ def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mas
         _decode_merge_kernel[(Hkv * plan.row_blocks, B)](
             x.out, x.lse, acc, stats, Lq, D, Hq // Hkv, plan.num_splits,
             *strides3(x.out), *x.lse.stride()[:2], *part_strides,
-            BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=MERGE_WARPS,
+            BLOCK_M=plan.block_m, BLOCK_D=plan.block_d,
+            num_warps=merge_warps(plan.block_m, plan.block_d),
         )
     return x.out, x.lse
 
@@ -501,10 +511,11 @@ def compile_specs():
                               ints=dict(spec_ints(constexprs), q_len=1))   # one new token
     for block_d in sorted({d for *_, d in SPEC_VARIANTS}):
         for elem in ("fp16", "bf16", "fp32"):
-            constexprs = dict(BLOCK_M=GPU_DECODE[(elem != "fp32", block_d)].max_rows,
-                              BLOCK_D=block_d)
+            block_m = GPU_DECODE[(elem != "fp32", block_d)].max_rows
+            constexprs = dict(BLOCK_M=block_m, BLOCK_D=block_d)
             types = dict(Out=f"*{elem}", Lse="*fp32", PartAcc="*fp32", PartStats="*fp32")
             yield CompileSpec(f"prefix_attention_decode_merge[{elem},BLOCK_D={block_d}]",
                               _decode_merge_kernel,
                               spec_signature(_decode_merge_kernel, constexprs, types),
-                              constexprs, MERGE_WARPS, 1, ints={"q_len": 1, "group_size": 4})
+                              constexprs, merge_warps(block_m, block_d), 1,
+                              ints={"q_len": 1, "group_size": 4})
