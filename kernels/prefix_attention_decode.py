@@ -25,8 +25,9 @@ from the SM count (>= 2 waves of programs). Each split writes its unnormalized f
 the first kernel writes the output itself.
 
 Masks are those of the prefill kernel (`_decode_blocks` is its `_attend_blocks` without dropout
-and with the keys-major option): prefix keys are visible to every query; sequence key j is visible to query i iff the padding mask allows it and, when
-causal, j <= i + (Lk - Lq). A row with no visible key outputs zeros and LSE = +inf.
+and with the keys-major option): prefix keys are visible to every query; sequence key j is
+visible to query i iff the padding mask allows it and, when causal, j <= i + (Lk - Lq). A row
+with no visible key outputs zeros and LSE = +inf.
 No dropout and no backward: `ptuning_fast.fused` takes this path only when no gradient is needed.
 """
 from __future__ import annotations
@@ -347,12 +348,13 @@ KEYS_MAJOR_ROWS = 8      # packed rows up to which the keys-major tile runs, as 
 MIN_BLOCKS_PER_SPLIT = 4   # shorter splits spend more on partials and pipeline ramp-up than
                            # they win in parallelism
 MAX_SPLITS = 64
-MERGE_WARPS = 4          # the merge is a few fp32 loads and FMAs per element ...
+MERGE_WARPS = 4          # the merge is a few fp32 loads and FMAs per element
 
 
 def merge_warps(block_m: int, block_d: int) -> int:
-    """... 4 warps up to 4096 accumulator elements (32 a thread), 4 more per 4096 beyond: 64 x
-    128 and 32 x 256 on 4 warps took 255 registers and spilled 8-16 B (ptxas, fp32 output)."""
+    """Warps of the merge kernel: MERGE_WARPS up to 4096 accumulator elements (32 a thread), as
+    many more per 4096 beyond (64 x 128 and 32 x 256 on 4 warps took 255 registers and spilled
+    8-16 B: ptxas, fp32 output)."""
     return MERGE_WARPS * max(1, block_m * block_d // 4096)
 
 
@@ -431,8 +433,8 @@ def decode_plan(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, D: int, dty
     if num_splits is None:
         num_splits = split_count(B * Hkv * row_blocks, key_blocks, target)
     per_split, splits = balanced_splits(key_blocks, num_splits)
-    return DecodePlan(tile, block_m, keys_major, head_block(D), row_blocks, key_blocks, per_split, splits,
-                      (splits, Hkv * row_blocks, B), rows)
+    return DecodePlan(tile, block_m, keys_major, head_block(D), row_blocks, key_blocks, per_split,
+                      splits, (splits, Hkv * row_blocks, B), rows)
 
 
 def supports(q_len: int) -> bool:
@@ -472,7 +474,8 @@ def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mas
         Lq, Lk, x.prefix_len, D, Hq // Hkv, x.scale * LOG2E, plan.blocks_per_split,
         *x.strides(), *part_strides,
         IS_CAUSAL=causal, HAS_MASK=x.mask is not None, HAS_INDEX=x.index is not None,
-        IS_SPLIT=split, KEYS_MAJOR=plan.keys_major, BLOCK_M=plan.block_m, BLOCK_N=plan.tile.block_n, BLOCK_D=plan.block_d,
+        IS_SPLIT=split, KEYS_MAJOR=plan.keys_major, BLOCK_M=plan.block_m,
+        BLOCK_N=plan.tile.block_n, BLOCK_D=plan.block_d,
         INPUT_PRECISION=input_precision(x.q.dtype),
         num_warps=plan.tile.warps(plan.block_m), num_stages=plan.tile.num_stages,
     )
@@ -499,7 +502,8 @@ def compile_specs():
             causal, has_mask = FLAG_COMBOS[(i + j) % len(FLAG_COMBOS)]
             constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
                               IS_SPLIT=j == 0 or i % 2 == 1,
-                              KEYS_MAJOR=block_m == KEYS_MAJOR_ROWS, BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_D=block_d,
+                              KEYS_MAJOR=block_m == KEYS_MAJOR_ROWS, BLOCK_M=block_m,
+                              BLOCK_N=tile.block_n, BLOCK_D=block_d,
                               INPUT_PRECISION=precision)
             types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
             types.update(Lse="*fp32", PartAcc="*fp32", PartStats="*fp32", Mask="*i8",
