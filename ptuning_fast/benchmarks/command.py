@@ -13,7 +13,7 @@ import torch
 
 from . import attention, embedding, models, providers, report, results
 from .case import Case, Unavailable
-from .timing import median_ms, peak_memory_mb
+from .timing import interleaved_cpu_medians_ms, median_ms, peak_memory_mb
 
 OPS = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
 INTERRUPTED = "not run: the run was interrupted (time limit or Ctrl-C) before this case"
@@ -72,9 +72,24 @@ def build_cases(ops, provider_names, device: torch.device, quick: bool) -> list[
     return [case for op in OPS if op in ops for case in builders[op]()]
 
 
+# On CPU the providers of one model case (ours, PEFT) are timed in alternation.
+INTERLEAVED_OPS = ("train_step", "generate")
+
+
+def _failure_record(case: Case, error: Exception) -> tuple[dict, bool]:
+    """(record, failed) for a case that raised: a missing dependency or too little memory is a
+    skip; any other error is a skip that marks the run failed."""
+    if isinstance(error, Unavailable):
+        return results.skipped_record(case, str(error)), False
+    if isinstance(error, NotImplementedError):
+        return results.skipped_record(case, f"not implemented: {error}"), False
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return results.skipped_record(case, "out of memory on this device"), False
+    return results.skipped_record(case, f"failed: {type(error).__name__}: {error}"), True
+
+
 def run_case(case: Case, device: torch.device, quick: bool) -> tuple[dict, bool]:
-    """Measures one case; returns (record, failed). A missing dependency or too little memory is
-    a skip; any other error is a skip that marks the run failed."""
+    """Measures one case; returns (record, failed)."""
     prepared = None
     try:
         prepared = case.prepare(case, device)
@@ -82,19 +97,62 @@ def run_case(case: Case, device: torch.device, quick: bool) -> tuple[dict, bool]
         ms = median_ms(prepared.step, device, quick=quick, heavy=prepared.heavy)
         mem = peak_memory_mb(prepared.step, device, whole_process=prepared.whole_process_memory)
         return results.measured_record(case, prepared, ms, mem), False
-    except Unavailable as e:
-        return results.skipped_record(case, str(e)), False
-    except NotImplementedError as e:
-        return results.skipped_record(case, f"not implemented: {e}"), False
-    except torch.cuda.OutOfMemoryError:
-        return results.skipped_record(case, "out of memory on this device"), False
     except Exception as e:  # noqa: BLE001 — one broken case must not lose the others' numbers
-        return results.skipped_record(case, f"failed: {type(e).__name__}: {e}"), True
+        return _failure_record(case, e)
     finally:
         del prepared
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _release_memory(device)
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_interleaved(cases: list[Case], device: torch.device,
+                    quick: bool) -> list[tuple[dict, bool]]:
+    """Measures the providers of one case together (`interleaved_cpu_medians_ms`); returns
+    (record, failed) per case, in order. A provider that cannot run is recorded as skipped and
+    the others are still measured."""
+    outcomes: list[tuple[dict, bool] | None] = [None] * len(cases)
+    prepared = {}
+    try:
+        for i, case in enumerate(cases):
+            try:
+                prepared[i] = case.prepare(case, device)
+                prepared[i].step()
+            except Exception as e:  # noqa: BLE001
+                prepared.pop(i, None)
+                outcomes[i] = _failure_record(case, e)
+        try:
+            medians = interleaved_cpu_medians_ms([p.step for p in prepared.values()],
+                                                 quick=quick) if prepared else []
+            for (i, p), ms in zip(prepared.items(), medians):
+                outcomes[i] = results.measured_record(cases[i], p, ms, None), False
+        except Exception as e:  # noqa: BLE001
+            for i in prepared:
+                outcomes[i] = _failure_record(cases[i], e)
+    finally:
+        prepared.clear()
+        _release_memory(device)
+    return outcomes
+
+
+def measurement_groups(cases: list[Case], device: torch.device) -> list[list[Case]]:
+    """Cases measured together, in order: on CPU the providers of one model case (same op,
+    method and shape) form a group; every other case is alone."""
+    groups: list[list[Case]] = []
+    where: dict[tuple, int] = {}
+    for case in cases:
+        if device.type == "cpu" and case.op in INTERLEAVED_OPS:
+            key = tuple(v for k, v in case.fields().items() if k != "provider")
+            if key in where:
+                groups[where[key]].append(case)
+                continue
+            where[key] = len(groups)
+        groups.append([case])
+    return groups
 
 
 def output_path(out: Path | None, device: torch.device) -> Path:
@@ -156,25 +214,30 @@ def run_all(args, device: torch.device) -> tuple[list[dict], int, dict]:
     records, failures, reasons_seen = [], 0, set()
     # Logs (a GPU session's) get a refresh a few seconds apart rather than one per case.
     refresh_s = 0.1 if sys.stderr.isatty() else 5.0
-    with warnings.catch_warnings(), tqdm(cases, unit="case", file=sys.stderr,
+    groups = measurement_groups(cases, device)
+    with warnings.catch_warnings(), tqdm(total=len(cases), unit="case", file=sys.stderr,
                                          mininterval=refresh_s) as bar:
         warnings.simplefilter("ignore")     # PEFT's, transformers' and eager flex's chatter
-        for index, case in enumerate(bar):
-            bar.set_description(case.label()[:70], refresh=False)
+        for index, group in enumerate(groups):
+            bar.set_description(group[0].label()[:70], refresh=False)
             try:
-                record, failed = run_case(case, device, args.quick)
+                outcomes = (run_interleaved(group, device, args.quick) if len(group) > 1
+                            else [run_case(group[0], device, args.quick)])
             except KeyboardInterrupt:
                 # A time limit (timeout -s INT) or Ctrl-C: keep what was measured, say what was not.
-                bar.write(f"interrupted: {len(cases) - index} case(s) not run")
-                records += [results.skipped_record(c, INTERRUPTED) for c in cases[index:]]
+                left = [c for g in groups[index:] for c in g]
+                bar.write(f"interrupted: {len(left)} case(s) not run")
+                records += [results.skipped_record(c, INTERRUPTED) for c in left]
                 failures += 1
                 break
-            failures += failed
-            records.append(record)
-            reason = record["skipped"]
-            if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
-                reasons_seen.add((case.op, case.provider, reason))
-                bar.write(f"skipped {case.op} {case.provider}: {reason}")
+            for case, (record, failed) in zip(group, outcomes):
+                failures += failed
+                records.append(record)
+                reason = record["skipped"]
+                if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
+                    reasons_seen.add((case.op, case.provider, reason))
+                    bar.write(f"skipped {case.op} {case.provider}: {reason}")
+            bar.update(len(group))
     return records, failures, head
 
 

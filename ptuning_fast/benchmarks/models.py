@@ -15,7 +15,7 @@ import torch
 
 from .case import Case, Prepared, Unavailable, torch_dtype
 
-METHODS = ("prefix_tuning", "prompt_tuning")
+METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 # Training only: prefix tuning with activation checkpointing, the memory lever that ptuning_fast
 # allows and PEFT's prefix tuning does not survive (transformers drops its prefix cache).
 CHECKPOINTED = "prefix_tuning_checkpointed"
@@ -25,7 +25,7 @@ LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=
                     num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                     vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True)
-SMALL_LLAMA = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+SMALL_LLAMA = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=4096,
                    max_position_embeddings=2048, tie_word_embeddings=True)
 
@@ -79,14 +79,16 @@ def wrap(base, provider: str, method: str, P: int):
     if provider == "ptuning_fast":
         import ptuning_fast as pf
         config_class = {"prefix_tuning": pf.PrefixTuningConfig, CHECKPOINTED: pf.PrefixTuningConfig,
+                        "p_tuning": pf.PTuningConfig,
                         "prompt_tuning": pf.PromptTuningConfig}[method]
         return pf.wrap(base, config_class(num_virtual_tokens=P))
     try:
         import peft
     except ImportError as e:
         raise Unavailable(f"peft is not installed: {e}") from e
+    # P-Tuning: both default to PEFT's MLP encoder with the model's hidden size.
     config_class = {"prefix_tuning": peft.PrefixTuningConfig,
-                    CHECKPOINTED: peft.PrefixTuningConfig,
+                    CHECKPOINTED: peft.PrefixTuningConfig, "p_tuning": peft.PromptEncoderConfig,
                     "prompt_tuning": peft.PromptTuningConfig}[method]
     return peft.get_peft_model(base, config_class(task_type="CAUSAL_LM", num_virtual_tokens=P))
 
