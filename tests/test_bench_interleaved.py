@@ -56,4 +56,27 @@ def test_cpu_model_is_an_eight_layer_llama_and_every_method_is_measured():
         cases = command.build_cases([op], [], CPU, quick=True)
         methods = {c.method for c in cases}
         assert {"prefix_tuning", "p_tuning", "prompt_tuning"} <= methods
-        assert {c.provider for c in cases} == {"ptuning_fast", "peft"}
+        extra = {"peft_algorithm"} if op == "generate" else set()
+        assert {c.provider for c in cases} == {"ptuning_fast", "peft"} | extra
+
+
+def test_peft_algorithm_generates_our_tokens(monkeypatch):
+    """The generation baseline computes PEFT's function: greedy tokens equal ours, for a prompt
+    that changes them."""
+    monkeypatch.setattr(models, "SMALL_LLAMA", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256))
+    ids = torch.randint(0, 256, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    for method in ("prefix_tuning", "p_tuning", "prompt_tuning"):
+        base = models.build_base_model(CPU, torch.float32)
+        plain = base.generate(input_ids=ids, attention_mask=mask, **kw)
+        ours = models.wrap(base, "ptuning_fast", method, 4).eval()
+        with torch.no_grad():
+            for p in ours.prompt_encoder.parameters():
+                p.normal_(std=3.0)
+            tokens = ours.generate(input_ids=ids, attention_mask=mask, **kw)
+            theirs = models.peft_algorithm_generate(ours, ids, mask, **kw)
+        assert torch.equal(tokens, theirs), method
+        assert not torch.equal(tokens, plain), method      # the prompt mattered

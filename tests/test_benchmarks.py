@@ -316,6 +316,7 @@ def test_targets_table_judges_the_worst_case():
     assert "## Targets (docs/design.md)" not in cpu and "## Targets without Triton" in cpu
     cpu_verdict = {line.split(" | ")[0].lstrip("| "): line.split(" | ", 1)[1]
                    for line in cpu.splitlines() if line.startswith("| ")}
-    assert cpu_verdict["train_step (prefix_tuning) tokens/s vs PEFT"] == \
+    assert cpu_verdict["train_step (prefix_tuning) tokens/s vs peft"] == \
         "1 | 1.20x | >= 1.20x | yes |"
-    assert cpu_verdict["generate (p_tuning) tokens/s vs PEFT"] == "0 | – | >= 1.20x | no data |"
+    assert cpu_verdict["generate (p_tuning) tokens/s vs peft_algorithm"] == \
+        "0 | – | >= 1.20x | no data |"

@@ -5,8 +5,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 OP_ORDER = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
-PROVIDER_ORDER = ("fused", "torch", "ptuning_fast", "naive", "peft", "cat_sdpa", "flex",
-                  "flash_attn", "copy")
+PROVIDER_ORDER = ("fused", "torch", "ptuning_fast", "naive", "peft", "peft_algorithm",
+                  "cat_sdpa", "flex", "flash_attn", "copy")
 ROW_KEYS = {
     "prefix_attention": ("mode", "dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
     "decode": ("dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
