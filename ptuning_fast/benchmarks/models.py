@@ -57,7 +57,7 @@ def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
     # GPU: the targets' two lengths (L = 512: no slower than PEFT; L = 4096: 1.3x), 4096 tokens
     # a step at 512 and 8192 at 4096.
     shapes = ([(8, 512, 64, "bf16"), (2, 4096, 64, "bf16")] if device.type == "cuda"
-              else [(2, 64, 16, "fp32")])
+              else [(4, 128, 16, "fp32")])
     return [Case("train_step", "step", provider, dtype, B=B, Lq=L, P=P, method=method,
                  prepare=prepare_train_step, **_heads(shape))
             for B, L, P, dtype in shapes

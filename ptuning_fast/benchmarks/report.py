@@ -129,9 +129,10 @@ def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None 
     if is_cpu(head):
         out += ["", "**CPU figures**: small sizes, fp32, no peak memory, one thread on a shared "
                 "machine. train_step and generate time ours (backend \"auto\": the torch path "
-                "on CPU) and PEFT in alternation, round by round, and take each one's median, so "
-                "load from other processes falls on both; their ratios are comparable within a "
-                "run. The op cases run one after another (the same case has moved by up to 2x "
+                "on CPU) and PEFT in alternation, round by round, by process CPU time (not "
+                "wall-clock: time spent waiting for a core is not counted), and take each one's "
+                "median, so load from other processes falls on both; their ratios are "
+                "comparable within a run. The op cases run one after another (the same case has moved by up to 2x "
                 "between runs here): read no speedup from them. None of it says anything about "
                 "GPU performance; kernel timings need a GPU."]
     from . import targets
