@@ -17,8 +17,8 @@ from .timing import interleaved_cpu_medians_ms, median_ms, peak_memory_mb
 
 OPS = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
 INTERRUPTED = "not run: the run was interrupted (time limit or Ctrl-C) before this case"
-GPU_NOTICE = ("No CUDA device: timing the reference-style paths against each other at small "
-              "sizes, labelled CPU. Kernel timings need a GPU.")
+GPU_NOTICE = ("No CUDA device: timing PyTorch paths (ours: the torch backend) against each other "
+              "at small sizes, labelled CPU. Kernel timings need a GPU.")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
