@@ -12,7 +12,7 @@ Candidates (all compute `reference.prefix_attention` with a shared (Hkv, P, D) p
                   repeat_interleave'd GQA heads, SDPA).
 - torch:          ptuning_fast.torch_path (expand + one cat, SDPA enable_gqa, bool mask
                   (1, 1, Lq, P + Lk)); decode: the group's queries stacked on the query axis.
-- float_mask:     the same with an additive float mask.
+- float_mask:     the same with an additive float mask (built per call, as the bool one).
 - repeated_heads: the same with K/V heads repeated instead of enable_gqa.
 - two_part:       no concatenation: SDPA's CPU flash kernel over the prefix and over the sequence,
                   each returning its log-sum-exp, merged; backward by the kernel's own backward
@@ -62,9 +62,13 @@ def candidates(x: providers.AttnInputs, decode: bool) -> dict:
     B, Hq, Lq, D = x.q.shape
     Lk, P = x.k.shape[2], x.prefix_k.shape[1]
     group = Hq // x.k.shape[1]
-    mask = torch_path.visible_mask(B, Lq, Lk, P, causal=True, attention_mask=None,
-                                   device=x.q.device)
-    additive = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)
+    def visible():
+        return torch_path.visible_mask(B, Lq, Lk, P, causal=True, attention_mask=None,
+                                       device=x.q.device)
+
+    def additive():
+        mask = visible()
+        return None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)
 
     def cat():
         return torch_path._per_row(x.prefix_k, None, B), torch_path._per_row(x.prefix_v, None, B)
@@ -75,12 +79,12 @@ def candidates(x: providers.AttnInputs, decode: bool) -> dict:
 
     def float_mask():
         k, v = concat()
-        return F.scaled_dot_product_attention(x.q, k, v, attn_mask=additive, enable_gqa=True)
+        return F.scaled_dot_product_attention(x.q, k, v, attn_mask=additive(), enable_gqa=True)
 
     def repeated_heads():
         k, v = concat()
         return F.scaled_dot_product_attention(x.q, k.repeat_interleave(group, 1),
-                                              v.repeat_interleave(group, 1), attn_mask=mask)
+                                              v.repeat_interleave(group, 1), attn_mask=visible())
 
     out = {"reference": lambda: reference.attend(x.q, x.k, x.v, x.prefix_k, x.prefix_v),
            "peft": providers.setup_naive(x, decode=decode),
