@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import Reasons, refuse_unknown_options
+from .validation import Reasons, option_in_use, refuse_unknown_options
 
 NAME = "torch"
 
@@ -32,6 +32,9 @@ def not_supported_reasons(op: str, tensors: dict, options: dict, *, auto: bool =
     on every device, so only options it does not compute are refused."""
     r = Reasons(op)
     known = ATTENTION_OPTIONS if op == "prefix_attention" else EMBEDDING_OPTIONS
+    if not option_in_use(options.get("window_size")):
+        # prefix_in_window (default True) only says how a window treats the prefix.
+        options = {n: v for n, v in options.items() if n != "prefix_in_window"}
     refuse_unknown_options(r, NAME, known, options)
     return r
 

@@ -194,8 +194,23 @@ def test_explicit_backend_lists_every_reason():
 
 def test_auto_with_an_option_no_backend_computes_names_every_backend():
     with pytest.raises(NotImplementedError) as info:
-        ops.choose_backend("auto", "prefix_attention", _q(), {"softcap": 30.0})
+        ops.choose_backend("auto", "prefix_attention", _q(), {"a_future_term": 2.0})
     assert all(f"'{name}'" in str(info.value) for name in ops.AUTO_ORDER)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch")
+def test_attention_terms_take_the_reference_on_cpu():
+    """The torch path computes none of the attention terms yet: auto falls to the reference
+    (never drops a term), and prefix_in_window alone (its default True) is no term."""
+    terms = {"window_size": (-1, -1), "prefix_in_window": True, "softcap": 0.0}
+    assert ops.choose_backend("auto", "prefix_attention", _q(), terms) == "torch"
+    for term in ({"softcap": 5.0}, {"window_size": (3, 0)}, {"bias": torch.zeros(1)}):
+        assert ops.choose_backend("auto", "prefix_attention", _q(), {**terms, **term}) == \
+            "reference"
+    case = Case(2, 4, 2, 6, 6, 8, 3)
+    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
+    got = pf.prefix_attention(q, k, v, pk, pv, softcap=4.0)
+    assert_close(got, exact(q, k, v, pk, pv, softcap=4.0), torch.float32)
 
 
 @pytest.mark.parametrize("value, used", [(None, False), (False, False), (0, False), (0.0, False),

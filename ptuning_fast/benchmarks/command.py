@@ -1,5 +1,5 @@
-"""`ptuning-fast bench`: build the cases, run each with a progress bar, write JSON + markdown +
-one PNG per op, print the tables."""
+"""`ptuning-fast bench`: build the cases, run each (a progress line per case on stderr), write
+JSON + markdown + one PNG per op, print the tables."""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import attention, embedding, models, providers, report, results
+from ..progress import Progress
+from . import attention, embedding, models, providers, report, results, terms
 from .case import Case, Unavailable
 from .timing import interleaved_cpu_medians_ms, median_ms, peak_memory_mb
 
-OPS = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
+OPS = ("prefix_attention", "attention_terms", "decode", "prompt_embedding", "train_step",
+       "generate")
 INTERRUPTED = "not run: the run was interrupted (time limit or Ctrl-C) before this case"
 GPU_NOTICE = ("No CUDA device: timing PyTorch paths (ours: the torch backend) against each other "
               "at small sizes, labelled CPU. Kernel timings need a GPU.")
@@ -63,6 +65,7 @@ def _subset(parser, flag: str, value: str, allowed) -> list[str]:
 def build_cases(ops, provider_names, device: torch.device, quick: bool) -> list[Case]:
     builders = {
         "prefix_attention": lambda: attention.attention_cases(device, quick, provider_names),
+        "attention_terms": lambda: terms.terms_cases(device, quick, provider_names),
         "decode": lambda: attention.decode_cases(device, quick, provider_names),
         "prompt_embedding": lambda: embedding.prompt_embedding_cases(device, quick,
                                                                      provider_names),
@@ -206,39 +209,50 @@ def rerender(sources: list[Path], out: Path | None) -> int:
 
 
 def run_all(args, device: torch.device) -> tuple[list[dict], int, dict]:
-    """Runs every selected case under a progress bar; returns (records, failures, header)."""
-    from tqdm import tqdm
+    """Runs every selected case, a progress line per case on stderr as it starts and ends;
+    returns (records, failures, header)."""
     torch.manual_seed(0)
     cases = build_cases(args.ops, args.providers, device, args.quick)
     head = results.header(device)
     records, failures, reasons_seen = [], 0, set()
-    # Logs (a GPU session's) get a refresh a few seconds apart rather than one per case.
-    refresh_s = 0.1 if sys.stderr.isatty() else 5.0
     groups = measurement_groups(cases, device)
-    with warnings.catch_warnings(), tqdm(total=len(cases), unit="case", file=sys.stderr,
-                                         mininterval=refresh_s) as bar:
+    # One progress line pair per measurement: a case, or on CPU the providers of a model case
+    # timed together.
+    progress = Progress(len(groups))
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # PEFT's, transformers' and eager flex's chatter
         for index, group in enumerate(groups):
-            bar.set_description(group[0].label()[:70], refresh=False)
+            progress.start(group[0].label() if len(group) == 1 else
+                           f"{group[0].label()} and {len(group) - 1} more provider(s), "
+                           "interleaved")
             try:
                 outcomes = (run_interleaved(group, device, args.quick) if len(group) > 1
                             else [run_case(group[0], device, args.quick)])
             except KeyboardInterrupt:
                 # A time limit (timeout -s INT) or Ctrl-C: keep what was measured, say what was not.
                 left = [c for g in groups[index:] for c in g]
-                bar.write(f"interrupted: {len(left)} case(s) not run")
+                progress.done(f"interrupted: {len(left)} case(s) not run")
                 records += [results.skipped_record(c, INTERRUPTED) for c in left]
                 failures += 1
                 break
             for case, (record, failed) in zip(group, outcomes):
                 failures += failed
                 records.append(record)
+            progress.done(", ".join(f"{case.provider} {_outcome(record, failed)}"
+                                    if len(group) > 1 else _outcome(record, failed)
+                                    for case, (record, failed) in zip(group, outcomes)))
+            for case, (record, _) in zip(group, outcomes):
                 reason = record["skipped"]
                 if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
                     reasons_seen.add((case.op, case.provider, reason))
-                    bar.write(f"skipped {case.op} {case.provider}: {reason}")
-            bar.update(len(group))
+                    print(f"skipped {case.op} {case.provider}: {reason}", file=sys.stderr)
     return records, failures, head
+
+
+def _outcome(record: dict, failed: bool) -> str:
+    if record["skipped"] is not None:
+        return "FAILED" if failed else "skipped"
+    return f"{record['median_ms']:.3g} ms"
 
 
 def main(argv: list[str]) -> int:

@@ -16,7 +16,9 @@ NAME = "triton"
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Options each op's kernels compute; any other keyword in use is refused, never dropped.
-ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p"})
+ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p",
+                               "bias", "window_size", "prefix_in_window", "softcap", "sinks",
+                               "segments"})
 EMBEDDING_OPTIONS = frozenset({"prompt_index"})
 
 
