@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .attention_terms import (
-    LOG2E,
+    LOG2E,  # noqa: F401  (re-exported: the decode kernel reads it from here)
     NO_TERMS,
     _LOG2E,
     block_ranges,

@@ -112,21 +112,23 @@ def exact(*args, **kwargs):
     return reference.prefix_attention(*args, upcast=True, **kwargs)
 
 
-def check_against_reference(case, dtype, rule="flash", fn=fused):
+def check_against_reference(case, dtype, rule="flash", fn=fused, **terms):
     """Forward and every gradient vs the float64 reference. fp32: the tolerance table. 16-bit:
     FlashAttention's rule (`rule="flash"`), or the table (`rule="table"`) for the property
     test's tiny shapes, where the max error is over a handful of elements and a single rounding
     of Delta = rowsum(dO * O) (O stored in 16 bits, as in every FA2 backward) can exceed
-    twice the reference's error by luck. `fn`: the backend under test."""
+    twice the reference's error by luck. `fn`: the backend under test; `terms`: attention
+    terms (bias, window_size, ...) passed to both."""
     inputs, mask, index = make_inputs(case, dtype)
     grad_out = torch.randn(case.B, case.Hq, case.Lq, case.D, dtype=torch.float64, device=DEVICE)
-    out, grads = run(fn, inputs, mask, index, case, grad_out)
-    ref, ref_grads = run(exact, inputs, mask, index, case, grad_out)
+    out, grads = run(fn, inputs, mask, index, case, grad_out, **terms)
+    ref, ref_grads = run(exact, inputs, mask, index, case, grad_out, **terms)
     assert out.shape == ref.shape and out.dtype == dtype
     if dtype == torch.float32 or rule == "table":
         assert_close(out, ref, dtype, "fwd")
     else:
-        low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out)
+        low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out,
+                             **terms)
         assert torch.isfinite(out).all()
         assert_error_within(out, low, ref)
     for name, t, g, want in zip(NAMES, inputs, grads, ref_grads):

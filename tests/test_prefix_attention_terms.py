@@ -5,8 +5,9 @@ packed rows against the same sequences run one per row; blocks outside a window 
 bad arguments named."""
 import pytest
 import torch
-from conftest import DEVICE, assert_close, assert_error_within
-from test_prefix_attention import NAMES, Case, exact, fused, make_inputs, run
+from conftest import DEVICE, assert_close
+from test_prefix_attention import (NAMES, Case, check_against_reference, exact, fused,
+                                   make_inputs, run)
 
 import ptuning_fast as pf
 from ptuning_fast import reference
@@ -49,31 +50,6 @@ def _packed_lengths(L):
     return [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def check_terms(case, spec, dtype):
-    inputs, mask, index = make_inputs(case, dtype)
-    terms = make_terms(case, spec, dtype)
-    grad_out = torch.randn(case.B, case.Hq, case.Lq, case.D, dtype=torch.float64, device=DEVICE)
-    out, grads = run(fused, inputs, mask, index, case, grad_out, **terms)
-    ref, ref_grads = run(exact, inputs, mask, index, case, grad_out, **terms)
-    if dtype == torch.float32:
-        assert_close(out, ref, dtype, "fwd")
-    else:
-        low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out,
-                             **terms)
-        assert_error_within(out, low, ref)
-    for i, (name, t, g, want) in enumerate(zip(NAMES, inputs, grads, ref_grads)):
-        if t is None or t.numel() == 0:
-            continue
-        want = torch.zeros_like(t, dtype=torch.float64) if want is None else want
-        assert g is not None and g.shape == t.shape and g.dtype == t.dtype, name
-        if dtype == torch.float32:
-            assert_close(g, want, dtype, "grad", name=f"d{name}")
-        else:
-            low_g = low_grads[i]
-            low_g = torch.zeros_like(t) if low_g is None else low_g
-            assert_error_within(g, low_g, want, name=f"d{name}", kind="grad")
-
-
 TERM_CASES = [
     # (case, terms): odd lengths, GQA, padding, every prefix kind, Lq != Lk where allowed.
     (Case(2, 4, 2, 37, 53, 32, 5, "shared", "right"), "b"),
@@ -92,7 +68,7 @@ TERM_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case, spec", TERM_CASES, ids=[f"{c}-{s}" for c, s in TERM_CASES])
 def test_terms_match_reference(case, spec, dtype):
-    check_terms(case, spec, dtype)
+    check_against_reference(case, dtype, **make_terms(case, spec, dtype))
 
 
 @pytest.mark.parametrize("spec", ["w", "bcs"])

@@ -14,7 +14,7 @@ import torch
 
 from .. import ops, reference
 from ..packing import packed_segments
-from .attention import _gpu_shape, _input_sets, _inputs
+from .attention import _gpu_shape, _input_sets, _inputs, timed_step
 from .case import Case, Prepared, Unavailable, torch_dtype
 from .flops import BACKWARD_OVER_FORWARD
 
@@ -84,17 +84,7 @@ def prepare_terms(case: Case, device: torch.device) -> Prepared:
         def attend(x=x, kwargs=kwargs):
             return ops.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, causal=True,
                                         backend=backend, **kwargs)
-        if backward:
-            leaves = (x.q, x.k, x.v, x.prefix_k, x.prefix_v)
-            grad_out = torch.randn_like(x.q)
-
-            def step(attend=attend, leaves=leaves, grad_out=grad_out):
-                return torch.autograd.grad(attend(), leaves, grad_out)
-        else:
-            def step(attend=attend):
-                with torch.no_grad():
-                    return attend()
-        steps.append(step)
+        steps.append(timed_step(attend, x, backward))
     rotation = itertools.cycle(steps)
     fwd = 4 * case.D * case.B * case.Hq * _visible(case, term_kwargs(case.terms, case, device),
                                                    device)
