@@ -80,3 +80,23 @@ def test_peft_algorithm_generates_our_tokens(monkeypatch):
             theirs = models.peft_algorithm_generate(ours, ids, mask, **kw)
         assert torch.equal(tokens, theirs), method
         assert not torch.equal(tokens, plain), method      # the prompt mattered
+
+
+def test_bench_command_measures_model_providers_together(tmp_path, monkeypatch, capsys):
+    """`ptuning-fast bench --ops generate` end to end on a tiny Llama: one progress line pair
+    per method (its providers interleaved), a record per provider, the CPU targets judged."""
+    import json
+    monkeypatch.setattr(models, "SMALL_LLAMA", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256))
+    out = tmp_path / "run.json"
+    assert command.main(["--quick", "--out", str(out), "--ops", "generate"]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["method"], r["provider"]) for r in records] == [
+        (m, p) for m in ("prefix_tuning", "p_tuning", "prompt_tuning")
+        for p in ("ptuning_fast", "peft", "peft_algorithm")]
+    assert all(r["skipped"] is None and r["tokens_per_s"] > 0 for r in records)
+    err = capsys.readouterr().err
+    starts = [line for line in err.splitlines() if line.startswith("[") and line.endswith("...")]
+    assert len(starts) == 3 and all("interleaved" in line for line in starts)
+    assert "generate (p_tuning) tokens/s vs peft_algorithm" in out.with_suffix(".md").read_text()
