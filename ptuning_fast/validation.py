@@ -102,17 +102,30 @@ def check_index_range(name: str, index: torch.Tensor, upper: int, what: str) -> 
 def option_in_use(value) -> bool:
     """False for the values that switch an optional feature off: None, False, 0 / 0.0 and
     FlashAttention's (-1, -1) window."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value is not None
-    return value not in (False, 0, (-1, -1))
+    if value is None:
+        return False
+    if isinstance(value, (bool, int, float)):
+        return bool(value)
+    if isinstance(value, (tuple, list)) and all(type(x) is int for x in value):
+        return tuple(value) != (-1, -1)
+    return True          # a tensor, a tuple of tensors (packed segments), anything else
 
 
 def refuse_unknown_options(r: Reasons, backend: str, known, options: dict) -> None:
     """A backend never drops an option it does not compute: each one in use is a reason."""
     for name, value in options.items():
         if name not in known and option_in_use(value):
-            shown = describe(value) if isinstance(value, torch.Tensor) else repr(value)
-            r.unsupported(f"`{name}`={shown} is not computed by the {backend!r} backend")
+            r.unsupported(f"`{name}`={_short(value)} is not computed by the {backend!r} backend")
+
+
+def _short(value) -> str:
+    """A value for an error message: tensors by shape and dtype, never their contents."""
+    if isinstance(value, torch.Tensor):
+        return describe(value)
+    if isinstance(value, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in value):
+        return "(" + ", ".join(_short(x) for x in value) + ")"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_prompt_embedding(input_ids, weight, prompt, prompt_index) -> None:

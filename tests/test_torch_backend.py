@@ -211,11 +211,17 @@ def test_attention_terms_take_the_reference_on_cpu():
     (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
     got = pf.prefix_attention(q, k, v, pk, pv, softcap=4.0)
     assert_close(got, exact(q, k, v, pk, pv, softcap=4.0), torch.float32)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])          # position_ids
+    got = pf.prefix_attention(q, k, v, pk, pv, position_ids=packed)
+    assert_close(got, exact(q, k, v, pk, pv, position_ids=packed), torch.float32)
+    with pytest.raises(NotImplementedError, match="segments.*shape=\\(2, 6\\).*'torch'"):
+        pf.prefix_attention(q, k, v, pk, pv, position_ids=packed, backend="torch")
 
 
 @pytest.mark.parametrize("value, used", [(None, False), (False, False), (0, False), (0.0, False),
                                          ((-1, -1), False), (True, True), (2.5, True),
-                                         ((4, 0), True), (torch.zeros(2), True)])
+                                         ((4, 0), True), ([-1, -1], False), (torch.zeros(2), True),
+                                         ((torch.zeros(2), torch.ones(2)), True)])
 def test_option_in_use(value, used):
     from ptuning_fast.validation import option_in_use
     assert option_in_use(value) is used
