@@ -34,7 +34,10 @@ def _has_specs(name):
 
 
 def _defines_kernels(name):
-    return re.search(r"^@triton\.jit", _source(name), re.MULTILINE) is not None
+    """A module with a kernel entry point (`def ..._kernel(` under @triton.jit); modules of
+    device functions only (attention_terms.py) compile inside the kernels that call them."""
+    return re.search(r"^@triton\.jit\s*\ndef \w+_kernel\(", _source(name), re.MULTILINE) \
+        is not None
 
 
 SPEC_MODULES = [m for m in MODULES if _has_specs(m)]

@@ -17,6 +17,7 @@ GPU_ONLY = {
     "test_prefix_attention.py::test_gpu_fp32_tf32_and_ieee",
     "test_prefix_attention_dropout.py::test_gpu_matches_reference_with_kernel_mask",
     "test_prompt_embedding.py::test_gpu_llama_sized",
+    "test_torch_backend.py::test_auto_on_cuda_takes_the_kernels_and_falls_back_for_float64",
 }
 
 
