@@ -151,9 +151,13 @@ class ModelDims:
     num_kv_heads: int
     head_dim: int
     uses_kv_heads: bool  # config has num_key_value_heads: PEFT then sizes prefixes by kv heads
+    # PEFT's num_transformer_submodules: 2 on encoder-decoder models (prompt modules hold two
+    # sets of rows, the encoder input's first), else 1.
+    num_transformer_submodules: int = 1
 
     @classmethod
     def from_model_config(cls, config) -> "ModelDims":
+        submodules = 2 if getattr(config, "is_encoder_decoder", False) else 1
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         missing = [n for n in ("num_hidden_layers", "hidden_size", "num_attention_heads")
@@ -166,7 +170,7 @@ class ModelDims:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                    num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim,
-                   uses_kv_heads=kv_heads is not None)
+                   uses_kv_heads=kv_heads is not None, num_transformer_submodules=submodules)
 
     @property
     def prefix_token_dim(self) -> int:
@@ -190,9 +194,10 @@ def from_peft_config(peft_config, *, for_loading: bool = False
     peft_type = get("peft_type")
     peft_type = getattr(peft_type, "value", peft_type)
     submodules = get("num_transformer_submodules")
-    if submodules not in (None, 1):
-        raise ValueError(f"PEFT config with num_transformer_submodules={submodules} "
-                         "(encoder-decoder models) is not supported; expected 1")
+    if submodules not in (None, 1, 2):
+        raise ValueError(f"PEFT config with num_transformer_submodules={submodules} is not "
+                         "supported; expected 1 (decoder-only or encoder-only models) or 2 "
+                         "(encoder-decoder models)")
     P = get("num_virtual_tokens")
     if peft_type == "PROMPT_TUNING":
         init = str(get("prompt_tuning_init", "RANDOM")).lower()
@@ -243,7 +248,8 @@ def to_peft_dict(config, dims: ModelDims, *, task_type: str, modules_to_save: li
         "peft_type": config.peft_type, "task_type": task_type, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "revision": None,
         "inference_mode": True, "num_virtual_tokens": config.num_virtual_tokens,
-        "token_dim": token_dim, "num_transformer_submodules": 1, "num_attention_heads": heads,
+        "token_dim": token_dim, "num_transformer_submodules": dims.num_transformer_submodules,
+        "num_attention_heads": heads,
         "num_layers": dims.num_layers, "modules_to_save": modules_to_save or None,
     }
     if config.method == "prompt_tuning":

@@ -5,6 +5,9 @@ Layer structures and parameter names follow PEFT's (`embedding`, `mlp_head`, `ls
 saves as "prompt_embeddings" is `output_for_checkpoint()` here. With `num_tasks` = T > 1 the
 embedding holds T * P rows (task t owns rows [t * P, (t + 1) * P)) and every output gains a
 leading task dim.
+On encoder-decoder models PEFT's prompt modules hold S = 2 (`num_transformer_submodules`) sets
+of P rows per task and run the encoder over all S * P of them, but feed only the first P (to the
+encoder input); the same layout here keeps checkpoints and the encoder's function equal.
 """
 from __future__ import annotations
 
@@ -20,12 +23,19 @@ from .config import ModelDims, PrefixTuningConfig, PromptTuningConfig, PTuningCo
 class _TaskPrompts(nn.Module):
     """Shared bits: `embedding` of (T * P) rows; `export()` freezes the encoder's output into it."""
 
-    def __init__(self, num_virtual_tokens: int, num_tasks: int, width: int):
+    def __init__(self, num_virtual_tokens: int, num_tasks: int, width: int,
+                 num_transformer_submodules: int = 1):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.num_tasks = num_tasks
-        self.embedding = nn.Embedding(num_tasks * num_virtual_tokens, width)
+        self.num_transformer_submodules = num_transformer_submodules
+        self.embedding = nn.Embedding(num_tasks * self.rows_per_task, width)
         self.exported = False
+
+    @property
+    def rows_per_task(self) -> int:
+        """Embedding rows of one task: P, or S * P on encoder-decoder models (PEFT's layout)."""
+        return self.num_transformer_submodules * self.num_virtual_tokens
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """(T, P, width) embeddings -> (T, P, out) outputs; identity unless reparameterized."""
@@ -35,13 +45,20 @@ class _TaskPrompts(nn.Module):
         return []
 
     def raw(self) -> torch.Tensor:
-        """(T, P, out): the encoder's output for every task."""
-        x = self.embedding.weight.view(self.num_tasks, self.num_virtual_tokens, -1)
+        """(T, S * P, out): the encoder's output for every task (S = 1 but on encoder-decoders)."""
+        x = self.embedding.weight.view(self.num_tasks, self.rows_per_task, -1)
         return x if self.exported else self._encode(x)
 
     def output_for_checkpoint(self) -> torch.Tensor:
-        """PEFT's "prompt_embeddings": (P, out) for one task, (T * P, out) for several."""
-        return self.raw().reshape(self.num_tasks * self.num_virtual_tokens, -1)
+        """PEFT's "prompt_embeddings": (S * P, out) for one task, (T * S * P, out) for several."""
+        return self.raw().reshape(self.num_tasks * self.rows_per_task, -1)
+
+    def _prompt(self) -> torch.Tensor:
+        """(P, out), or (T, P, out) with several tasks: the rows the model's input receives."""
+        out = self.raw()
+        if self.num_transformer_submodules > 1:
+            out = out[:, :self.num_virtual_tokens]      # PEFT feeds only the encoder's rows
+        return out[0] if self.num_tasks == 1 else out
 
     @torch.no_grad()
     def export(self) -> None:
@@ -51,7 +68,7 @@ class _TaskPrompts(nn.Module):
             return
         was_training = self.training
         self.eval()
-        out = self.raw().reshape(self.num_tasks * self.num_virtual_tokens, -1).detach().clone()
+        out = self.output_for_checkpoint().detach().clone()
         self.train(was_training)
         trainable = self.embedding.weight.requires_grad
         for name in self._encoder_modules():
@@ -95,13 +112,15 @@ def _token_ids(text, tokenizer, what: str) -> list[int]:
 class PromptEmbedding(_TaskPrompts):
     """Prompt Tuning. forward() -> (P, d) prompt, or (T, P, d) with several tasks."""
 
-    def __init__(self, num_virtual_tokens: int, token_dim: int, num_tasks: int = 1):
-        super().__init__(num_virtual_tokens, num_tasks, token_dim)
+    def __init__(self, num_virtual_tokens: int, token_dim: int, num_tasks: int = 1,
+                 num_transformer_submodules: int = 1):
+        super().__init__(num_virtual_tokens, num_tasks, token_dim, num_transformer_submodules)
 
     @classmethod
     def from_config(cls, config: PromptTuningConfig, dims: ModelDims,
                     word_embeddings: nn.Module | None = None, tokenizer=None) -> "PromptEmbedding":
-        module = cls(config.num_virtual_tokens, dims.hidden_size, config.num_tasks)
+        module = cls(config.num_virtual_tokens, dims.hidden_size, config.num_tasks,
+                     dims.num_transformer_submodules)
         if config.init != "random":
             if word_embeddings is None:
                 raise ValueError(f"init={config.init!r} needs the model's word embeddings")
@@ -114,7 +133,7 @@ class PromptEmbedding(_TaskPrompts):
     @torch.no_grad()
     def init_from_vocab(self, config: PromptTuningConfig, word_embeddings: nn.Module,
                         tokenizer=None) -> None:
-        P, T = self.num_virtual_tokens, self.num_tasks
+        P, T = self.rows_per_task, self.num_tasks     # PEFT initializes all S * P rows
         vocab = word_embeddings.weight.shape[0]
         if config.init == "sample_vocab":
             rows = _vocab_rows(word_embeddings, torch.randint(0, vocab, (P,)))
@@ -134,8 +153,7 @@ class PromptEmbedding(_TaskPrompts):
         self.embedding.weight.copy_(rows.repeat(T, 1).to(self.embedding.weight))
 
     def forward(self) -> torch.Tensor:
-        out = self.raw()
-        return out[0] if self.num_tasks == 1 else out
+        return self._prompt()
 
 
 class PromptEncoder(_TaskPrompts):
@@ -144,8 +162,9 @@ class PromptEncoder(_TaskPrompts):
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, encoder: str = "mlp",
                  encoder_hidden_size: int | None = None, encoder_num_layers: int = 2,
-                 encoder_dropout: float = 0.0, num_tasks: int = 1):
-        super().__init__(num_virtual_tokens, num_tasks, token_dim)
+                 encoder_dropout: float = 0.0, num_tasks: int = 1,
+                 num_transformer_submodules: int = 1):
+        super().__init__(num_virtual_tokens, num_tasks, token_dim, num_transformer_submodules)
         hidden = encoder_hidden_size or token_dim
         self.encoder = encoder
         self.encoder_hidden_size = hidden
@@ -166,19 +185,18 @@ class PromptEncoder(_TaskPrompts):
     def from_config(cls, config: PTuningConfig, dims: ModelDims) -> "PromptEncoder":
         return cls(config.num_virtual_tokens, dims.hidden_size, config.encoder,
                    config.encoder_hidden_size, config.encoder_num_layers,
-                   config.encoder_dropout, config.num_tasks)
+                   config.encoder_dropout, config.num_tasks, dims.num_transformer_submodules)
 
     def _encoder_modules(self) -> list[str]:
         return ["lstm_head", "mlp_head"] if self.encoder == "lstm" else ["mlp_head"]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.encoder == "lstm":
-            x = self.lstm_head(x)[0]          # each task's P tokens are one LSTM sequence
+            x = self.lstm_head(x)[0]          # each task's S * P tokens are one LSTM sequence
         return self.mlp_head(x)
 
     def forward(self) -> torch.Tensor:
-        out = self.raw()
-        return out[0] if self.num_tasks == 1 else out
+        return self._prompt()
 
 
 @dataclass

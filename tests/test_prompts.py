@@ -191,10 +191,14 @@ def test_peft_zero_init_rejected_for_training_but_loadable():
         3, encoder_hidden_size=None)
 
 
-def test_peft_encoder_decoder_config_rejected():
-    with pytest.raises(ValueError, match="num_transformer_submodules"):
+def test_peft_num_transformer_submodules_checked():
+    """2 is PEFT's encoder-decoder layout (the model's dims decide the rows); other values are
+    not PEFT's."""
+    from_peft_config({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3,
+                      "num_transformer_submodules": 2})
+    with pytest.raises(ValueError, match="num_transformer_submodules=3"):
         from_peft_config({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3,
-                          "num_transformer_submodules": 2})
+                          "num_transformer_submodules": 3})
 
 
 @pytest.mark.parametrize("model_name", list(BUILDERS))

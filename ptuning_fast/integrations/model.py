@@ -20,26 +20,10 @@ from .. import ops
 from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
-from . import attention
+from . import attention, seq2seq
+from .support import refuse_unsupported, task_type_of
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
-
-
-def task_type_of(model: nn.Module) -> str:
-    """PEFT's task type for a transformers model. Causal LMs by capability (a generation head:
-    `can_generate()`, e.g. GPT2LMHeadModel, whose name has no "ForCausalLM"); the
-    classification / QA heads by transformers' class naming."""
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate) and can_generate() \
-            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "CAUSAL_LM"
-    name = type(model).__name__
-    for key, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                      ("ForTokenClassification", "TOKEN_CLS"),
-                      ("ForQuestionAnswering", "QUESTION_ANS")):
-        if name.endswith(key):
-            return task
-    return "FEATURE_EXTRACTION"
 
 
 # The heads a task type may train and a checkpoint may hold (PEFT's modules_to_save defaults):
@@ -60,11 +44,6 @@ def check_wrappable(base_model) -> None:
     if not isinstance(base_model, nn.Module) or not hasattr(base_model, "config"):
         raise TypeError(f"wrap() expects a transformers model (an nn.Module with a `config`), "
                         f"got {type(base_model).__name__}")
-    if getattr(base_model.config, "is_encoder_decoder", False):
-        raise NotImplementedError(
-            f"{type(base_model).__name__} is an encoder-decoder model; ptuning_fast supports "
-            "decoder-only and encoder-only models (its attention passes terms such as T5's "
-            "position_bias that the prefix attention does not compute)")
 
 
 def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer=None):
@@ -158,6 +137,7 @@ class PTuningModel(nn.Module):
         if backend not in ops.BACKENDS:
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
+        refuse_unsupported(base_model, config.method)
         dims = ModelDims.from_model_config(base_model.config)
         task_type = task_type_of(base_model)
         if modules_to_save is None:
@@ -294,6 +274,9 @@ class PTuningModel(nn.Module):
         _refuse_empty_batch("input_ids" if input_ids is not None else "inputs_embeds", ref)
         batch = ref.shape[0]
         task_ids = self._check_task_ids(task_ids, batch)
+        if self.task_type == "SEQ_2_SEQ_LM":
+            return seq2seq.forward(self, input_ids, attention_mask, labels, task_ids,
+                                   inputs_embeds, position_ids, token_type_ids, **kwargs)
         P = self.num_virtual_tokens
         past = _cache_in(kwargs)
         past_len = _cache_length(kwargs)
@@ -345,14 +328,17 @@ class PTuningModel(nn.Module):
         first step's embeddings (prompt tuning). Other threads, nested calls and other wrapped
         models each see their own.
         """
-        if self.task_type != "CAUSAL_LM":
-            raise ValueError(f"generate() needs a causal LM, this base model is {self.task_type}")
+        if self.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            raise ValueError(f"generate() needs a causal or seq2seq LM, this base model is "
+                             f"{self.task_type}")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("PTuningModel.generate needs `input_ids`")
         _refuse_empty_batch("input_ids", input_ids)
         task_ids = self._check_task_ids(task_ids, input_ids.shape[0])
         _refuse_static_generation(kwargs, self.base_model)
+        if self.task_type == "SEQ_2_SEQ_LM":
+            return seq2seq.generate(self, args, task_ids, kwargs)
         generation = attention.Generation(
             self._binding(task_ids) if self.is_prefix else None, task_ids)
         step = self._prefix_step_hook if self.is_prefix else self._prompt_step_hook

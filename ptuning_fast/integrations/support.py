@@ -1,0 +1,68 @@
+"""Which transformers models a method can wrap, and as which PEFT task type.
+
+Checked at wrap time, before the caller's model is touched: a model that a method cannot handle
+gets a NotImplementedError naming the model and the reason, never a silent wrong result.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+# transformers' class-name suffixes of the heads PEFT has a task type for.
+_TASK_BY_SUFFIX = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                   ("ForTokenClassification", "TOKEN_CLS"),
+                   ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def task_type_of(model: nn.Module) -> str:
+    """PEFT's task type for a transformers model. Generating models by capability
+    (`can_generate()`): encoder-decoders are SEQ_2_SEQ_LM, the others CAUSAL_LM (GPT2LMHeadModel's
+    name has no "ForCausalLM"); the classification / QA heads by transformers' class naming."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        if is_encoder_decoder(model):
+            return "SEQ_2_SEQ_LM"
+        return "CAUSAL_LM"
+    name = type(model).__name__
+    for suffix, task in _TASK_BY_SUFFIX:
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def uses_attention_interface(model: nn.Module) -> bool:
+    """Whether every attention layer of `model` calls the function registered under the
+    config's attention implementation (transformers' AttentionInterface). transformers answers
+    this itself (`_can_set_attn_implementation`, read from the modeling file: Falcon and
+    DeBERTa-v2 call their own attention code); without that hook, a model that declares attention
+    backends (`_supports_attention_backend`) is taken to use the interface."""
+    cls = type(model)
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    if callable(can_set):
+        return bool(can_set())
+    return bool(getattr(cls, "_supports_attention_backend", False))
+
+
+def refuse_unsupported(base_model: nn.Module, method: str) -> None:
+    """NotImplementedError for a model / method pair that ptuning_fast cannot compute exactly."""
+    name = type(base_model).__name__
+    if method != "prefix_tuning":
+        return
+    if is_encoder_decoder(base_model):
+        model_type = getattr(base_model.config, "model_type", "")
+        why = ("its attention adds a relative position bias (`position_bias`) that the prefix "
+               "attention does not compute yet" if model_type in ("t5", "mt5", "umt5")
+               else "the decoder's self-attention prefixes and shifted decoder positions that "
+               "PEFT uses are not implemented yet")
+        raise NotImplementedError(
+            f"{name}: prefix tuning on encoder-decoder models is not supported ({why}); Prompt "
+            "Tuning and P-Tuning are")
+    if not uses_attention_interface(base_model):
+        raise NotImplementedError(
+            f"{name}: prefix tuning needs a model whose attention goes through transformers' "
+            "AttentionInterface (the prefix reaches each layer through it); this model's "
+            "modeling code calls its own attention, which would silently ignore the prefix. "
+            "Prompt Tuning and P-Tuning work on it")
