@@ -118,7 +118,7 @@ def peft_twin(pf_model, base_copy):
     weights and classification head as `pf_model`."""
     import peft
     cfg = pf_model.ptuning_config
-    task = {"CAUSAL_LM": "CAUSAL_LM", "SEQ_CLS": "SEQ_CLS"}[pf_model.task_type]
+    task = pf_model.task_type
     P = cfg.num_virtual_tokens
     if cfg.method == "prefix_tuning":
         pc = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P,
@@ -141,6 +141,14 @@ def peft_twin(pf_model, base_copy):
         src = pf_model.base_model.get_submodule(name).state_dict()
         twin.base_model.get_submodule(name).modules_to_save["default"].load_state_dict(src)
     return twin
+
+
+def peft_name(name: str) -> str:
+    """A wrapped model's trainable parameter's name in its PEFT twin."""
+    if name.startswith("prompt_encoder."):
+        return name.replace("prompt_encoder.", "prompt_encoder.default.", 1)
+    _, head, rest = name.split(".", 2)          # base_model.<head>.<param path>
+    return f"base_model.{head}.modules_to_save.default.{rest}"
 
 
 def wrapped_and_twin(model_name, config, backend="reference", seed=0, randomize_head=True):
@@ -199,15 +207,17 @@ class MaterializedPrompt(torch.nn.Module):
                         **{cache_kwarg(self.base_model): cache})
         return cache
 
-    def forward(self, input_ids, attention_mask, labels=None):
-        """Prefix tuning's forward (prompt tuning's logits would lack the prompt positions)."""
+    def forward(self, input_ids, attention_mask, labels=None, **kwargs):
+        """Prefix tuning's forward (prompt tuning's logits would lack the prompt positions);
+        other kwargs (a QA model's start/end positions) go to the base model."""
         if self.method != "prefix_tuning":
             raise NotImplementedError("MaterializedPrompt.forward is for prefix tuning")
         P, batch = self.num_virtual_tokens, input_ids.shape[0]
         mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
-        return self.base_model(input_ids=input_ids, attention_mask=mask, labels=labels,
-                               use_cache=True,
-                               **{cache_kwarg(self.base_model): self.prompt_cache(batch)})
+        if labels is not None:
+            kwargs["labels"] = labels
+        kwargs[cache_kwarg(self.base_model)] = self.prompt_cache(batch)
+        return self.base_model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs):

@@ -8,8 +8,8 @@ import torch
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import (MaterializedPrompt, batch, peft_generation_broken, peft_refusal_reason,
-                    peft_refuses, wrapped_and_twin)
+from models import (MaterializedPrompt, batch, peft_generation_broken, peft_name,
+                    peft_refusal_reason, peft_refuses, wrapped_and_twin)
 
 pytest.importorskip("peft")
 
@@ -36,14 +36,6 @@ def cases():
             out.append(pytest.param(model_name, method, "left", "triton",
                                     id=f"{model_name}-{method}-left-triton"))
     return out
-
-
-def peft_name(name: str) -> str:
-    """Our trainable parameter's name in the PEFT twin."""
-    if name.startswith("prompt_encoder."):
-        return name.replace("prompt_encoder.", "prompt_encoder.default.", 1)
-    _, head, rest = name.split(".", 2)          # base_model.<head>.<param path>
-    return f"base_model.{head}.modules_to_save.default.{rest}"
 
 
 def assert_same_training_step(ours, other, model_name, padding, other_name=lambda name: name):

@@ -196,8 +196,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     window = kwargs.get("sliding_window")
     total = key.shape[2] + (0 if prefix_k is None else prefix_k.shape[-2])
     if window is not None and total > window:
-        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported "
-                                  f"with {total} keys")
+        raise NotImplementedError(f"{_model_name(module, binding)}: sliding-window attention "
+                                  f"(window {window}) is not supported with {total} keys")
     # transformers lets a call override the module's causality (decoders used as encoders).
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True)) if causal is None else causal
