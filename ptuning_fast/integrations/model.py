@@ -21,7 +21,7 @@ from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention, seq2seq
-from .support import refuse_unsupported, task_type_of
+from .support import numbers_positions_from_mask, refuse_unsupported, task_type_of
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -226,11 +226,17 @@ class PTuningModel(nn.Module):
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
                                        type(self.base_model).__name__)
 
-    def _prefix_position_ids(self, input_ids, ref, start: int):
+    def _prefix_position_ids(self, input_ids, ref, start: int, attention_mask=None):
         """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:
         start, start + 1, ... — or, for RoBERTa-style embeddings that number tokens from the
         padding mask, that numbering offset by `start` (None: the model numbers inputs_embeds
-        itself, ignoring any cache, as it does under PEFT)."""
+        itself, ignoring any cache, as it does under PEFT); for models that number tokens from
+        the attention mask (OPT), that numbering over PEFT's mask of P ones + `attention_mask`
+        (which covers the cache and the current tokens)."""
+        if attention_mask is not None and numbers_positions_from_mask(self.base_model):
+            full = torch.cat([attention_mask.new_ones(attention_mask.shape[0],
+                                                      self.num_virtual_tokens), attention_mask], 1)
+            return (full.cumsum(1) * full - 1)[:, -ref.shape[1]:].long()
         embeddings = getattr(getattr(self.base_model, "base_model", None), "embeddings", None)
         if hasattr(embeddings, "create_position_ids_from_input_ids") \
                 and getattr(embeddings, "padding_idx", None) is not None:
@@ -283,7 +289,8 @@ class PTuningModel(nn.Module):
         if self.is_prefix:
             _refuse_static_cache(past)
             if position_ids is None:
-                position_ids = self._prefix_position_ids(input_ids, ref, P + past_len)
+                position_ids = self._prefix_position_ids(input_ids, ref, P + past_len,
+                                                         attention_mask)
             else:
                 _refuse_packed_sequences(position_ids, attention_mask, past_len)
                 position_ids = position_ids + P
@@ -367,7 +374,8 @@ class PTuningModel(nn.Module):
             kwargs["position_ids"] = kwargs["position_ids"] + P
         elif ref is not None:
             start = P + _cache_length(kwargs)
-            kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start)
+            kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start,
+                                                               kwargs.get("attention_mask"))
         return args, kwargs
 
     def _prompt_step_hook(self, generation, args, kwargs):

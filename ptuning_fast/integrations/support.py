@@ -46,6 +46,16 @@ def uses_attention_interface(model: nn.Module) -> bool:
     return bool(getattr(cls, "_supports_attention_backend", False))
 
 
+# Decoders whose learned positions are numbered from the attention mask (cumsum(mask) - 1, pads
+# at -1) rather than from the cache length: under PEFT that numbering runs over the P ones its
+# mask gets for the prefix, so the wrapper numbers real tokens the same way.
+_POSITIONS_FROM_MASK = ("opt",)
+
+
+def numbers_positions_from_mask(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in _POSITIONS_FROM_MASK
+
+
 def refuse_unsupported(base_model: nn.Module, method: str) -> None:
     """NotImplementedError for a model / method pair that ptuning_fast cannot compute exactly."""
     name = type(base_model).__name__
