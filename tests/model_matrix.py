@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 VOCAB = 97
@@ -174,6 +175,13 @@ _NOTES = {
     "token_labels": "PEFT raises on `labels` here (it does not pad them for the prompt "
                     "positions); logits and gradients compared with PEFT's, the loss with "
                     "cross-entropy over the real tokens, which is what ours returns.",
+    "qa_positions": "As in PEFT, `start_positions` / `end_positions` index the P + L outputs "
+                    "(the prompt's P positions first); the logits are (B, P + L).",
+    "generation": "Causal LM generation (greedy, beam) is compared with PEFT's algorithm run "
+                  "without PEFT, and with PEFT's own generate() wherever that agrees with it "
+                  "(PEFT's prefix generation does not with transformers 5.24: it injects its "
+                  "cache under the old argument name `past_key_values`; on OPT with a prompt, "
+                  "PEFT's generate() raises a size mismatch in OPT's position embeddings).",
 }
 
 
@@ -186,6 +194,10 @@ def _cell_text(family, task, method, refusal, errors: dict) -> str:
         return "same as PEFT's algorithm [a]"
     if method != "prefix" and task == "TOKEN_CLS":
         return "same as PEFT [b]"
+    if method != "prefix" and task == "QUESTION_ANS":
+        return "same as PEFT [c]"
+    if task == "CAUSAL_LM":
+        return "same as PEFT [d]"
     return "same as PEFT"
 
 
@@ -198,11 +210,13 @@ def markdown() -> str:
         for task in family.tasks:
             row = [_cell_text(family, task, m, family.refusals.get(m), errors) for m in METHODS]
             lines.append(f"| {family.name} | {TASKS[task]} | " + " | ".join(row) + " |")
+    notes = [f"[{key}] {_NOTES[name]}" for key, name in (
+        ("a", "materialized"), ("b", "token_labels"), ("c", "qa_positions"), ("d", "generation"))]
+    notes += [f"{key}: `{error}` at {when} time, its message containing \"{message}\""
+              for (error, message, when), key in errors.items()]
     lines.append("")
-    lines.append(f"[a] {_NOTES['materialized']}")
-    lines.append(f"[b] {_NOTES['token_labels']}")
-    for (error, message, when), key in errors.items():
-        lines.append(f"{key}: `{error}` at {when} time, message containing \"{message}\"")
+    lines += [textwrap.fill(note, 100, initial_indent="- ", subsequent_indent="  ")
+              for note in notes]
     return "\n".join(lines) + "\n"
 
 

@@ -147,12 +147,19 @@ def test_generation_matches_peft(family, task, method, mode):
               max_new_tokens=4, do_sample=False, pad_token_id=0, **mode)
     tokens = ours.generate(**kw)
     twin = peft_twin(ours, family.build(task))
-    theirs = twin.generate(**kw)
     if task == "SEQ_2_SEQ_LM":
+        theirs = twin.generate(**kw)
         assert torch.equal(tokens, theirs), f"tokens differ:\n{tokens}\n{theirs}"
         return
     reference = MaterializedPrompt(ours).generate(**kw)
     assert torch.equal(tokens, reference), f"tokens differ:\n{tokens}\n{reference}"
+    try:
+        theirs = twin.generate(**kw)
+    except RuntimeError:
+        # PEFT's generate() fails on OPT with a prompt (its position embeddings get 0 positions
+        # for the prompted first step): the README's note [d] says so.
+        assert family.prefix == "OPT" and method != "prefix", "PEFT's generate() raised"
+        return
     if torch.equal(theirs, reference):
         assert torch.equal(tokens, theirs)
 
