@@ -154,29 +154,57 @@ class ModelDims:
     # PEFT's num_transformer_submodules: 2 on encoder-decoder models (prompt modules hold two
     # sets of rows, the encoder input's first), else 1.
     num_transformer_submodules: int = 1
+    # (kv heads, head dim) of each layer when layers differ (Gemma 4's per_layer_config), else
+    # None: every layer has (num_kv_heads, head_dim).
+    layer_kv_shapes: tuple | None = None
 
     @classmethod
     def from_model_config(cls, config) -> "ModelDims":
         submodules = 2 if getattr(config, "is_encoder_decoder", False) else 1
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
+        layer_shapes = _layer_kv_shapes(config)
         missing = [n for n in ("num_hidden_layers", "hidden_size", "num_attention_heads")
                    if getattr(config, n, None) is None]
         if missing:
             raise ValueError(f"model config {type(config).__name__} lacks {missing}; "
                              "ptuning_fast needs them to size prompts and prefixes")
         heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if layer_shapes is not None:
+            # The global kv heads / head dim are ambiguous there (transformers refuses to read
+            # them): layer 0's stand for them (the projection's input width).
+            kv_heads, head_dim = layer_shapes[0]
+        else:
+            kv_heads = getattr(config, "num_key_value_heads", None)
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                    num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim,
-                   uses_kv_heads=kv_heads is not None, num_transformer_submodules=submodules)
+                   uses_kv_heads=kv_heads is not None, num_transformer_submodules=submodules,
+                   layer_kv_shapes=layer_shapes)
+
+    @property
+    def prefix_width(self) -> int:
+        """Columns of the prefix encoder's output: 2 * Hkv * D summed over the layers."""
+        if self.layer_kv_shapes is None:
+            return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        return sum(2 * heads * dim for heads, dim in self.layer_kv_shapes)
 
     @property
     def prefix_token_dim(self) -> int:
         """PEFT's `token_dim` for prefix tuning: kv heads x head dim on models that declare
         num_key_value_heads (PEFT #1901), else the hidden size."""
         return self.num_kv_heads * self.head_dim if self.uses_kv_heads else self.hidden_size
+
+
+def _layer_kv_shapes(config) -> tuple | None:
+    """Per-layer (kv heads, head dim) from a config with `per_layer_config` (transformers'
+    heterogeneous-layer configs, e.g. Gemma 4), or None when every layer has the same."""
+    per_layer = getattr(config, "per_layer_config", None)
+    if per_layer is None:
+        return None
+    shapes = tuple((int(per_layer[i].num_key_value_heads), int(per_layer[i].head_dim))
+                   for i in range(config.num_hidden_layers))
+    return None if len(set(shapes)) == 1 else shapes
 
 
 def _get(peft_config, name, default=None):

@@ -205,24 +205,32 @@ class LayerPrefixes:
 
     `kv` is (num_layers, 2, Hkv, P, D), or (num_layers, 2, T, Hkv, P, D) with several tasks;
     `layer(i)` gives layer i's (key, value), each (Hkv, P, D) or (T, Hkv, P, D): shared by every
-    batch row, never expanded per row.
+    batch row, never expanded per row. Models whose layers differ in KV heads or head dim
+    (Gemma 4) have `per_layer` instead: layer i's (2, [T,] Hkv_i, P, D_i), and `kv` is None.
     """
-    kv: torch.Tensor
+    kv: torch.Tensor | None
     num_tasks: int
+    per_layer: tuple[torch.Tensor, ...] | None = None
+
+    def _any(self) -> torch.Tensor:
+        return self.kv if self.per_layer is None else self.per_layer[0]
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.kv.shape[-2]
+        return self._any().shape[-2]
 
     @property
     def num_layers(self) -> int:
-        return self.kv.shape[0]
+        return self.kv.shape[0] if self.per_layer is None else len(self.per_layer)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[index, 0], self.kv[index, 1]
+        kv = self.kv[index] if self.per_layer is None else self.per_layer[index]
+        return kv[0], kv[1]
 
     def to(self, dtype: torch.dtype) -> "LayerPrefixes":
-        return LayerPrefixes(self.kv.to(dtype), self.num_tasks)
+        if self.per_layer is None:
+            return LayerPrefixes(self.kv.to(dtype), self.num_tasks)
+        return LayerPrefixes(None, self.num_tasks, tuple(t.to(dtype) for t in self.per_layer))
 
 
 class PrefixEncoder(_TaskPrompts):
@@ -232,16 +240,24 @@ class PrefixEncoder(_TaskPrompts):
     where column ((layer * 2 + kv) * Hkv + head) * D + d is one element; with projection,
     `embedding` (T * P, token_dim) feeds `transform` = Linear-Tanh-Linear. forward() ->
     LayerPrefixes. Works for grouped-query models (Hkv < Hq) and any head_dim.
+    `layer_shapes` ((Hkv_i, D_i) per layer, for models whose layers differ) gives each layer a
+    prefix of its own shape: layer i's 2 * Hkv_i * D_i columns follow layer i - 1's, laid out as
+    above within the layer (the same columns as PEFT's layout when every layer has one shape).
     """
 
     def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, token_dim: int | None = None, projection: bool = False,
                  encoder_hidden_size: int | None = 512, dropout: float = 0.0,
-                 num_tasks: int = 1):
-        flat = num_layers * 2 * num_kv_heads * head_dim
+                 num_tasks: int = 1, layer_shapes: tuple | None = None):
+        if layer_shapes is not None and len(layer_shapes) != num_layers:
+            raise ValueError(f"`layer_shapes` must give (kv heads, head dim) for each of the "
+                             f"{num_layers} layers, got {len(layer_shapes)}")
+        flat = num_layers * 2 * num_kv_heads * head_dim if layer_shapes is None \
+            else sum(2 * h * d for h, d in layer_shapes)
         token_dim = token_dim or num_kv_heads * head_dim
         super().__init__(num_virtual_tokens, num_tasks, token_dim if projection else flat)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.layer_shapes = None if layer_shapes is None else tuple(map(tuple, layer_shapes))
         self.projection = projection
         encoder_hidden_size = encoder_hidden_size or token_dim     # PEFT's default
         self.encoder_hidden_size = encoder_hidden_size
@@ -254,7 +270,7 @@ class PrefixEncoder(_TaskPrompts):
     def from_config(cls, config: PrefixTuningConfig, dims: ModelDims) -> "PrefixEncoder":
         return cls(config.num_virtual_tokens, dims.num_layers, dims.num_kv_heads, dims.head_dim,
                    dims.prefix_token_dim, config.projection, config.encoder_hidden_size,
-                   config.dropout, config.num_tasks)
+                   config.dropout, config.num_tasks, dims.layer_kv_shapes)
 
     def _encoder_modules(self) -> list[str]:
         return ["transform"] if self.projection else []
@@ -263,8 +279,17 @@ class PrefixEncoder(_TaskPrompts):
         return self.transform(x) if self.projection else x
 
     def forward(self) -> LayerPrefixes:
-        flat = self.dropout(self.raw())                      # (T, P, L * 2 * Hkv * D)
+        flat = self.dropout(self.raw())                      # (T, P, sum of 2 * Hkv * D)
         T, P = self.num_tasks, self.num_virtual_tokens
-        kv = flat.view(T, P, self.num_layers, 2, self.num_kv_heads, self.head_dim)
-        kv = kv.permute(2, 3, 0, 4, 1, 5)                    # (L, 2, T, Hkv, P, D), a view
-        return LayerPrefixes(kv[:, :, 0] if T == 1 else kv, T)
+        if self.layer_shapes is None:
+            kv = flat.view(T, P, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+            kv = kv.permute(2, 3, 0, 4, 1, 5)                # (L, 2, T, Hkv, P, D), a view
+            return LayerPrefixes(kv[:, :, 0] if T == 1 else kv, T)
+        layers, start = [], 0
+        for heads, dim in self.layer_shapes:
+            width = 2 * heads * dim
+            kv = flat[..., start:start + width].view(T, P, 2, heads, dim)
+            kv = kv.permute(2, 0, 3, 1, 4)                   # (2, T, Hkv_i, P, D_i), a view
+            layers.append(kv[:, 0] if T == 1 else kv)
+            start += width
+        return LayerPrefixes(None, T, tuple(layers))

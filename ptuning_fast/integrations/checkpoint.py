@@ -75,6 +75,11 @@ def save(model, directory, *, full_state: bool = False, overwrite: bool = False)
             f"task's prompt ({config.num_tasks} x {config.num_virtual_tokens} rows) and PEFT, "
             "which has no per-task prompts, cannot load it; load it with "
             "ptuning_fast.PTuningModel.from_pretrained", stacklevel=3)
+    if model.dims.layer_kv_shapes is not None and config.method == "prefix_tuning":
+        warnings.warn(
+            f"saving prefixes of each layer's own shape {model.dims.layer_kv_shapes}: PEFT, "
+            "which sizes one prefix for all layers, cannot load them; load them with "
+            "ptuning_fast.PTuningModel.from_pretrained", stacklevel=3)
     if not overwrite:
         _refuse_other_adapter(directory, peft_config, config.num_tasks)
     save_id = uuid.uuid4().hex
@@ -175,8 +180,7 @@ def _prompt_shape(config, dims: ModelDims) -> tuple[int, int]:
     """Shape of "prompt_embeddings" (the encoder's output) for `config` on a model of `dims`:
     P rows per task (S * P for prompts on encoder-decoders, PEFT's layout)."""
     if config.method == "prefix_tuning":
-        return (config.num_tasks * config.num_virtual_tokens,
-                dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim)
+        return config.num_tasks * config.num_virtual_tokens, dims.prefix_width
     rows = config.num_virtual_tokens * dims.num_transformer_submodules
     return config.num_tasks * rows, dims.hidden_size
 

@@ -70,6 +70,13 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
         raise NotImplementedError(
             f"{name}: prefix tuning on encoder-decoder models is not supported ({why}); Prompt "
             "Tuning and P-Tuning are")
+    text_config = base_model.config.get_text_config() \
+        if hasattr(base_model.config, "get_text_config") else base_model.config
+    if getattr(text_config, "num_kv_shared_layers", 0):
+        raise NotImplementedError(
+            f"{name}: prefix tuning on a model whose last {text_config.num_kv_shared_layers} "
+            "layers reuse earlier layers' keys and values (num_kv_shared_layers) is not "
+            "supported: those layers would need the prefix of the layer they read from")
     if not uses_attention_interface(base_model):
         raise NotImplementedError(
             f"{name}: prefix tuning needs a model whose attention goes through transformers' "
