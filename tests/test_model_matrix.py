@@ -271,3 +271,12 @@ def test_prompt_and_prefix_change_the_outputs():
             model.prompt_encoder.embedding.weight.mul_(2.0)
             b = outputs(model(**batch))
         assert max((a[k] - b[k]).abs().max() for k in a) > 1e-3, (family.name, task, method)
+
+
+def test_encoder_decoder_heads_other_than_seq2seq_lm_are_refused():
+    import transformers
+    config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=4, num_labels=3)
+    for cls in (transformers.T5ForSequenceClassification, transformers.T5Model):
+        with pytest.raises(NotImplementedError, match=f"{cls.__name__}.*seq2seq LM"):
+            pf.wrap(cls(config), pf.PromptTuningConfig(P))

@@ -59,6 +59,11 @@ def numbers_positions_from_mask(model: nn.Module) -> bool:
 def refuse_unsupported(base_model: nn.Module, method: str) -> None:
     """NotImplementedError for a model / method pair that ptuning_fast cannot compute exactly."""
     name = type(base_model).__name__
+    if is_encoder_decoder(base_model) and task_type_of(base_model) != "SEQ_2_SEQ_LM":
+        raise NotImplementedError(
+            f"{name}: on encoder-decoder models ptuning_fast supports the seq2seq LM (a "
+            f"generating model such as T5ForConditionalGeneration), not "
+            f"{task_type_of(base_model)}")
     if method != "prefix_tuning":
         return
     if is_encoder_decoder(base_model):
