@@ -202,9 +202,16 @@ def _layer_kv_shapes(config) -> tuple | None:
     per_layer = getattr(config, "per_layer_config", None)
     if per_layer is None:
         return None
-    shapes = tuple((int(per_layer[i].num_key_value_heads), int(per_layer[i].head_dim))
-                   for i in range(config.num_hidden_layers))
-    return None if len(set(shapes)) == 1 else shapes
+    shapes = []
+    for i in range(config.num_hidden_layers):
+        # transformers gives every config a per-layer view; those without per-layer kv
+        # attributes (BART's) raise AttributeError for them
+        heads = getattr(per_layer[i], "num_key_value_heads", None)
+        dim = getattr(per_layer[i], "head_dim", None)
+        if heads is None or dim is None:
+            return None
+        shapes.append((int(heads), int(dim)))
+    return None if len(set(shapes)) == 1 else tuple(shapes)
 
 
 def _get(peft_config, name, default=None):

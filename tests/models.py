@@ -8,6 +8,8 @@ import inspect
 
 import torch
 
+from ptuning_fast.integrations.support import numbers_positions_from_mask
+
 VOCAB = 97
 
 
@@ -224,7 +226,9 @@ class MaterializedPrompt(torch.nn.Module):
         """transformers' generate() continuing from the cache: the inputs get P placeholder ids in
         front (the cache stands for them, generate() feeds only the real ids); they are cut off
         the result. Positions of the real ids: prefix tuning, generate()'s own numbering shifted
-        by P; prompt tuning, those of [prompt; ids] padding included (PEFT drops position_ids)."""
+        by P; prompt tuning, those of [prompt; ids] padding included (PEFT drops position_ids),
+        or, on models that number tokens from the attention mask (OPT), that numbering of
+        [prompt; ids] (pads at -1)."""
         P, (batch, length) = self.num_virtual_tokens, input_ids.shape
         beams = kwargs.get("num_beams", 1)
         rows = batch * (beams if beams > 1 else kwargs.get("num_return_sequences", 1))
@@ -238,6 +242,8 @@ class MaterializedPrompt(torch.nn.Module):
         kwargs["position_ids"] = torch.cat([torch.arange(P).expand(batch, -1), positions + P], 1)
         ids = torch.cat([input_ids.new_full((batch, P), 3), input_ids], 1)
         mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+        if self.method != "prefix_tuning" and numbers_positions_from_mask(self.base_model):
+            kwargs["position_ids"] = mask.cumsum(1) * mask - 1
         out = self.base_model.generate(input_ids=ids, attention_mask=mask, **kwargs,
                                        **{cache_kwarg(self.base_model): self.prompt_cache(rows)})
         return out[:, P:]
@@ -278,3 +284,34 @@ def peft_refusal_reason(twin, error: Exception) -> str:
         why += ("; PEFT looks for `past_key_values` in the backbone's forward signature, which "
                 "transformers renamed to `cache`")
     return why
+
+
+@torch.no_grad()
+def materialized_seq2seq_greedy(pf_model, input_ids, attention_mask, max_new_tokens):
+    """Greedy decoding of a prefix-tuned encoder-decoder as PEFT's algorithm defines it, without
+    PEFT and without our attention: at every step a full pass of the unwrapped model (eager
+    attention) given PEFT's prefix cache (decoder layer i's self-attention holds the prefix of
+    layer (2 i) mod L, the cross-attention cache is empty). Rows that emit EOS get pads after."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    base = copy.deepcopy(pf_model.base_model)
+    base.set_attn_implementation("eager")
+    prefixes = pf_model.prompt_encoder().to(base.get_input_embeddings().weight.dtype)
+    config = base.generation_config
+    rows, L = input_ids.shape[0], prefixes.num_layers
+    tokens = torch.full((rows, 1), config.decoder_start_token_id, dtype=torch.long)
+    done = torch.zeros(rows, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        for i in range(L):
+            k, v = prefixes.layer((2 * i) % L)
+            cache.self_attention_cache.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape),
+                                              i)
+        logits = base(input_ids=input_ids, attention_mask=attention_mask,
+                      decoder_input_ids=tokens, use_cache=True,
+                      **{cache_kwarg(base): cache}).logits[:, -1]
+        step = logits.argmax(-1).masked_fill(done, config.pad_token_id)
+        tokens = torch.cat([tokens, step[:, None]], 1)
+        done |= step == config.eos_token_id
+        if done.all():
+            break
+    return tokens

@@ -12,7 +12,8 @@ import torch
 import ptuning_fast as pf
 from conftest import assert_close
 from model_matrix import FAMILIES, PEFT_REFUSES_PREFIX, cell_id, cells, markdown
-from models import MaterializedPrompt, peft_name, peft_refuses, peft_twin
+from models import (MaterializedPrompt, materialized_seq2seq_greedy, peft_name, peft_refuses,
+                    peft_twin)
 
 peft = pytest.importorskip("peft")
 
@@ -145,8 +146,17 @@ def test_generation_matches_peft(family, task, method, mode):
     batch = inputs(task)
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
               max_new_tokens=4, do_sample=False, pad_token_id=0, **mode)
-    tokens = ours.generate(**kw)
     twin = peft_twin(ours, family.build(task))
+    if task == "SEQ_2_SEQ_LM" and method == "prefix":
+        if mode:
+            pytest.skip("beam search on a prefix-tuned encoder-decoder has no PEFT-free "
+                        "reference here, and PEFT's own generate() disagrees with its algorithm "
+                        "(README note [e])")
+        tokens = ours.generate(**kw)
+        reference = materialized_seq2seq_greedy(ours, kw["input_ids"], kw["attention_mask"], 4)
+        assert torch.equal(tokens, reference), f"tokens differ:\n{tokens}\n{reference}"
+        return
+    tokens = ours.generate(**kw)
     if task == "SEQ_2_SEQ_LM":
         theirs = twin.generate(**kw)
         assert torch.equal(tokens, theirs), f"tokens differ:\n{tokens}\n{theirs}"
@@ -164,11 +174,15 @@ def test_generation_matches_peft(family, task, method, mode):
         assert torch.equal(tokens, theirs)
 
 
+def model_inputs(task, rows=slice(None)) -> dict:
+    """Inputs without targets (but a seq2seq model's labels: its decoder's inputs)."""
+    keep = ("input_ids", "attention_mask") + (("labels",) if task == "SEQ_2_SEQ_LM" else ())
+    return {k: v[rows] for k, v in inputs(task).items() if k in keep}
+
+
 def logits_of(model, task):
-    batch = inputs(task)
     with torch.no_grad():
-        return outputs(model(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]))
+        return outputs(model(**model_inputs(task)))
 
 
 @pytest.mark.parametrize("family, task, method", SUPPORTED)
@@ -195,14 +209,11 @@ def test_checkpoints_both_ways_mixed_tasks_and_checkpointing(family, task, metho
 
     # Mixed-task batch: each row equals the row alone with its task.
     multi = wrapped(family, task, method, num_tasks=2)
-    batch = inputs(task)
     tasks = torch.tensor([1, 0, 1])
     with torch.no_grad():
-        together = outputs(multi(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"], task_ids=tasks))
+        together = outputs(multi(**model_inputs(task), task_ids=tasks))
         for row in range(3):
-            alone = outputs(multi(input_ids=batch["input_ids"][row:row + 1],
-                                  attention_mask=batch["attention_mask"][row:row + 1],
+            alone = outputs(multi(**model_inputs(task, slice(row, row + 1)),
                                   task_ids=tasks[row:row + 1]))
             for key, value in alone.items():
                 assert_close(together[key][row:row + 1], value, torch.float32,
@@ -235,7 +246,7 @@ def test_refused_cells_raise_the_declared_error(family, task, method, refusal):
         return
     model = pf.wrap(base, method_config(method))
     with pytest.raises(error, match=match):
-        model(**{k: v for k, v in inputs(task).items() if k in ("input_ids", "attention_mask")})
+        model(**model_inputs(task))
 
 
 def test_readme_table_is_the_generated_one():

@@ -155,6 +155,8 @@ class PTuningModel(nn.Module):
             raise TypeError(f"prefix tuning needs a transformers model that can switch its "
                             f"attention implementation; {type(base_model).__name__} has no "
                             "set_attn_implementation")
+        prefix_layers = seq2seq.prefix_layers(base_model, dims.num_layers) \
+            if config.method == "prefix_tuning" and task_type == "SEQ_2_SEQ_LM" else None
         device = next(base_model.parameters()).device
         prompt_encoder = build_prompt_module(
             config, dims, base_model.get_input_embeddings(), tokenizer).to(device)
@@ -167,6 +169,7 @@ class PTuningModel(nn.Module):
         self.base_model = base_model
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
+        self._prefix_layers = prefix_layers    # None: each attention module's own layer_idx
         if self.is_prefix:
             base_model.set_attn_implementation(attention.register())
         for p in base_model.parameters():
@@ -224,7 +227,7 @@ class PTuningModel(nn.Module):
                                "set_attn_implementation called after wrapping?)")
         prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
-                                       type(self.base_model).__name__)
+                                       type(self.base_model).__name__, self._prefix_layers)
 
     def _prefix_position_ids(self, input_ids, ref, start: int, attention_mask=None):
         """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:

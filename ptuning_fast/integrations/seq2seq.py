@@ -1,16 +1,55 @@
-"""Prompt Tuning and P-Tuning on encoder-decoder models (T5, Flan-T5, BART), as PEFT's
-PeftModelForSeq2SeqLM does them: the prompt leads the encoder's input embeddings and P ones lead
-the encoder's attention mask (which the decoder's cross-attention reads too); the decoder's
-inputs, mask and the labels are left as they are. The prompt module holds PEFT's two sets of rows
+"""Encoder-decoder models (T5, Flan-T5, BART) as PEFT's PeftModelForSeq2SeqLM tunes them.
+
+Prompt Tuning / P-Tuning: the prompt leads the encoder's input embeddings and P ones lead the
+encoder's attention mask (which the decoder's cross-attention reads too); the decoder's inputs,
+mask and the labels are left as they are. The prompt module holds PEFT's two sets of rows
 (`num_transformer_submodules=2`) and feeds the first (see prompts.py).
 
-Prefix tuning on these models is refused in `support.refuse_unsupported`.
+Prefix tuning (BART): PEFT puts its prefix cache into the decoder only, and replaces the
+cross-attention part of that cache by an empty one, so only the decoder's self-attention
+attends to a prefix: decoder layer i to the prefix of layer (2 i) mod L (how PEFT splits its
+doubled (2 * 2L)-row cache into per-layer groups of four), and decoder positions start at P
+(the cache length PEFT's prefix makes). The encoder and the cross-attention get no prefix.
+T5 is refused (its attention adds a relative position bias): see `support.refuse_unsupported`.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
+
+from . import attention
+
+def prefix_layers(base_model, num_layers: int) -> dict:
+    """Decoder self-attention module -> index of its prefix layer, PEFT's placement."""
+    layers = base_model.get_decoder().layers
+    if len(layers) != num_layers:
+        raise NotImplementedError(
+            f"{type(base_model).__name__}: prefix tuning needs as many decoder layers as "
+            f"encoder layers (PEFT sizes the prefix by the encoder's {num_layers}), got "
+            f"{len(layers)}")
+    return {layer.self_attn: (2 * i) % num_layers for i, layer in enumerate(layers)}
+
+
+@contextlib.contextmanager
+def decoder_positions_shifted(base_model, shift: int):
+    """Decoder positions + `shift` while the context is open (PEFT's prefix of `shift` cache
+    entries numbers the decoder's tokens from there), through a pre-hook on the decoder's
+    position embedding that is removed on exit."""
+    def add(module, args, kwargs):
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + shift
+        else:                                   # (input_ids, cache_length)
+            args = (args[0], (args[1] if len(args) > 1 else 0) + shift, *args[2:])
+        return args, kwargs
+
+    handle = base_model.get_decoder().embed_positions.register_forward_pre_hook(
+        add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def forward(model, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
@@ -24,6 +63,11 @@ def forward(model, input_ids, attention_mask, labels, task_ids, inputs_embeds, p
         kwargs["token_type_ids"] = token_type_ids       # the base model decides (T5 takes none)
     ref = input_ids if input_ids is not None else inputs_embeds
     P = model.num_virtual_tokens
+    if model.is_prefix:       # the encoder's input and mask stay as they are (as in PEFT)
+        kwargs[attention.PREFIX_KWARG] = model._binding(task_ids)
+        with decoder_positions_shifted(model.base_model, P):
+            return model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                    attention_mask=attention_mask, labels=labels, **kwargs)
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.new_ones(ref.shape[0], P), attention_mask], 1)
     if kwargs.get("encoder_outputs") is not None:
@@ -39,6 +83,11 @@ def generate(model, args, task_ids, kwargs):
     """`base_model.generate` on the prompted encoder input (the encoder runs once, so no step
     hook is needed); returns the decoder's tokens, as PEFT's generate does."""
     kwargs = dict(kwargs)
+    if model.is_prefix:
+        generation = attention.Generation(model._binding(task_ids), task_ids)
+        with attention.generating(model.base_model, generation), \
+                decoder_positions_shifted(model.base_model, model.num_virtual_tokens):
+            return model.base_model.generate(*args, **kwargs)
     if args:
         input_ids, args = args[0], args[1:]
         kwargs.pop("input_ids", None)

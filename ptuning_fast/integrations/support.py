@@ -46,6 +46,9 @@ def uses_attention_interface(model: nn.Module) -> bool:
     return bool(getattr(cls, "_supports_attention_backend", False))
 
 
+# Encoder-decoders whose prefix tuning is implemented (integrations/seq2seq.py).
+PREFIX_SEQ2SEQ_MODEL_TYPES = ("bart",)
+
 # Decoders whose learned positions are numbered from the attention mask (cumsum(mask) - 1, pads
 # at -1) rather than from the cache length: under PEFT that numbering runs over the P ones its
 # mask gets for the prefix, so the wrapper numbers real tokens the same way.
@@ -66,15 +69,14 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             f"{task_type_of(base_model)}")
     if method != "prefix_tuning":
         return
-    if is_encoder_decoder(base_model):
-        model_type = getattr(base_model.config, "model_type", "")
+    model_type = getattr(base_model.config, "model_type", "")
+    if is_encoder_decoder(base_model) and model_type not in PREFIX_SEQ2SEQ_MODEL_TYPES:
         why = ("its attention adds a relative position bias (`position_bias`) that the prefix "
                "attention does not compute yet" if model_type in ("t5", "mt5", "umt5")
-               else "the decoder's self-attention prefixes and shifted decoder positions that "
-               "PEFT uses are not implemented yet")
+               else "only BART's decoder positions are shifted as PEFT's prefix shifts them")
         raise NotImplementedError(
-            f"{name}: prefix tuning on encoder-decoder models is not supported ({why}); Prompt "
-            "Tuning and P-Tuning are")
+            f"{name}: prefix tuning on this encoder-decoder model is not supported ({why}); "
+            "Prompt Tuning and P-Tuning are")
     text_config = base_model.config.get_text_config() \
         if hasattr(base_model.config, "get_text_config") else base_model.config
     if getattr(text_config, "num_kv_shared_layers", 0):
