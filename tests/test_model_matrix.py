@@ -291,3 +291,24 @@ def test_encoder_decoder_heads_other_than_seq2seq_lm_are_refused():
     for cls in (transformers.T5ForSequenceClassification, transformers.T5Model):
         with pytest.raises(NotImplementedError, match=f"{cls.__name__}.*seq2seq LM"):
             pf.wrap(cls(config), pf.PromptTuningConfig(P))
+
+
+@pytest.mark.parametrize("name, task", [("BART", "SEQ_2_SEQ_LM"), ("OPT", "CAUSAL_LM")])
+def test_prefix_paths_of_this_matrix_run_on_the_kernels(name, task):
+    """The Triton kernels (the interpreter without a GPU) give the reference backend's outputs
+    and gradients on the paths this matrix added: BART's decoder-only prefixes, OPT's
+    mask-numbered positions."""
+    family = next(f for f in FAMILIES if f.name == name)
+    models = {backend: wrapped(family, task, "prefix", backend=backend)
+              for backend in ("reference", "triton")}
+    models["triton"].load_state_dict(models["reference"].state_dict())
+    results = {}
+    for backend, model in models.items():
+        model.train()
+        out, loss = run_step(model, task, "prefix", inputs(task))
+        loss.backward()
+        results[backend] = out, {n: p.grad for n, p in model.trainable_parameters().items()}
+    for key, value in results["triton"][0].items():
+        assert_close(value, results["reference"][0][key], torch.float32, name=key)
+    for name_, grad in results["triton"][1].items():
+        assert_close(grad, results["reference"][1][name_], torch.float32, "grad", name=name_)

@@ -115,3 +115,19 @@ def test_kv_shared_layers_are_refused():
                        layer_types=["sliding_attention", "full_attention", "full_attention"])
     with pytest.raises(NotImplementedError, match="Gemma4ForCausalLM.*num_kv_shared_layers"):
         pf.wrap(base, pf.PrefixTuningConfig(3))
+
+
+def test_per_layer_prefixes_run_on_the_kernels():
+    """Head dims 8 and 16 in one model, through the Triton kernels (the interpreter without a
+    GPU): the reference backend's logits and prefix gradient."""
+    config = pf.PrefixTuningConfig(3)
+    ref, tri = wrapped(config), pf.wrap(tiny_gemma4(), config, backend="triton")
+    tri.prompt_encoder.load_state_dict(ref.prompt_encoder.state_dict())
+    ids, mask, labels = batch()
+    grads = []
+    for model in (ref, tri):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads.append((out.logits, model.prompt_encoder.embedding.weight.grad))
+    assert_close(grads[1][0], grads[0][0], torch.float32, name="logits")
+    assert_close(grads[1][1], grads[0][1], torch.float32, "grad", name="prefix grad")
