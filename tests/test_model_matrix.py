@@ -312,3 +312,19 @@ def test_prefix_paths_of_this_matrix_run_on_the_kernels(name, task):
         assert_close(value, results["reference"][0][key], torch.float32, name=key)
     for name_, grad in results["triton"][1].items():
         assert_close(grad, results["reference"][1][name_], torch.float32, "grad", name=name_)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_seq2seq_forward_with_given_encoder_outputs(method):
+    """A decoding loop of one's own passes the encoder's outputs back with the original mask:
+    the wrapper extends that mask over the prompt (or leaves it, for prefixes) and gives the
+    logits of a full pass."""
+    family = next(f for f in FAMILIES if f.name == "BART")
+    model = wrapped(family, "SEQ_2_SEQ_LM", method)
+    batch = model_inputs("SEQ_2_SEQ_LM")
+    with torch.no_grad():
+        full = model(**batch)
+        again = model(attention_mask=batch["attention_mask"], labels=batch["labels"],
+                      encoder_outputs=(full.encoder_last_hidden_state,),
+                      input_ids=batch["input_ids"])
+    assert_close(again.logits, full.logits, torch.float32, name="logits")
