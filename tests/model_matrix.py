@@ -182,8 +182,9 @@ _NOTES = {
                   "cache under the old argument name `past_key_values`; on OPT with a prompt, "
                   "PEFT's generate() raises a size mismatch in OPT's position embeddings).",
     "seq2seq_prefix": "BART's prefixes are placed as PEFT places them: the decoder's "
-                      "self-attention only (decoder layer i gets layer (2 i) mod L's prefix), decoder positions "
-                      "from P. Generation: greedy tokens compared with PEFT's algorithm run "
+                      "self-attention only (decoder layer i gets layer (2 i) mod L's prefix, "
+                      "so with an even L the odd layers' prefixes are never read), decoder "
+                      "positions from P. Generation: greedy tokens compared with PEFT's algorithm run "
                       "without PEFT (PEFT's own generate() disagrees with it with transformers "
                       "5.24); beam search is not compared.",
 }
