@@ -184,9 +184,9 @@ _NOTES = {
     "seq2seq_prefix": "BART's prefixes are placed as PEFT places them: the decoder's "
                       "self-attention only (decoder layer i gets layer (2 i) mod L's prefix, "
                       "so with an even L the odd layers' prefixes are never read), decoder "
-                      "positions from P. Generation: greedy tokens compared with PEFT's algorithm run "
-                      "without PEFT (PEFT's own generate() disagrees with it with transformers "
-                      "5.24); beam search is not compared.",
+                      "positions from P. Generation: greedy tokens compared with PEFT's "
+                      "algorithm run without PEFT (PEFT's own generate() disagrees with it with "
+                      "transformers 5.24); beam search is not compared.",
 }
 
 

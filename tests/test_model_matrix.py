@@ -324,7 +324,7 @@ def test_seq2seq_forward_with_given_encoder_outputs(method):
     batch = model_inputs("SEQ_2_SEQ_LM")
     with torch.no_grad():
         full = model(**batch)
-        again = model(attention_mask=batch["attention_mask"], labels=batch["labels"],
-                      encoder_outputs=(full.encoder_last_hidden_state,),
-                      input_ids=batch["input_ids"])
-    assert_close(again.logits, full.logits, torch.float32, name="logits")
+        for ids in (batch["input_ids"], None):
+            again = model(attention_mask=batch["attention_mask"], labels=batch["labels"],
+                          encoder_outputs=(full.encoder_last_hidden_state,), input_ids=ids)
+            assert_close(again.logits, full.logits, torch.float32, name="logits")

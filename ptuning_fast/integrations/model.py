@@ -278,6 +278,9 @@ class PTuningModel(nn.Module):
     def _forward(self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                  token_type_ids, **kwargs):
         ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None and self.task_type == "SEQ_2_SEQ_LM" \
+                and kwargs.get("encoder_outputs") is not None:
+            ref = kwargs["encoder_outputs"][0]      # decoding with the encoder already run
         if ref is None:
             raise ValueError("pass `input_ids` or `inputs_embeds`")
         _refuse_empty_batch("input_ids" if input_ids is not None else "inputs_embeds", ref)

@@ -61,7 +61,6 @@ def forward(model, input_ids, attention_mask, labels, task_ids, inputs_embeds, p
                       stacklevel=3)
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids       # the base model decides (T5 takes none)
-    ref = input_ids if input_ids is not None else inputs_embeds
     P = model.num_virtual_tokens
     if model.is_prefix:       # the encoder's input and mask stay as they are (as in PEFT)
         kwargs[attention.PREFIX_KWARG] = model._binding(task_ids)
@@ -69,7 +68,8 @@ def forward(model, input_ids, attention_mask, labels, task_ids, inputs_embeds, p
             return model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                     attention_mask=attention_mask, labels=labels, **kwargs)
     if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.new_ones(ref.shape[0], P), attention_mask], 1)
+        attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P),
+                                    attention_mask], 1)
     if kwargs.get("encoder_outputs") is not None:
         # The encoder already ran (on a prompted input, with this wrapper's generate or forward):
         # only the mask over its P + L outputs is needed.
