@@ -328,3 +328,20 @@ def test_seq2seq_forward_with_given_encoder_outputs(method):
             again = model(attention_mask=batch["attention_mask"], labels=batch["labels"],
                           encoder_outputs=(full.encoder_last_hidden_state,), input_ids=ids)
             assert_close(again.logits, full.logits, torch.float32, name="logits")
+
+
+@pytest.mark.parametrize("name, method", [("BART", "prompt"), ("BART", "prefix"),
+                                          ("T5 / Flan-T5", "ptuning_lstm")])
+def test_seq2seq_mixed_task_generation_equals_each_row_alone(name, method):
+    family = next(f for f in FAMILIES if f.name == name)
+    model = wrapped(family, "SEQ_2_SEQ_LM", method, num_tasks=2)
+    batch = model_inputs("SEQ_2_SEQ_LM")
+    tasks = torch.tensor([1, 0, 1])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=2)
+    together = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              task_ids=tasks, **kw)
+    for row in range(3):
+        alone = model.generate(input_ids=batch["input_ids"][row:row + 1],
+                               attention_mask=batch["attention_mask"][row:row + 1],
+                               task_ids=tasks[row:row + 1], **kw)
+        assert torch.equal(together[row, :alone.shape[1]], alone[0]), row
