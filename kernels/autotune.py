@@ -39,13 +39,13 @@ def _time_ms(fn: Callable[[], None]) -> float:
 def launch_tuned(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                  key: tuple, launch: Callable[[tiles.TileConfig], None],
                  timer: Callable[[Callable[[], None]], float] = _time_ms,
-                 dropout: bool = False) -> tiles.TileConfig:
+                 dropout: bool = False, terms: bool = False) -> tiles.TileConfig:
     """Runs `launch(config)` once with the chosen config (after timing the candidates, the
     first time `key` is seen on a GPU) and returns that config. `launch` must be repeatable:
     it overwrites its outputs, never accumulates into them."""
     target = device_target(device)
     cands = tiles.candidates(kernel, None if target is None else target.arch, dtype, head_dim,
-                             dropout)
+                             dropout, terms)
     cfg = cands[0]
     if len(cands) > 1 and enabled(device) and target is not None:
         full_key = (kernel, target.arch, dtype, tiles.head_block(head_dim), dropout, key)
@@ -58,7 +58,8 @@ def launch_tuned(kernel: str, device: torch.device, dtype: torch.dtype, head_dim
 
 
 def fixed_config(kernel: str, device: torch.device, dtype: torch.dtype,
-                 head_dim: int) -> tiles.TileConfig:
+                 head_dim: int, terms: bool = False) -> tiles.TileConfig:
     """The untimed choice for `kernel` on `device` (the first candidate)."""
     target = device_target(device)
-    return tiles.candidates(kernel, None if target is None else target.arch, dtype, head_dim)[0]
+    return tiles.candidates(kernel, None if target is None else target.arch, dtype, head_dim,
+                            terms=terms)[0]

@@ -28,13 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_terms import (
+    NO_TERMS,
+    load_bias,
+    logits,
+    query_bounds,
+    softcap_grad,
+    term_compile_specs,
+)
 from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
 from .launch import contiguous_last, dense_index, num_splits
 from .split_reduce import sum_splits
 from .tiles import CANDIDATES, prefix_tile, spec_configs
 from .prefix_attention_fwd import (
-    LOG2E,
     TileConfig,
     dropout_keep,
     head_block,
@@ -78,16 +85,21 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_blocks(
     dk, dv, k, v, key_visible,
-    Q, DO, Lse, Delta,           # already at (row, query head); Lse/Delta contiguous over l
+    Q, DO, Lse, Delta, Bias,     # already at (row, query head); Lse/Delta contiguous over l
+    SegStart, SegEnd,            # at the row (read only with IS_PACKED)
     start, end,                  # query range [start, end); start is a multiple of BLOCK_M
-    stride_q_l, stride_do_l,
-    q_len, head_dim, key_pos, key_shift, qk_scale,
+    stride_q_l, stride_do_l, stride_bias_l, stride_bias_c,
+    q_len, key_len, prefix_len, head_dim, key_pos, key_ok, col0, key_shift,
+    window_left, window_right, prefix_left, qk_scale, softcap_scale,
     seed, dropout_p, rng_row0, rng_cols, num_cols,   # dropout: Philox row of this head's
                                                      # query 0, the block's columns (BLOCK_N,)
                                                      # int64 and P + Lk (see the forward)
     CAUSAL_MASK: tl.constexpr,   # some query of this range sees only part of the key block
+    BOUNDS: tl.constexpr,        # 0: none; 1: sequence keys' per-query interval; 2: prefix
+                                 # keys' window floor (attention_terms.query_bounds)
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr,      # key_visible holds the key-padding mask
-    HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Adds the contribution of queries [start, end) to (dk, dv) of one key block (transposed
@@ -104,9 +116,23 @@ def _dkdv_blocks(
         # Queries past Lq get LSE = +inf: their probabilities are exactly 0.
         lse = tl.load(Lse + q_pos, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + q_pos, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        st, t = logits(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), qk_scale,
+                       softcap_scale, SOFTCAP)
+        if HAS_BIAS:
+            st += load_bias(Bias, q_pos[None, :], col0 + key_pos[:, None], row_ok[None, :],
+                            key_ok[:, None], stride_bias_l, stride_bias_c)
         if CAUSAL_MASK:
             st = tl.where(key_pos[:, None] <= q_pos[None, :] + key_shift, st, float("-inf"))
+        if BOUNDS != 0:
+            seq_lo, seq_hi, pre_lo = query_bounds(
+                q_pos, row_ok, SegStart, SegEnd, key_len, key_shift, window_left, window_right,
+                prefix_left, prefix_len, IS_CAUSAL, HAS_WINDOW, IS_PACKED)
+            if BOUNDS == 1:
+                inside = (key_pos[:, None] >= seq_lo[None, :]) \
+                    & (key_pos[:, None] <= seq_hi[None, :])
+            else:
+                inside = key_pos[:, None] >= pre_lo[None, :]
+            st = tl.where(inside, st, float("-inf"))
         if HAS_MASK:
             st = tl.where(key_visible[:, None], st, float("-inf"))
         pt = tl.math.exp2(st - lse[None, :])
@@ -121,7 +147,7 @@ def _dkdv_blocks(
         else:
             dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
+        dst = softcap_grad(pt * (dpt - delta[None, :]), t, SOFTCAP)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
     return dk, dv
 
@@ -129,7 +155,9 @@ def _dkdv_blocks(
 @triton.jit
 def _dkdv_kernel(
     DK, DV, Q, K, V, DO, Lse, Delta, Mask, Seed,
+    Bias, SegStart, SegEnd,      # attention terms (attention_terms.py), read when flagged
     q_len, key_len, prefix_len, head_dim, group_size, scale, qk_scale, dropout_p,
+    softcap_scale,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_l,
     stride_v_b, stride_v_h, stride_v_l,
@@ -138,9 +166,14 @@ def _dkdv_kernel(
     stride_dv_b, stride_dv_h, stride_dv_l,
     stride_lse_b, stride_lse_h,          # Lse and Delta share one (B, Hq, Lq) layout
     stride_mask_b, stride_mask_l,
+    window_left, window_right, prefix_left,
+    stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_c,
+    stride_seg_b,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False, IS_PACKED: tl.constexpr = False,
+    HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     key_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -172,7 +205,26 @@ def _dkdv_kernel(
     else:
         key_visible = key_pos < key_len
         end = q_len
-    if IS_CAUSAL:
+    seg_start = SegStart + batch * stride_seg_b
+    seg_end = SegEnd + batch * stride_seg_b
+    if HAS_WINDOW or IS_PACKED:
+        # The queries that see some key of [key_start, last]: the causal and window bounds
+        # inverted, and (packed, Lq == Lk) the segments of the block's first and last keys.
+        # Every block of them is masked with the per-query interval.
+        last = tl.minimum(key_start + BLOCK_N, key_len) - 1
+        first_q = 0
+        if IS_CAUSAL:
+            first_q = tl.maximum(first_q, key_start - key_shift)
+        if HAS_WINDOW:
+            first_q = tl.maximum(first_q, key_start - key_shift - window_right)
+            end = tl.minimum(end, last - key_shift + window_left + 1)
+        if IS_PACKED:
+            first_q = tl.maximum(first_q, tl.load(seg_start + key_start))
+            end = tl.minimum(end, tl.load(seg_end + last))
+        end = tl.maximum(end, 0)
+        start = tl.minimum(first_q, end) // BLOCK_M * BLOCK_M
+        full_start = end
+    elif IS_CAUSAL:
         # Query i sees key j iff i >= j - key_shift: queries before the block's first key see
         # none of it (skipped); from `full_start` on, every query sees the whole block.
         start = tl.minimum(tl.maximum(key_start - key_shift, 0), end) // BLOCK_M * BLOCK_M
@@ -182,6 +234,7 @@ def _dkdv_kernel(
         start = 0
         full_start = 0
 
+    key_ok = key_pos < key_len
     num_heads = tl.num_programs(1) * group_size
     for h in range(0, group_size):
         q_head = (kv_head * group_size + h).to(tl.int64)
@@ -190,16 +243,24 @@ def _dkdv_kernel(
         do_ptr = DO + batch * stride_do_b + q_head * stride_do_h
         lse_ptr = Lse + batch * stride_lse_b + q_head * stride_lse_h
         delta_ptr = Delta + batch * stride_lse_b + q_head * stride_lse_h
+        bias = Bias + batch * stride_bias_b + q_head * stride_bias_h
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, start, full_start,
-            stride_q_l, stride_do_l, q_len, head_dim, key_pos, key_shift, qk_scale,
+            dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, bias, seg_start,
+            seg_end, start, full_start, stride_q_l, stride_do_l, stride_bias_l, stride_bias_c,
+            q_len, key_len, prefix_len, head_dim, key_pos, key_ok, prefix_len, key_shift,
+            window_left, window_right, prefix_left, qk_scale, softcap_scale,
             seed, dropout_p, rng_row0, rng_cols, prefix_len + key_len,
-            IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            IS_CAUSAL and not (HAS_WINDOW or IS_PACKED), 1 if HAS_WINDOW or IS_PACKED else 0,
+            IS_CAUSAL, HAS_WINDOW, IS_PACKED, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_M, BLOCK_D, INPUT_PRECISION)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, full_start, end,
-            stride_q_l, stride_do_l, q_len, head_dim, key_pos, key_shift, qk_scale,
+            dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, bias, seg_start,
+            seg_end, full_start, end, stride_q_l, stride_do_l, stride_bias_l, stride_bias_c,
+            q_len, key_len, prefix_len, head_dim, key_pos, key_ok, prefix_len, key_shift,
+            window_left, window_right, prefix_left, qk_scale, softcap_scale,
             seed, dropout_p, rng_row0, rng_cols, prefix_len + key_len,
-            False, HAS_MASK, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            False, 0, IS_CAUSAL, HAS_WINDOW, IS_PACKED, HAS_MASK, HAS_BIAS, SOFTCAP,
+            HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
 
     dk = dk * scale
     tl.store(DK + batch * stride_dk_b + kv_head.to(tl.int64) * stride_dk_h + keys * stride_dk_l
@@ -212,7 +273,8 @@ def _dkdv_kernel(
 def _prefix_dkdv_kernel(
     PartialK, PartialV,          # fp32 (num_splits, slots, Hkv, P, D), dense: one tile per program
     Q, PK, PV, DO, Lse, Delta, PrefixIndex, Seed,
-    q_len, key_len, prefix_len, head_dim, group_size, qk_scale, dropout_p,
+    Bias, SegStart, SegEnd,      # attention terms (attention_terms.py), read when flagged
+    q_len, key_len, prefix_len, head_dim, group_size, qk_scale, dropout_p, softcap_scale,
     rows_step, rows_per_slot,    # slot s reads rows [s * rows_step, + rows_per_slot)
     num_splits, items_per_split, # a slot's (row, query head, query block) items, split evenly
     stride_q_b, stride_q_h, stride_q_l,
@@ -220,10 +282,15 @@ def _prefix_dkdv_kernel(
     stride_pv_s, stride_pv_h, stride_pv_l,
     stride_do_b, stride_do_h, stride_do_l,
     stride_lse_b, stride_lse_h,
+    window_left, window_right, prefix_left,
+    stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_c,
+    stride_seg_b,
     HAS_INDEX: tl.constexpr,     # per-task slots: row b belongs to slot PrefixIndex[b]
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False, IS_PACKED: tl.constexpr = False,
+    HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     key_block = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
@@ -255,7 +322,15 @@ def _prefix_dkdv_kernel(
     # The slot's items are (row, query head, query block) in that order; this split owns
     # [first, last). It walks them as runs of consecutive query blocks of one (row, head), so
     # the inner loop over query blocks stays one pipelined loop. Every query sees every prefix
-    # key: no causal or padding mask.
+    # key (no causal or padding mask) but for a window that counts the prefix: then only the
+    # queries near their sequence's start see it (unpacked: a prefix of the rows).
+    key_ok = key_pos < prefix_len
+    key_shift = key_len - q_len
+    if HAS_WINDOW and not IS_PACKED:
+        last_key = tl.minimum(key_block * BLOCK_N + BLOCK_N, prefix_len) - 1
+        q_stop = tl.maximum(last_key - prefix_len - key_shift + prefix_left + 1, 0)
+    else:
+        q_stop = q_len
     q_blocks = tl.cdiv(q_len, BLOCK_M)
     total = rows_per_slot * group_size * q_blocks
     first = split * items_per_split
@@ -266,18 +341,24 @@ def _prefix_dkdv_kernel(
         q_head = (kv_head * group_size + pair % group_size).to(tl.int64)
         start = tl.maximum(first - pair * q_blocks, 0) * BLOCK_M
         end = tl.minimum(tl.minimum(last - pair * q_blocks, q_blocks) * BLOCK_M, q_len)
+        end = tl.minimum(end, q_stop)
         if HAS_INDEX:
             end = tl.where(tl.load(PrefixIndex + batch) == slot, end, 0)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, key_pos < prefix_len,
+            dk, dv, k, v, key_ok,
             Q + batch * stride_q_b + q_head * stride_q_h,
             DO + batch * stride_do_b + q_head * stride_do_h,
             Lse + batch * stride_lse_b + q_head * stride_lse_h,
             Delta + batch * stride_lse_b + q_head * stride_lse_h,
-            start, end, stride_q_l, stride_do_l, q_len, head_dim, key_pos, 0, qk_scale,
+            Bias + batch * stride_bias_b + q_head * stride_bias_h,
+            SegStart + batch * stride_seg_b, SegEnd + batch * stride_seg_b,
+            start, end, stride_q_l, stride_do_l, stride_bias_l, stride_bias_c,
+            q_len, key_len, prefix_len, head_dim, key_pos, key_ok, 0, key_shift,
+            window_left, window_right, prefix_left, qk_scale, softcap_scale,
             seed, dropout_p, (batch * num_heads + q_head) * q_len, rng_cols,
             prefix_len + key_len,
-            False, False, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            False, 2 if HAS_WINDOW else 0, False, HAS_WINDOW, IS_PACKED, False, HAS_BIAS,
+            SOFTCAP, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
 
     # Partial tile (split, slot, kv head, keys, :) of the dense fp32 buffers; the dK scale is
     # applied once, by the reduction.
@@ -295,12 +376,13 @@ DELTA_BLOCK_M = 64
 
 def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
                          out, lse, *, causal=True, scale=None, needs=(True,) * 5,
-                         dropout_p=0.0, dropout_seed=None):
+                         dropout_p=0.0, dropout_seed=None, terms=NO_TERMS):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of `prefix_attention_fwd`; None where
     `needs` (five bools, autograd's needs_input_grad order) is False.
 
     grad_out, out (B, Hq, Lq, D); lse (B, Hq, Lq) fp32 from the forward; other arguments as for
-    the forward (dropout_p and dropout_seed too: the mask is regenerated from the seed).
+    the forward (dropout_p and dropout_seed too: the mask is regenerated from the seed; terms:
+    the forward's `attention_terms.Terms`).
     Gradients have their input's shape and dtype. dk and dv come from one kernel,
     as do dprefix_k and dprefix_v: asking for either of a pair computes both.
     """
@@ -311,7 +393,10 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    qk_scale = scale * LOG2E
+    terms = terms.prepare()
+    qk_scale, softcap_scale = terms.qk_scales(scale)
+    bias, _, seg_start, seg_end = terms.pointers(q)
+    term_flags = {n: f for n, f in terms.flags().items() if n != "HAS_SINKS"}
     shared = prefix_k is not None and prefix_k.dim() == 3
     pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
     mask = mask_as_int8(attention_mask)
@@ -334,17 +419,18 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     if needs[0]:
         dq = prefix_attention_dq(q, k, v, pk, pv, shared, grad_out, lse, delta, mask, index,
                                  causal=causal, scale=scale, dropout_p=dropout_p,
-                                 seed=dropout_seed)
+                                 seed=dropout_seed, terms=terms)
 
     if needs[1] or needs[2]:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
 
         def launch_dkdv(cfg: TileConfig) -> None:
             _dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
-                dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed,
-                Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p),
+                dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed, bias, seg_start, seg_end,
+                Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p), softcap_scale,
                 *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
                 *strides3(dk), *strides3(dv), lse.stride(0), lse.stride(1), *mask_strides,
+                *terms.ints(), **term_flags,
                 IS_CAUSAL=causal, HAS_MASK=mask is not None, **dropout,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -352,21 +438,22 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
         if dk.numel() > 0:
             launch_tuned("dkdv", q.device, q.dtype, D,
                          (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
-                          length_bucket(Lk)), launch_dkdv, dropout=dropout_p > 0)
+                          length_bucket(Lk), *terms.key()), launch_dkdv,
+                         dropout=dropout_p > 0, terms=terms.any)
 
     if needs[3] or needs[4]:
         # The fixed dK/dV tile: the prefix kernel's work is short and its split is sized from
         # the tile, so it is not timed.
-        cfg = fixed_config("dkdv", q.device, q.dtype, D)
+        cfg = fixed_config("dkdv", q.device, q.dtype, D, terms=terms.any)
         dpk, dpv = _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed,
-                                 Lk, scale, dropout_p, cfg, block_d, precision)
+                                 Lk, scale, dropout_p, cfg, block_d, precision, terms)
 
     return (dq, dk if needs[1] else None, dv if needs[2] else None,
             dpk if needs[3] else None, dpv if needs[4] else None)
 
 
 def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed, Lk, scale,
-                  dropout_p, cfg, block_d, precision):
+                  dropout_p, cfg, block_d, precision, terms):
     """(dprefix_k, dprefix_v), dense, in prefix_k's shape and dtype.
 
     A slot is the shared prefix (read by every row), one row's prefix, or one task's prefix
@@ -397,11 +484,12 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     partial_v = torch.empty_like(partial_k)
     _prefix_dkdv_kernel[(triton.cdiv(P, block_n), Hkv, splits * slots)](
         partial_k, partial_v, q, pk, pv, grad_out, lse, delta,
-        index if index is not None else q, seed,
-        Lq, Lk, P, D, group, scale * LOG2E, float(dropout_p), rows_step, rows_per_slot,
+        index if index is not None else q, seed, *_bias_and_segments(terms, q),
+        Lq, Lk, P, D, group, *_scales(terms, scale, dropout_p), rows_step, rows_per_slot,
         splits, per_split,
         *strides3(q), *strides3(pk), *strides3(pv), *strides3(grad_out),
-        lse.stride(0), lse.stride(1),
+        lse.stride(0), lse.stride(1), *terms.ints(),
+        **{n: f for n, f in terms.flags().items() if n != "HAS_SINKS"},
         HAS_INDEX=index is not None, HAS_DROPOUT=dropout_p > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -410,13 +498,25 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     return dpk.view(prefix_k.shape), dpv.view(prefix_k.shape)
 
 
+def _bias_and_segments(terms, like) -> tuple:
+    bias, _, seg_start, seg_end = terms.pointers(like)
+    return bias, seg_start, seg_end
+
+
+def _scales(terms, scale, dropout_p) -> tuple:
+    """qk_scale, dropout_p, softcap_scale in the prefix kernel's argument order."""
+    qk_scale, softcap_scale = terms.qk_scales(scale)
+    return qk_scale, float(dropout_p), softcap_scale
+
+
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (see kernels/compile_specs.py)
 
 def compile_specs():
     """The dK/dV kernel for every tile candidate, the prefix dK/dV kernel for each arch's fixed
     tile (with the short-prefix key blocks), and Delta, with the forward's rotation of dtypes,
-    dot precisions and (causal, mask, index) flags and its dropout variants."""
+    dot precisions and (causal, mask, index) flags and its dropout variants; both dK/dV kernels
+    with the attention terms' variants."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         sixteen = dtype != torch.float32
         floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32",
@@ -445,6 +545,16 @@ def compile_specs():
                               spec_signature(fn, constexprs, types), constexprs,
                               cfg.num_warps, cfg.num_stages, archs,
                               ints=spec_ints(constexprs))
+    floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32", Mask="*i8",
+                  PrefixIndex="*i64", Seed="*i64", dropout_p="fp32", PartialK="*fp32",
+                  PartialV="*fp32")
+    yield from term_compile_specs(
+        "dkdv", _dkdv_kernel, "dkdv", ("DK", "DV", "Q", "K", "V", "DO"), floats,
+        lambda causal, cfg: dict(IS_CAUSAL=causal, HAS_MASK=True, HAS_DROPOUT=False))
+    yield from term_compile_specs(
+        "prefix_dkdv", _prefix_dkdv_kernel, "dkdv", ("Q", "PK", "PV", "DO"), floats,
+        lambda causal, cfg: dict(HAS_INDEX=False, HAS_DROPOUT=False),
+        tile=lambda cfg: prefix_tile(64, cfg))
     # Delta depends only on the dtype and BLOCK_D (and is cheap to compile).
     for i, block_d in enumerate((32, 64, 128, 256)):
         elem = ("fp16", "bf16", "fp32", "fp16")[i]

@@ -146,19 +146,21 @@ def _decode_split_kernel(
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, pk, pv, Mask, p_start, p_end,
-        stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale, 0, 0.0, q_pos, 0,
-        True, False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        acc, m_i, l_i, q, pk, pv, Mask, Mask, p_start, p_end,
+        stride_pk_l, stride_pv_l, 0, 0, 0, prefix_len, head_dim, q_pos, q_pos, q_pos, row_ok,
+        qk_scale, 1.0, 0, 0.0, q_pos, 0,
+        True, False, False, False, False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     # Sequence keys: padding mask and bottom-right causal mask (query i sees j <= i + Lk - Lq).
     key_shift = key_len - q_len
     k = K + batch * stride_k_b + kv_head * stride_k_h
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k, v, mask, s_start, s_end,
-        stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos, qk_scale,
-        0, 0.0, q_pos, 0,
-        True, IS_CAUSAL, HAS_MASK, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        acc, m_i, l_i, q, k, v, mask, mask, s_start, s_end,
+        stride_k_l, stride_v_l, stride_mask_l, 0, 0, key_len, head_dim, q_pos,
+        q_pos + key_shift, q_pos, row_ok, qk_scale, 1.0, 0, 0.0, q_pos, 0,
+        True, False, IS_CAUSAL, HAS_MASK, False, False, False, BLOCK_N, BLOCK_D,
+        INPUT_PRECISION)
 
     if IS_SPLIT:
         q_pos = q_pos.to(tl.int64)

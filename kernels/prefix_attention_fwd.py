@@ -32,13 +32,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_terms import (
+    LOG2E,  # noqa: F401  (re-exported: the decode kernel reads it from here)
+    NO_TERMS,
+    _LOG2E,
+    block_ranges,
+    load_bias,
+    logits,
+    query_bounds,
+    term_compile_specs,
+)
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
 from .launch import contiguous_last, dense_index, interpreting
 from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
-
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def dropout_keep(seed, offsets, dropout_p):
@@ -66,16 +73,18 @@ def sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL: tl.constexpr,
 @triton.jit
 def _attend_blocks(
     acc, m_i, l_i, q,
-    K, V, Mask,                  # K, V already at (row, kv head) — pointers, or with USE_TMA
-                                 # (key_len, head_dim) tensor descriptors; Mask at the row
+    K, V, Mask, Bias,            # K, V already at (row, kv head) — pointers, or with USE_TMA
+                                 # (key_len, head_dim) tensor descriptors; Mask at the row;
+                                 # Bias at (row, head)
     start, end,                  # key range [start, end); start is a multiple of BLOCK_N
-    stride_k_l, stride_v_l, stride_mask_l,
-    key_len, head_dim, key_shift, q_pos, qk_scale,
-    seed, dropout_p, rng_rows, rng_col0,   # dropout: Philox row offsets (BLOCK_M,) int64 and
-                                           # the range's first column in [prefix; sequence]
-    CHECK_KEYS: tl.constexpr,    # bounds (and causal, if IS_CAUSAL) masks on this range
-    IS_CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    stride_k_l, stride_v_l, stride_mask_l, stride_bias_l, stride_bias_c,
+    key_len, head_dim, key_lo, key_hi,   # per-query visible interval (attention_terms.py)
+    q_pos, q_ok, qk_scale, softcap_scale,
+    seed, dropout_p, rng_rows, col0,     # dropout: Philox row offsets (BLOCK_M,) int64; col0:
+                                         # the range's first column in [prefix; sequence]
+    CHECK_KEYS: tl.constexpr,    # bounds mask (and the interval checks below) on this range
+    CHECK_LO: tl.constexpr, CHECK_HI: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
@@ -85,8 +94,8 @@ def _attend_blocks(
     d_ok = offs_d < head_dim
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_len
         if CHECK_KEYS:
-            key_ok = keys < key_len
             kt_mask = d_ok[:, None] & key_ok[None, :]
             v_mask = key_ok[:, None] & d_ok[None, :]
         else:
@@ -99,16 +108,22 @@ def _attend_blocks(
         else:
             kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
                          mask=kt_mask, other=0.0)
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
+                      SOFTCAP)
+        if HAS_BIAS:
+            s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
+                           key_ok[None, :], stride_bias_l, stride_bias_c)
         if CHECK_KEYS or HAS_MASK:
             if CHECK_KEYS:
                 visible = key_ok[None, :]
-                if IS_CAUSAL:
-                    visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
+                if CHECK_HI:
+                    visible = visible & (keys[None, :] <= key_hi[:, None])
+                if CHECK_LO:
+                    visible = visible & (keys[None, :] >= key_lo[:, None])
             else:
                 visible = keys[None, :] >= 0
             if HAS_MASK:
-                pad = tl.load(Mask + keys * stride_mask_l, mask=keys < key_len, other=0)
+                pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
                 visible = visible & (pad != 0)[None, :]
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -119,7 +134,7 @@ def _attend_blocks(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            cols = (rng_col0 + keys).to(tl.int64)
+            cols = (col0 + keys).to(tl.int64)
             p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         if USE_TMA:
             v = V.load([start_n, 0])
@@ -135,8 +150,10 @@ def _attend_blocks(
 def _prefix_attention_fwd_kernel(
     Out, Lse, Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex,
     Seed,                        # int64 Philox seed (read only with HAS_DROPOUT)
+    Bias, Sinks, SegStart, SegEnd,   # attention terms (attention_terms.py), read when flagged
     q_len, key_len, prefix_len, head_dim, group_size, qk_scale,
     dropout_p,                   # probability of dropping (used only with HAS_DROPOUT)
+    softcap_scale,               # scale / softcap (used only with SOFTCAP)
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_l,
     stride_v_b, stride_v_h, stride_v_l,
@@ -145,6 +162,9 @@ def _prefix_attention_fwd_kernel(
     stride_o_b, stride_o_h, stride_o_l,
     stride_lse_b, stride_lse_h,
     stride_mask_b, stride_mask_l,
+    window_left, window_right, prefix_left,     # UNBOUNDED where a side has no limit
+    stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_c,   # 0 on broadcast dims
+    stride_seg_b,
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_INDEX: tl.constexpr,     # per-task prefixes: row b reads prefix PrefixIndex[b]
@@ -153,6 +173,9 @@ def _prefix_attention_fwd_kernel(
     BLOCK_D: tl.constexpr,       # next power of two >= head_dim (tl.arange needs a power of 2)
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,   # Hopper: K/V tiles through tensor descriptors (TMA)
+    HAS_BIAS: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+    IS_PACKED: tl.constexpr = False, HAS_WINDOW: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False,
 ):
     # Last dims are contiguous (the launcher guarantees it): d offsets need no stride, and
     # the loads vectorize.
@@ -174,8 +197,13 @@ def _prefix_attention_fwd_kernel(
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_SINKS:
+        # The sink's exp2(sink - m) = 1 at m = sink: it joins the normalizer from the start.
+        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(Sinks + q_head) * _LOG2E
+        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
         row = (batch * tl.num_programs(1) + q_head) * q_len + q_pos
@@ -183,8 +211,8 @@ def _prefix_attention_fwd_kernel(
     else:
         seed = 0
         rng_rows = q_pos
-
-    # Prefix keys: every query sees all of them; only the last block needs a bounds mask.
+    key_shift = key_len - q_len
+    bias = Bias + batch * stride_bias_b + q_head.to(tl.int64) * stride_bias_h
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
     k = K + batch * stride_k_b + kv_head * stride_k_h
@@ -198,33 +226,78 @@ def _prefix_attention_fwd_kernel(
                                       [BLOCK_N, BLOCK_D])
         v = tl.make_tensor_descriptor(v, [key_len, head_dim], [stride_v_l, 1],
                                       [BLOCK_N, BLOCK_D])
-    prefix_full = prefix_len // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, pk, pv, Mask, 0, prefix_full, stride_pk_l, stride_pv_l, 0,
-        prefix_len, head_dim, 0, q_pos, qk_scale, seed, dropout_p, rng_rows, 0,
-        False, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, pk, pv, Mask, prefix_full, prefix_len, stride_pk_l, stride_pv_l, 0,
-        prefix_len, head_dim, 0, q_pos, qk_scale, seed, dropout_p, rng_rows, 0,
-        True, False, False, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
-
-    # Sequence keys: the fully visible blocks run without the causal mask; keys the causal mask
-    # hides from the whole block are never loaded.
-    key_shift = key_len - q_len
-    q_start = q_block * BLOCK_M
-    full_end, end = sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL, BLOCK_M, BLOCK_N)
     mask = Mask + batch * stride_mask_b
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k, v, mask, 0, full_end, stride_k_l, stride_v_l, stride_mask_l,
-        key_len, head_dim, key_shift, q_pos, qk_scale, seed, dropout_p, rng_rows, prefix_len,
-        False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k, v, mask, full_end, end, stride_k_l, stride_v_l, stride_mask_l,
-        key_len, head_dim, key_shift, q_pos, qk_scale, seed, dropout_p, rng_rows, prefix_len,
-        True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+    if HAS_WINDOW or IS_PACKED:
+        # Per-query key intervals (attention_terms.py). Prefix keys below every query's window
+        # are skipped, the rest masked; sequence blocks inside every query's interval run
+        # without interval masks, blocks outside all of them are never loaded.
+        seq_lo, seq_hi, pre_lo = query_bounds(
+            q_pos, row_ok, SegStart + batch * stride_seg_b, SegEnd + batch * stride_seg_b,
+            key_len, key_shift, window_left, window_right, prefix_left, prefix_len, IS_CAUSAL,
+            HAS_WINDOW, IS_PACKED)
+        pre_start, _, _, _ = block_ranges(pre_lo, pre_lo, row_ok, prefix_len, BLOCK_N)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, pk, pv, Mask, bias, pre_start, prefix_len, stride_pk_l,
+            stride_pv_l, 0, stride_bias_l, stride_bias_c, prefix_len, head_dim, pre_lo, pre_lo,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, 0,
+            True, HAS_WINDOW, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D,
+            INPUT_PRECISION, USE_TMA)
+        start, full_start, full_end, end = block_ranges(seq_lo, seq_hi, row_ok, key_len, BLOCK_N)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, start, full_start, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
+            True, True, True, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, full_start, full_end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
+            False, False, False, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, full_end, end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, seq_lo, seq_hi,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, prefix_len,
+            True, True, True, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+    else:
+        # Prefix keys: every query sees all of them; only the last block needs a bounds mask.
+        # Sequence keys: the fully visible blocks run without the causal mask; keys the causal
+        # mask hides from the whole block are never loaded. (No interval vectors stay alive
+        # here: ptxas counted 28 more registers and 416 B of spills with them, sm_90 D = 64.)
+        prefix_full = prefix_len // BLOCK_N * BLOCK_N
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, pk, pv, Mask, bias, 0, prefix_full, stride_pk_l, stride_pv_l, 0,
+            stride_bias_l, stride_bias_c, prefix_len, head_dim, q_pos, q_pos, q_pos, row_ok,
+            qk_scale, softcap_scale, seed, dropout_p, rng_rows, 0,
+            False, False, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D,
+            INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, pk, pv, Mask, bias, prefix_full, prefix_len, stride_pk_l,
+            stride_pv_l, 0, stride_bias_l, stride_bias_c, prefix_len, head_dim, q_pos, q_pos,
+            q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p, rng_rows, 0,
+            True, False, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D,
+            INPUT_PRECISION, USE_TMA)
+        full_end, end = sequence_key_range(q_block * BLOCK_M, key_shift, key_len, IS_CAUSAL,
+                                           BLOCK_M, BLOCK_N)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, 0, full_end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, q_pos,
+            q_pos + key_shift, q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p,
+            rng_rows, prefix_len,
+            False, False, False, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
+        acc, m_i, l_i = _attend_blocks(
+            acc, m_i, l_i, q, k, v, mask, bias, full_end, end, stride_k_l, stride_v_l,
+            stride_mask_l, stride_bias_l, stride_bias_c, key_len, head_dim, q_pos,
+            q_pos + key_shift, q_pos, row_ok, qk_scale, softcap_scale, seed, dropout_p,
+            rng_rows, prefix_len,
+            True, False, IS_CAUSAL, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
+            BLOCK_N, BLOCK_D, INPUT_PRECISION, USE_TMA)
 
-    # A row with no visible key (possible only without a prefix) has l = 0: output zeros and
-    # LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
+    # A row with no visible key (possible only without a prefix or sinks) has l = 0: output
+    # zeros and LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     if HAS_DROPOUT:
@@ -328,7 +401,7 @@ class ForwardInputs:
 
 def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
                          prefix_index=None, *, causal=True, scale=None, out=None, config=None,
-                         dropout_p=0.0, dropout_seed=None):
+                         dropout_p=0.0, dropout_seed=None, terms=NO_TERMS):
     """Returns (out, lse).
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v None, (Hkv, P, D), (B, Hkv, P, D) or
@@ -339,6 +412,7 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     of the scaled scores (+inf for a row with no visible key).
     dropout_p > 0 drops probabilities as `dropout_keep_mask(dropout_seed, ...)` says;
     dropout_seed: 0-d int64 tensor on q's device (read by the kernel: no host sync).
+    terms: `attention_terms.Terms` (bias, window, softcap, sinks, packed segments).
     """
     x = ForwardInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale,
                               out)
@@ -346,12 +420,15 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     Hkv, Lk, P, mask, out, lse = x.k.shape[1], x.k.shape[2], x.prefix_len, x.mask, x.out, x.lse
     if out.numel() == 0:
         return out, lse
+    terms = terms.prepare()
+    qk_scale, softcap_scale = terms.qk_scales(x.scale)
 
     def launch(cfg: TileConfig) -> None:
         grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
         _prefix_attention_fwd_kernel[grid](
             out, lse, *x.pointers(), seed_arg(dropout_p, dropout_seed, x.q),
-            Lq, Lk, P, D, Hq // Hkv, x.scale * LOG2E, float(dropout_p), *x.strides(),
+            *terms.pointers(x.q), Lq, Lk, P, D, Hq // Hkv, qk_scale, float(dropout_p),
+            softcap_scale, *x.strides(), *terms.ints(), **terms.flags(),
             IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=x.index is not None,
             HAS_DROPOUT=dropout_p > 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
@@ -365,7 +442,8 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     else:
         launch_tuned("fwd", q.device, q.dtype, D,
                      (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
-                      length_bucket(P + Lk)), launch, dropout=dropout_p > 0)
+                      length_bucket(P + Lk), *terms.key()), launch, dropout=dropout_p > 0,
+                     terms=terms.any)
     return out, lse
 
 
@@ -474,9 +552,12 @@ SPEC_VARIANTS = (
 
 def spec_signature(fn, constexprs: dict, types: dict) -> dict:
     """Triton types for every runtime argument of `fn`: `types` names pointers and floats;
-    every other runtime argument is an i32 size or stride."""
+    every other runtime argument is an i32 size or stride. A constexpr parameter the spec
+    leaves out keeps its default (it must never be compiled as a runtime int)."""
     params = inspect.signature(fn.fn).parameters
-    return {name: types.get(name, "i32") for name in params if name not in constexprs}
+    constexpr = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+    return {name: types.get(name, "i32") for name in params
+            if name not in constexprs and name not in constexpr}
 
 
 def spec_ints(constexprs: dict) -> dict:
@@ -505,7 +586,8 @@ def spec_variants():
 
 def compile_specs():
     """The forward kernel for every tile candidate (kernels/tiles.py) on the archs that list it,
-    a few also with dropout, and the dropout-mask kernel."""
+    a few also with dropout, with the attention terms' variants, and the dropout-mask
+    kernel."""
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         for cfg, archs in spec_configs("fwd", dtype != torch.float32, block_d):
             constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
@@ -522,6 +604,12 @@ def compile_specs():
                               spec_signature(_prefix_attention_fwd_kernel, constexprs, types),
                               constexprs, cfg.num_warps, cfg.num_stages, archs,
                               ints=spec_ints(constexprs))
+    yield from term_compile_specs(
+        "fwd", _prefix_attention_fwd_kernel, "fwd", ("Out", "Q", "K", "V", "PrefixK", "PrefixV"),
+        dict(Lse="*fp32", Mask="*i8", PrefixIndex="*i64", Seed="*i64", qk_scale="fp32",
+             dropout_p="fp32"),
+        lambda causal, cfg: dict(IS_CAUSAL=causal, HAS_MASK=True, HAS_INDEX=False,
+                                 HAS_DROPOUT=False, USE_TMA=False), takes_sinks=True)
     constexprs = dict(BLOCK_M=MASK_BLOCK[0], BLOCK_N=MASK_BLOCK[1])
     yield CompileSpec("prefix_attention_dropout_mask", _dropout_mask_kernel,
                       spec_signature(_dropout_mask_kernel, constexprs,

@@ -120,13 +120,32 @@ def tma_enabled() -> bool:
 
 
 def candidates(kernel: str, arch: int | None, dtype: torch.dtype, head_dim: int,
-               dropout: bool = False) -> list[TileConfig]:
+               dropout: bool = False, terms: bool = False) -> list[TileConfig]:
     """The configs a launch of `kernel` may use; arch None = the interpreter. The first entry
-    of every table serves dropout too."""
+    of every table serves dropout too; a launch with attention terms (bias, window, softcap,
+    sinks, packing) gets `terms_tile` of it alone (not timed)."""
     if arch is None:
         return [INTERPRETER[kernel]]
     cands = CANDIDATES[kernel][(arch_family(arch), dtype != torch.float32, head_block(head_dim))]
+    if terms:
+        return [terms_tile(kernel, arch_family(arch), cands[0], head_block(head_dim))]
     return [c for c in cands if (not c.tma or tma_enabled()) and (c.dropout_ok or not dropout)]
+
+
+def terms_tile(kernel: str, arch: int, cfg: TileConfig, block_d: int) -> TileConfig:
+    """The fixed tile with room for the attention terms' registers (per-query key intervals,
+    a bias tile, tanh). ptxas, 16-bit, all terms on: the forward's 4-warp D = 64 tile spilled
+    420 B (sm_90) and its 8-warp D = 128 tile 708 B; 8 warps, and half the key block from
+    D = 128, spill nothing on sm_80 or sm_90. sm_80's 128-key dK/dV block at D = 64 spilled
+    24 B, and its prefix dK/dV with a bias 16 B at 3 stages; 64 keys and 2 stages do not. The
+    dQ tiles had room already."""
+    if kernel == "fwd":
+        block_n = max(16, cfg.block_n // 2) if block_d >= 128 else cfg.block_n
+        return TileConfig(cfg.block_m, block_n, max(cfg.num_warps, 8), cfg.num_stages)
+    if kernel == "dkdv" and arch == 80:
+        return TileConfig(cfg.block_m, min(cfg.block_n, 64), cfg.num_warps,
+                          min(cfg.num_stages, 2))
+    return cfg
 
 
 def prefix_tile(prefix_len: int, cfg: TileConfig) -> TileConfig:

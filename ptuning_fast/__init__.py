@@ -1,7 +1,8 @@
 """ptuning_fast: Triton kernels for soft-prompt fine-tuning on frozen transformers models."""
 from . import reference
 from .config import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
-from .integrations import PTuningModel, wrap
+from .integrations import (PTuningModel, initialize_kv_prefix_from_past_key_values,
+                           initialize_kv_prefix_from_text, wrap)
 from .ops import prefix_attention, prompt_embedding
 from .prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 
@@ -9,4 +10,5 @@ __version__ = "0.1.0"
 
 __all__ = ["reference", "prefix_attention", "prompt_embedding", "__version__",
            "PromptEmbedding", "PromptEncoder", "PrefixEncoder",
-           "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "wrap", "PTuningModel"]
+           "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "wrap", "PTuningModel",
+           "initialize_kv_prefix_from_text", "initialize_kv_prefix_from_past_key_values"]

@@ -10,7 +10,10 @@ import torch
 
 from . import reference
 from .kernels.launch import interpreting
+from .packing import packed_segments
 from .validation import (
+    check_attention_terms,
+    check_cu_seqlens_values,
     check_interpreter_dtypes,
     check_prefix_attention,
     check_prefix_attention_values,
@@ -62,7 +65,8 @@ def prompt_embedding(input_ids, weight, prompt, *, prompt_index=None, backend="a
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
                      scale=None, prefix_index=None, backend="auto", dropout_p=0.0,
-                     dropout_seed=None):
+                     dropout_seed=None, bias=None, window_size=(-1, -1), prefix_in_window=True,
+                     softcap=0.0, sinks=None, position_ids=None, cu_seqlens=None):
     """Attention over [prefix K/V; K/V] without materializing the concatenation.
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Hkv, P, D) shared, (B, Hkv, P, D) per row,
@@ -79,22 +83,59 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     with dropout draws the kernels' mask for the same seed where the mask kernel can run (CUDA,
     or CPU under TRITON_INTERPRET=1) and otherwise a `torch.bernoulli` mask: then the two
     backends drop different entries for one seed, as torch's SDPA backends do.
+
+    Attention terms beside the prefix (FlashAttention's names where it has one; no gradient
+    flows to `bias` or `sinks`, which come from frozen weights):
+    - `bias`: additive logits broadcastable to (B, Hq, Lq, P + Lk), prefix columns first
+      (T5's relative position bias as PEFT's cached prefix sees it; ALiBi).
+    - `window_size` (left, right): sliding window, bottom-right aligned like the causal mask:
+      sequence key j is visible to query i only if i + s - left <= j <= i + s + right
+      (s = Lk - Lq; -1: unbounded). transformers' `sliding_window=W` is left = W - 1. With
+      `prefix_in_window` (default: PEFT's result, whose cached prefix sits at positions -P..-1)
+      the window counts the prefix too; False keeps the prefix always visible (as sinks).
+    - `softcap` > 0: logits become softcap * tanh(logits / softcap) (Gemma 2), before `bias`.
+    - `sinks` (Hq,): a per-head logit that joins the softmax normalizer and has no value
+      (GPT-OSS's `s_aux`).
+    - Packed sequences (Lq == Lk): `position_ids` (B, L) restarting at every sequence (a new
+      sequence starts wherever the id is not the previous id + 1, as transformers detects
+      packing) or `cu_seqlens` (N + 1,) cumulative lengths over the flattened B * L tokens.
+      Each sequence sees the prefix and only its own keys: the same result as running every
+      sequence as its own row.
     """
+    check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
+                           dropout_p, dropout_seed, causal)
     check_prefix_attention_values(prefix_k, prefix_index)
+    check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
+                          prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks,
+                          position_ids=position_ids, cu_seqlens=cu_seqlens)
+    check_cu_seqlens_values(cu_seqlens, q.shape[0], q.shape[2])
+    segments = packed_segments(position_ids, cu_seqlens, batch=q.shape[0], length=q.shape[2])
     return layer_prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal,
                                   attention_mask=attention_mask, scale=scale,
                                   prefix_index=prefix_index, backend=backend,
-                                  dropout_p=dropout_p, dropout_seed=dropout_seed)
+                                  dropout_p=dropout_p, dropout_seed=dropout_seed, bias=bias,
+                                  window_size=window_size, prefix_in_window=prefix_in_window,
+                                  softcap=softcap, sinks=sinks, segments=segments)
 
 
 def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
                            attention_mask=None, scale=None, prefix_index=None, backend="auto",
-                           dropout_p=0.0, dropout_seed=None):
+                           dropout_p=0.0, dropout_seed=None, bias=None, window_size=(-1, -1),
+                           prefix_in_window=True, softcap=0.0, sinks=None, segments=None):
     """`prefix_attention` as a model layer calls it: shapes, dtypes and devices are checked
     (metadata only), but not prefix_index's values — the model wrapper checks task_ids once
-    per forward, not once per layer (on a GPU a value check costs a kernel launch)."""
+    per forward, not once per layer (on a GPU a value check costs a kernel launch). Packed
+    sequences come as `segments` = `ptuning_fast.packing.packed_segments(...)`, computed once
+    per model forward."""
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
                            dropout_p, dropout_seed, causal)
+    if segments is not None:
+        _check_segments(segments, q, k)
+    check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
+                          prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks)
+    window_size = tuple(window_size)
+    terms = dict(bias=bias, window_size=window_size, prefix_in_window=prefix_in_window,
+                 softcap=float(softcap), sinks=sinks, segments=segments)
     dropout_p = float(dropout_p)
     seed = None
     if dropout_p > 0:
@@ -107,15 +148,29 @@ def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
         return reference.attend(q, k, v, prefix_k, prefix_v, causal=causal,
                                 attention_mask=attention_mask, scale=scale,
                                 prefix_index=prefix_index, dropout_p=dropout_p,
-                                dropout_mask=mask)
+                                dropout_mask=mask, **terms)
     if q.device.type == "cpu":
         check_interpreter_dtypes("prefix_attention", {"q": q, "k": k, "v": v, "prefix_k": prefix_k,
-                                                      "prefix_v": prefix_v})
+                                                      "prefix_v": prefix_v, "bias": bias,
+                                                      "sinks": sinks})
     from .fused.prefix_attention import prefix_attention_fused
     return prefix_attention_fused(q, k, v, prefix_k, prefix_v, causal=causal,
                                   attention_mask=attention_mask, scale=scale,
                                   prefix_index=prefix_index, dropout_p=dropout_p,
-                                  dropout_seed=seed)
+                                  dropout_seed=seed, **terms)
+
+
+def _check_segments(segments, q, k) -> None:
+    """`segments` as `packed_segments` makes them: (start, end) int32 (B, Lq) on q's device,
+    and Lq == Lk."""
+    B, _, Lq, _ = q.shape
+    ok = k.shape[2] == Lq and isinstance(segments, tuple) and len(segments) == 2 and all(
+        isinstance(s, torch.Tensor) and s.dtype == torch.int32 and tuple(s.shape) == (B, Lq)
+        and s.device == q.device for s in segments)
+    if not ok:
+        raise ValueError(f"prefix_attention: `segments` must be ptuning_fast.packing."
+                         f"packed_segments(...)'s (start, end), int32 (B, Lq) = ({B}, {Lq}) on "
+                         f"{q.device}; got {segments!r}"[:400])
 
 
 # Seeds are drawn from [0, 2**62): any int64 works for Philox; this range is what gets drawn.

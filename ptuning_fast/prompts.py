@@ -12,6 +12,7 @@ encoder input); the same layout here keeps checkpoints and the encoder's functio
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,9 @@ def _vocab_rows(word_embeddings: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return word_embeddings(ids.to(word_embeddings.weight.device)).detach().float()
 
 
-def _token_ids(text, tokenizer, what: str) -> list[int]:
+def _token_ids(text, tokenizer, what: str, special_tokens: bool) -> list[int]:
+    """`text` as token ids; `special_tokens`: tokenized as PEFT's TEXT init does (the
+    tokenizer's default, BOS/EOS included where it adds them)."""
     if isinstance(text, (list, tuple)) and all(isinstance(i, int) for i in text):
         return list(text)
     if not isinstance(text, str):
@@ -103,10 +106,22 @@ def _token_ids(text, tokenizer, what: str) -> list[int]:
     if tokenizer is None:
         raise ValueError(f"{what} {text!r} is a string: pass `tokenizer=` to wrap / "
                          "PromptEmbedding.from_config, or set `tokenizer_name_or_path`")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text)["input_ids"] if special_tokens \
+        else tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"{what} {text!r} tokenizes to no tokens")
     return ids
+
+
+def _load_tokenizer(config: PromptTuningConfig):
+    """PEFT's way: AutoTokenizer.from_pretrained(tokenizer_name_or_path, **tokenizer_kwargs),
+    never with remote code (PEFT drops trust_remote_code too; here with a warning)."""
+    from transformers import AutoTokenizer
+    kwargs = dict(config.tokenizer_kwargs or {})
+    if kwargs.pop("trust_remote_code", None) is not None:
+        warnings.warn("tokenizer_kwargs['trust_remote_code'] is dropped (as PEFT drops it): the "
+                      "prompt's tokenizer never runs remote code", stacklevel=4)
+    return AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
 
 
 class PromptEmbedding(_TaskPrompts):
@@ -121,12 +136,12 @@ class PromptEmbedding(_TaskPrompts):
                     word_embeddings: nn.Module | None = None, tokenizer=None) -> "PromptEmbedding":
         module = cls(config.num_virtual_tokens, dims.hidden_size, config.num_tasks,
                      dims.num_transformer_submodules)
-        if config.init != "random":
+        init = config.prompt_tuning_init
+        if init != "RANDOM" and not config.inference_mode:     # PEFT: inference skips inits
             if word_embeddings is None:
-                raise ValueError(f"init={config.init!r} needs the model's word embeddings")
+                raise ValueError(f"prompt_tuning_init={init!r} needs the model's word embeddings")
             if tokenizer is None and config.tokenizer_name_or_path:
-                from transformers import AutoTokenizer
-                tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+                tokenizer = _load_tokenizer(config)
             module.init_from_vocab(config, word_embeddings, tokenizer)
         return module
 
@@ -135,19 +150,21 @@ class PromptEmbedding(_TaskPrompts):
                         tokenizer=None) -> None:
         P, T = self.rows_per_task, self.num_tasks     # PEFT initializes all S * P rows
         vocab = word_embeddings.weight.shape[0]
-        if config.init == "sample_vocab":
+        init, text = config.prompt_tuning_init, config.prompt_tuning_init_text
+        if init == "SAMPLE_VOCAB":
             rows = _vocab_rows(word_embeddings, torch.randint(0, vocab, (P,)))
-        elif config.init == "text":
-            ids = _token_ids(config.init_text, tokenizer, "init_text")
+        elif init == "TEXT":
+            ids = _token_ids(text, tokenizer, "prompt_tuning_init_text", special_tokens=True)
             ids = (ids * math.ceil(P / len(ids)))[:P]    # repeat, then truncate to P tokens
             rows = _vocab_rows(word_embeddings, torch.tensor(ids))
-        else:  # "labels": Lester et al.'s class-label initialization
-            labels = config.init_text.split() if isinstance(config.init_text, str) \
-                else list(config.init_text)
+        else:  # "LABELS": Lester et al.'s class-label initialization
+            labels = text.split() if isinstance(text, str) else list(text)
             if len(labels) > P:
                 raise ValueError(f"{len(labels)} labels for only {P} virtual tokens")
+            # Label words without special tokens: a BOS would pull every mean towards it.
             label_rows = [_vocab_rows(word_embeddings, torch.tensor(
-                _token_ids(label, tokenizer, "label"))).mean(0) for label in labels]
+                _token_ids(label, tokenizer, "label", special_tokens=False))).mean(0)
+                for label in labels]
             rest = _vocab_rows(word_embeddings, torch.randint(0, vocab, (P - len(labels),)))
             rows = torch.cat([torch.stack(label_rows), rest])
         self.embedding.weight.copy_(rows.repeat(T, 1).to(self.embedding.weight))
@@ -166,6 +183,7 @@ class PromptEncoder(_TaskPrompts):
                  num_transformer_submodules: int = 1):
         super().__init__(num_virtual_tokens, num_tasks, token_dim, num_transformer_submodules)
         hidden = encoder_hidden_size or token_dim
+        encoder = encoder.lower()           # PEFT's "MLP" / "LSTM" or ours
         self.encoder = encoder
         self.encoder_hidden_size = hidden
         if encoder == "lstm":
@@ -247,8 +265,9 @@ class PrefixEncoder(_TaskPrompts):
 
     def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, token_dim: int | None = None, projection: bool = False,
-                 encoder_hidden_size: int | None = 512, dropout: float = 0.0,
-                 num_tasks: int = 1, layer_shapes: tuple | None = None):
+                 encoder_hidden_size: int | None = None, dropout: float = 0.0,
+                 num_tasks: int = 1, init_weights: str | None = None,
+                 layer_shapes: tuple | None = None):
         if layer_shapes is not None and len(layer_shapes) != num_layers:
             raise ValueError(f"`layer_shapes` must give (kv heads, head dim) for each of the "
                              f"{num_layers} layers, got {len(layer_shapes)}")
@@ -264,13 +283,21 @@ class PrefixEncoder(_TaskPrompts):
         if projection:
             self.transform = nn.Sequential(nn.Linear(token_dim, encoder_hidden_size), nn.Tanh(),
                                            nn.Linear(encoder_hidden_size, flat))
+        if init_weights == "zero":       # PEFT's: the prefix starts at zero
+            with torch.no_grad():
+                for p in (self.transform[-1].parameters() if projection
+                          else self.embedding.parameters()):
+                    p.zero_()
+        elif init_weights is not None:
+            raise ValueError(f"`init_weights` must be None or 'zero', got {init_weights!r}")
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
     def from_config(cls, config: PrefixTuningConfig, dims: ModelDims) -> "PrefixEncoder":
         return cls(config.num_virtual_tokens, dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                   dims.prefix_token_dim, config.projection, config.encoder_hidden_size,
-                   config.dropout, config.num_tasks, dims.layer_kv_shapes)
+                   dims.prefix_token_dim, config.prefix_projection,
+                   config.encoder_hidden_size, config.dropout, config.num_tasks,
+                   config.init_weights, dims.layer_kv_shapes)
 
     def _encoder_modules(self) -> list[str]:
         return ["transform"] if self.projection else []

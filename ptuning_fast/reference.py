@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from .packing import packed_segments
 from .validation import (
+    check_attention_terms,
+    check_cu_seqlens_values,
     check_dropout_mask,
     check_prefix_attention,
     check_prefix_attention_values,
@@ -48,26 +51,48 @@ def _per_row_prefix(prefix, prefix_index, batch):
     return prefix
 
 
-def visible_keys(batch, q_len, k_len, prefix_len, *, causal, attention_mask, device):
+def visible_keys(batch, q_len, k_len, prefix_len, *, causal, attention_mask, device,
+                 window_size=(-1, -1), prefix_in_window=True, segments=None):
     """Bool (B, 1, Lq, P + Lk): which of the concatenated keys each query sees.
 
-    Every prefix key is visible; sequence key j is visible iff the padding mask allows it and,
-    when causal, j <= i + (Lk - Lq) (bottom-right aligned, so a decode step sees its cache).
+    Sequence key j is visible to query i iff the padding mask allows it and, when causal,
+    j <= i + (Lk - Lq) (bottom-right aligned, so a decode step sees its cache); a sliding
+    window (left, right) (-1: unbounded) also needs i + shift - left <= j <= i + shift + right;
+    packed `segments` (start, end) (B, L) need j in query i's own segment. Every prefix key is
+    visible, except that with a left window and `prefix_in_window` the prefix sits just before
+    the sequence (at positions -P .. -1, as in PEFT's cache; before the query's own segment when
+    packed): prefix key c is visible iff c - P >= (i - segment start) + shift - left.
     """
-    i = torch.arange(q_len, device=device).view(q_len, 1)
-    j = torch.arange(k_len, device=device).view(1, k_len)
+    shift = k_len - q_len
+    left, right = window_size
+    i = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
+    j = torch.arange(k_len, device=device).view(1, 1, 1, k_len)
     seq = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
     if causal:
-        seq = seq & (j <= i + (k_len - q_len))
+        seq = seq & (j <= i + shift)
+    if left >= 0:
+        seq = seq & (j >= i + shift - left)
+    if right >= 0:
+        seq = seq & (j <= i + shift + right)
     if attention_mask is not None:
         seq = seq & attention_mask.bool().view(batch, 1, 1, k_len)
+    local = i.expand(batch, 1, q_len, 1)
+    if segments is not None:
+        start, end = (s.long().view(batch, 1, k_len, 1) for s in segments)
+        seq = seq & (j >= start) & (j < end)          # Lq == Lk when packed
+        local = local - start
+    c = torch.arange(prefix_len, device=device).view(1, 1, 1, prefix_len)
     pre = torch.ones(batch, 1, q_len, prefix_len, dtype=torch.bool, device=device)
+    if left >= 0 and prefix_in_window:
+        pre = pre & (c - prefix_len >= local + shift - left)
     return torch.cat([pre, seq], dim=-1)
 
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
                      scale=None, prefix_index=None, backend="reference", upcast=False,
-                     dropout_p=0.0, dropout_mask=None):
+                     dropout_p=0.0, dropout_mask=None, bias=None, window_size=(-1, -1),
+                     prefix_in_window=True, softcap=0.0, sinks=None, position_ids=None,
+                     cu_seqlens=None):
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], per (batch row, query head).
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Hkv, P, D) shared, (B, Hkv, P, D) per row,
@@ -83,15 +108,25 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     """
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
                            dropout_p, causal=causal)
+    check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
+                          prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks,
+                          position_ids=position_ids, cu_seqlens=cu_seqlens)
     check_prefix_attention_values(prefix_k, prefix_index)
+    check_cu_seqlens_values(cu_seqlens, q.shape[0], q.shape[2])
+    segments = packed_segments(position_ids, cu_seqlens, batch=q.shape[0], length=q.shape[2])
     return attend(q, k, v, prefix_k, prefix_v, causal=causal, attention_mask=attention_mask,
                   scale=scale, prefix_index=prefix_index, upcast=upcast, dropout_p=dropout_p,
-                  dropout_mask=dropout_mask)
+                  dropout_mask=dropout_mask, bias=bias, window_size=tuple(window_size),
+                  prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks,
+                  segments=segments)
 
 
 def attend(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
-           scale=None, prefix_index=None, upcast=False, dropout_p=0.0, dropout_mask=None):
-    """`prefix_attention` on inputs already validated (by `ptuning_fast.ops`)."""
+           scale=None, prefix_index=None, upcast=False, dropout_p=0.0, dropout_mask=None,
+           bias=None, window_size=(-1, -1), prefix_in_window=True, softcap=0.0, sinks=None,
+           segments=None):
+    """`prefix_attention` on inputs already validated (by `ptuning_fast.ops`); packed
+    sequences as `segments` (start, end) from `ptuning_fast.packing.packed_segments`."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -108,13 +143,24 @@ def attend(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
 
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)          # Gemma 2's logit soft-capping
+    if bias is not None:
+        scores = scores + bias.to(compute)
     allowed = visible_keys(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
-                           device=q.device)
+                           device=q.device, window_size=window_size,
+                           prefix_in_window=prefix_in_window, segments=segments)
     any_visible = allowed.any(dim=-1, keepdim=True)
     # Masked keys get -inf; a row with no visible key gets finite zeros instead (softmax of an
     # all -inf row is NaN, and NaN * 0 would still poison the backward), then is zeroed below.
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_visible, 0.0)
-    probs = torch.softmax(scores.to(softmax_dtype), dim=-1) * allowed
+    scores = scores.to(softmax_dtype)
+    if sinks is not None:
+        # GPT-OSS's sink logits: one extra softmax column per head, with no value.
+        sink = sinks.to(softmax_dtype).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1] * allowed
+    else:
+        probs = torch.softmax(scores, dim=-1) * allowed
     if dropout_p > 0:
         check_dropout_mask(dropout_mask, (B, Hq, Lq, P + Lk), q.device)
         probs = probs * dropout_mask / (1.0 - dropout_p)

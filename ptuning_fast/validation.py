@@ -250,3 +250,75 @@ def check_dropout_mask(mask, shape, device) -> None:
     if mask.dtype != torch.bool or tuple(mask.shape) != shape or mask.device != device:
         raise ValueError(f"prefix_attention: `dropout_mask` must be a bool tensor of shape "
                          f"(B, Hq, Lq, P + Lk) = {shape} on {device}, got {describe(mask)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_attention_terms(q, k, prefix_k, *, bias=None, window_size=(-1, -1),
+                          prefix_in_window=True, softcap=0.0, sinks=None, position_ids=None,
+                          cu_seqlens=None) -> None:
+    """The attention terms beside the prefix (q and k already checked): additive `bias`,
+    sliding `window_size`, logit `softcap`, per-head `sinks`, packed sequences."""
+    r = Reasons("prefix_attention")
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    P = prefix_length(prefix_k)
+    if bias is not None and require_tensor(r, "bias", bias, (4,), FLOAT_DTYPES):
+        want = (B, Hq, Lq, P + Lk)
+        if any(g not in (1, w) for g, w in zip(bias.shape[:2], want[:2])) \
+                or tuple(bias.shape[2:]) != want[2:]:
+            r.value(f"`bias` must broadcast to (B, Hq, Lq, P + Lk) = {want} (first two dims may "
+                    f"be 1; it covers the prefix columns first), got {describe(bias)}")
+        if bias.requires_grad and torch.is_grad_enabled():
+            r.value(f"`bias` requires grad, but prefix_attention computes no gradient for it "
+                    f"(biases come from frozen weights); pass bias.detach(), got "
+                    f"{describe(bias)}")
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(_is_int(w) and w >= -1 for w in window_size)):
+        r.value(f"`window_size` must be a pair (left, right) of ints >= -1 (-1: unbounded), "
+                f"got {window_size!r}")
+    if not isinstance(prefix_in_window, bool):
+        r.type(f"`prefix_in_window` must be a bool, got {type(prefix_in_window).__name__} "
+               f"{prefix_in_window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        r.type(f"`softcap` must be a float (0: off), got {type(softcap).__name__} {softcap!r}")
+    elif not (math.isfinite(softcap) and softcap >= 0):
+        r.value(f"`softcap` must be a finite float >= 0 (0: off), got {softcap!r}")
+    if sinks is not None and require_tensor(r, "sinks", sinks, (1,), FLOAT_DTYPES):
+        if sinks.shape[0] != Hq:
+            r.value(f"`sinks` must have shape (Hq,) = ({Hq},), got {describe(sinks)}")
+        if sinks.requires_grad and torch.is_grad_enabled():
+            r.value(f"`sinks` requires grad, but prefix_attention computes no gradient for it "
+                    f"(sink logits come from frozen weights); pass sinks.detach(), got "
+                    f"{describe(sinks)}")
+    packed = position_ids is not None or cu_seqlens is not None
+    if position_ids is not None and cu_seqlens is not None:
+        r.value("give packed sequences as `position_ids` or as `cu_seqlens`, not both")
+    elif position_ids is not None:
+        if require_tensor(r, "position_ids", position_ids, (2,), INDEX_DTYPES) \
+                and tuple(position_ids.shape) != (B, Lk):
+            r.value(f"`position_ids` must have shape (B, Lk) = ({B}, {Lk}), "
+                    f"got {describe(position_ids)}")
+    elif cu_seqlens is not None:
+        require_tensor(r, "cu_seqlens", cu_seqlens, (1,), INDEX_DTYPES)
+    if packed and Lq != Lk:
+        r.value(f"packed sequences need Lq == Lk (a training or prefill step, no cache), got "
+                f"Lq={Lq}, Lk={Lk}")
+    require_same_device(r, {"q": q, "bias": bias, "sinks": sinks, "position_ids": position_ids,
+                            "cu_seqlens": cu_seqlens})
+    r.raise_if_any()
+
+
+def check_cu_seqlens_values(cu_seqlens, batch: int, length: int) -> None:
+    """Cumulative lengths start at 0, never decrease and end at B * L (checked on CPU only:
+    elsewhere it would cost a host sync per call; the model wrapper builds them itself)."""
+    if cu_seqlens is None or cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    values = cu_seqlens.tolist()
+    if not values or values[0] != 0 or values[-1] != batch * length \
+            or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"prefix_attention: `cu_seqlens` must start at 0, never decrease and end "
+                         f"at B * L = {batch * length}, got {values[:8]}"
+                         f"{' ...' if len(values) > 8 else ''}")

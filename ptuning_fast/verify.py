@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .error_bound import check_error
+from .progress import Progress
 
 OPS = ("prompt_embedding", "prefix_attention")
 
@@ -164,19 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     failures = 0
-    for case in cases(args.quick, on_gpu):
-        if case.op not in wanted:
-            continue
+    chosen = [case for case in cases(args.quick, on_gpu) if case.op in wanted]
+    progress = Progress(len(chosen) * len(dtypes))       # a line per check on stderr
+    for case in chosen:
         for dtype in dtypes:
+            progress.start(f"{case.op} {case.shape} {str(dtype)[6:]}")
             try:
                 rows = check(case, dtype, device)
             except Exception as exc:  # a crash is a failure; report it and go on
                 failures += 1
+                progress.done("ERROR")
                 print(f"{case.op:<17} {case.shape:<58} {str(dtype)[6:]:<9} "
                       f"ERROR {type(exc).__name__}: {exc}")
                 continue
+            failed = sum(not ok for *_, ok in rows)
+            failures += failed
+            progress.done(f"{failed} of {len(rows)} FAIL" if failed else "pass")
             for name, err, rel, allowed, ok in rows:
-                failures += not ok
                 print(f"{case.op:<17} {case.shape:<58} {str(dtype)[6:]:<9} {name:<10} "
                       f"{err:>11.3e} {rel:>9.2e} {allowed:>9.2e}  {'pass' if ok else 'FAIL'}")
     print(f"\n{'all checks passed' if not failures else f'{failures} check(s) failed'}")

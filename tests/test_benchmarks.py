@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE, assert_close
 
+import ptuning_fast as pf
 from ptuning_fast import reference
+from ptuning_fast.benchmarks import attention as bench_attention
 from ptuning_fast.benchmarks import command, flops, models, providers, report, results
+from ptuning_fast.benchmarks import terms as bench_terms
 from ptuning_fast.benchmarks.case import Case
 from ptuning_fast.benchmarks.embedding import naive_prompt_embedding
 
@@ -313,3 +317,30 @@ def test_targets_table_judges_the_worst_case():
         "1 | 0.60x | <= 0.70x | yes |"
     assert verdict["prefix attention fwd TFLOP/s, Lk = 8192"] == "0 | – | >= 450 TF/s | no data |"
     assert "## Targets" not in report.markdown({**head, "device": "CPU: x"}, records)
+
+
+def test_terms_cases_cover_every_term_and_count_only_visible_pairs():
+    cpu = torch.device("cpu")
+    cases = bench_terms.terms_cases(cpu, False, ["fused", "naive"])
+    assert {c.terms for c in cases} == set(bench_terms.TERM_SETS)
+    assert {c.provider for c in cases} == {"fused", "naive"}
+    by_terms = {c.terms: c for c in cases if c.provider == "naive" and c.mode == "fwd"}
+    work = {t: c.prepare(c, cpu).flops for t, c in by_terms.items()}
+    c = by_terms["none"]
+    assert work["none"] == flops.attention_flops(c.B, c.Hq, c.Lq, c.Lk, c.P, c.D, True, "fwd")
+    assert work["window"] < work["none"] and work["packed"] < work["none"]
+    assert work["softcap"] == work["bias"] == work["sinks"] == work["none"]
+
+
+@pytest.mark.parametrize("terms", bench_terms.TERM_SETS)
+def test_terms_case_kwargs_run_the_kernels_as_the_reference(terms):
+    """What the terms benchmark passes is accepted and computed alike by both backends (small
+    shape, under the interpreter)."""
+    case = Case("attention_terms", "fwd", "fused", "fp32", B=2, Hq=4, Hkv=2, Lq=24, Lk=24, P=5,
+                D=32, causal=True, terms=terms)
+    x = bench_attention._inputs(case, DEVICE, requires_grad=False)
+    kwargs = bench_terms.term_kwargs(terms, case, DEVICE)
+    got = pf.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, backend="triton", **kwargs)
+    want = reference.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, upcast=True,
+                                      **kwargs)
+    assert_close(got, want, torch.float32)

@@ -1,9 +1,7 @@
 """DistributedDataParallel on 2 CPU processes (gloo) matches a single-process run, and only the
 soft-prompt gradients are all-reduced."""
 import os
-import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,22 +9,16 @@ from safetensors.torch import load_file, save_file
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import batch, tiny_llama
+from distributed import WORLD, free_port, needs_gloo, soft_prompt_model
+from models import batch
 
-WORLD = 2
 STEPS = 3
 METHODS = {"prefix": lambda: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16),
            "prompt": lambda: pf.PTuningConfig(3, encoder_hidden_size=16)}
 
 
 def make_model(method):
-    torch.manual_seed(0)
-    model = pf.wrap(tiny_llama(0), METHODS[method](), backend="reference").train()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.normal_(0, 0.3)
-    return model
+    return soft_prompt_model(METHODS[method]())
 
 
 def step_batches():
@@ -69,16 +61,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@needs_gloo
 def test_ddp_two_processes_match_single_process(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD,
                        start_method="spawn", join=True)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
     for method in METHODS:

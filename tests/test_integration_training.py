@@ -237,14 +237,3 @@ def test_autocast_bf16_training_step(use_cache, monkeypatch):
     assert_close(loss.float(), exact, torch.bfloat16, name="autocast loss")
     assert all(p.grad is not None and p.grad.dtype == torch.float32
                for p in model.trainable_parameters().values())
-
-
-def test_packed_sequences_are_a_clear_error():
-    model = pf.wrap(tiny_llama(0), CONFIGS["prefix"]())
-    ids, _, _ = batch("llama")
-    L = ids.shape[1]
-    packed = torch.cat([torch.arange(L // 2), torch.arange(L - L // 2)]).expand(ids.shape[0], -1)
-    with pytest.raises(NotImplementedError, match="packed sequences"):
-        model(input_ids=ids, position_ids=packed)
-    # One sequence per row with explicit positions still runs.
-    model(input_ids=ids, position_ids=torch.arange(L).expand(ids.shape[0], -1))

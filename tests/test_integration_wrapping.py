@@ -30,9 +30,7 @@ def _qkv():
 
 
 @pytest.mark.parametrize("name, value", [
-    ("position_bias", torch.zeros(1, 4, 5, 5)),        # T5's relative position bias
-    ("s_aux", torch.zeros(4)),                          # GPT-OSS's attention sinks
-    ("cu_seq_lens_q", torch.tensor([0, 5])),            # packed sequences
+    ("seq_idx", torch.zeros(2, 5, dtype=torch.int32)),  # Mamba-style packing ids
     ("some_future_kwarg", 1.5),
 ])
 def test_unknown_attention_kwargs_are_refused(name, value):
@@ -58,24 +56,6 @@ def test_is_causal_kwarg_overrides_the_module():
     out, _ = attention.prefix_attention_forward(_Attention(), q, k, v, None, is_causal=False)
     want = reference.prefix_attention(q, k, v, causal=False).transpose(1, 2)
     assert_close(out, want, torch.float32)
-
-
-def test_a_sliding_window_covering_every_key_is_accepted():
-    q, k, v = _qkv()
-    attention.prefix_attention_forward(_Attention(), q, k, v, None, sliding_window=5)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        attention.prefix_attention_forward(_Attention(), q, k, v, None, sliding_window=4)
-
-
-def test_gpt_oss_sinks_are_a_clear_error():
-    cfg = T.GptOssConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64,
-                         layer_types=["full_attention"], pad_token_id=0,
-                         attn_implementation="eager")
-    model = pf.wrap(T.GptOssForCausalLM(cfg).eval(), pf.PrefixTuningConfig(3))
-    with pytest.raises(NotImplementedError, match="GptOssForCausalLM.*`s_aux`"):
-        model(input_ids=torch.randint(3, 97, (2, 5)))
 
 
 def test_encoder_decoder_prefix_tuning_is_refused_untouched():

@@ -112,21 +112,23 @@ def exact(*args, **kwargs):
     return reference.prefix_attention(*args, upcast=True, **kwargs)
 
 
-def check_against_reference(case, dtype, rule="flash"):
+def check_against_reference(case, dtype, rule="flash", **terms):
     """Forward and every gradient vs the float64 reference. fp32: the tolerance table. 16-bit:
     FlashAttention's rule (`rule="flash"`), or the table (`rule="table"`) for the property
     test's tiny shapes, where the max error is over a handful of elements and a single rounding
     of Delta = rowsum(dO * O) (O stored in 16 bits, as in every FA2 backward) can exceed
-    twice the reference's error by luck."""
+    twice the reference's error by luck. `terms`: attention terms (bias, window_size, ...)
+    passed to both."""
     inputs, mask, index = make_inputs(case, dtype)
     grad_out = torch.randn(case.B, case.Hq, case.Lq, case.D, dtype=torch.float64, device=DEVICE)
-    out, grads = run(fused, inputs, mask, index, case, grad_out)
-    ref, ref_grads = run(exact, inputs, mask, index, case, grad_out)
+    out, grads = run(fused, inputs, mask, index, case, grad_out, **terms)
+    ref, ref_grads = run(exact, inputs, mask, index, case, grad_out, **terms)
     assert out.shape == ref.shape and out.dtype == dtype
     if dtype == torch.float32 or rule == "table":
         assert_close(out, ref, dtype, "fwd")
     else:
-        low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out)
+        low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out,
+                             **terms)
         assert torch.isfinite(out).all()
         assert_error_within(out, low, ref)
     for name, t, g, want in zip(NAMES, inputs, grads, ref_grads):
@@ -434,7 +436,7 @@ def test_gpu_tile_configs_under_interpreter(monkeypatch, arch, dtype, D, i):
     # the tiles it would on a GPU of that arch (BLOCK_M up to 128, BLOCK_M != BLOCK_N) and sizes
     # its splits for that GPU's SMs, so the block bounds and split ranges are checked.
     original = tiles.candidates
-    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d, drop=False: (
+    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d, drop=False, terms=False: (
         [_nth_candidate(kernel, a, dt, d, i, original)] if a is not None
         else original(kernel, a, dt, d)))
     case = Case(1, 2, 1, 70, 150, D, 70, "shared", "left")

@@ -96,25 +96,26 @@ def _input_sets(case: Case, device) -> int:
     return 3 if per_set < 2**30 else 1
 
 
+def timed_step(attend, x: providers.AttnInputs, backward: bool):
+    """One timed unit: `attend()` without autograd, or with the gradients of every input."""
+    if not backward:
+        def step():
+            with torch.no_grad():
+                return attend()
+        return step
+    leaves = (x.q, x.k, x.v, x.prefix_k, x.prefix_v)
+    grad_out = torch.randn_like(x.q)
+    # autograd.grad, not .backward(): no gradient accumulation into .grad
+    return lambda: torch.autograd.grad(attend(), leaves, grad_out)
+
+
 def prepare_attention(case: Case, device: torch.device) -> Prepared:
     backward = case.mode == "fwd_bwd"
     decode = case.op == "decode"
     steps = []
     for _ in range(_input_sets(case, device)):
         x = _inputs(case, device, requires_grad=backward)
-        attend = providers.setup(case.provider, x, decode=decode)
-        if backward:
-            leaves = (x.q, x.k, x.v, x.prefix_k, x.prefix_v)
-            grad_out = torch.randn_like(x.q)
-
-            def step(attend=attend, leaves=leaves, grad_out=grad_out):
-                # autograd.grad, not .backward(): no gradient accumulation into .grad
-                return torch.autograd.grad(attend(), leaves, grad_out)
-        else:
-            def step(attend=attend):
-                with torch.no_grad():
-                    return attend()
-        steps.append(step)
+        steps.append(timed_step(providers.setup(case.provider, x, decode=decode), x, backward))
     rotation = itertools.cycle(steps)
     element = torch_dtype(case.dtype).itemsize
     return Prepared(

@@ -32,7 +32,8 @@ class Prepared:
 
 @dataclass
 class Case:
-    op: str         # prefix_attention | prompt_embedding | decode | train_step | generate
+    op: str         # prefix_attention | attention_terms | prompt_embedding | decode |
+                    # train_step | generate
     mode: str       # fwd | fwd_bwd | step | greedy
     provider: str
     dtype: str
@@ -45,6 +46,7 @@ class Case:
     D: int | None = None
     causal: bool | None = None
     method: str | None = None   # train_step / generate: prefix_tuning | prompt_tuning | ...
+    terms: str | None = None    # attention_terms: none | window | softcap | bias | ...
     prepare: Callable[["Case", torch.device], Prepared] | None = field(
         default=None, repr=False, compare=False)
 
@@ -55,9 +57,10 @@ class Case:
 
     def label(self) -> str:
         shape = " ".join(f"{k}={v}" for k, v in self.fields().items()
-                         if k not in ("op", "mode", "provider", "dtype", "method", "causal")
+                         if k not in ("op", "mode", "provider", "dtype", "method", "causal", "terms")
                          and v is not None)
-        what = f"{self.op}/{self.mode}" + (f"/{self.method}" if self.method else "")
+        what = f"{self.op}/{self.mode}" + (f"/{self.method}" if self.method else "") \
+            + (f"/{self.terms}" if self.terms else "")
         return f"{what} {self.provider} {self.dtype} {shape}"
 
 

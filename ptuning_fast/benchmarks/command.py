@@ -1,5 +1,5 @@
-"""`ptuning-fast bench`: build the cases, run each with a progress bar, write JSON + markdown +
-one PNG per op, print the tables."""
+"""`ptuning-fast bench`: build the cases, run each (a progress line per case on stderr), write
+JSON + markdown + one PNG per op, print the tables."""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import attention, embedding, models, providers, report, results
+from ..progress import Progress
+from . import attention, embedding, models, providers, report, results, terms
 from .case import Case, Unavailable
 from .timing import median_ms, peak_memory_mb
 
-OPS = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
+OPS = ("prefix_attention", "attention_terms", "decode", "prompt_embedding", "train_step",
+       "generate")
 INTERRUPTED = "not run: the run was interrupted (time limit or Ctrl-C) before this case"
 GPU_NOTICE = ("No CUDA device: timing the reference-style paths against each other at small "
               "sizes, labelled CPU. Kernel timings need a GPU.")
@@ -63,6 +65,7 @@ def _subset(parser, flag: str, value: str, allowed) -> list[str]:
 def build_cases(ops, provider_names, device: torch.device, quick: bool) -> list[Case]:
     builders = {
         "prefix_attention": lambda: attention.attention_cases(device, quick, provider_names),
+        "attention_terms": lambda: terms.terms_cases(device, quick, provider_names),
         "decode": lambda: attention.decode_cases(device, quick, provider_names),
         "prompt_embedding": lambda: embedding.prompt_embedding_cases(device, quick,
                                                                      provider_names),
@@ -148,34 +151,39 @@ def rerender(sources: list[Path], out: Path | None) -> int:
 
 
 def run_all(args, device: torch.device) -> tuple[list[dict], int, dict]:
-    """Runs every selected case under a progress bar; returns (records, failures, header)."""
-    from tqdm import tqdm
+    """Runs every selected case, a progress line per case on stderr as it starts and ends;
+    returns (records, failures, header)."""
     torch.manual_seed(0)
     cases = build_cases(args.ops, args.providers, device, args.quick)
     head = results.header(device)
     records, failures, reasons_seen = [], 0, set()
-    # Logs (a GPU session's) get a refresh a few seconds apart rather than one per case.
-    refresh_s = 0.1 if sys.stderr.isatty() else 5.0
-    with warnings.catch_warnings(), tqdm(cases, unit="case", file=sys.stderr,
-                                         mininterval=refresh_s) as bar:
+    progress = Progress(len(cases))
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # PEFT's, transformers' and eager flex's chatter
-        for index, case in enumerate(bar):
-            bar.set_description(case.label()[:70], refresh=False)
+        for index, case in enumerate(cases):
+            progress.start(case.label())
             try:
                 record, failed = run_case(case, device, args.quick)
             except KeyboardInterrupt:
                 # A time limit (timeout -s INT) or Ctrl-C: keep what was measured, say what was not.
-                bar.write(f"interrupted: {len(cases) - index} case(s) not run")
+                progress.done(f"interrupted: {len(cases) - index} case(s) not run")
                 records += [results.skipped_record(c, INTERRUPTED) for c in cases[index:]]
                 failures += 1
                 break
             failures += failed
             records.append(record)
             reason = record["skipped"]
+            progress.done(_outcome(record, failed))
             if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
                 reasons_seen.add((case.op, case.provider, reason))
-                bar.write(f"skipped {case.op} {case.provider}: {reason}")
+                print(f"skipped {case.op} {case.provider}: {reason}", file=sys.stderr)
     return records, failures, head
+
+
+def _outcome(record: dict, failed: bool) -> str:
+    if record["skipped"] is not None:
+        return "FAILED" if failed else "skipped"
+    return f"{record['median_ms']:.3g} ms"
 
 
 def main(argv: list[str]) -> int:

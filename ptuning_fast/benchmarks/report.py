@@ -4,11 +4,13 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-OP_ORDER = ("prefix_attention", "decode", "prompt_embedding", "train_step", "generate")
+OP_ORDER = ("prefix_attention", "attention_terms", "decode", "prompt_embedding", "train_step",
+            "generate")
 PROVIDER_ORDER = ("fused", "ptuning_fast", "naive", "peft", "cat_sdpa", "flex", "flash_attn",
                   "copy")
 ROW_KEYS = {
     "prefix_attention": ("mode", "dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
+    "attention_terms": ("mode", "terms", "dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
     "decode": ("dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
     "prompt_embedding": ("dtype", "B", "Lq", "P", "D"),
     "train_step": ("method", "dtype", "B", "Lq", "P"),
@@ -18,7 +20,8 @@ COLUMN_TITLES = {"Lq": {"prompt_embedding": "L", "train_step": "L", "generate": 
                  "D": {"prompt_embedding": "d"}, "Lk": {"generate": "total"}}
 # Whose speed the ratio columns compare against the others: ours when it ran, else (CPU) the
 # best concatenation path.
-LEADS = {"prefix_attention": ("fused", "cat_sdpa"), "decode": ("fused", "cat_sdpa"),
+LEADS = {"prefix_attention": ("fused", "cat_sdpa"), "attention_terms": ("fused", "naive"),
+         "decode": ("fused", "cat_sdpa"),
          "prompt_embedding": ("fused", "naive"), "train_step": ("ptuning_fast",),
          "generate": ("ptuning_fast",)}
 
@@ -35,7 +38,7 @@ def _fmt(x, digits=3) -> str:
 
 def _cell(op: str, rec: dict) -> str:
     mem = f", {rec['peak_mem_mb']:,.0f} MB" if rec.get("peak_mem_mb") is not None else ""
-    if op == "prefix_attention":
+    if op in ("prefix_attention", "attention_terms"):
         return f"{_fmt(rec['median_ms'])} ms, {_fmt(rec['tflops'])} TF/s{mem}"
     if op in ("decode", "prompt_embedding"):
         return f"{_fmt(rec['median_ms'])} ms, {_fmt(rec['gbps'])} GB/s{mem}"
@@ -234,6 +237,8 @@ def plot(op: str, head: dict, records: list[dict], path: Path) -> bool:
         fig = _line_plot(op, records, "gbps", "GB/s", ("dtype", "D"))
     elif op == "prompt_embedding":
         fig = _bar_plot(op, records, [("gbps", "GB/s")], ("dtype", "B", "Lq"))
+    elif op == "attention_terms":
+        fig = _bar_plot(op, records, [("tflops", "TFLOP/s")], ("mode", "terms", "Lk"))
     else:
         fig = _bar_plot(op, records, [("tokens_per_s", "tokens/s"), ("peak_mem_mb", "peak MB")],
                         ("method",))

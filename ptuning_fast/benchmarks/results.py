@@ -2,7 +2,8 @@
 
 Every record carries the same keys (null where a key does not apply): the issue's
 `op, mode, provider, dtype, B, Hq, Hkv, Lq, Lk, P, D, causal, median_ms, tflops, gbps,
-peak_mem_mb`, plus `method` and `tokens_per_s` (train_step / generate), and `skipped`: null for
+peak_mem_mb`, plus `method` and `tokens_per_s` (train_step / generate), `terms`
+(attention_terms: which term set), and `skipped`: null for
 a measured case, else the reason it could not run (then every measurement is null).
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from .case import Case, Prepared
 
 HEADER_KEYS = ("device", "torch", "triton", "transformers", "created")
-CASE_KEYS = ("op", "mode", "provider", "method", "dtype", "B", "Hq", "Hkv", "Lq", "Lk", "P", "D",
-             "causal")
+CASE_KEYS = ("op", "mode", "provider", "method", "terms", "dtype", "B", "Hq", "Hkv", "Lq", "Lk",
+             "P", "D", "causal")
 MEASURE_KEYS = ("median_ms", "tflops", "gbps", "tokens_per_s", "peak_mem_mb")
 RECORD_KEYS = CASE_KEYS + MEASURE_KEYS + ("skipped",)
 

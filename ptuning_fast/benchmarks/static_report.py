@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import attention, embedding
+from . import attention, embedding, terms
 from .case import Case, Unavailable, torch_dtype
 from .occupancy import blocks_per_sm, waves
 
@@ -52,6 +52,8 @@ class Work:
             text = f"B={c.B} L={c.Lq} P={c.P} d={c.D}"
         else:
             text = f"B={c.B} Hq={c.Hq} Hkv={c.Hkv} Lq={c.Lq} Lk={c.Lk} P={c.P} D={c.D}"
+        if c.terms:
+            text += f" terms={c.terms}"
         return f"{c.dtype} {text}" + ("" if self.prefix == "shared" else f" {self.prefix}")
 
 
@@ -71,6 +73,12 @@ def prefix_variant_work(quick: bool) -> list[Work]:
     if not cases:
         return []
     return [Work("prefix_attention", cases[0], prefix) for prefix in ("per_row", "per_task")]
+
+
+def terms_work(quick: bool) -> list[Work]:
+    """Forward + backward of every attention-term set at the terms benchmark's shapes."""
+    return [Work("attention_terms", c) for c in terms.terms_cases(GPU, quick, ["fused"])
+            if c.mode == "fwd_bwd" and c.terms != "none"]
 
 
 def embedding_work(quick: bool) -> list[Work]:
@@ -110,6 +118,25 @@ def drive_attention(rec, work: Work) -> None:
                                  causal=work.case.causal)
 
 
+def drive_terms(rec, work: Work) -> None:
+    from ..kernels.attention_terms import Terms
+    from ..kernels.prefix_attention_bwd import prefix_attention_bwd
+    from ..kernels.prefix_attention_fwd import prefix_attention_fwd
+    from ..packing import packed_segments
+    c = work.case
+    q, k, v, pk, pv, index = _attention_inputs(work)
+    kw = terms.term_kwargs(c.terms, c, "cpu", make=torch.empty)
+    segments = packed_segments(kw.get("position_ids"), batch=c.B, length=c.Lk)
+    launch_terms = Terms(kw.get("bias"), kw.get("sinks"), segments,
+                         kw.get("window_size", (-1, -1)), True, kw.get("softcap", 0.0))
+    with rec.phase("fwd"):
+        out, lse = prefix_attention_fwd(q, k, v, pk, pv, prefix_index=index, causal=c.causal,
+                                        terms=launch_terms)
+    with rec.phase("bwd"):
+        prefix_attention_bwd(torch.empty_like(q), q, k, v, pk, pv, None, index, out, lse,
+                             causal=c.causal, terms=launch_terms)
+
+
 def drive_embedding(rec, work: Work) -> None:
     from ..kernels.prompt_embedding import prompt_embedding_fwd, prompt_grad
     c, dtype = work.case, torch_dtype(work.case.dtype)
@@ -143,6 +170,7 @@ class Workload:
 WORKLOADS = (
     Workload(attention_work, drive_attention),
     Workload(prefix_variant_work, drive_attention),
+    Workload(terms_work, drive_terms),
     Workload(embedding_work, drive_embedding),
     Workload(decode_work, drive_decode),
 )

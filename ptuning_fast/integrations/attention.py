@@ -11,8 +11,10 @@ of a wrapped base model is mapped to that base model (`claim`), and the current 
 in a context variable (per thread, nested calls restore the outer one), so another model using
 the same attention implementation during one model's generate never sees its prefix.
 The prefixes never enter the KV cache: the cache holds real tokens only, so the mask function
-hands the 2D padding mask over (cache + current) keys through unchanged, and causal masking is
-bottom-right aligned inside `prefix_attention`.
+hands the 2D padding mask over (cache + current) keys through (cut to the keys a sliding-window
+cache layer kept), and causal masking is bottom-right aligned inside `prefix_attention`. The
+models' other attention terms (windows, soft-capping, sinks, T5's position bias, packed
+sequences) are translated in `attention_terms`.
 """
 from __future__ import annotations
 
@@ -28,22 +30,26 @@ from torch import nn
 
 from .. import ops
 from ..prompts import LayerPrefixes
+from . import attention_terms
 
 ATTN_IMPLEMENTATION = "ptuning_fast"
 PREFIX_KWARG = "ptuning_prefix"
 
 # Keyword arguments that transformers passes to attention functions and that do not change the
-# result, as passed by the tested models (Llama, Qwen2/3, Mistral, Gemma, BERT, RoBERTa, GPT-2)
-# in transformers 5.17 - 5.24: position ids (RoPE was applied before the call), cache flags and
-# positions (the cache is already merged into key/value; older 5.x releases forward
-# `cache_position`), and model-level flags or loss arguments that ride along in **kwargs.
+# result, as passed by the tested models (Llama, Qwen2/3, Mistral, Gemma 1/2/3, GPT-OSS, BERT,
+# RoBERTa, GPT-2) in transformers 5.17 - 5.24: position ids (RoPE was applied before the call;
+# packed sequences reach the layers as the binding's segments), cache flags and positions (the
+# cache is already merged into key/value; older 5.x releases forward `cache_position`), and
+# model-level flags or loss arguments that ride along in **kwargs.
 HARMLESS_KWARGS = frozenset({
     "position_ids", "use_cache", "cache_position", "past_key_values", "past_key_value",
     "num_items_in_batch", "output_hidden_states", "output_router_logits", "return_dict",
 })
-# Computed here (or refused, when their value asks for something the kernels cannot do).
-HANDLED_KWARGS = frozenset({PREFIX_KWARG, "is_causal", "sliding_window", "softcap",
-                            "output_attentions"})
+# Computed here (or refused, when their value asks for something the kernels cannot do):
+# sliding windows, soft-capping, sinks, T5's position bias and packed-sequence lengths are
+# translated in `attention_terms`.
+HANDLED_KWARGS = frozenset({PREFIX_KWARG, "is_causal", "output_attentions"}) \
+    | attention_terms.TERM_KWARGS
 
 
 @dataclass
@@ -57,6 +63,9 @@ class PrefixBinding:
     # modules get a prefix (encoder-decoders: the decoder's self-attention); None: every
     # attention module gets layer `module.layer_idx`'s.
     layer_of: dict | None = None
+    # Packed sequences: `ptuning_fast.packing.packed_segments(...)` (start, end), int32 (B, L),
+    # computed once per forward by the wrapper and read by every layer.
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def layer_index(self, module) -> int | None:
         """The prefix layer `module` attends to, or None for no prefix."""
@@ -105,6 +114,13 @@ def claim(base_model: nn.Module) -> None:
     key = id(base_model)
     for module in base_model.modules():
         _OWNER[module] = key
+    attention_terms.map_relative_bias_owners(base_model)
+
+
+def release(base_model: nn.Module) -> None:
+    """Undoes `claim` (unwrapping): no module of `base_model` stays mapped."""
+    for module in base_model.modules():
+        _OWNER.pop(module, None)
 
 
 # How many `generating` contexts are open in the process (any thread). A plain int that
@@ -157,8 +173,8 @@ def _refuse_unknown_kwargs(module, binding, kwargs) -> None:
         raise NotImplementedError(
             f"{_model_name(module, binding)} passes {given} to its attention; ptuning_fast's "
             "prefix attention cannot compute it and will not drop it (the result would be "
-            f"wrong). It computes causal/padding masks, scaling, dropout and sliding windows "
-            f"that cover every key; harmless arguments it ignores: {sorted(HARMLESS_KWARGS)}")
+            f"wrong). It computes {sorted(HANDLED_KWARGS - {PREFIX_KWARG})}; harmless "
+            f"arguments it ignores: {sorted(HARMLESS_KWARGS)}")
 
 
 def _short(value) -> str:
@@ -179,9 +195,6 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         generation = current_generation(module)
         binding = None if generation is None else generation.binding
     _refuse_unknown_kwargs(module, binding, kwargs)
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"{_model_name(module, binding)}: ptuning_fast attention does "
-                                  f"not support logit softcapping (softcap={kwargs['softcap']})")
     if kwargs.get("output_attentions"):
         raise NotImplementedError("ptuning_fast attention does not return attention weights "
                                   "(output_attentions=True)")
@@ -205,33 +218,34 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         backend = binding.backend
         if prefix_k is not None and prefix_k.dtype != query.dtype:   # e.g. under autocast
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
-    window = kwargs.get("sliding_window")
-    total = key.shape[2] + (0 if prefix_k is None else prefix_k.shape[-2])
-    if window is not None and total > window:
-        raise NotImplementedError(f"{_model_name(module, binding)}: sliding-window attention "
-                                  f"(window {window}) is not supported with {total} keys")
     # transformers lets a call override the module's causality (decoders used as encoders).
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True)) if causal is None else causal
+    terms = attention_terms.attention_terms(
+        module, binding, kwargs, causal=causal,
+        prefix_len=0 if prefix_k is None else prefix_k.shape[-2], key_len=key.shape[2],
+        query_len=query.shape[2], name=_model_name(module, binding))
     out = ops.layer_prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal,
                                      attention_mask=attention_mask, scale=scaling,
                                      prefix_index=prefix_index, backend=backend,
-                                     dropout_p=float(dropout or 0.0))
+                                     dropout_p=float(dropout or 0.0), **terms)
     return out.transpose(1, 2).contiguous(), None
 
 
 def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_offset=0,
                              kv_offset=0, attention_mask=None, **kwargs):
-    """transformers mask function: returns the 2D padding mask (B, kv_length) as it is (or None);
-    causality and the always-visible prefix are handled inside the attention function."""
+    """transformers mask function: returns the 2D padding mask (B, kv_length) over the keys the
+    attention function gets (or None); causality, windows, packing and the prefix are handled
+    inside the attention function. A sliding-window cache layer keeps only its last keys: then
+    kv_offset > 0 and the mask (over every token seen) is cut to the kept ones."""
     if attention_mask is None:
         return None
-    if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_length or kv_offset:
+    if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_offset + kv_length:
         raise ValueError(
-            f"ptuning_fast attention needs a 2D padding mask over all {kv_length} keys (cache + "
-            f"current) with offset 0, got shape {tuple(attention_mask.shape)} and kv_offset="
-            f"{kv_offset}; static or sliding-window caches are not supported")
-    return attention_mask
+            f"ptuning_fast attention needs a 2D padding mask over all {kv_offset + kv_length} "
+            f"tokens (cache + current), got shape {tuple(attention_mask.shape)} (kv_offset="
+            f"{kv_offset}, kv_length={kv_length}); static caches are not supported")
+    return attention_mask[:, kv_offset:] if kv_offset else attention_mask
 
 
 def register() -> str:

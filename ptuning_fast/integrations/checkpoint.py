@@ -10,6 +10,9 @@ A directory holds
                                 encoder included, for resuming training.
 A PEFT directory has only the first two; loading it gives the exported (inference) module.
 PEFT has no per-task prompts: it loads our checkpoints of one task (num_tasks=1) only.
+PEFT's CARTRIDGE adapters (a KV prefix stored in prefix tuning's layout) load as prefix tuning
+without projection; those with frozen leading tokens for inference only. Saved again, they are
+written as PREFIX_TUNING (the same function).
 
 Loading reads the tensors' names, shapes and dtypes first and checks them, the configs and the
 heads against the model before it allocates anything or touches the model: only the heads that
@@ -31,8 +34,11 @@ import warnings
 
 import torch
 
-from ..config import ModelDims, from_dict, from_peft_config, to_dict, to_peft_dict
+from ..config import (ModelDims, from_dict, from_peft_config, frozen_tokens_of, to_dict,
+                      to_peft_dict)
+from . import sharded
 from .model import HEADS_BY_TASK, build_prompt_module, check_wrappable
+from .peft_surface import BaseModelState
 from .support import task_type_of
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,11 +61,19 @@ def _name_or_path(model) -> str | None:
 # -------------------------------------------------------------------------------------------
 # Saving
 
-def save(model, directory, *, full_state: bool = False, overwrite: bool = False) -> None:
+def save(model, directory, *, full_state: bool = False, overwrite: bool = False,
+         is_main_process: bool | None = None) -> None:
     """Writes the adapter into `directory` (created if needed). A directory holding a different
     adapter (another method, base model or size) is refused unless `overwrite`; files of an
-    earlier save that this one does not write are removed; other files are left alone."""
+    earlier save that this one does not write are removed; other files are left alone.
+    Only the main process writes (default: rank 0 under torch.distributed). Parameters sharded
+    by FSDP2 are gathered first, a collective: then every rank must call it."""
     from safetensors.torch import save_file
+    # Gathered before any check that only the main process makes: a rank that raised here
+    # would leave the others waiting in the all-gather.
+    tensors, module_state = _whole_tensors(model, full_state)
+    if not (sharded.is_main_process() if is_main_process is None else is_main_process):
+        return
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_pretrained: {directory!r} exists and is not a directory")
@@ -83,14 +97,6 @@ def save(model, directory, *, full_state: bool = False, overwrite: bool = False)
     if not overwrite:
         _refuse_other_adapter(directory, peft_config, config.num_tasks)
     save_id = uuid.uuid4().hex
-    with torch.no_grad():
-        was_training = module.training
-        module.eval()                                  # no prefix dropout in the saved output
-        tensors = {"prompt_embeddings": module.output_for_checkpoint().detach()}
-        module.train(was_training)
-    for name in model.modules_to_save:
-        for key, value in model.base_model.get_submodule(name).state_dict().items():
-            tensors[f"base_model.{name}.{key}"] = value.detach()
     ours = {"format_version": FORMAT_VERSION, "config": to_dict(config),
             "dims": dataclasses.asdict(model.dims), "full_state": full_state,
             "exported": module.exported, "save_id": save_id}
@@ -102,7 +108,7 @@ def save(model, directory, *, full_state: bool = False, overwrite: bool = False)
         written = [ADAPTER_WEIGHTS, OUR_CONFIG, ADAPTER_CONFIG]    # the configs last
         save_file(_contiguous_cpu(tensors), os.path.join(staging, ADAPTER_WEIGHTS), metadata)
         if full_state:
-            save_file(_contiguous_cpu(module.state_dict()), os.path.join(staging, FULL_STATE),
+            save_file(_contiguous_cpu(module_state), os.path.join(staging, FULL_STATE),
                       metadata)
             written.insert(0, FULL_STATE)
         for name, content in ((ADAPTER_CONFIG, peft_config), (OUR_CONFIG, ours)):
@@ -136,6 +142,22 @@ def _refuse_other_adapter(directory: str, peft_config: dict, num_tasks: int) -> 
     if diffs:
         raise FileExistsError(f"save_pretrained: {directory!r} holds a different adapter "
                               f"({'; '.join(diffs)}); save elsewhere or pass overwrite=True")
+
+
+def _whole_tensors(model, full_state: bool) -> tuple[dict, dict | None]:
+    """(the adapter file's tensors, the prompt module's state dict if `full_state`), whole even
+    where FSDP2 sharded the parameters."""
+    module = model.prompt_encoder
+    was_training = module.training
+    module.eval()                                      # no prefix dropout in the saved output
+    try:
+        tensors = {"prompt_embeddings": sharded.checkpoint_output(module).detach()}
+    finally:
+        module.train(was_training)
+    for name in model.modules_to_save:
+        head = sharded.whole_state_dict(model.base_model.get_submodule(name))
+        tensors.update({f"base_model.{name}.{key}": value for key, value in head.items()})
+    return tensors, sharded.whole_state_dict(module) if full_state else None
 
 
 def _contiguous_cpu(tensors: dict) -> dict:
@@ -269,24 +291,6 @@ def _expected_full_state(config, dims, ours: dict) -> dict:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-class _BaseState:
-    """What wrapping changes on the caller's model, to put back if loading fails after it."""
-
-    def __init__(self, base_model):
-        self.base_model = base_model
-        self.requires_grad = [(p, p.requires_grad) for p in base_model.parameters()]
-        self.attn = getattr(base_model.config, "_attn_implementation", None)
-        self.training = base_model.training
-
-    def restore(self) -> None:
-        for p, flag in self.requires_grad:
-            p.requires_grad_(flag)
-        if self.attn is not None and self.attn != getattr(self.base_model.config,
-                                                          "_attn_implementation", None):
-            self.base_model.set_attn_implementation(self.attn)
-        self.base_model.train(self.training)
-
-
 def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: bool = False,
          **kwargs):
     directory = os.fspath(directory)
@@ -310,10 +314,12 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
                          f"ptuning_fast reads version {FORMAT_VERSION}")
     listing = _Listing(weights_path)
     _check_same_save(ours, listing, ours_path)
-    config = _config_from(ours, adapter, ours_path, config_path)
-    if config.method == "prompt_tuning" and config.init in ("text", "labels", "sample_vocab"):
-        # The checkpoint holds the trained prompt: skip re-initializing from the vocabulary.
-        config = dataclasses.replace(config, init="random", init_text=None)
+    config = _loading_config(_config_from(ours, adapter, ours_path, config_path))
+    frozen = frozen_tokens_of(adapter)
+    if frozen and is_trainable:
+        raise NotImplementedError(
+            f"{config_path}: a CARTRIDGE with num_frozen_tokens={frozen} loads for inference "
+            "only (is_trainable=False); training it would move its frozen tokens")
     dims = ModelDims.from_model_config(base_model.config)
     _check_fits(adapter, config, dims)
     if "prompt_embeddings" not in listing.shapes:
@@ -341,7 +347,7 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
                       full.shapes, _expected_full_state(config, dims, ours))
 
     # Everything fits: from here on the model is built and filled.
-    before = _BaseState(base_model)
+    before = BaseModelState(base_model)
     try:
         model = cls(base_model, config, backend, modules_to_save=heads, **kwargs)
         _fill(model, listing, full, ours, heads)
@@ -370,6 +376,19 @@ def _check_same_save(ours, listing: _Listing, ours_path: str) -> None:
         warnings.warn(f"{listing.path} was written by another tool after ptuning_fast saved "
                       f"{ours_path}; loading it with {os.path.basename(ours_path)}'s config",
                       stacklevel=4)
+
+
+def _loading_config(config):
+    """The weights come from the checkpoint and the loader decides what trains: no
+    initialization from the vocabulary or to zero, no inference-mode flag, and only the heads
+    the checkpoint holds."""
+    changes = {"inference_mode": False, "modules_to_save": None}
+    if config.method == "prompt_tuning":
+        changes.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+                       tokenizer_kwargs=None)
+    elif config.method == "prefix_tuning":
+        changes.update(init_weights=None)
+    return dataclasses.replace(config, **changes)
 
 
 def _config_from(ours, adapter, ours_path: str, config_path: str):

@@ -21,6 +21,8 @@ from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention, seq2seq
+from .packed_inputs import packed_segments_of, refuse_packed_prompt
+from .peft_surface import BaseModelState, PeftSurfaceMixin
 from .support import numbers_positions_from_mask, refuse_unsupported, task_type_of
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
@@ -29,6 +31,17 @@ _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for cla
 # The heads a task type may train and a checkpoint may hold (PEFT's modules_to_save defaults):
 # never the transformer itself, its embeddings or a causal LM's output projection.
 HEADS_BY_TASK = {"SEQ_CLS": _HEAD_NAMES, "TOKEN_CLS": _HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
+
+
+def heads_to_train(config, given, base_model, task_type: str) -> list[str]:
+    """`given` (wrap's modules_to_save) or the task's default heads, plus the config's
+    `modules_to_save` as PEFT adds them; PEFT's default names ("classifier", "score") that the
+    model lacks are skipped, as PEFT skips them."""
+    children = [n for n, _ in base_model.named_children()]
+    names = list(given) if given is not None \
+        else [n for n in children if n in HEADS_BY_TASK.get(task_type, ())]
+    return names + [n for n in (config.modules_to_save or []) if n not in names
+                    and (n in children or n not in _HEAD_NAMES)]
 
 
 def check_wrappable(base_model) -> None:
@@ -107,23 +120,14 @@ def _refuse_static_generation(kwargs: dict, base_model) -> None:
     _refuse_static_cache(_cache_in(kwargs))
 
 
-def _refuse_packed_sequences(position_ids, attention_mask, past_len):
-    """transformers reads position ids that restart inside a row (with no attention mask, no
-    cache) as packed sequences and masks across their borders; the prefix attention function
-    sees only causal + padding masks, so it would silently attend across them."""
-    if attention_mask is None and not past_len and position_ids.shape[-1] > 1 \
-            and bool((position_ids.diff(dim=-1) != 1).any()):
-        raise NotImplementedError(
-            "packed sequences (position_ids restarting inside a row, no attention_mask) are not "
-            "supported with prefix tuning: pass one sequence per row with an attention_mask")
-
-
-class PTuningModel(nn.Module):
+class PTuningModel(PeftSurfaceMixin, nn.Module):
     """A frozen transformers model with Prompt Tuning, P-Tuning or Prefix Tuning (P-Tuning v2).
 
     Trainable: `prompt_encoder` and, for classification models, the head named in
     `modules_to_save` (default: PEFT's "classifier" / "score"). Everything else is frozen and
     never gets a `.grad`. Unknown attributes resolve on the base model (config, device, ...).
+    PeftModel's calls (print_trainable_parameters, disable_adapter, unload, ...) and
+    nearest_tokens / ensemble come from `PeftSurfaceMixin`.
     `prompt_logits=False` drops the P prompt positions from token-level logits (prompt tuning /
     P-Tuning; PEFT keeps them, hence the default).
     """
@@ -140,9 +144,8 @@ class PTuningModel(nn.Module):
         refuse_unsupported(base_model, config.method)
         dims = ModelDims.from_model_config(base_model.config)
         task_type = task_type_of(base_model)
-        if modules_to_save is None:
-            modules_to_save = [n for n, _ in base_model.named_children()
-                               if n in HEADS_BY_TASK.get(task_type, ())]
+        config.check_model(dims, task_type)
+        modules_to_save = heads_to_train(config, modules_to_save, base_model, task_type)
         heads = {name: _submodule(base_model, name, "modules_to_save") for name in modules_to_save}
         allowed = HEADS_BY_TASK.get(task_type, ())
         if any(name not in allowed for name in heads):
@@ -160,6 +163,9 @@ class PTuningModel(nn.Module):
         device = next(base_model.parameters()).device
         prompt_encoder = build_prompt_module(
             config, dims, base_model.get_input_embeddings(), tokenizer).to(device)
+        if config.inference_mode:     # PEFT's inference module: the encoder's output only
+            prompt_encoder.export()
+        base_state = BaseModelState(base_model)
 
         self.ptuning_config = config
         self.backend = backend
@@ -170,13 +176,15 @@ class PTuningModel(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
         self._prefix_layers = prefix_layers    # None: each attention module's own layer_idx
+        self._base_state = base_state
+        self._adapter_disabled = self._unloaded = False
         if self.is_prefix:
             base_model.set_attn_implementation(attention.register())
         for p in base_model.parameters():
             p.requires_grad_(False)
         for head in heads.values():
             for p in head.parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(not config.inference_mode)    # PEFT: frozen for inference
         attention.claim(base_model)
 
     # ----------------------------------------------------------------------------------------
@@ -187,6 +195,17 @@ class PTuningModel(nn.Module):
     @property
     def num_virtual_tokens(self) -> int:
         return self.ptuning_config.num_virtual_tokens
+
+    @property
+    def loss_type(self):
+        """The base model's, except for a causal LM with a prompt in front (prompt tuning,
+        P-Tuning): None. HF Trainer reads it to count a batch's label tokens
+        (`num_items_in_batch`, the loss's divisor): for a causal LM loss it skips each row's
+        first label, which a shifted loss never predicts; behind a prompt that label is
+        predicted (from the last prompt position), so every label must count."""
+        if not self.is_prefix and self.task_type == "CAUSAL_LM":
+            return None
+        return getattr(self.base_model, "loss_type", None)
 
     def __getattr__(self, name: str):
         try:
@@ -218,7 +237,7 @@ class PTuningModel(nn.Module):
         check_index_range("task_ids", task_ids, T, f"the config's num_tasks={T}")
         return task_ids.long()
 
-    def _binding(self, task_ids) -> attention.PrefixBinding:
+    def _binding(self, task_ids, segments=None) -> attention.PrefixBinding:
         current = getattr(self.base_model.config, "_attn_implementation", None)
         if current != attention.ATTN_IMPLEMENTATION:
             # Another attention function would silently ignore the prefix.
@@ -227,7 +246,8 @@ class PTuningModel(nn.Module):
                                "set_attn_implementation called after wrapping?)")
         prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
-                                       type(self.base_model).__name__, self._prefix_layers)
+                                       type(self.base_model).__name__, self._prefix_layers,
+                                       segments)
 
     def _prefix_position_ids(self, input_ids, ref, start: int, attention_mask=None):
         """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:
@@ -266,6 +286,10 @@ class PTuningModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None,
                 inputs_embeds=None, position_ids=None, token_type_ids=None, **kwargs):
         """HF-style output of the base model; `task_ids` (B,) picks each row's prompt/prefix."""
+        self._check_not_unloaded()
+        if self._adapter_disabled:
+            return self._base_forward(input_ids, attention_mask, labels, inputs_embeds,
+                                      position_ids, token_type_ids, kwargs)
         args = (input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                 token_type_ids)
         if not attention.any_generation_open():       # training, compiled or not
@@ -294,18 +318,21 @@ class PTuningModel(nn.Module):
         past_len = _cache_length(kwargs)
         if self.is_prefix:
             _refuse_static_cache(past)
+            # Every packed sequence sees the prefix, its positions shifted by P as in its own row.
+            segments, position_ids = packed_segments_of(position_ids, attention_mask, past_len,
+                                                        kwargs, ref)
             if position_ids is None:
                 position_ids = self._prefix_position_ids(input_ids, ref, P + past_len,
                                                          attention_mask)
             else:
-                _refuse_packed_sequences(position_ids, attention_mask, past_len)
                 position_ids = position_ids + P
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
-            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids)
+            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids, segments)
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids,
                                    labels=labels, **kwargs)
+        refuse_packed_prompt(position_ids, attention_mask, past_len, kwargs)
         if position_ids is not None:
             warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
                           "positions are those of the [prompt; tokens] sequence", stacklevel=2)
@@ -341,6 +368,9 @@ class PTuningModel(nn.Module):
         first step's embeddings (prompt tuning). Other threads, nested calls and other wrapped
         models each see their own.
         """
+        self._check_not_unloaded()
+        if self._adapter_disabled:
+            return self.base_model.generate(*args, **kwargs)
         if self.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
             raise ValueError(f"generate() needs a causal or seq2seq LM, this base model is "
                              f"{self.task_type}")
@@ -435,13 +465,16 @@ class PTuningModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, save_directory, full_state: bool = False, *,
-                        overwrite: bool = False, **kwargs):
+                        overwrite: bool = False, is_main_process: bool | None = None, **kwargs):
         """PEFT's format (adapter_config.json + adapter_model.safetensors); `full_state=True`
         also keeps the encoder's parameters for resuming training. Atomic per file (written
         aside, then renamed); a directory holding a different adapter is refused unless
-        `overwrite=True`. Other keyword arguments (PEFT's) are accepted and ignored."""
+        `overwrite=True`. Under torch.distributed only rank 0 writes (`is_main_process`
+        overrides); a model sharded with FSDP2 (`fully_shard`) is gathered first, so there
+        every rank must call it. Other keyword arguments (PEFT's) are accepted and ignored."""
         from . import checkpoint
-        checkpoint.save(self, save_directory, full_state=full_state, overwrite=overwrite)
+        checkpoint.save(self, save_directory, full_state=full_state, overwrite=overwrite,
+                        is_main_process=is_main_process)
 
     @classmethod
     def from_pretrained(cls, base_model, model_id, backend: str = "auto", *,

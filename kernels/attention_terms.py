@@ -1,0 +1,233 @@
+"""Attention terms beside the prefix, shared by the forward, dQ and dK/dV kernels: additive
+bias, sliding window, logit soft-capping, per-head sinks and packed sequences.
+
+Every kernel sees one key range at a time, either the prefix (columns [0, P) of the
+concatenated keys) or the sequence (columns [P, P + Lk)). Visibility is an interval per query:
+sequence key j is visible to query i iff `seq_lo[i] <= j <= seq_hi[i]` (and the padding mask),
+with
+    seq_lo[i] = max(i + shift - left, segment_start[i])
+    seq_hi[i] = min(i + shift (causal), i + shift + right, segment_end[i] - 1)
+(shift = Lk - Lq; an unbounded side passes UNBOUNDED, so one formula serves every case), and
+prefix key c is visible iff `c >= pre_lo[i] = (i - segment_start[i]) + shift - prefix_left + P`
+(the prefix sits at positions -P .. -1 before its query's sequence; prefix_left = UNBOUNDED
+keeps it always visible). Because each bound is monotone in i, a block of queries sees one
+contiguous key range: the kernels visit only that range (blocks wholly outside a window or
+another packed sequence are never loaded) and mask only its edge blocks.
+
+Logits in base 2: s = dot * qk_scale, or with soft-capping s = tanh(dot * softcap_scale) *
+qk_scale (the launcher passes qk_scale = softcap * log2(e) and softcap_scale = scale / softcap),
+then + bias * log2(e). The backward multiplies dS by tanh's derivative 1 - t^2 before the
+dQ / dK products. Sinks join the forward's normalizer (m, l start at (sink, 1)), so the saved
+LSE already holds them and the backward needs nothing more.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# An unbounded window side. Bounds are int32 in the kernels: 2**30 keeps i + shift +- bound
+# inside int32 for any length below 2**30.
+UNBOUNDED = 2 ** 30
+# The same values as the kernels read them (a @triton.jit function sees constexpr globals only).
+_LOG2E = tl.constexpr(LOG2E)
+_UNBOUNDED = tl.constexpr(UNBOUNDED)
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp2 (the interpreter has no libdevice). 1 - 2 / (e^2|x| + 1) loses relative
+    accuracy near 0, so |x| < 0.25 takes the odd Taylor series to x^9 (error < 1e-8 there)."""
+    a = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.math.exp2(a * 2.8853900817779268) + 1.0)    # 2 * log2(e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    return tl.where(a < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def logits(dot, qk_scale, softcap_scale, SOFTCAP: tl.constexpr):
+    """(s, t): base-2 logits of a q.k tile and, with SOFTCAP, the tanh the backward needs."""
+    if SOFTCAP:
+        t = tanh(dot * softcap_scale)
+        return t * qk_scale, t
+    return dot * qk_scale, dot
+
+
+@triton.jit
+def softcap_grad(ds, t, SOFTCAP: tl.constexpr):
+    """dS with respect to the uncapped scores: times d(cap tanh(x / cap))/dx = 1 - t^2."""
+    if SOFTCAP:
+        return ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
+def query_bounds(q_pos, q_ok, SegStart, SegEnd, key_len, key_shift, window_left, window_right,
+                 prefix_left, prefix_len, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 IS_PACKED: tl.constexpr):
+    """(seq_lo, seq_hi, pre_lo) for the queries q_pos (int32 vectors, see the module doc);
+    SegStart/SegEnd at the batch row (read only when IS_PACKED)."""
+    if IS_PACKED:
+        seg_start = tl.load(SegStart + q_pos, mask=q_ok, other=0)
+        seg_end = tl.load(SegEnd + q_pos, mask=q_ok, other=0)
+        seq_lo = seg_start
+        seq_hi = seg_end - 1
+        local = q_pos - seg_start
+    else:
+        seq_lo = tl.zeros_like(q_pos)
+        seq_hi = tl.zeros_like(q_pos) + (key_len - 1)
+        local = q_pos
+    if IS_CAUSAL:
+        seq_hi = tl.minimum(seq_hi, q_pos + key_shift)
+    if HAS_WINDOW:
+        seq_lo = tl.maximum(seq_lo, q_pos + key_shift - window_left)
+        seq_hi = tl.minimum(seq_hi, q_pos + key_shift + window_right)
+        pre_lo = local + key_shift - prefix_left + prefix_len
+    else:
+        pre_lo = tl.zeros_like(q_pos)
+    return seq_lo, seq_hi, pre_lo
+
+
+@triton.jit
+def block_ranges(lo, hi, ok, key_len, BLOCK_N: tl.constexpr):
+    """(start, full_start, full_end, end) of the keys a query block visits: [start, end) holds
+    every key some valid query (`ok`) sees (start a multiple of BLOCK_N); keys in
+    [full_start, full_end) are inside every query's interval, so those blocks need no interval
+    mask (only padding). Bounds come from `query_bounds`."""
+    lo_min = tl.min(tl.where(ok, lo, _UNBOUNDED), 0)
+    lo_max = tl.max(tl.where(ok, lo, -_UNBOUNDED), 0)
+    hi_min = tl.min(tl.where(ok, hi, _UNBOUNDED), 0)
+    hi_max = tl.max(tl.where(ok, hi, -_UNBOUNDED), 0)
+    end = tl.minimum(tl.maximum(hi_max + 1, 0), key_len)
+    # Keys all below the queries' floor (a prefix outside every window): an empty range.
+    start = tl.where(lo_min >= end, end, tl.maximum(lo_min, 0) // BLOCK_N * BLOCK_N)
+    full_start = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, start), end)
+    full_end = tl.minimum(tl.maximum(hi_min + 1, 0), key_len) // BLOCK_N * BLOCK_N
+    full_end = tl.maximum(tl.minimum(full_end, end), full_start)
+    return start, full_start, full_end, end
+
+
+@triton.jit
+def load_bias(Bias, rows, cols, rows_ok, cols_ok, stride_rows, stride_cols):
+    """A bias tile (rows x cols of the (Lq, P + Lk) bias, either orientation) in base-2 units;
+    Bias at (batch row, head)."""
+    b = tl.load(Bias + rows.to(tl.int64) * stride_rows + cols.to(tl.int64) * stride_cols,
+                mask=rows_ok & cols_ok, other=0.0)
+    return b.to(tl.float32) * _LOG2E
+
+
+# --------------------------------------------------------------------------------------------
+# Launch side
+
+@dataclass
+class Terms:
+    """What the kernels read for the attention terms: pointers (q stands in for absent
+    tensors), int bounds, the soft-cap scale and the constexpr flags."""
+    bias: torch.Tensor | None = None           # broadcast (B or 1, Hq or 1, Lq, P + Lk)
+    sinks: torch.Tensor | None = None          # fp32 (Hq,)
+    segments: tuple | None = None              # int32 (B, L) start, end
+    window: tuple[int, int] = (-1, -1)
+    prefix_in_window: bool = True
+    softcap: float = 0.0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window[0] >= 0 or self.window[1] >= 0
+
+    @property
+    def any(self) -> bool:
+        return (self.bias is not None or self.sinks is not None or self.segments is not None
+                or self.has_window or self.softcap > 0)
+
+    def prepare(self) -> "Terms":
+        sinks = None if self.sinks is None else self.sinks.float().contiguous()
+        segments = None if self.segments is None else tuple(
+            s.to(torch.int32).contiguous() for s in self.segments)
+        return Terms(self.bias, sinks, segments, tuple(self.window), self.prefix_in_window,
+                     float(self.softcap))
+
+    def qk_scales(self, scale: float) -> tuple[float, float]:
+        """(qk_scale, softcap_scale) as `logits` takes them."""
+        if self.softcap > 0:
+            return self.softcap * LOG2E, scale / self.softcap
+        return scale * LOG2E, 1.0
+
+    def pointers(self, like: torch.Tensor) -> tuple:
+        """Bias, Sinks, SegStart, SegEnd."""
+        start, end = self.segments if self.segments is not None else (like, like)
+        return (like if self.bias is None else self.bias,
+                like if self.sinks is None else self.sinks, start, end)
+
+    def ints(self) -> tuple:
+        """window_left, window_right, prefix_left, stride_bias_b, _h, _l, _c, stride_seg_b."""
+        left, right = (w if w >= 0 else UNBOUNDED for w in self.window)
+        prefix_left = left if self.prefix_in_window else UNBOUNDED
+        if self.bias is None:
+            bias_strides = (0, 0, 0, 0)
+        else:
+            b = self.bias
+            bias_strides = tuple(0 if b.shape[i] == 1 else b.stride(i) for i in range(2)) \
+                + (b.stride(2), b.stride(3))
+        seg_b = 0 if self.segments is None else self.segments[0].stride(0)
+        return (left, right, prefix_left, *bias_strides, seg_b)
+
+    def flags(self) -> dict:
+        return dict(HAS_BIAS=self.bias is not None, HAS_SINKS=self.sinks is not None,
+                    IS_PACKED=self.segments is not None, HAS_WINDOW=self.has_window,
+                    SOFTCAP=self.softcap > 0)
+
+    def key(self) -> tuple:
+        """What changes the best tile (autotune key): which terms are on."""
+        return tuple(self.flags().values())
+
+
+NO_TERMS = Terms()
+
+# Compile-spec types of the terms' runtime arguments (kernels/compile_specs.py).
+SPEC_TYPES = dict(Bias="*fp32", Sinks="*fp32", SegStart="*i32", SegEnd="*i32",
+                  softcap_scale="fp32")
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (kernels/compile_specs.py): every term's code, at the models'
+# head dims, for each arch's fixed 16-bit tile. (label, flags, causal, head block, element).
+TERM_VARIANTS = (
+    ("all", dict(HAS_BIAS=True, HAS_SINKS=True, IS_PACKED=True, HAS_WINDOW=True, SOFTCAP=True),
+     True, 64, "bf16"),
+    ("all", dict(HAS_BIAS=True, HAS_SINKS=True, IS_PACKED=True, HAS_WINDOW=True, SOFTCAP=True),
+     True, 128, "bf16"),
+    ("gemma2", dict(HAS_WINDOW=True, SOFTCAP=True), True, 128, "bf16"),
+    ("gpt_oss", dict(HAS_WINDOW=True, HAS_SINKS=True), True, 64, "bf16"),
+    ("t5", dict(HAS_BIAS=True), False, 64, "fp16"),
+)
+
+
+def term_compile_specs(kind, fn, tile_kernel, tensors, types, base_constexprs, *,
+                       takes_sinks=False, tile=lambda cfg: cfg):
+    """CompileSpecs of `fn` for every TERM_VARIANTS entry on sm_80 and sm_90.
+
+    tile_kernel: the kernels/tiles.py table whose fixed 16-bit config (as `terms_tile` adapts
+    it) is used, mapped through `tile`; tensors: the pointer arguments in the element type;
+    types: the other non-int arguments' types; base_constexprs(causal, cfg): the kernel's own
+    flags."""
+    from .compile_specs import CompileSpec
+    from .prefix_attention_fwd import spec_ints, spec_signature
+    from .tiles import CANDIDATES, terms_tile
+    for label, flags, causal, block_d, elem in TERM_VARIANTS:
+        flags = {n: f for n, f in flags.items() if takes_sinks or n != "HAS_SINKS"}
+        for arch in (80, 90):
+            fixed = CANDIDATES[tile_kernel][(arch, True, block_d)][0]
+            cfg = tile(terms_tile(tile_kernel, arch, fixed, block_d))
+            constexprs = dict(base_constexprs(causal, cfg), **flags, BLOCK_M=cfg.block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_D=block_d, INPUT_PRECISION="tf32")
+            arg_types = dict(types, **SPEC_TYPES)
+            arg_types.update({t: f"*{elem}" for t in (*tensors, "Bias")})
+            ints = dict(spec_ints(constexprs), stride_bias_c=1)
+            yield CompileSpec(f"prefix_attention_{kind}[{elem},terms={label},D={block_d}]", fn,
+                              spec_signature(fn, constexprs, arg_types), constexprs,
+                              cfg.num_warps, cfg.num_stages, (arch,), ints=ints)

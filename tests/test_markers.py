@@ -1,0 +1,44 @@
+"""`pytest -m gpu` selects the GPU-only tests, and without CUDA they are skipped with a reason,
+not failed."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tests that need a CUDA device (a new one goes here and gets the `gpu` marker). Not found by
+# name: test_gpu_* tests of the GPU tile tables run on CPU under the interpreter.
+GPU_ONLY = {
+    "test_prefix_attention.py::test_gpu_matches_reference",
+    "test_prefix_attention.py::test_gpu_fp32_tf32_and_ieee",
+    "test_prefix_attention_dropout.py::test_gpu_matches_reference_with_kernel_mask",
+    "test_prompt_embedding.py::test_gpu_llama_sized",
+}
+
+
+def _pytest(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_gpu_marker_selects_the_gpu_tests():
+    proc = _pytest("--collect-only", "-q", "-m", "gpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    collected = {re.sub(r"^tests/|\[.*$", "", i) for i in ids}
+    assert collected == GPU_ONLY
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the GPU tests run")
+def test_gpu_tests_skip_without_cuda():
+    files = sorted({f"tests/{name.split('::')[0]}" for name in GPU_ONLY})
+    proc = _pytest("-q", "-rs", "-m", "gpu", *files)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.match(r"\d+ skipped, \d+ deselected in ", summary), summary
+    assert "needs a CUDA device" in proc.stdout
