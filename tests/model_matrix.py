@@ -83,19 +83,14 @@ FAMILIES = [
     Family("Mistral", "Mistral", "MistralConfig",
            dict(_DECODER, num_key_value_heads=2, sliding_window=None), _LM),
     Family("Mistral, sliding window 6", "Mistral", "MistralConfig",
-           dict(_DECODER, num_key_value_heads=2, sliding_window=6), _LM,
-           {"prefix": Refusal("NotImplementedError",
-                              "sliding-window attention (window 6) is not supported", "forward")}),
+           dict(_DECODER, num_key_value_heads=2, sliding_window=6), _LM),
     Family("Qwen2", "Qwen2", "Qwen2Config", dict(_DECODER, num_key_value_heads=1), _LM),
     Family("Qwen3", "Qwen3", "Qwen3Config",
            dict(_DECODER, num_key_value_heads=2, head_dim=16), _LM),
     Family("Gemma", "Gemma", "GemmaConfig", dict(_DECODER, num_key_value_heads=1, head_dim=8),
            _LM),
     Family("Gemma 2", "Gemma2", "Gemma2Config",
-           dict(_DECODER, num_key_value_heads=2, head_dim=8), _LM,
-           {"prefix": Refusal("NotImplementedError",
-                              "ptuning_fast attention does not support logit softcapping",
-                              "forward")}),
+           dict(_DECODER, num_key_value_heads=2, head_dim=8), _LM),
     Family("Gemma 3", "Gemma3", "Gemma3TextConfig",
            dict(_DECODER, num_key_value_heads=2, head_dim=8, sliding_window=64), ("CAUSAL_LM",)),
     Family("Gemma 3 (text classifier)", "Gemma3Text", "Gemma3TextConfig",
@@ -123,8 +118,7 @@ FAMILIES = [
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
                 num_experts_per_tok=1, max_position_embeddings=64,
                 layer_types=["full_attention"], pad_token_id=0, bos_token_id=1,
-                eos_token_id=2, attn_implementation="eager"), _LM,
-           {"prefix": Refusal("NotImplementedError", "passes `s_aux`=", "forward")}),
+                eos_token_id=2, attn_implementation="eager"), _LM),
     Family("BERT", "Bert", "BertConfig", dict(_ENCODER, max_position_embeddings=128),
            _ENCODER_TASKS),
     Family("RoBERTa", "Roberta", "RobertaConfig", _ENCODER, _ENCODER_TASKS),
@@ -134,10 +128,7 @@ FAMILIES = [
            dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=2,
                 num_decoder_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2,
                 decoder_start_token_id=0, dropout_rate=0.0, feed_forward_proj="gated-gelu"),
-           ("SEQ_2_SEQ_LM",),
-           {"prefix": Refusal("NotImplementedError", "prefix tuning on this encoder-decoder "
-                              "model is not supported (its attention adds a relative position "
-                              "bias (`position_bias`)", "wrap")}),
+           ("SEQ_2_SEQ_LM",)),
     Family("BART", "Bart", "BartConfig",
            dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
@@ -181,10 +172,11 @@ _NOTES = {
                   "(PEFT's prefix generation does not with transformers 5.24: it injects its "
                   "cache under the old argument name `past_key_values`; on OPT with a prompt, "
                   "PEFT's generate() raises a size mismatch in OPT's position embeddings).",
-    "seq2seq_prefix": "BART's prefixes are placed as PEFT places them: the decoder's "
+    "seq2seq_prefix": "BART's and T5's prefixes are placed as PEFT places them: the decoder's "
                       "self-attention only (decoder layer i gets layer (2 i) mod L's prefix, "
                       "so with an even L the odd layers' prefixes are never read), decoder "
-                      "positions from P. Generation: greedy tokens compared with PEFT's "
+                      "positions from P (BART's learned positions; T5's relative position bias "
+                      "over the prefix). Generation: greedy tokens compared with PEFT's "
                       "algorithm run without PEFT (PEFT's own generate() disagrees with it with "
                       "transformers 5.24); beam search is not compared.",
 }

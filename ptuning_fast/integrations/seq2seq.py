@@ -5,12 +5,13 @@ encoder's attention mask (which the decoder's cross-attention reads too); the de
 mask and the labels are left as they are. The prompt module holds PEFT's two sets of rows
 (`num_transformer_submodules=2`) and feeds the first (see prompts.py).
 
-Prefix tuning (BART): PEFT puts its prefix cache into the decoder only, and replaces the
+Prefix tuning (BART, T5): PEFT puts its prefix cache into the decoder only, and replaces the
 cross-attention part of that cache by an empty one, so only the decoder's self-attention
 attends to a prefix: decoder layer i to the prefix of layer (2 i) mod L (how PEFT splits its
 doubled (2 * 2L)-row cache into per-layer groups of four), and decoder positions start at P
-(the cache length PEFT's prefix makes). The encoder and the cross-attention get no prefix.
-T5 is refused (its attention adds a relative position bias): see `support.refuse_unsupported`.
+(the cache length PEFT's prefix makes: BART's learned positions are shifted here; T5's relative
+position bias over the prefix is computed by the attention function, `attention_terms`). The
+encoder and the cross-attention get no prefix.
 """
 from __future__ import annotations
 
@@ -21,15 +22,26 @@ import torch
 
 from . import attention
 
+def _decoder_self_attentions(base_model) -> list:
+    """Each decoder layer's self-attention module: BART's `layers[i].self_attn`, T5's
+    `block[i].layer[0].SelfAttention`."""
+    decoder = base_model.get_decoder()
+    if hasattr(decoder, "layers"):
+        return [layer.self_attn for layer in decoder.layers]
+    return [block.layer[0].SelfAttention for block in decoder.block]
+
+
 def prefix_layers(base_model, num_layers: int) -> dict:
-    """Decoder self-attention module -> index of its prefix layer, PEFT's placement."""
-    layers = base_model.get_decoder().layers
-    if len(layers) != num_layers:
+    """Decoder self-attention module -> index of its prefix layer, PEFT's placement. Every
+    other attention module (the encoder's, the cross-attention) is absent: no prefix. T5's share
+    `layer_idx` values with the decoder's self-attention, so the index cannot come from it."""
+    modules = _decoder_self_attentions(base_model)
+    if len(modules) != num_layers:
         raise NotImplementedError(
             f"{type(base_model).__name__}: prefix tuning needs as many decoder layers as "
             f"encoder layers (PEFT sizes the prefix by the encoder's {num_layers}), got "
-            f"{len(layers)}")
-    return {layer.self_attn: (2 * i) % num_layers for i, layer in enumerate(layers)}
+            f"{len(modules)}")
+    return {module: (2 * i) % num_layers for i, module in enumerate(modules)}
 
 
 @contextlib.contextmanager
@@ -44,8 +56,11 @@ def decoder_positions_shifted(base_model, shift: int):
             args = (args[0], (args[1] if len(args) > 1 else 0) + shift, *args[2:])
         return args, kwargs
 
-    handle = base_model.get_decoder().embed_positions.register_forward_pre_hook(
-        add, with_kwargs=True)
+    embed_positions = getattr(base_model.get_decoder(), "embed_positions", None)
+    if embed_positions is None:        # T5: relative positions only (see the module docstring)
+        yield
+        return
+    handle = embed_positions.register_forward_pre_hook(add, with_kwargs=True)
     try:
         yield
     finally:
