@@ -51,6 +51,12 @@ def assert_same_training_step(ours, other, model_name, padding, other_name=lambd
     assert_close(out.loss, ref.loss, torch.float32, "fwd", name="loss")
 
     out.loss.backward(), ref.loss.backward()
+    assert_same_gradients_and_step(ours, other, other_name)
+
+
+def assert_same_gradients_and_step(ours, other, other_name=lambda name: name):
+    """After both backward passes: the same trainable parameters, gradients (none on frozen
+    ones) and parameters after one AdamW step."""
     theirs = dict(other.named_parameters())
     mine = ours.trainable_parameters()
     assert {other_name(n) for n in mine} == {n for n, p in theirs.items() if p.requires_grad}

@@ -12,6 +12,7 @@ from conftest import assert_close
 from models import MaterializedPrompt
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 if not hasattr(transformers, "Gemma4TextConfig"):
     pytest.skip(f"transformers {transformers.__version__} has no Gemma 4", allow_module_level=True)
 
