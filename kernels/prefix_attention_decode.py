@@ -5,8 +5,17 @@ one program per (key split, kv head x row block, batch row). Its query tile pack
 of every query head that shares the kv head (tile row r = query position r % Lq of group head
 r // Lq), so each program reads its share of that head's [prefix; sequence] keys once for the
 whole group, where the prefill kernel reads them once per query head with a 128-row tile of
-which Lq rows are used. The tile has at least 16 rows (the smallest `tl.dot`): at Lq = 1, GQA
-4:1, 4 of 16 rows are used; decoding is bound by reading K/V, which every row shares.
+which Lq rows are used.
+
+Tile shape. The MMA (mma.sync m16n8k16 on sm_80, wgmma on sm_90) computes at least 16 rows by 8
+columns. Up to KEYS_MAJOR_ROWS = 8 packed rows (one token at GQA up to 8:1, or Lq <= 8 at 1:1)
+the program runs keys-major (`_decode_blocks`): scores^T = K q^T, out^T = V^T p^T,
+the keys and head dimensions as the MMA's rows and the 8 query columns holding the group: at
+Lq = 1, GQA 4:1, 4 of 8 columns hold a query (the row-major tile used 4 of its 16 rows), at
+GQA 8:1 all 8. More packed rows take row-major tiles of 16 to 64 rows, as the prefill kernel. A
+dot-free variant (q * k summed over D on the CUDA cores, every row a query) was compiled and
+measured slower in instructions (bench/NOTES.md, "Decode tile rows"): decoding is bound by
+reading K/V, and tensor cores spend no issue slots on the padded columns.
 
 The keys, prefix blocks then sequence blocks (BLOCK_N each, the prefix's last block partial),
 are numbered as one range and cut into `num_splits` runs of whole blocks; the split count comes
@@ -15,9 +24,10 @@ from the SM count (>= 2 waves of programs). Each split writes its unnormalized f
 (deterministic: no atomics, a fixed sequence of fp32 operations) and normalizes. With one split
 the first kernel writes the output itself.
 
-Masks are those of the prefill kernel, through its `_attend_blocks`: prefix keys are visible to
-every query; sequence key j is visible to query i iff the padding mask allows it and, when
-causal, j <= i + (Lk - Lq). A row with no visible key outputs zeros and LSE = +inf.
+Masks are those of the prefill kernel (`_decode_blocks` is its `_attend_blocks` without dropout
+and with the keys-major option): prefix keys are visible to every query; sequence key j is
+visible to query i iff the padding mask allows it and, when causal, j <= i + (Lk - Lq). A row
+with no visible key outputs zeros and LSE = +inf.
 No dropout and no backward: `ptuning_fast.fused` takes this path only when no gradient is needed.
 """
 from __future__ import annotations
@@ -40,7 +50,6 @@ from .prefix_attention_fwd import (
     LOG2E,
     ForwardInputs,
     SPEC_VARIANTS,
-    _attend_blocks,
     input_precision,
     spec_ints,
     spec_signature,
@@ -82,6 +91,71 @@ def _store_rows(Out, Lse, acc, m_i, l_i, batch, q_head, q_pos, row_ok,
 
 
 @triton.jit
+def _decode_blocks(
+    acc,                         # fp32 output: (BLOCK_M, BLOCK_D), keys-major (BLOCK_D, BLOCK_M)
+    m_i, l_i,                    # (BLOCK_M,) running max (base 2) and normalizer
+    q,                           # (BLOCK_M, BLOCK_D), keys-major (BLOCK_D, BLOCK_M)
+    K, V, Mask,                  # K, V at (row, kv head); Mask at the row
+    start, end,                  # key range [start, end); start is a multiple of BLOCK_N
+    stride_k_l, stride_v_l, stride_mask_l,
+    key_len, head_dim, key_shift, q_pos, qk_scale,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, KEYS_MAJOR: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, m_i, l_i) with the keys [start, end) of one K/V pair: the
+    prefill kernel's `_attend_blocks` without dropout, every block bounds-checked. Key j is
+    visible to query row r iff j < key_len, the padding mask allows it (HAS_MASK) and, when
+    IS_CAUSAL, j <= q_pos[r] + key_shift.
+
+    KEYS_MAJOR runs both products transposed, scores^T = K q^T and out^T = V^T p^T, so that the
+    keys and the head dimensions are the MMA's rows (16 at the least) and the query rows its
+    columns (8 at the least): a tile of 8 queries is no longer padded to 16."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_len
+        # Each operand loaded in the orientation its dot takes (a tl.trans of a loaded tile
+        # cost ptxas registers: sm_80 V^T loaded to registers, not through cp.async).
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        kv_mask_t = d_ok[:, None] & key_ok[None, :]
+        if KEYS_MAJOR:
+            k = tl.load(K + keys[:, None].to(tl.int64) * stride_k_l + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = tl.trans(tl.dot(k, q, input_precision=INPUT_PRECISION))
+        else:
+            kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
+                         mask=kv_mask_t, other=0.0)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+        s = s * qk_scale
+        visible = key_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
+        if HAS_MASK:
+            pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
+            visible = visible & (pad != 0)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf; shifting by 0 instead keeps its
+        # probabilities exactly 0 rather than NaN (-inf - -inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if KEYS_MAJOR:
+            vt = tl.load(V + keys[None, :].to(tl.int64) * stride_v_l + offs_d[:, None],
+                         mask=kv_mask_t, other=0.0)
+            acc = tl.dot(vt, tl.trans(p.to(vt.dtype)), acc * alpha[None, :],
+                         input_precision=INPUT_PRECISION)
+        else:
+            v = tl.load(V + keys[:, None].to(tl.int64) * stride_v_l + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_split_kernel(
     Out, Lse,                    # written when not IS_SPLIT
     PartAcc, PartStats,          # fp32 partials, written when IS_SPLIT: acc (B, Hq, Lq, S, D),
@@ -104,7 +178,8 @@ def _decode_split_kernel(
     HAS_MASK: tl.constexpr,
     HAS_INDEX: tl.constexpr,     # per-task prefixes: row b reads prefix PrefixIndex[b]
     IS_SPLIT: tl.constexpr,      # partials for the merge kernel, or (one split) the output itself
-    BLOCK_M: tl.constexpr,       # packed rows (group_size * q_len, >= 16 for tl.dot)
+    KEYS_MAJOR: tl.constexpr,    # queries as the MMA's columns (see `_decode_blocks`)
+    BLOCK_M: tl.constexpr,       # packed rows: KEYS_MAJOR_ROWS, or a power of 2 >= MIN_ROWS
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,       # next power of two >= head_dim (tl.arange needs a power of 2)
     INPUT_PRECISION: tl.constexpr,
@@ -142,25 +217,29 @@ def _decode_split_kernel(
     # One loop per range, every block with the bounds (and causal) masks: a few integer compares
     # per block, where splitting off the unmasked blocks as the prefill kernel does doubles the
     # pipelined loops, and ptxas then spilled on sm_80 (Lq = 4) and fp32.
+    if KEYS_MAJOR:
+        q = tl.trans(q)
+        acc = tl.trans(acc)
     # Prefix keys: visible to every query.
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, pk, pv, Mask, Mask, p_start, p_end,
-        stride_pk_l, stride_pv_l, 0, 0, 0, prefix_len, head_dim, q_pos, q_pos, q_pos, row_ok,
-        qk_scale, 1.0, 0, 0.0, q_pos, 0,
-        True, False, False, False, False, False, False, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    acc, m_i, l_i = _decode_blocks(
+        acc, m_i, l_i, q, pk, pv, Mask, p_start, p_end,
+        stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
+        False, False, KEYS_MAJOR, BLOCK_N, BLOCK_D, INPUT_PRECISION)
     # Sequence keys: padding mask and bottom-right causal mask (query i sees j <= i + Lk - Lq).
+    # (Their pointers are formed here, not above: live across the prefix loop they cost ptxas
+    # registers, and a 4-byte spill at 16 rows on sm_90.)
     key_shift = key_len - q_len
     k = K + batch * stride_k_b + kv_head * stride_k_h
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
-    acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k, v, mask, mask, s_start, s_end,
-        stride_k_l, stride_v_l, stride_mask_l, 0, 0, key_len, head_dim, q_pos,
-        q_pos + key_shift, q_pos, row_ok, qk_scale, 1.0, 0, 0.0, q_pos, 0,
-        True, False, IS_CAUSAL, HAS_MASK, False, False, False, BLOCK_N, BLOCK_D,
-        INPUT_PRECISION)
+    acc, m_i, l_i = _decode_blocks(
+        acc, m_i, l_i, q, k, v, mask, s_start, s_end,
+        stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos, qk_scale,
+        IS_CAUSAL, HAS_MASK, KEYS_MAJOR, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    if KEYS_MAJOR:
+        acc = tl.trans(acc)
 
     if IS_SPLIT:
         q_pos = q_pos.to(tl.int64)
@@ -243,26 +322,40 @@ class DecodeTile:
 INTERPRETER_DECODE = DecodeTile(16, 32, 4, 1)
 
 # GPU tiles per (16-bit?, BLOCK_D), the same on sm_80 and sm_90. Shared memory holds the K and V
-# blocks in flight (16-bit, D = 128: 32 KB a block pair; the JIT-specialized launch takes 70 KB
-# at 3 stages, so three programs fit an H100 SM and two an A100's); fp32 halves the key block.
-# D = 256 stops at 32 rows: its 32 x 256 accumulator already takes ~170 registers a thread on
-# 4 warps.
+# blocks in flight (16-bit, D = 128: 32 KB a block pair; the JIT-specialized row-major launch
+# takes 70 KB at 3 stages, three programs an H100 SM; keys-major on sm_90, 99 KB: wgmma keeps
+# every stage, two programs). fp32 quarters the key block at D = 64 / 128 and stops at 32 / 16
+# rows (more rows take more row blocks, each reading K/V again): its ieee dots run on the CUDA
+# cores with both operands in registers, and the halved blocks spilled 4-1248 B at 16-64 rows
+# (ptxas, sm_90; 8 or 16 warps spilled in other flag combinations). D = 256 stops at 32 rows:
+# its 32 x 256 accumulator already takes ~170 registers a thread on 4 warps.
 GPU_DECODE = {
     (True, 32): DecodeTile(128, 64, 4, 4),
     (True, 64): DecodeTile(128, 64, 4, 3),
     (True, 128): DecodeTile(64, 64, 4, 3),
     (True, 256): DecodeTile(32, 32, 4, 3),
     (False, 32): DecodeTile(64, 64, 4, 4),
-    (False, 64): DecodeTile(64, 64, 4, 3),
-    (False, 128): DecodeTile(32, 64, 4, 3),
+    (False, 64): DecodeTile(32, 32, 4, 3),
+    (False, 128): DecodeTile(16, 16, 4, 3),
     (False, 256): DecodeTile(16, 32, 4, 3),
 }
 
-MIN_ROWS = 16            # tl.dot needs M >= 16
+MIN_ROWS = 16            # the MMA's rows: m16 (mma.sync), and Triton pads tl.dot's M up to it
+KEYS_MAJOR_ROWS = 8      # packed rows up to which the keys-major tile runs, as its query columns:
+                         # the MMA's smallest N (mma.sync m16n8k16, wgmma n8); at 4 rows, Triton's
+                         # own padding of N = 4 measured worse (ptxas, sm_90: 172 registers, no
+                         # wgmma, 1.4x the loop's instructions)
 MIN_BLOCKS_PER_SPLIT = 4   # shorter splits spend more on partials and pipeline ramp-up than
                            # they win in parallelism
 MAX_SPLITS = 64
 MERGE_WARPS = 4          # the merge is a few fp32 loads and FMAs per element
+
+
+def merge_warps(block_m: int, block_d: int) -> int:
+    """Warps of the merge kernel: MERGE_WARPS up to 4096 accumulator elements (32 a thread), as
+    many more per 4096 beyond (64 x 128 and 32 x 256 on 4 warps took 255 registers and spilled
+    8-16 B: ptxas, fp32 output)."""
+    return MERGE_WARPS * max(1, block_m * block_d // 4096)
 
 
 def decode_tile(head_dim: int, dtype: torch.dtype, target: Target | None) -> DecodeTile:
@@ -303,7 +396,8 @@ def split_count(programs_per_split: int, key_blocks: int, target: Target | None)
 class DecodePlan:
     """How one decode launch is cut: what the static report and the tests read."""
     tile: DecodeTile
-    block_m: int
+    block_m: int             # query rows of the tile (its columns when keys_major)
+    keys_major: bool         # `_decode_blocks` keys-major: queries are the MMA's columns
     block_d: int
     row_blocks: int          # per kv head: cdiv(group * Lq, block_m)
     key_blocks: int          # cdiv(P, block_n) + cdiv(Lk, block_n)
@@ -318,7 +412,8 @@ class DecodePlan:
 
     @property
     def row_use(self) -> float:
-        """Share of the tile rows that hold a query (the rest pads up to block_m)."""
+        """Share of the tile's query rows (columns, keys-major) that hold a query; the rest
+        pad up to block_m, which is never under what the MMA computes (16 rows, 8 columns)."""
         return self.rows / (self.row_blocks * self.block_m)
 
 
@@ -328,14 +423,18 @@ def decode_plan(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, D: int, dty
     `num_splits` overrides the split rule (capped at one block a split)."""
     tile = decode_tile(D, dtype, target)
     rows = (Hq // Hkv) * Lq
-    block_m = min(tile.max_rows, max(MIN_ROWS, triton.next_power_of_2(max(rows, 1))))
+    keys_major = rows <= KEYS_MAJOR_ROWS
+    if keys_major:
+        block_m = KEYS_MAJOR_ROWS
+    else:
+        block_m = min(tile.max_rows, max(MIN_ROWS, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
     key_blocks = max(1, triton.cdiv(P, tile.block_n) + triton.cdiv(Lk, tile.block_n))
     if num_splits is None:
         num_splits = split_count(B * Hkv * row_blocks, key_blocks, target)
     per_split, splits = balanced_splits(key_blocks, num_splits)
-    return DecodePlan(tile, block_m, head_block(D), row_blocks, key_blocks, per_split, splits,
-                      (splits, Hkv * row_blocks, B), rows)
+    return DecodePlan(tile, block_m, keys_major, head_block(D), row_blocks, key_blocks, per_split,
+                      splits, (splits, Hkv * row_blocks, B), rows)
 
 
 def supports(q_len: int) -> bool:
@@ -375,7 +474,8 @@ def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mas
         Lq, Lk, x.prefix_len, D, Hq // Hkv, x.scale * LOG2E, plan.blocks_per_split,
         *x.strides(), *part_strides,
         IS_CAUSAL=causal, HAS_MASK=x.mask is not None, HAS_INDEX=x.index is not None,
-        IS_SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=plan.tile.block_n, BLOCK_D=plan.block_d,
+        IS_SPLIT=split, KEYS_MAJOR=plan.keys_major, BLOCK_M=plan.block_m,
+        BLOCK_N=plan.tile.block_n, BLOCK_D=plan.block_d,
         INPUT_PRECISION=input_precision(x.q.dtype),
         num_warps=plan.tile.warps(plan.block_m), num_stages=plan.tile.num_stages,
     )
@@ -383,7 +483,8 @@ def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mas
         _decode_merge_kernel[(Hkv * plan.row_blocks, B)](
             x.out, x.lse, acc, stats, Lq, D, Hq // Hkv, plan.num_splits,
             *strides3(x.out), *x.lse.stride()[:2], *part_strides,
-            BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, num_warps=MERGE_WARPS,
+            BLOCK_M=plan.block_m, BLOCK_D=plan.block_d,
+            num_warps=merge_warps(plan.block_m, plan.block_d),
         )
     return x.out, x.lse
 
@@ -392,16 +493,17 @@ def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mas
 # Ahead-of-time compile specs (see kernels/compile_specs.py)
 
 def compile_specs():
-    """The split kernel for every GPU_DECODE tile at the smallest and the largest BLOCK_M it
-    can pick (flags rotated over the specs, with and without splitting), and the merge kernel
-    for every BLOCK_D and output dtype at the largest BLOCK_M."""
+    """The split kernel for every GPU_DECODE tile: keys-major, and row-major at the smallest
+    and the largest BLOCK_M it can pick (flags rotated over the specs, with and without
+    splitting); the merge kernel for every BLOCK_D and output dtype at the largest BLOCK_M."""
     for i, (dtype, elem, precision, block_d) in enumerate(SPEC_VARIANTS):
         tile = GPU_DECODE[(dtype != torch.float32, block_d)]
-        for j, block_m in enumerate(sorted({MIN_ROWS, tile.max_rows})):
+        for j, block_m in enumerate(sorted({KEYS_MAJOR_ROWS, MIN_ROWS, tile.max_rows})):
             causal, has_mask = FLAG_COMBOS[(i + j) % len(FLAG_COMBOS)]
             constexprs = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_INDEX=i % 2 == 0,
                               IS_SPLIT=j == 0 or i % 2 == 1,
-                              BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_D=block_d,
+                              KEYS_MAJOR=block_m == KEYS_MAJOR_ROWS, BLOCK_M=block_m,
+                              BLOCK_N=tile.block_n, BLOCK_D=block_d,
                               INPUT_PRECISION=precision)
             types = {name: f"*{elem}" for name in ("Out", "Q", "K", "V", "PrefixK", "PrefixV")}
             types.update(Lse="*fp32", PartAcc="*fp32", PartStats="*fp32", Mask="*i8",
@@ -413,10 +515,11 @@ def compile_specs():
                               ints=dict(spec_ints(constexprs), q_len=1))   # one new token
     for block_d in sorted({d for *_, d in SPEC_VARIANTS}):
         for elem in ("fp16", "bf16", "fp32"):
-            constexprs = dict(BLOCK_M=GPU_DECODE[(elem != "fp32", block_d)].max_rows,
-                              BLOCK_D=block_d)
+            block_m = GPU_DECODE[(elem != "fp32", block_d)].max_rows
+            constexprs = dict(BLOCK_M=block_m, BLOCK_D=block_d)
             types = dict(Out=f"*{elem}", Lse="*fp32", PartAcc="*fp32", PartStats="*fp32")
             yield CompileSpec(f"prefix_attention_decode_merge[{elem},BLOCK_D={block_d}]",
                               _decode_merge_kernel,
                               spec_signature(_decode_merge_kernel, constexprs, types),
-                              constexprs, MERGE_WARPS, 1, ints={"q_len": 1, "group_size": 4})
+                              constexprs, merge_warps(block_m, block_d), 1,
+                              ints={"q_len": 1, "group_size": 4})

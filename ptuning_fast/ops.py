@@ -1,49 +1,74 @@
 """Public fused ops: validation, backend dispatch, and the autograd layer (via `ptuning_fast.fused`).
 
-backend="auto" runs the Triton kernels on CUDA tensors and the reference path on CPU tensors;
-"triton" forces the kernels (on CPU only under TRITON_INTERPRET=1); "reference" forces the
-pure-PyTorch path of `ptuning_fast.reference`.
+Backends (`BACKENDS`): "triton" — the Triton kernels (CUDA tensors; CPU tensors only under
+TRITON_INTERPRET=1, for testing); "torch" — fast pure PyTorch (`ptuning_fast.torch_path`: SDPA
+without per-row prefix copies or repeated GQA heads), for every device; "reference" — the naive
+definition of correct (`ptuning_fast.reference`). Each backend states its limits beside it as
+`not_supported_reasons(op, tensors, options)` (xformers' dispatch): "auto" takes the first of
+`AUTO_ORDER` with no reason against it, and an explicit backend with reasons raises one error
+listing them all.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from . import reference
-from .kernels.launch import interpreting
+from . import reference, torch_path
+from .fused import support as triton_support
+from .fused.support import kernels_can_run
 from .packing import packed_segments
 from .validation import (
+    Reasons,
     check_attention_terms,
     check_cu_seqlens_values,
-    check_interpreter_dtypes,
     check_prefix_attention,
     check_prefix_attention_values,
     check_prompt_embedding,
     check_prompt_embedding_values,
+    refuse_unknown_options,
 )
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
+AUTO_ORDER = ("triton", "torch", "reference")
 
 
-def kernels_can_run(device: torch.device) -> bool:
-    """The Triton kernels run on CUDA tensors, and on CPU tensors under the interpreter."""
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+def _reference_reasons(op: str, tensors: dict, options: dict, *, auto: bool = False) -> Reasons:
+    """The reference computes every input its functions take a keyword for."""
+    r = Reasons(op)
+    fn = reference.attend if op == "prefix_attention" else reference.prompt_embedding
+    refuse_unknown_options(r, "reference", inspect.signature(fn).parameters, options)
+    return r
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Returns "triton" or "reference" for tensors on `device`; a clear error otherwise."""
+_REASONS = {"triton": triton_support.not_supported_reasons,
+            "torch": torch_path.not_supported_reasons,
+            "reference": _reference_reasons}
+
+
+def not_supported_reasons(backend: str, op: str, tensors: dict, options: dict, *,
+                          auto: bool = False) -> list[str]:
+    """Why `backend` cannot run `op` ("prefix_attention" | "prompt_embedding") on `tensors`
+    (name -> tensor or None) with `options` (keyword -> value); empty when it can."""
+    return _REASONS[backend](op, tensors, options, auto=auto).messages()
+
+
+def choose_backend(backend: str, op: str, tensors: dict, options: dict) -> str:
+    """The backend that runs `op`: `backend` itself (or one error listing why it cannot), or
+    for "auto" the first of AUTO_ORDER with no reason against it."""
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    if device.type == "cuda":
-        return "triton"
-    if backend == "auto":
-        return "reference"
-    if kernels_can_run(device):
-        return "triton"
-    raise ValueError(
-        f"`backend`='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
-        f"ptuning_fast's kernels are imported; got tensors on {device}")
+    if backend != "auto":
+        _REASONS[backend](op, tensors, options).raise_if_any()
+        return backend
+    refusals = []
+    for name in AUTO_ORDER:
+        reasons = not_supported_reasons(name, op, tensors, options, auto=True)
+        if not reasons:
+            return name
+        refusals.append(f"{name!r}: " + "; ".join(reasons))
+    raise NotImplementedError(f"{op}: no backend can run these inputs (" +
+                              " | ".join(refusals) + ")")
 
 
 def prompt_embedding(input_ids, weight, prompt, *, prompt_index=None, backend="auto"):
@@ -54,11 +79,14 @@ def prompt_embedding(input_ids, weight, prompt, *, prompt_index=None, backend="a
     used it) and `weight` only if it requires grad.
     """
     check_prompt_embedding(input_ids, weight, prompt, prompt_index)
-    if resolve_backend(backend, weight.device) == "reference":    # checks its values itself
+    chosen = choose_backend(backend, "prompt_embedding",
+                            {"input_ids": input_ids, "weight": weight, "prompt": prompt},
+                            {"prompt_index": prompt_index})
+    if chosen == "reference":    # checks its values itself
         return reference.prompt_embedding(input_ids, weight, prompt, prompt_index=prompt_index)
     check_prompt_embedding_values(input_ids, weight, prompt, prompt_index)
-    if weight.device.type == "cpu":
-        check_interpreter_dtypes("prompt_embedding", {"weight": weight, "prompt": prompt})
+    if chosen == "torch":
+        return torch_path.prompt_embedding(input_ids, weight, prompt, prompt_index)
     from .fused.prompt_embedding import prompt_embedding_op
     return prompt_embedding_op(input_ids, weight, prompt, prompt_index)
 
@@ -79,10 +107,11 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     1 / (1 - p)). dropout_seed (int) fixes the mask; None draws one from torch's generator on
     q's device, so `torch.manual_seed` makes runs reproducible (and activation checkpointing,
     which restores the generator, recomputes the same mask). The Triton kernels regenerate the
-    mask from the seed in the backward (nothing of size Lq x Lk is stored). backend="reference"
-    with dropout draws the kernels' mask for the same seed where the mask kernel can run (CUDA,
-    or CPU under TRITON_INTERPRET=1) and otherwise a `torch.bernoulli` mask: then the two
-    backends drop different entries for one seed, as torch's SDPA backends do.
+    mask from the seed in the backward (nothing of size Lq x Lk is stored). The "torch" and
+    "reference" backends with dropout draw the kernels' mask for the same seed where the mask
+    kernel can run (CUDA, or CPU under TRITON_INTERPRET=1) and otherwise a `torch.bernoulli`
+    mask (the same for both): then they drop other entries than the kernels for one seed, as
+    torch's SDPA backends do among themselves.
 
     Attention terms beside the prefix (FlashAttention's names where it has one; no gradient
     flows to `bias` or `sinks`, which come from frozen weights):
@@ -101,6 +130,10 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
       packing) or `cu_seqlens` (N + 1,) cumulative lengths over the flattened B * L tokens.
       Each sequence sees the prefix and only its own keys: the same result as running every
       sequence as its own row.
+
+    backend: "auto" (the Triton kernels on CUDA, else the fast "torch" path, else the
+    reference), or one of them by name; see the module doc. The "torch" backend computes none
+    of the terms above yet: with one in use, "auto" off CUDA takes the reference.
     """
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
                            dropout_p, dropout_seed, causal)
@@ -133,31 +166,29 @@ def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
         _check_segments(segments, q, k)
     check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
                           prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks)
-    window_size = tuple(window_size)
-    terms = dict(bias=bias, window_size=window_size, prefix_in_window=prefix_in_window,
-                 softcap=float(softcap), sinks=sinks, segments=segments)
     dropout_p = float(dropout_p)
     seed = None
     if dropout_p > 0:
         seed = _dropout_seed_tensor(dropout_seed, q.device)
-    if resolve_backend(backend, q.device) == "reference":
+    options = dict(causal=causal, attention_mask=attention_mask, scale=scale,
+                   prefix_index=prefix_index, dropout_p=dropout_p, bias=bias,
+                   window_size=tuple(window_size), prefix_in_window=prefix_in_window,
+                   softcap=float(softcap), sinks=sinks, segments=segments)
+    chosen = choose_backend(backend, "prefix_attention",
+                            {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v,
+                             "bias": bias, "sinks": sinks}, options)
+    if chosen != "triton":
         mask = None
         if dropout_p > 0:
             P = 0 if prefix_k is None else prefix_k.shape[-2]
             mask = _reference_dropout_mask(seed, q.shape, P, k.shape[2], dropout_p)
-        return reference.attend(q, k, v, prefix_k, prefix_v, causal=causal,
-                                attention_mask=attention_mask, scale=scale,
-                                prefix_index=prefix_index, dropout_p=dropout_p,
-                                dropout_mask=mask, **terms)
-    if q.device.type == "cpu":
-        check_interpreter_dtypes("prefix_attention", {"q": q, "k": k, "v": v, "prefix_k": prefix_k,
-                                                      "prefix_v": prefix_v, "bias": bias,
-                                                      "sinks": sinks})
+        if chosen == "reference":
+            return reference.attend(q, k, v, prefix_k, prefix_v, dropout_mask=mask, **options)
+        computed = {name: options[name] for name in torch_path.ATTENTION_OPTIONS}
+        return torch_path.prefix_attention(q, k, v, prefix_k, prefix_v, dropout_mask=mask,
+                                           **computed)
     from .fused.prefix_attention import prefix_attention_fused
-    return prefix_attention_fused(q, k, v, prefix_k, prefix_v, causal=causal,
-                                  attention_mask=attention_mask, scale=scale,
-                                  prefix_index=prefix_index, dropout_p=dropout_p,
-                                  dropout_seed=seed, **terms)
+    return prefix_attention_fused(q, k, v, prefix_k, prefix_v, dropout_seed=seed, **options)
 
 
 def _check_segments(segments, q, k) -> None:

@@ -12,24 +12,34 @@ import torch
 
 
 class Reasons:
-    """Collects (kind, message) pairs; `raise_if_any()` turns them into one exception."""
+    """Collects reasons by kind; `raise_if_any()` turns them into one exception: TypeError when
+    any is about a dtype or device, else NotImplementedError when any is an unsupported feature,
+    else ValueError."""
 
     def __init__(self, op: str):
         self.op = op
         self.type_errors: list[str] = []
+        self.unsupported_features: list[str] = []
         self.value_errors: list[str] = []
 
     def type(self, message: str) -> None:
         self.type_errors.append(message)
 
+    def unsupported(self, message: str) -> None:
+        self.unsupported_features.append(message)
+
     def value(self, message: str) -> None:
         self.value_errors.append(message)
 
+    def messages(self) -> list[str]:
+        return self.type_errors + self.unsupported_features + self.value_errors
+
     def raise_if_any(self) -> None:
-        reasons = self.type_errors + self.value_errors
+        reasons = self.messages()
         if not reasons:
             return
-        kind = TypeError if self.type_errors else ValueError
+        kind = (TypeError if self.type_errors else
+                NotImplementedError if self.unsupported_features else ValueError)
         raise kind(f"{self.op}: " + "; ".join(reasons))
 
 
@@ -89,17 +99,33 @@ def check_index_range(name: str, index: torch.Tensor, upper: int, what: str) -> 
                         f"`{name}` has values outside [0, {upper}) ({what})")
 
 
-def check_interpreter_dtypes(op: str, named: dict[str, torch.Tensor | None]) -> None:
-    """The kernels on CPU tensors run under Triton's interpreter, which cannot do bfloat16
-    arithmetic (it stores bf16 as uint16; a bf16 `tl.dot` returns garbage, triton #11584):
-    refuse instead of returning garbage. Call only when the Triton path runs on CPU tensors."""
-    bf16 = [f"`{n}` {describe(t)}" for n, t in named.items()
-            if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16]
-    if bf16:
-        raise TypeError(
-            f"{op}: the Triton kernels on CPU tensors run under Triton's interpreter, which "
-            f"cannot compute in bfloat16; got {', '.join(bf16)}. "
-            "Expected float32 or float16 here (bf16 runs on a GPU), or backend='reference'")
+def option_in_use(value) -> bool:
+    """False for the values that switch an optional feature off: None, False, 0 / 0.0 and
+    FlashAttention's (-1, -1) window."""
+    if value is None:
+        return False
+    if isinstance(value, (bool, int, float)):
+        return bool(value)
+    if isinstance(value, (tuple, list)) and all(type(x) is int for x in value):
+        return tuple(value) != (-1, -1)
+    return True          # a tensor, a tuple of tensors (packed segments), anything else
+
+
+def refuse_unknown_options(r: Reasons, backend: str, known, options: dict) -> None:
+    """A backend never drops an option it does not compute: each one in use is a reason."""
+    for name, value in options.items():
+        if name not in known and option_in_use(value):
+            r.unsupported(f"`{name}`={_short(value)} is not computed by the {backend!r} backend")
+
+
+def _short(value) -> str:
+    """A value for an error message: tensors by shape and dtype, never their contents."""
+    if isinstance(value, torch.Tensor):
+        return describe(value)
+    if isinstance(value, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in value):
+        return "(" + ", ".join(_short(x) for x in value) + ")"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_prompt_embedding(input_ids, weight, prompt, prompt_index) -> None:

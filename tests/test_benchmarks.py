@@ -316,7 +316,14 @@ def test_targets_table_judges_the_worst_case():
     assert verdict["train step (prefix tuning) peak memory vs PEFT"] == \
         "1 | 0.60x | <= 0.70x | yes |"
     assert verdict["prefix attention fwd TFLOP/s, Lk = 8192"] == "0 | – | >= 450 TF/s | no data |"
-    assert "## Targets" not in report.markdown({**head, "device": "CPU: x"}, records)
+    cpu = report.markdown({**head, "device": "CPU: x"}, records)
+    assert "## Targets (docs/design.md)" not in cpu and "## Targets without Triton" in cpu
+    cpu_verdict = {line.split(" | ")[0].lstrip("| "): line.split(" | ", 1)[1]
+                   for line in cpu.splitlines() if line.startswith("| ")}
+    assert cpu_verdict["train_step (prefix_tuning) tokens/s vs peft"] == \
+        "1 | 1.20x | >= 1.20x | yes |"
+    assert cpu_verdict["generate (p_tuning) tokens/s vs peft_algorithm"] == \
+        "0 | – | >= 1.20x | no data |"
 
 
 def test_terms_cases_cover_every_term_and_count_only_visible_pairs():

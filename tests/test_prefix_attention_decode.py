@@ -72,6 +72,33 @@ def test_matches_reference(case, dtype):
     check_against_reference(case, dtype)
 
 
+# Speculative decoding (Lq 1..16) at GQA 1:1, 4:1 and 8:1: packed rows from 1 to 128, so both
+# tiles (keys-major up to 8 rows, row-major beyond, 2 row blocks past 32 rows under the
+# interpreter), every prefix kind, causal and not, odd lengths; fp32 and fp16 taking turns.
+SPECULATIVE = [
+    (Case(2, 2, 2, 1, 41, 32, 7, "row", "left"), True),
+    (Case(1, 3, 3, 3, 19, 24, 0, "none", "random", False), True),
+    (Case(2, 4, 4, 8, 27, 32, 13, "task", "right"), True),
+    (Case(1, 2, 2, 16, 35, 16, 5, "shared", "none"), False),
+    (Case(2, 8, 2, 1, 23, 40, 9, "shared", "random"), True),
+    (Case(2, 4, 1, 2, 31, 32, 3, "row", "left", False), True),
+    (Case(1, 8, 2, 3, 17, 32, 0, "none", "right"), False),
+    (Case(2, 4, 1, 5, 29, 24, 11, "task", "none"), False),
+    (Case(1, 8, 1, 1, 43, 32, 6, "task", "left"), True),
+    (Case(2, 16, 2, 2, 21, 16, 4, "shared", "random", False), False),
+    (Case(1, 8, 1, 16, 37, 32, 3, "row", "right"), False),
+]
+
+
+@pytest.mark.parametrize("i, case, keys_major", [(i, c, k) for i, (c, k) in enumerate(SPECULATIVE)],
+                         ids=[str(c) for c, _ in SPECULATIVE])
+def test_speculative_lengths_and_gqa_ratios(i, case, keys_major):
+    plan = decode_kernels.decode_plan(case.B, case.Hq, case.Hkv, case.Lq, case.Lk, case.P,
+                                      case.D, torch.float32, None)
+    assert plan.keys_major == keys_major and plan.rows == case.Hq // case.Hkv * case.Lq
+    check_against_reference(case, torch.float32 if i % 2 == 0 else torch.float16)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 1000])
 def test_every_split_count_gives_the_same_function(num_splits):
     # 1: the split kernel writes the output itself (no merge); 1000: capped at one block each.
@@ -125,18 +152,28 @@ def test_32k_cache_with_gpu_tiles():
 
 def test_plan_at_the_issue_shape():
     """B = 8, Hq = 32, Hkv = 8, Lk = 4096, D = 128, bf16, on 132 SMs: >= 2 waves of programs,
-    each split a run of whole key blocks, the K/V cache read once per kv head."""
+    each split a run of whole key blocks, the K/V cache read once per kv head; the GQA group in
+    the keys-major tile's 8 query columns (the MMA's smallest N), 4 of them used."""
     H100 = launch.H100
     for P in (0, 64):
         plan = decode_kernels.decode_plan(8, 32, 8, 1, 4096, P, 128, torch.bfloat16, H100)
         assert plan.programs >= 2 * H100.sm_count
-        assert plan.block_m == 16 and plan.row_blocks == 1 and plan.row_use == 4 / 16
+        assert plan.keys_major and plan.block_m == 8 and plan.row_blocks == 1
+        assert plan.row_use == 4 / 8
         assert plan.blocks_per_split >= decode_kernels.MIN_BLOCKS_PER_SPLIT
         assert plan.num_splits * plan.blocks_per_split >= plan.key_blocks
         assert (plan.num_splits - 1) * plan.blocks_per_split < plan.key_blocks   # none empty
-    # Speculative decoding, 4 draft tokens: the tile is full.
+    # GQA 8:1, or 2 draft tokens at 4:1: the keys-major tile is full.
+    for Hkv, Lq in ((4, 1), (8, 2)):
+        plan = decode_kernels.decode_plan(8, 32, Hkv, Lq, 4096, 64, 128, torch.bfloat16, H100)
+        assert plan.keys_major and plan.row_use == 1.0 and plan.programs >= 2 * H100.sm_count
+    # Speculative decoding, 4 draft tokens: the 16-row tile is full.
     plan = decode_kernels.decode_plan(8, 32, 8, 4, 4096, 64, 128, torch.bfloat16, H100)
+    assert not plan.keys_major and plan.block_m == 16
     assert plan.row_use == 1.0 and plan.programs >= 2 * H100.sm_count
+    # One query head per kv head, one token: 1 of the 8 columns.
+    plan = decode_kernels.decode_plan(8, 32, 32, 1, 4096, 0, 128, torch.bfloat16, H100)
+    assert plan.keys_major and plan.row_use == 1 / 8
     # Many rows already fill the GPU: no split, no merge.
     plan = decode_kernels.decode_plan(64, 32, 8, 1, 256, 0, 128, torch.bfloat16, H100)
     assert plan.num_splits == 1
@@ -230,13 +267,14 @@ def test_generate_uses_the_decode_path(monkeypatch, mode):
 
 def test_compile_specs_cover_every_gpu_tile():
     specs = list(decode_kernels.compile_specs())
-    split = {(s.constexprs["BLOCK_D"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
-              s.num_warps, s.num_stages, "fp32" not in s.name)
+    split = {(s.constexprs["BLOCK_D"], s.constexprs["KEYS_MAJOR"], s.constexprs["BLOCK_M"],
+              s.constexprs["BLOCK_N"], s.num_warps, s.num_stages, "fp32" not in s.name)
              for s in specs if s.fn is decode_kernels._decode_split_kernel}
     for (sixteen_bit, block_d), tile in decode_kernels.GPU_DECODE.items():
-        for block_m in (decode_kernels.MIN_ROWS, tile.max_rows):
-            assert (block_d, block_m, tile.block_n, tile.warps(block_m), tile.num_stages,
-                    sixteen_bit) in split
+        for keys_major, block_m in ((True, decode_kernels.KEYS_MAJOR_ROWS),
+                                    (False, decode_kernels.MIN_ROWS), (False, tile.max_rows)):
+            assert (block_d, keys_major, block_m, tile.block_n, tile.warps(block_m),
+                    tile.num_stages, sixteen_bit) in split
     flags = {(s.constexprs["IS_CAUSAL"], s.constexprs["HAS_MASK"], s.constexprs["IS_SPLIT"])
              for s in specs if s.fn is decode_kernels._decode_split_kernel}
     assert {f[:2] for f in flags} == set(fwd_kernels.FLAG_COMBOS)

@@ -93,7 +93,8 @@ def test_reference_backend_draws_the_kernels_mask():
 def test_reference_backend_without_mask_kernel_uses_bernoulli(monkeypatch):
     # Plain CPU (no interpreter): torch.bernoulli from a generator seeded with the seed, so a
     # seed still reproduces the run, but the mask differs from the kernels' (documented).
-    monkeypatch.setattr(pf.ops, "interpreting", lambda: False)
+    from ptuning_fast.fused import support
+    monkeypatch.setattr(support, "interpreting", lambda: False)
     case = Case(2, 4, 2, 17, 21, 32, 6, "shared", "right")
     inputs, mask, _ = make_inputs(case, torch.float32, requires_grad=False)
     kw = dict(attention_mask=mask, dropout_p=0.3, dropout_seed=77, backend="reference")

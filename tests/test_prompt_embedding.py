@@ -103,7 +103,7 @@ def test_int32_ids_and_index():
     assert torch.equal(out, reference.prompt_embedding(ids, weight, prompt, prompt_index=index))
 
 
-def test_auto_backend_on_cpu_is_reference():
+def test_auto_backend_on_cpu_equals_reference():
     ids, weight, prompt, _ = make_inputs(2, 3, 10, 8, 2, None, torch.float32)
     out = pf.prompt_embedding(ids.cpu(), weight.cpu(), prompt.cpu())
     assert torch.equal(out, reference.prompt_embedding(ids.cpu(), weight.cpu(), prompt.cpu()))

@@ -107,6 +107,43 @@ def test_decode_launches_are_reported(report):
     assert not report["skipped"], report["skipped"]
 
 
+def _decode_split_rows(report, arch=90):
+    return [r for r in report["rows"]
+            if r["op"] == "decode" and r["arch"] == arch and r["kernel"] == "_decode_split_kernel"]
+
+
+def test_decode_issue_shape_fills_the_h100(report):
+    # Issue 14: B = 8, Hq = 32, Hkv = 8, Lk = 4096: programs >= 2 waves of the H100's SMs.
+    sms = launch.H100.sm_count
+    issue = [r for r in _decode_split_rows(report)
+             if (r["case"]["B"], r["case"]["Hq"], r["case"]["Hkv"], r["case"]["Lk"],
+                 r["case"]["Lq"]) == (8, 32, 8, 4096, 1)]
+    assert issue
+    for r in issue:
+        assert r["programs"] >= 2 * sms, (r["shape"], r["grid"])
+
+
+def test_decode_tile_rows_are_mostly_useful(report):
+    """useful rows = Hq / Hkv x Lq / the query rows of the launch's tiles (row blocks x
+    BLOCK_M, read from the captured launch). The MMA computes 16 rows x 8 columns at the least;
+    the keys-major tile puts the queries in the columns, so a group of 8 fills its tile and a
+    group of 4 (GQA 4:1, one token) half of it, where the 16-row tile held 4 / 16."""
+    rows = _decode_split_rows(report) + _decode_split_rows(report, 80)
+    assert {r["case"]["Hq"] // r["case"]["Hkv"] * r["case"]["Lq"] for r in rows} >= \
+        {1, 4, 8, 16, 64}
+    for r in rows:
+        packed = r["case"]["Hq"] // r["case"]["Hkv"] * r["case"]["Lq"]
+        assert r["query_rows"] == packed
+        assert r["useful_rows"] == pytest.approx(packed / r["tile_rows"], abs=1e-4)
+        assert r["keys_major"] == (packed <= 8) and r["tile_rows"] >= (8 if packed <= 8 else 16)
+        if packed >= 4:      # every GQA group from 4:1 up
+            assert r["useful_rows"] >= 0.5, (r["shape"], r["useful_rows"])
+        if packed in (8, 16, 64):
+            assert r["useful_rows"] == 1.0, (r["shape"], r["useful_rows"])
+    md = static_report.markdown(report)
+    assert "| 4/8 K |" in md and "| 8/8 K |" in md and "| 16/16 |" in md
+
+
 def test_occupancy_by_hand():
     # 255 regs x 128 threads: 8192 registers per warp -> 8 warps -> 2 blocks of 4 warps.
     assert occupancy.blocks_per_sm(90, 255, 4, 40 * 1024) == (2, "regs")

@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICE
 
 import ptuning_fast as pf
-from ptuning_fast.ops import resolve_backend
+from ptuning_fast.ops import choose_backend
 
 
 def _inputs():
@@ -61,10 +61,11 @@ def test_unknown_backend():
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tensors = {"q": torch.randn(1, 2, 3, 4)}
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        resolve_backend("triton", torch.device("cpu"))
-    assert resolve_backend("auto", torch.device("cpu")) == "reference"
-    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+        choose_backend("triton", "prefix_attention", tensors, {})
+    assert choose_backend("auto", "prefix_attention", tensors, {}) == "torch"
+    assert choose_backend("reference", "prefix_attention", tensors, {}) == "reference"
 
 
 def _attention_inputs(D=8, dtype=torch.float32):
@@ -72,7 +73,7 @@ def _attention_inputs(D=8, dtype=torch.float32):
     return q, q.clone(), q.clone()
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(scale=float("nan")), ValueError, ["scale", "nan", "finite"]),
     (dict(scale=float("inf")), ValueError, ["scale", "inf", "finite"]),
@@ -88,7 +89,7 @@ def test_prefix_attention_bad_arguments(kwargs, error, words, backend):
         assert word in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_prefix_attention_zero_head_dim(backend):
     with pytest.raises(ValueError, match="head dim D must be >= 1.*shape=\\(1, 2, 3, 0\\)"):
         pf.prefix_attention(*_attention_inputs(D=0), backend=backend)
@@ -105,6 +106,8 @@ def test_bf16_under_the_interpreter_is_refused():
     with pytest.raises(TypeError, match="interpreter.*bfloat16.*`weight`"):
         pf.prompt_embedding(ids, weight.bfloat16(), prompt.bfloat16(), backend="triton")
     assert pf.prefix_attention(q, k, v, backend="reference").dtype == torch.bfloat16
+    assert pf.prefix_attention(q, k, v, backend="torch").dtype == torch.bfloat16
+    assert pf.prefix_attention(q, k, v).dtype == torch.bfloat16      # auto: the torch path
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a plain CPU: no CUDA device")

@@ -14,13 +14,13 @@ import torch
 from ..progress import Progress
 from . import attention, embedding, models, providers, report, results, terms
 from .case import Case, Unavailable
-from .timing import median_ms, peak_memory_mb
+from .timing import interleaved_cpu_medians_ms, median_ms, peak_memory_mb
 
 OPS = ("prefix_attention", "attention_terms", "decode", "prompt_embedding", "train_step",
        "generate")
 INTERRUPTED = "not run: the run was interrupted (time limit or Ctrl-C) before this case"
-GPU_NOTICE = ("No CUDA device: timing the reference-style paths against each other at small "
-              "sizes, labelled CPU. Kernel timings need a GPU.")
+GPU_NOTICE = ("No CUDA device: timing PyTorch paths (ours: the torch backend) against each other "
+              "at small sizes, labelled CPU. Kernel timings need a GPU.")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -75,9 +75,24 @@ def build_cases(ops, provider_names, device: torch.device, quick: bool) -> list[
     return [case for op in OPS if op in ops for case in builders[op]()]
 
 
+# On CPU the providers of one model case (ours, PEFT) are timed in alternation.
+INTERLEAVED_OPS = ("train_step", "generate")
+
+
+def _failure_record(case: Case, error: Exception) -> tuple[dict, bool]:
+    """(record, failed) for a case that raised: a missing dependency or too little memory is a
+    skip; any other error is a skip that marks the run failed."""
+    if isinstance(error, Unavailable):
+        return results.skipped_record(case, str(error)), False
+    if isinstance(error, NotImplementedError):
+        return results.skipped_record(case, f"not implemented: {error}"), False
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return results.skipped_record(case, "out of memory on this device"), False
+    return results.skipped_record(case, f"failed: {type(error).__name__}: {error}"), True
+
+
 def run_case(case: Case, device: torch.device, quick: bool) -> tuple[dict, bool]:
-    """Measures one case; returns (record, failed). A missing dependency or too little memory is
-    a skip; any other error is a skip that marks the run failed."""
+    """Measures one case; returns (record, failed)."""
     prepared = None
     try:
         prepared = case.prepare(case, device)
@@ -85,19 +100,62 @@ def run_case(case: Case, device: torch.device, quick: bool) -> tuple[dict, bool]
         ms = median_ms(prepared.step, device, quick=quick, heavy=prepared.heavy)
         mem = peak_memory_mb(prepared.step, device, whole_process=prepared.whole_process_memory)
         return results.measured_record(case, prepared, ms, mem), False
-    except Unavailable as e:
-        return results.skipped_record(case, str(e)), False
-    except NotImplementedError as e:
-        return results.skipped_record(case, f"not implemented: {e}"), False
-    except torch.cuda.OutOfMemoryError:
-        return results.skipped_record(case, "out of memory on this device"), False
     except Exception as e:  # noqa: BLE001 — one broken case must not lose the others' numbers
-        return results.skipped_record(case, f"failed: {type(e).__name__}: {e}"), True
+        return _failure_record(case, e)
     finally:
         del prepared
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _release_memory(device)
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_interleaved(cases: list[Case], device: torch.device,
+                    quick: bool) -> list[tuple[dict, bool]]:
+    """Measures the providers of one case together (`interleaved_cpu_medians_ms`); returns
+    (record, failed) per case, in order. A provider that cannot run is recorded as skipped and
+    the others are still measured."""
+    outcomes: list[tuple[dict, bool] | None] = [None] * len(cases)
+    prepared = {}
+    try:
+        for i, case in enumerate(cases):
+            try:
+                prepared[i] = case.prepare(case, device)
+                prepared[i].step()
+            except Exception as e:  # noqa: BLE001
+                prepared.pop(i, None)
+                outcomes[i] = _failure_record(case, e)
+        try:
+            medians = interleaved_cpu_medians_ms([p.step for p in prepared.values()],
+                                                 quick=quick) if prepared else []
+            for (i, p), ms in zip(prepared.items(), medians):
+                outcomes[i] = results.measured_record(cases[i], p, ms, None), False
+        except Exception as e:  # noqa: BLE001
+            for i in prepared:
+                outcomes[i] = _failure_record(cases[i], e)
+    finally:
+        prepared.clear()
+        _release_memory(device)
+    return outcomes
+
+
+def measurement_groups(cases: list[Case], device: torch.device) -> list[list[Case]]:
+    """Cases measured together, in order: on CPU the providers of one model case (same op,
+    method and shape) form a group; every other case is alone."""
+    groups: list[list[Case]] = []
+    where: dict[tuple, int] = {}
+    for case in cases:
+        if device.type == "cpu" and case.op in INTERLEAVED_OPS:
+            key = tuple(v for k, v in case.fields().items() if k != "provider")
+            if key in where:
+                groups[where[key]].append(case)
+                continue
+            where[key] = len(groups)
+        groups.append([case])
+    return groups
 
 
 def output_path(out: Path | None, device: torch.device) -> Path:
@@ -157,26 +215,37 @@ def run_all(args, device: torch.device) -> tuple[list[dict], int, dict]:
     cases = build_cases(args.ops, args.providers, device, args.quick)
     head = results.header(device)
     records, failures, reasons_seen = [], 0, set()
-    progress = Progress(len(cases))
+    groups = measurement_groups(cases, device)
+    # One progress line pair per measurement: a case, or on CPU the providers of a model case
+    # timed together.
+    progress = Progress(len(groups))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # PEFT's, transformers' and eager flex's chatter
-        for index, case in enumerate(cases):
-            progress.start(case.label())
+        for index, group in enumerate(groups):
+            progress.start(group[0].label() if len(group) == 1 else
+                           f"{group[0].label()} and {len(group) - 1} more provider(s), "
+                           "interleaved")
             try:
-                record, failed = run_case(case, device, args.quick)
+                outcomes = (run_interleaved(group, device, args.quick) if len(group) > 1
+                            else [run_case(group[0], device, args.quick)])
             except KeyboardInterrupt:
                 # A time limit (timeout -s INT) or Ctrl-C: keep what was measured, say what was not.
-                progress.done(f"interrupted: {len(cases) - index} case(s) not run")
-                records += [results.skipped_record(c, INTERRUPTED) for c in cases[index:]]
+                left = [c for g in groups[index:] for c in g]
+                progress.done(f"interrupted: {len(left)} case(s) not run")
+                records += [results.skipped_record(c, INTERRUPTED) for c in left]
                 failures += 1
                 break
-            failures += failed
-            records.append(record)
-            reason = record["skipped"]
-            progress.done(_outcome(record, failed))
-            if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
-                reasons_seen.add((case.op, case.provider, reason))
-                print(f"skipped {case.op} {case.provider}: {reason}", file=sys.stderr)
+            for case, (record, failed) in zip(group, outcomes):
+                failures += failed
+                records.append(record)
+            progress.done(", ".join(f"{case.provider} {_outcome(record, failed)}"
+                                    if len(group) > 1 else _outcome(record, failed)
+                                    for case, (record, failed) in zip(group, outcomes)))
+            for case, (record, _) in zip(group, outcomes):
+                reason = record["skipped"]
+                if reason is not None and (case.op, case.provider, reason) not in reasons_seen:
+                    reasons_seen.add((case.op, case.provider, reason))
+                    print(f"skipped {case.op} {case.provider}: {reason}", file=sys.stderr)
     return records, failures, head
 
 

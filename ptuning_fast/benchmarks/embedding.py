@@ -2,8 +2,9 @@
 the same output bytes (the bandwidth ceiling this op can approach).
 
 Record fields: Lq is the sequence length L, D the hidden size d, P the prompt length.
-Providers: fused (`pf.prompt_embedding(..., backend="triton")`), naive (PEFT's way: the prompt
-looked up once per row from expanded indices, the words looked up, torch.cat), copy.
+Providers: fused (`pf.prompt_embedding(..., backend="triton")`), torch (`backend="torch"`, what
+"auto" runs on CPU), naive (PEFT's way: the prompt looked up once per row from expanded indices,
+the words looked up, torch.cat), copy.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from . import flops
 from .case import Case, Prepared, Unavailable, torch_dtype
 
-PROVIDERS = ("fused", "naive", "copy")
+PROVIDERS = ("fused", "torch", "naive", "copy")
 VOCAB_GPU = 128256   # Llama-3's vocabulary
 
 
@@ -63,6 +64,11 @@ def prepare_prompt_embedding(case: Case, device: torch.device) -> Prepared:
 
         def compute(ids, prompt):
             return ops.prompt_embedding(ids, weight, prompt, backend="triton")
+    elif case.provider == "torch":
+        from .. import ops
+
+        def compute(ids, prompt):
+            return ops.prompt_embedding(ids, weight, prompt, backend="torch")
     elif case.provider == "naive":
         def compute(ids, prompt):
             return naive_prompt_embedding(ids, weight, prompt)

@@ -1,31 +1,44 @@
 """End-to-end cases on a Llama-3.2-1B-shaped model with random weights (built from a LlamaConfig,
-nothing downloaded): a prefix- or prompt-tuning training step, and greedy generation; ours
+nothing downloaded): a prefix-tuning, P-Tuning or prompt-tuning training step, and greedy
+generation; ours
 (`pf.wrap`) against PEFT (`peft.get_peft_model`) on identically built base models.
 
-Record fields: method, provider "ptuning_fast" | "peft", B, Lq = sequence (train) or prompt
-(generate) length, Lk = Lq + new tokens (generate), P, Hq/Hkv/D the model's attention heads.
+Generation has a third provider, "peft_algorithm": PEFT's generation algorithm done on the
+unwrapped base model (prefix tuning: a DynamicCache holding a per-row copy of every layer's
+prefix, P ones in front of the mask, positions shifted by P; prompt/P-Tuning: the prompt
+prepended to the input embeddings of the first step). It stands in for PEFT where PEFT's own
+generate() is broken: with transformers >= 5.24 (the cache argument renamed past_key_values ->
+cache) PEFT 0.21's prefix generation attends to no prefix at all, and its prompt-tuning
+generation feeds the P prompt vectors again with every new token (P + 1 positions per step).
+
+Record fields: method, provider "ptuning_fast" | "peft" | "peft_algorithm", B, Lq = sequence
+(train) or prompt (generate) length, Lk = Lq + new tokens (generate), P, Hq/Hkv/D the model's attention heads.
 tokens_per_s counts real tokens trained on, or new tokens generated, per second.
-On CPU a small Llama config stands in (the same code path, seconds instead of hours).
+On CPU an 8-layer Llama (SMALL_LLAMA: hidden 256, 8 query / 2 kv heads of 32) stands in (the
+same code path, seconds instead of hours), and each case's providers are timed in alternation.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 
 import torch
 
 from .case import Case, Prepared, Unavailable, torch_dtype
 
-METHODS = ("prefix_tuning", "prompt_tuning")
+METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 # Training only: prefix tuning with activation checkpointing, the memory lever that ptuning_fast
 # allows and PEFT's prefix tuning does not survive (transformers drops its prefix cache).
 CHECKPOINTED = "prefix_tuning_checkpointed"
 PROVIDERS = ("ptuning_fast", "peft")
+PEFT_ALGORITHM = "peft_algorithm"
 
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                     vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True)
-SMALL_LLAMA = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+SMALL_LLAMA = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=4096,
                    max_position_embeddings=2048, tie_word_embeddings=True)
 
@@ -44,7 +57,7 @@ def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
     # GPU: the targets' two lengths (L = 512: no slower than PEFT; L = 4096: 1.3x), 4096 tokens
     # a step at 512 and 8192 at 4096.
     shapes = ([(8, 512, 64, "bf16"), (2, 4096, 64, "bf16")] if device.type == "cuda"
-              else [(2, 64, 16, "fp32")])
+              else [(4, 128, 16, "fp32")])
     return [Case("train_step", "step", provider, dtype, B=B, Lq=L, P=P, method=method,
                  prepare=prepare_train_step, **_heads(shape))
             for B, L, P, dtype in shapes
@@ -54,10 +67,10 @@ def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
 def generate_cases(device: torch.device, quick: bool) -> list[Case]:
     shape = model_shape(device)
     B, prompt, new, P, dtype = ((8, 128, 64, 64, "bf16") if device.type == "cuda"
-                                else (2, 16, 16, 16, "fp32"))
+                                else (4, 64, 32, 16, "fp32"))
     return [Case("generate", "greedy", provider, dtype, B=B, Lq=prompt, Lk=prompt + new, P=P,
                  method=method, prepare=prepare_generate, **_heads(shape))
-            for method in METHODS for provider in PROVIDERS]
+            for method in METHODS for provider in PROVIDERS + (PEFT_ALGORITHM,)]
 
 
 def build_base_model(device: torch.device, dtype: torch.dtype):
@@ -79,14 +92,16 @@ def wrap(base, provider: str, method: str, P: int):
     if provider == "ptuning_fast":
         import ptuning_fast as pf
         config_class = {"prefix_tuning": pf.PrefixTuningConfig, CHECKPOINTED: pf.PrefixTuningConfig,
+                        "p_tuning": pf.PTuningConfig,
                         "prompt_tuning": pf.PromptTuningConfig}[method]
         return pf.wrap(base, config_class(num_virtual_tokens=P))
     try:
         import peft
     except ImportError as e:
         raise Unavailable(f"peft is not installed: {e}") from e
+    # P-Tuning: both default to PEFT's MLP encoder with the model's hidden size.
     config_class = {"prefix_tuning": peft.PrefixTuningConfig,
-                    CHECKPOINTED: peft.PrefixTuningConfig,
+                    CHECKPOINTED: peft.PrefixTuningConfig, "p_tuning": peft.PromptEncoderConfig,
                     "prompt_tuning": peft.PromptTuningConfig}[method]
     return peft.get_peft_model(base, config_class(task_type="CAUSAL_LM", num_virtual_tokens=P))
 
@@ -126,18 +141,59 @@ def prepare_train_step(case: Case, device: torch.device) -> Prepared:
 
 
 def prepare_generate(case: Case, device: torch.device) -> Prepared:
-    model = wrap(build_base_model(device, torch_dtype(case.dtype)), case.provider, case.method,
-                 case.P)
+    base = build_base_model(device, torch_dtype(case.dtype))
+    provider = "ptuning_fast" if case.provider == PEFT_ALGORITHM else case.provider
+    model = wrap(base, provider, case.method, case.P)
     model.eval()
     new_tokens = case.Lk - case.Lq
     prompts = itertools.cycle(_random_batches(case, device, case.Lq))
     attention_mask = torch.ones(case.B, case.Lq, dtype=torch.long, device=device)
+    # min_new_tokens = max_new_tokens: every row produces exactly `new_tokens` (random weights
+    # would otherwise stop at a random EOS).
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if case.provider == PEFT_ALGORITHM:
+        # Our wrapper only supplies the trained prompt/prefix; the timed call is base.generate.
+        generate = functools.partial(peft_algorithm_generate, model, **kwargs)
+    else:
+        generate = functools.partial(model.generate, **kwargs)
 
     def step():
-        # min_new_tokens = max_new_tokens: every row produces exactly `new_tokens` (random
-        # weights would otherwise stop at a random EOS).
         with torch.no_grad():
-            return model.generate(input_ids=next(prompts), attention_mask=attention_mask,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False)
+            return generate(input_ids=next(prompts), attention_mask=attention_mask)
     return Prepared(step=step, tokens=case.B * new_tokens, whole_process_memory=True, heavy=True)
+
+
+def _cache_kwarg(model) -> str:
+    """`cache` from transformers 5.24 on (`past_key_values` is deprecated there), else
+    `past_key_values`."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def peft_algorithm_generate(wrapped, input_ids, attention_mask, **kwargs):
+    """PEFT's generation algorithm on `wrapped`'s unwrapped base model, with its trained
+    prompt/prefix (see the module doc); returns the prompt ids and the new ids, as generate()."""
+    from transformers import DynamicCache
+    base, P = wrapped.base_model, wrapped.num_virtual_tokens
+    batch = input_ids.shape[0]
+    mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+    dtype = base.get_input_embeddings().weight.dtype
+    if wrapped.is_prefix:
+        # PEFT runs its prefix encoder once per row and caches those per-row copies.
+        prefixes = wrapped.prompt_encoder().to(dtype)
+        cache = DynamicCache(config=base.config)
+        for layer in range(prefixes.num_layers):
+            k, v = prefixes.layer(layer)
+            cache.update(k.unsqueeze(0).repeat(batch, 1, 1, 1),
+                         v.unsqueeze(0).repeat(batch, 1, 1, 1), layer)
+        # P placeholder ids stand for the cached prefix (generate() feeds only uncached ids);
+        # with an all-ones mask the real ids get positions P, P + 1, ... as under PEFT.
+        ids = torch.cat([input_ids.new_zeros(batch, P), input_ids], 1)
+        out = base.generate(input_ids=ids, attention_mask=mask, **kwargs,
+                            **{_cache_kwarg(base): cache})
+        return torch.cat([input_ids, out[:, P + input_ids.shape[1]:]], 1)
+    prompt = wrapped.prompt_encoder().to(dtype)
+    embeds = torch.cat([prompt.unsqueeze(0).repeat(batch, 1, 1),
+                        base.get_input_embeddings()(input_ids)], 1)
+    out = base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    return torch.cat([input_ids, out], 1)           # generate() from embeddings: new ids only

@@ -6,6 +6,10 @@ its layers (a dense mask, a block mask) is untimed; work done in every layer is 
 
 - fused:      ptuning_fast's Triton kernel (`pf.prefix_attention(..., backend="triton")`).
               Decode (Lq = 1, no gradient): the split-key decode kernel, which the op picks itself.
+- torch:      ptuning_fast's pure-PyTorch backend (`backend="torch"`, what "auto" runs on CPU):
+              the shared prefix expanded as a view and concatenated once, SDPA with enable_gqa
+              and a mask only as large as needed. Decode: the same call (the prefix is not in
+              the cache, so it is concatenated every step).
 - naive:      PEFT's way: a per-row copy of the prefix, torch.cat, a dense 4D bool mask (so SDPA
               leaves its flash path), GQA heads expanded (transformers' repeat_kv), SDPA.
               Decode: the cache already holds [per-row prefix; past tokens] and each step
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from .. import reference
 from .case import Unavailable
 
-PROVIDERS = ("fused", "naive", "cat_sdpa", "flex", "flash_attn")
+PROVIDERS = ("fused", "torch", "naive", "cat_sdpa", "flex", "flash_attn")
 
 
 @dataclass
@@ -66,6 +70,12 @@ def fused_attention(x: AttnInputs) -> Callable[[], torch.Tensor]:
     from .. import ops
     return lambda: ops.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, causal=x.causal,
                                         backend="triton")
+
+
+def setup_torch(x: AttnInputs, *, decode: bool) -> Callable[[], torch.Tensor]:
+    from .. import ops
+    return lambda: ops.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, causal=x.causal,
+                                        backend="torch")
 
 
 def _sdpa_masked(q, k, v, mask):
@@ -213,8 +223,8 @@ def _flash_attn_decode(x: AttnInputs) -> Callable[[], torch.Tensor]:
     return lambda: flash_attn_with_kvcache(q, k, v, causal=x.causal).transpose(1, 2)
 
 
-SETUP = {"fused": setup_fused, "naive": setup_naive, "cat_sdpa": setup_cat_sdpa,
-         "flex": setup_flex, "flash_attn": setup_flash_attn}
+SETUP = {"fused": setup_fused, "torch": setup_torch, "naive": setup_naive,
+         "cat_sdpa": setup_cat_sdpa, "flex": setup_flex, "flash_attn": setup_flash_attn}
 
 
 def setup(provider: str, x: AttnInputs, *, decode: bool = False) -> Callable[[], torch.Tensor]:

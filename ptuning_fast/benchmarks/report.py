@@ -6,8 +6,8 @@ from pathlib import Path
 
 OP_ORDER = ("prefix_attention", "attention_terms", "decode", "prompt_embedding", "train_step",
             "generate")
-PROVIDER_ORDER = ("fused", "ptuning_fast", "naive", "peft", "cat_sdpa", "flex", "flash_attn",
-                  "copy")
+PROVIDER_ORDER = ("fused", "torch", "ptuning_fast", "naive", "peft", "peft_algorithm",
+                  "cat_sdpa", "flex", "flash_attn", "copy")
 ROW_KEYS = {
     "prefix_attention": ("mode", "dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
     "attention_terms": ("mode", "terms", "dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),
@@ -18,12 +18,11 @@ ROW_KEYS = {
 }
 COLUMN_TITLES = {"Lq": {"prompt_embedding": "L", "train_step": "L", "generate": "prompt"},
                  "D": {"prompt_embedding": "d"}, "Lk": {"generate": "total"}}
-# Whose speed the ratio columns compare against the others: ours when it ran, else (CPU) the
-# best concatenation path.
-LEADS = {"prefix_attention": ("fused", "cat_sdpa"), "attention_terms": ("fused", "naive"),
-         "decode": ("fused", "cat_sdpa"),
-         "prompt_embedding": ("fused", "naive"), "train_step": ("ptuning_fast",),
-         "generate": ("ptuning_fast",)}
+# Whose speed the ratio columns compare against the others: ours when it ran (the kernels, else
+# on CPU the torch backend), else the best concatenation path.
+LEADS = {"prefix_attention": ("fused", "torch", "cat_sdpa"), "attention_terms": ("fused", "naive"),
+         "decode": ("fused", "torch", "cat_sdpa"), "prompt_embedding": ("fused", "torch", "naive"),
+         "train_step": ("ptuning_fast",), "generate": ("ptuning_fast",)}
 
 
 def is_cpu(head: dict) -> bool:
@@ -130,14 +129,21 @@ def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None 
            "Medians; TF/s counts only unmasked (causal + prefix) work; MB is peak CUDA memory "
            "(the call's own for ops, everything allocated for train_step/generate)."]
     if is_cpu(head):
-        out += ["", "**CPU figures**: reference-style paths against each other at small sizes, "
-                "fp32, no peak memory, one thread on a shared machine: the same case has moved "
-                "by up to 2x between runs here, so read no speedup from them. They say nothing "
-                "about GPU performance; kernel timings need a GPU."]
+        out += ["", "**CPU figures**: small sizes, fp32, no peak memory, one thread on a shared "
+                "machine. train_step and generate time ours (backend \"auto\": the torch path "
+                "on CPU) and PEFT in alternation, round by round, by process CPU time (not "
+                "wall-clock: time spent waiting for a core is not counted), and take each one's "
+                "median, so load from other processes falls on both; their ratios are "
+                "comparable within a run. The op cases run one after another (the same case has moved by up to 2x "
+                "between runs here): read no speedup from them. None of it says anything about "
+                "GPU performance; kernel timings need a GPU."]
+    from . import targets
+    rows_by_op = {op: _rows(op, records) for op in OP_ORDER}
     if not is_cpu(head):
-        from . import targets
-        out += ["", "## Targets (docs/design.md)", "",
-                targets.table({op: _rows(op, records) for op in OP_ORDER})]
+        out += ["", "## Targets (docs/design.md)", "", targets.table(rows_by_op)]
+    else:
+        out += ["", "## Targets without Triton (docs/design.md)", "",
+                targets.table(rows_by_op, targets.CPU_TARGETS, "target (CPU, fp32)")]
     for op in OP_ORDER:
         table = op_table(op, records)
         if table:

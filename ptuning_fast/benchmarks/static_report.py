@@ -15,6 +15,7 @@ A new launcher is one WORKLOADS line (plus a driver when its inputs are not atte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -76,9 +77,11 @@ def prefix_variant_work(quick: bool) -> list[Work]:
 
 
 def terms_work(quick: bool) -> list[Work]:
-    """Forward + backward of every attention-term set at the terms benchmark's shapes."""
-    return [Work("attention_terms", c) for c in terms.terms_cases(GPU, quick, ["fused"])
-            if c.mode == "fwd_bwd" and c.terms != "none"]
+    """Forward + backward of every attention-term set at the terms benchmark's first length
+    (the other lengths launch the same binaries: compiling them again only costs CI time)."""
+    cases = [c for c in terms.terms_cases(GPU, quick, ["fused"])
+             if c.mode == "fwd_bwd" and c.terms != "none"]
+    return [Work("attention_terms", c) for c in cases if c.Lk == cases[0].Lk]
 
 
 def embedding_work(quick: bool) -> list[Work]:
@@ -89,6 +92,18 @@ def embedding_work(quick: bool) -> list[Work]:
 def decode_work(quick: bool) -> list[Work]:
     return [Work("decode", c) for c in attention.decode_cases(GPU, quick, ["fused"])
             if c.provider == "fused"]
+
+
+# (Hkv, Lq) varied at the issue's decode shape (B = 8, Hq = 32, Lk = 4096, D = 128): GQA 8:1 and
+# 1:1, and 2 / 4 / 16 draft tokens of speculative decoding at 4:1 (the grid has only 4:1, Lq = 1).
+DECODE_VARIANTS = ((4, 1), (32, 1), (8, 2), (8, 4), (8, 16))
+
+
+def decode_variant_work(quick: bool) -> list[Work]:
+    issue = [w.case for w in decode_work(quick) if (w.case.Lk, w.case.B, w.case.Hq, w.case.Hkv,
+                                                    w.case.D) == (4096, 8, 32, 8, 128)]
+    return [Work("decode", dataclasses.replace(c, Hkv=hkv, Lq=lq))
+            for c in issue[:1] for hkv, lq in DECODE_VARIANTS]
 
 
 # --- drivers: call the real launchers (their launches are captured, nothing runs) -------------
@@ -173,6 +188,7 @@ WORKLOADS = (
     Workload(terms_work, drive_terms),
     Workload(embedding_work, drive_embedding),
     Workload(decode_work, drive_decode),
+    Workload(decode_variant_work, drive_decode),
 )
 
 
@@ -181,6 +197,26 @@ WORKLOADS = (
 def _target(arch: int):
     from ..kernels import launch
     return {90: launch.H100, 80: launch.A100}[arch]
+
+
+def constexpr(spec, name: str):
+    """The value a launch gave constexpr (or 1-valued int) `name`; None if it has none."""
+    params = list(spec.signature)
+    return next((v for k, v in spec.constexprs.items() if params[k[0]] == name), None)
+
+
+def decode_tile_rows(launch, case: Case) -> dict:
+    """For a decode split-kernel launch: the query rows its tiles hold (Hq / Hkv * Lq per kv
+    head) over the rows they have (row blocks x BLOCK_M, read from the launch: grid axis 1 is
+    Hkv x row blocks), and whether the tile is keys-major (queries as the MMA's columns);
+    empty for any other launch."""
+    if launch.kernel != "_decode_split_kernel":
+        return {}
+    block_m, row_blocks = constexpr(launch.spec, "BLOCK_M"), launch.grid[1] // case.Hkv
+    rows = case.Hq // case.Hkv * case.Lq
+    return {"tile_rows": row_blocks * block_m, "query_rows": rows,
+            "useful_rows": round(rows / (row_blocks * block_m), 4),
+            "keys_major": bool(constexpr(launch.spec, "KEYS_MAJOR"))}
 
 
 def capture_all(arch: int, quick: bool) -> tuple[list[dict], dict, list[dict]]:
@@ -207,7 +243,7 @@ def capture_all(arch: int, quick: bool) -> tuple[list[dict], dict, list[dict]]:
                              "prefix": work.prefix, "case": work.case.fields(),
                              "kernel": launch.kernel, "phase": launch.phase, "arch": arch,
                              "grid": list(launch.grid), "programs": launch.programs,
-                             "binary": key,
+                             "binary": key, **decode_tile_rows(launch, work.case),
                              "unaligned_args": launch.spec.unspecialized(),
                              "args_equal_to_1": launch.spec.equal_to_one()})
     return rows, specs, skipped
@@ -278,18 +314,26 @@ def merge(parts: list[dict]) -> dict:
 
 
 COLUMNS = ("kernel", "phase", "shape", "arch", "grid", "programs", "waves", "regs",
-           "spill st/ld B", "smem KB", "blocks/SM (limit)", "wgmma/cp.async/TMA")
+           "spill st/ld B", "smem KB", "blocks/SM (limit)", "wgmma/cp.async/TMA", "useful rows")
+
+
+def _useful_rows(r: dict) -> str:
+    """'4/8 K' for a decode split launch (query rows / tile rows, K: keys-major), else '-'."""
+    if "useful_rows" not in r:
+        return "-"
+    return f"{r['query_rows']}/{r['tile_rows']}" + (" K" if r["keys_major"] else "")
 
 
 def _cells(r: dict) -> list[str]:
     head = [r["kernel"].strip("_"), r["phase"] or "", r["shape"], f"sm_{r['arch']}",
             "x".join(map(str, r["grid"])), str(r["programs"])]
     if not r["ok"]:
-        return head + ["compile error: " + r["error"].splitlines()[0][:60]] + [""] * 5
+        return head + ["compile error: " + r["error"].splitlines()[0][:60]] + [""] * 6
     return head + [
         "-" if r["waves"] is None else f"{r['waves']:.2f}", str(r["regs"]),
         f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", f"{r['shared'] / 1024:.0f}",
-        f"{r['blocks_per_sm']} ({r['limiter']})", f"{r['wgmma']}/{r['cp_async']}/{r['tma']}"]
+        f"{r['blocks_per_sm']} ({r['limiter']})", f"{r['wgmma']}/{r['cp_async']}/{r['tma']}",
+        _useful_rows(r)]
 
 
 def markdown(report: dict) -> str:
@@ -299,7 +343,9 @@ def markdown(report: dict) -> str:
              f"{report['binaries']} distinct binaries. waves = programs / (SMs x resident "
              "programs per SM); blocks/SM from registers, shared memory (+1 KB reserved per "
              "block), 2048 threads and 32 blocks per SM; instruction counts are static PTX "
-             "counts.", "",
+             "counts. useful rows (decode split kernel): the packed query rows of a kv head "
+             "(Hq / Hkv x Lq) / the query rows its tiles hold; K: keys-major tile, the queries "
+             "as the MMA's columns (8 at the least), else its rows (16 at the least).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     order = {a: i for i, a in enumerate(ARCHS)}
     for r in sorted(report["rows"], key=lambda r: order[r["arch"]]):   # stable: launch order

@@ -66,10 +66,22 @@ TARGETS = (
 )
 
 
-def evaluate(rows_by_op: dict[str, dict[tuple, Row]]) -> list[tuple[Target, int, float | None]]:
+# Without Triton (CPU): "auto" runs the torch backend; every method, training and generation.
+# Generation is judged against PEFT's algorithm (benchmarks/models.py: PEFT's own generate() is
+# broken with transformers >= 5.24, so its speed is that of a different computation).
+CPU_TARGETS = tuple(
+    Target(f"{op} ({method}) tokens/s vs {baseline}", op,
+           lambda r, method=method: r["method"] == method,
+           _ratio("ptuning_fast", baseline, "tokens_per_s"), 1.2)
+    for op, baseline in (("train_step", "peft"), ("generate", "peft_algorithm"))
+    for method in ("prefix_tuning", "p_tuning", "prompt_tuning"))
+
+
+def evaluate(rows_by_op: dict[str, dict[tuple, Row]],
+             targets=TARGETS) -> list[tuple[Target, int, float | None]]:
     """(target, cases measured, worst value) for every target; worst is None without data."""
     out = []
-    for target in TARGETS:
+    for target in targets:
         values = []
         for row in rows_by_op.get(target.op, {}).values():
             if target.where(next(iter(row.values()))):
@@ -81,10 +93,10 @@ def evaluate(rows_by_op: dict[str, dict[tuple, Row]]) -> list[tuple[Target, int,
     return out
 
 
-def table(rows_by_op: dict[str, dict[tuple, Row]]) -> str:
-    lines = ["| target (H100, bf16, D = 128 where it applies) | cases | worst | goal | met |",
-             "|---|---|---|---|---|"]
-    for target, count, worst in evaluate(rows_by_op):
+def table(rows_by_op: dict[str, dict[tuple, Row]], targets=TARGETS,
+          title="target (H100, bf16, D = 128 where it applies)") -> str:
+    lines = [f"| {title} | cases | worst | goal | met |", "|---|---|---|---|---|"]
+    for target, count, worst in evaluate(rows_by_op, targets):
         goal = f"{'>=' if target.at_least else '<='} {_show(target, target.threshold)}"
         if worst is None:
             lines.append(f"| {target.text} | 0 | – | {goal} | no data |")

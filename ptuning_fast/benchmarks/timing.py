@@ -3,7 +3,11 @@
 CUDA: `triton.testing.do_bench` (CUDA events around each call, the L2 cache flushed between
 calls, its warm-up excluded) and its median; heavy steps (a whole training step, a generation)
 get a short warm-up and a few event-timed calls instead, since do_bench would spend a dozen calls
-estimating their length. CPU: a wall-clock timer after warm-up calls, median of the timed calls.
+estimating their length. CPU: a wall-clock timer after warm-up calls, median of the timed calls;
+steps compared with each other (ours and PEFT's training step) are timed in alternation
+(`interleaved_cpu_medians_ms`) and by the process's CPU time, so that load from other processes
+on a shared machine falls on every provider alike instead of on whichever ran during it, and
+time spent waiting for a core is not counted.
 Peak memory is read from the CUDA caching allocator; on CPU there is no such counter and the
 record says null rather than guess.
 """
@@ -57,6 +61,28 @@ def _cpu_median_ms(step, *, warmup_calls: int, min_calls: int, budget_s: float) 
         step()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_cpu_medians_ms(steps: list[Callable[[], object]], *, quick: bool) -> list[float]:
+    """Median CPU time of each step (`time.process_time`: this process's CPU time, all its
+    threads; the benchmark runs one intra-op thread, so this is the step's compute time even
+    when other processes keep the cores busy), timed in rounds that run every step once, the
+    order rotated each round. At least 5 rounds (3 with `quick`), then more until the
+    wall-clock budget is spent (at most 50)."""
+    for step in steps:                      # warm-up: one call each
+        step()
+    min_rounds, budget_s = (3, 2.0 * len(steps)) if quick else (5, 6.0 * len(steps))
+    times: list[list[float]] = [[] for _ in steps]
+    began = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - began < budget_s and rounds < 50):
+        shift = rounds % len(steps)
+        for i in list(range(len(steps)))[shift:] + list(range(len(steps)))[:shift]:
+            t0 = time.process_time()
+            steps[i]()
+            times[i].append((time.process_time() - t0) * 1e3)
+        rounds += 1
+    return [statistics.median(t) for t in times]
 
 
 def peak_memory_mb(step: Callable[[], object], device: torch.device, *,

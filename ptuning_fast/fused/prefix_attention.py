@@ -20,10 +20,7 @@ from ..kernels import prefix_attention_bwd as bwd_kernels
 from ..kernels import prefix_attention_decode as decode_kernels
 from ..kernels import prefix_attention_fwd as fwd_kernels
 from ..kernels.attention_terms import Terms
-
-# What the kernels have GPU tile configs for (kernels/tiles.py) and compile specs.
-MAX_HEAD_DIM = 256
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .support import KERNEL_DTYPES, MAX_HEAD_DIM
 
 
 @torch.library.custom_op("ptuning_fast::prefix_attention", mutates_args=())

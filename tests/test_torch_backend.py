@@ -1,0 +1,272 @@
+"""The "torch" backend (`ptuning_fast.torch_path`, what backend="auto" runs where the Triton
+kernels cannot) against the float64 reference: forward and every gradient, dropout, prompt
+embedding, the fast paths it promises, backend dispatch, and wrapped models equal to PEFT."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_CUDA, assert_close, gpu
+from test_integration_peft import CONFIGS, assert_same_training_step, peft_name
+from test_prefix_attention import CASES, Case, check_against_reference, exact, make_inputs, run
+
+import ptuning_fast as pf
+from ptuning_fast import ops, reference, torch_path
+
+
+def torch_backend(*args, **kwargs):
+    return pf.prefix_attention(*args, backend="torch", **kwargs)
+
+
+# The kernels' cases plus what the torch path branches on: one query (grouped-query layout),
+# no prefix with padding or an empty row (the no-visible-key fix), Lq > Lk with a prefix,
+# D = 1, Hq = Hkv, a prefix alone with one query.
+TORCH_CASES = CASES + [
+    Case(3, 6, 2, 1, 9, 16, 4, "task", "left"),
+    Case(2, 4, 2, 1, 12, 16, 0, "none", "right"),
+    Case(2, 4, 2, 5, 5, 16, 0, "none", "empty_row", causal=False),
+    Case(2, 4, 2, 9, 4, 16, 3, "shared", "random"),
+    Case(1, 3, 3, 2, 3, 1, 1, "row", "none", causal=False),
+    Case(2, 2, 1, 1, 0, 8, 2),
+    Case(2, 6, 3, 7, 11, 24, 5, "row", "left", layout="d_strided"),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", TORCH_CASES, ids=str)
+def test_matches_reference(case, dtype):
+    check_against_reference(case, dtype, fn=torch_backend)
+
+
+def test_float64_matches_the_float64_reference():
+    case = Case(2, 4, 2, 13, 17, 32, 5, "task", "left")
+    inputs, mask, index = make_inputs(case, torch.float64)
+    grad_out = torch.randn(2, 4, 13, 32, dtype=torch.float64, device=DEVICE)
+    out, grads = run(torch_backend, inputs, mask, index, case, grad_out)
+    want, want_grads = run(exact, inputs, mask, index, case, grad_out)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [
+    Case(2, 4, 2, 7, 7, 16, 0, "none", "empty_row"),
+    Case(1, 4, 2, 9, 3, 16, 0, "none"),                  # Lq > Lk: the first 6 queries see nothing
+], ids=str)
+def test_no_visible_key_gives_zeros_and_zero_gradient(case):
+    inputs, mask, index = make_inputs(case, torch.float32)
+    q = inputs[0]
+    out = torch_backend(*inputs, causal=case.causal, attention_mask=mask, prefix_index=index)
+    if mask is not None:
+        empty = ~mask.bool().any(-1)                      # (B,): rows that see no key at all
+        rows = out[empty]
+    else:
+        rows = out[:, :, :case.Lq - case.Lk]
+    assert rows.numel() and torch.equal(rows, torch.zeros_like(rows))
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(dq).all()
+    dq_rows = dq[empty] if mask is not None else dq[:, :, :case.Lq - case.Lk]
+    assert torch.equal(dq_rows, torch.zeros_like(dq_rows))
+
+
+def test_dropout_applies_the_reference_backends_mask():
+    """Same seed, same keep-mask (`ops._reference_dropout_mask`): torch and reference agree."""
+    case = Case(2, 4, 2, 11, 13, 16, 5, "shared", "right")
+    inputs, mask, index = make_inputs(case, torch.float32)
+    grad_out = torch.randn(2, 4, 11, 16, device=DEVICE)
+    kw = dict(dropout_p=0.3, dropout_seed=1234)
+    out, grads = run(torch_backend, inputs, mask, index, case, grad_out, **kw)
+    want, want_grads = run(lambda *a, **k: pf.prefix_attention(*a, backend="reference", **k),
+                           inputs, mask, index, case, grad_out, **kw)
+    assert_close(out, want, torch.float32)
+    for name, g, w in zip("q k v prefix_k prefix_v".split(), grads, want_grads):
+        assert_close(g, w, torch.float32, "grad", name=f"d{name}")
+    plain = torch_backend(*inputs, attention_mask=mask)
+    assert not torch.allclose(out, plain)                 # dropout did something
+
+
+class _SdpaSpy:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, attn_mask=None, **kwargs):
+        self.calls.append((q.shape, k.shape, None if attn_mask is None else attn_mask.shape,
+                           kwargs))
+        return _REAL_SDPA(q, k, v, attn_mask=attn_mask, **kwargs)
+
+
+_REAL_SDPA = F.scaled_dot_product_attention
+
+
+@pytest.mark.parametrize("Lq, padded, causal, want_mask", [
+    (8, False, True, (1, 1, 8, 13)),        # causal: one (Lq, P + Lk) plane for every row
+    (8, True, True, (2, 1, 8, 13)),         # causal + padding
+    (8, False, False, None),                # every key visible: no mask at all
+    (8, True, False, (2, 1, 1, 13)),        # padding only: one row of keys per batch row
+])
+def test_fast_path_shapes(monkeypatch, Lq, padded, causal, want_mask):
+    """GQA heads reach SDPA unrepeated, the shared prefix is not copied per row before the
+    concatenation, and the mask is only as large as it must be."""
+    spy = _SdpaSpy()
+    monkeypatch.setattr(torch_path.F, "scaled_dot_product_attention", spy)
+    case = Case(2, 8, 2, Lq, 8, 16, 5, "shared", "right" if padded else "none", causal)
+    (q, k, v, pk, pv), mask, _ = make_inputs(case, torch.float32, requires_grad=False)
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", None)   # would raise if called
+    torch_backend(q, k, v, pk, pv, causal=causal, attention_mask=mask)
+    (q_shape, k_shape, mask_shape, kwargs), = spy.calls
+    assert k_shape == (2, 2, 13, 16) and kwargs["enable_gqa"] is True
+    assert mask_shape == want_mask
+
+
+def test_decode_stacks_the_group_queries(monkeypatch):
+    spy = _SdpaSpy()
+    monkeypatch.setattr(torch_path.F, "scaled_dot_product_attention", spy)
+    case = Case(2, 8, 2, 1, 9, 16, 5, "shared", "left")
+    (q, k, v, pk, pv), mask, _ = make_inputs(case, torch.float32, requires_grad=False)
+    out = torch_backend(q, k, v, pk, pv, attention_mask=mask)
+    (q_shape, k_shape, mask_shape, _), = spy.calls
+    assert q_shape == (2, 2, 4, 16) and k_shape == (2, 2, 14, 16) and mask_shape == (2, 1, 1, 14)
+    assert_close(out, exact(q, k, v, pk, pv, attention_mask=mask), torch.float32)
+
+
+# ---------------------------------------------------------------------------- prompt embedding
+@pytest.mark.parametrize("B, L, V, d, P, T", [(3, 7, 50, 40, 5, None), (1, 1, 11, 16, 0, None),
+                                              (4, 9, 30, 100, 3, 3), (2, 3, 20, 48, 1, 2)])
+@pytest.mark.parametrize("dtype, prompt_dtype", [(torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float16)])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_prompt_embedding_matches_reference(B, L, V, d, P, T, dtype, prompt_dtype, weight_grad):
+    ids = torch.randint(0, V, (B, L), device=DEVICE)
+    weight = torch.randn(V, d, dtype=dtype, device=DEVICE, requires_grad=weight_grad)
+    prompt = torch.randn((P, d) if T is None else (T, P, d), dtype=prompt_dtype, device=DEVICE,
+                         requires_grad=True)
+    index = None if T is None else torch.randint(0, T, (B,), device=DEVICE, dtype=torch.int32)
+    out = pf.prompt_embedding(ids, weight, prompt, prompt_index=index, backend="torch")
+    ref = reference.prompt_embedding(ids, weight, prompt, prompt_index=index)
+    assert out.dtype == weight.dtype and torch.equal(out, ref)     # copies: exact
+    grad = torch.randn_like(out)
+    wanted = (prompt, weight) if weight_grad else (prompt,)
+    got = torch.autograd.grad(out, wanted, grad)
+    want = torch.autograd.grad(ref, wanted, grad)
+    for name, g, w in zip(("dprompt", "dweight"), got, want):
+        assert_close(g, w, prompt_dtype if name == "dprompt" else dtype, "grad", name=name)
+    if not weight_grad:
+        assert weight.grad is None
+
+
+def test_prompt_embedding_checks_ids():
+    ids = torch.tensor([[0, 7]])
+    weight, prompt = torch.randn(5, 4), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="input_ids.*7.*outside \\[0, 5\\)"):
+        pf.prompt_embedding(ids, weight, prompt, backend="torch")
+
+
+# ---------------------------------------------------------------------------------- dispatch
+def _q(dtype=torch.float32):
+    return {"q": torch.randn(1, 2, 3, 4, dtype=dtype, device=DEVICE)}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_auto_on_cpu_takes_the_torch_path_even_under_the_interpreter(dtype):
+    assert ops.choose_backend("auto", "prefix_attention", _q(dtype), {}) == "torch"
+    reasons = ops.not_supported_reasons("triton", "prefix_attention", _q(dtype), {}, auto=True)
+    assert reasons and all(isinstance(r, str) for r in reasons)
+    assert ops.not_supported_reasons("torch", "prefix_attention", _q(dtype), {}) == []
+
+
+@gpu
+def test_auto_on_cuda_takes_the_kernels_and_falls_back_for_float64():
+    assert ops.choose_backend("auto", "prefix_attention", _q(), {}) == "triton"
+    assert ops.choose_backend("auto", "prefix_attention", _q(torch.float64), {}) == "torch"
+
+
+def test_explicit_backend_lists_every_reason():
+    options = {"softcap": 30.0, "window_size": (4, 0), "causal": True, "sinks": None}
+    with pytest.raises(NotImplementedError) as info:
+        ops.choose_backend("torch", "prefix_attention", _q(), options)
+    message = str(info.value)
+    assert "`softcap`=30.0" in message and "`window_size`=(4, 0)" in message
+    assert "sinks" not in message and "causal" not in message      # unused / computed
+    with pytest.raises(TypeError, match="float64"):
+        ops.choose_backend("triton", "prefix_attention", _q(torch.float64), {})
+
+
+def test_auto_with_an_option_no_backend_computes_names_every_backend():
+    with pytest.raises(NotImplementedError) as info:
+        ops.choose_backend("auto", "prefix_attention", _q(), {"a_future_term": 2.0})
+    assert all(f"'{name}'" in str(info.value) for name in ops.AUTO_ORDER)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch")
+def test_attention_terms_take_the_reference_on_cpu():
+    """The torch path computes none of the attention terms yet: auto falls to the reference
+    (never drops a term), and prefix_in_window alone (its default True) is no term."""
+    terms = {"window_size": (-1, -1), "prefix_in_window": True, "softcap": 0.0}
+    assert ops.choose_backend("auto", "prefix_attention", _q(), terms) == "torch"
+    for term in ({"softcap": 5.0}, {"window_size": (3, 0)}, {"bias": torch.zeros(1)}):
+        assert ops.choose_backend("auto", "prefix_attention", _q(), {**terms, **term}) == \
+            "reference"
+    case = Case(2, 4, 2, 6, 6, 8, 3)
+    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
+    got = pf.prefix_attention(q, k, v, pk, pv, softcap=4.0)
+    assert_close(got, exact(q, k, v, pk, pv, softcap=4.0), torch.float32)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])          # position_ids
+    got = pf.prefix_attention(q, k, v, pk, pv, position_ids=packed)
+    assert_close(got, exact(q, k, v, pk, pv, position_ids=packed), torch.float32)
+    with pytest.raises(NotImplementedError, match="segments.*shape=\\(2, 6\\).*'torch'"):
+        pf.prefix_attention(q, k, v, pk, pv, position_ids=packed, backend="torch")
+
+
+@pytest.mark.parametrize("value, used", [(None, False), (False, False), (0, False), (0.0, False),
+                                         ((-1, -1), False), (True, True), (2.5, True),
+                                         ((4, 0), True), ([-1, -1], False), (torch.zeros(2), True),
+                                         ((torch.zeros(2), torch.ones(2)), True)])
+def test_option_in_use(value, used):
+    from ptuning_fast.validation import option_in_use
+    assert option_in_use(value) is used
+
+
+def test_reference_computes_every_keyword_of_its_own():
+    for name in ("causal", "attention_mask", "scale", "prefix_index", "dropout_p"):
+        assert ops.not_supported_reasons("reference", "prefix_attention", _q(),
+                                         {name: 1.0}) == []
+
+
+# ------------------------------------------------------------------ models: auto equals PEFT
+@pytest.mark.parametrize("model_name", ["llama", "qwen2", "bert"])
+@pytest.mark.parametrize("method", ["prefix", "prefix_proj", "prompt", "ptuning_mlp",
+                                    "ptuning_lstm"])
+def test_auto_backend_training_step_matches_peft(model_name, method):
+    from models import peft_refusal_reason, peft_refuses, wrapped_and_twin
+    pytest.importorskip("peft")
+    ours, twin = wrapped_and_twin(model_name, CONFIGS[method], backend="auto")
+    try:
+        assert_same_training_step(ours, twin, model_name, "left", peft_name)
+    except ValueError as error:
+        if not peft_refuses(error):
+            raise
+        pytest.skip(peft_refusal_reason(twin, error))
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_torch_backend_training_step_compiles_fullgraph(method):
+    from models import VOCAB, tiny_llama
+    torch._dynamo.reset()
+    config = {"prefix": pf.PrefixTuningConfig(4, num_tasks=2),
+              "prompt": pf.PromptTuningConfig(4, num_tasks=2)}[method]
+    model = pf.wrap(tiny_llama(), config, backend="torch").train()
+    ids = torch.randint(3, VOCAB, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :2] = 0
+    tasks = torch.tensor([1, 0, 1])
+
+    def step(m):
+        loss = m(input_ids=ids, attention_mask=mask, labels=ids, task_ids=tasks).loss
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        return loss.detach(), grads
+    eager_loss, eager_grads = step(model)
+    loss, grads = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
