@@ -112,10 +112,10 @@ class _PromptLearningConfig:
             r.append(f"`inference_mode` must be a bool, got {self.inference_mode!r}")
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             _check_optional_size(r, name, getattr(self, name), "read from the model")
-        if self.num_transformer_submodules not in (None, 1):
-            r.append(f"`num_transformer_submodules` must be None or 1 (decoder-only and "
-                     f"encoder-only models), got {self.num_transformer_submodules!r}; "
-                     "encoder-decoder models (2) are not supported")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            r.append(f"`num_transformer_submodules` must be None (read from the model), 1 "
+                     f"(decoder-only and encoder-only models) or 2 (encoder-decoder models), "
+                     f"got {self.num_transformer_submodules!r}")
         if self.modules_to_save is not None and (
                 not isinstance(self.modules_to_save, (list, tuple, set))
                 or not all(isinstance(n, str) for n in self.modules_to_save)):
@@ -133,6 +133,7 @@ class _PromptLearningConfig:
                                                        else set()),
                     "num_attention_heads": {dims.num_heads} | ({dims.num_kv_heads} if is_prefix
                                                                else set())}
+        accepted["num_transformer_submodules"] = {dims.num_transformer_submodules}
         wrong = [f"{k}={getattr(self, k)} (the model has {' or '.join(map(str, sorted(v)))})"
                  for k, v in accepted.items() if getattr(self, k) not in (None, *v)]
         if self.task_type is not None and self.task_type != model_task_type:
@@ -310,28 +311,67 @@ class ModelDims:
     num_kv_heads: int
     head_dim: int
     uses_kv_heads: bool  # config has num_key_value_heads: PEFT then sizes prefixes by kv heads
+    # PEFT's num_transformer_submodules: 2 on encoder-decoder models (prompt modules hold two
+    # sets of rows, the encoder input's first), else 1.
+    num_transformer_submodules: int = 1
+    # (kv heads, head dim) of each layer when layers differ (Gemma 4's per_layer_config), else
+    # None: every layer has (num_kv_heads, head_dim).
+    layer_kv_shapes: tuple | None = None
 
     @classmethod
     def from_model_config(cls, config) -> "ModelDims":
+        submodules = 2 if getattr(config, "is_encoder_decoder", False) else 1
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
+        layer_shapes = _layer_kv_shapes(config)
         missing = [n for n in ("num_hidden_layers", "hidden_size", "num_attention_heads")
                    if getattr(config, n, None) is None]
         if missing:
             raise ValueError(f"model config {type(config).__name__} lacks {missing}; "
                              "ptuning_fast needs them to size prompts and prefixes")
         heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if layer_shapes is not None:
+            # The global kv heads / head dim are ambiguous there (transformers refuses to read
+            # them): layer 0's stand for them (the projection's input width).
+            kv_heads, head_dim = layer_shapes[0]
+        else:
+            kv_heads = getattr(config, "num_key_value_heads", None)
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                    num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim,
-                   uses_kv_heads=kv_heads is not None)
+                   uses_kv_heads=kv_heads is not None, num_transformer_submodules=submodules,
+                   layer_kv_shapes=layer_shapes)
+
+    @property
+    def prefix_width(self) -> int:
+        """Columns of the prefix encoder's output: 2 * Hkv * D summed over the layers."""
+        if self.layer_kv_shapes is None:
+            return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        return sum(2 * heads * dim for heads, dim in self.layer_kv_shapes)
 
     @property
     def prefix_token_dim(self) -> int:
         """PEFT's `token_dim` for prefix tuning: kv heads x head dim on models that declare
         num_key_value_heads (PEFT #1901), else the hidden size."""
         return self.num_kv_heads * self.head_dim if self.uses_kv_heads else self.hidden_size
+
+
+def _layer_kv_shapes(config) -> tuple | None:
+    """Per-layer (kv heads, head dim) from a config with `per_layer_config` (transformers'
+    heterogeneous-layer configs, e.g. Gemma 4), or None when every layer has the same."""
+    per_layer = getattr(config, "per_layer_config", None)
+    if per_layer is None:
+        return None
+    shapes = []
+    for i in range(config.num_hidden_layers):
+        # transformers gives every config a per-layer view; those without per-layer kv
+        # attributes (BART's) raise AttributeError for them
+        heads = getattr(per_layer[i], "num_key_value_heads", None)
+        dim = getattr(per_layer[i], "head_dim", None)
+        if heads is None or dim is None:
+            return None
+        shapes.append((int(heads), int(dim)))
+    return None if len(set(shapes)) == 1 else tuple(shapes)
 
 
 # PEFT's peft types -> ours. A CARTRIDGE (PEFT's KV-cache adapter, Eyuboglu et al. 2025) is a
@@ -417,7 +457,8 @@ def to_peft_dict(config, dims: ModelDims, *, task_type: str, modules_to_save: li
         "peft_type": config.peft_type, "task_type": task_type, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "revision": config.revision,
         "inference_mode": True, "num_virtual_tokens": config.num_virtual_tokens,
-        "token_dim": token_dim, "num_transformer_submodules": 1, "num_attention_heads": heads,
+        "token_dim": token_dim, "num_transformer_submodules": dims.num_transformer_submodules,
+        "num_attention_heads": heads,
         "num_layers": dims.num_layers, "modules_to_save": modules_to_save or None,
     }
     if config.method == "prompt_tuning":

@@ -5,6 +5,9 @@ Layer structures and parameter names follow PEFT's (`embedding`, `mlp_head`, `ls
 saves as "prompt_embeddings" is `output_for_checkpoint()` here. With `num_tasks` = T > 1 the
 embedding holds T * P rows (task t owns rows [t * P, (t + 1) * P)) and every output gains a
 leading task dim.
+On encoder-decoder models PEFT's prompt modules hold S = 2 (`num_transformer_submodules`) sets
+of P rows per task and run the encoder over all S * P of them, but feed only the first P (to the
+encoder input); the same layout here keeps checkpoints and the encoder's function equal.
 """
 from __future__ import annotations
 
@@ -21,12 +24,19 @@ from .config import ModelDims, PrefixTuningConfig, PromptTuningConfig, PTuningCo
 class _TaskPrompts(nn.Module):
     """Shared bits: `embedding` of (T * P) rows; `export()` freezes the encoder's output into it."""
 
-    def __init__(self, num_virtual_tokens: int, num_tasks: int, width: int):
+    def __init__(self, num_virtual_tokens: int, num_tasks: int, width: int,
+                 num_transformer_submodules: int = 1):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.num_tasks = num_tasks
-        self.embedding = nn.Embedding(num_tasks * num_virtual_tokens, width)
+        self.num_transformer_submodules = num_transformer_submodules
+        self.embedding = nn.Embedding(num_tasks * self.rows_per_task, width)
         self.exported = False
+
+    @property
+    def rows_per_task(self) -> int:
+        """Embedding rows of one task: P, or S * P on encoder-decoder models (PEFT's layout)."""
+        return self.num_transformer_submodules * self.num_virtual_tokens
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """(T, P, width) embeddings -> (T, P, out) outputs; identity unless reparameterized."""
@@ -36,13 +46,20 @@ class _TaskPrompts(nn.Module):
         return []
 
     def raw(self) -> torch.Tensor:
-        """(T, P, out): the encoder's output for every task."""
-        x = self.embedding.weight.view(self.num_tasks, self.num_virtual_tokens, -1)
+        """(T, S * P, out): the encoder's output for every task (S = 1 but on encoder-decoders)."""
+        x = self.embedding.weight.view(self.num_tasks, self.rows_per_task, -1)
         return x if self.exported else self._encode(x)
 
     def output_for_checkpoint(self) -> torch.Tensor:
-        """PEFT's "prompt_embeddings": (P, out) for one task, (T * P, out) for several."""
-        return self.raw().reshape(self.num_tasks * self.num_virtual_tokens, -1)
+        """PEFT's "prompt_embeddings": (S * P, out) for one task, (T * S * P, out) for several."""
+        return self.raw().reshape(self.num_tasks * self.rows_per_task, -1)
+
+    def _prompt(self) -> torch.Tensor:
+        """(P, out), or (T, P, out) with several tasks: the rows the model's input receives."""
+        out = self.raw()
+        if self.num_transformer_submodules > 1:
+            out = out[:, :self.num_virtual_tokens]      # PEFT feeds only the encoder's rows
+        return out[0] if self.num_tasks == 1 else out
 
     @torch.no_grad()
     def export(self) -> None:
@@ -52,7 +69,7 @@ class _TaskPrompts(nn.Module):
             return
         was_training = self.training
         self.eval()
-        out = self.raw().reshape(self.num_tasks * self.num_virtual_tokens, -1).detach().clone()
+        out = self.output_for_checkpoint().detach().clone()
         self.train(was_training)
         trainable = self.embedding.weight.requires_grad
         for name in self._encoder_modules():
@@ -110,13 +127,15 @@ def _load_tokenizer(config: PromptTuningConfig):
 class PromptEmbedding(_TaskPrompts):
     """Prompt Tuning. forward() -> (P, d) prompt, or (T, P, d) with several tasks."""
 
-    def __init__(self, num_virtual_tokens: int, token_dim: int, num_tasks: int = 1):
-        super().__init__(num_virtual_tokens, num_tasks, token_dim)
+    def __init__(self, num_virtual_tokens: int, token_dim: int, num_tasks: int = 1,
+                 num_transformer_submodules: int = 1):
+        super().__init__(num_virtual_tokens, num_tasks, token_dim, num_transformer_submodules)
 
     @classmethod
     def from_config(cls, config: PromptTuningConfig, dims: ModelDims,
                     word_embeddings: nn.Module | None = None, tokenizer=None) -> "PromptEmbedding":
-        module = cls(config.num_virtual_tokens, dims.hidden_size, config.num_tasks)
+        module = cls(config.num_virtual_tokens, dims.hidden_size, config.num_tasks,
+                     dims.num_transformer_submodules)
         init = config.prompt_tuning_init
         if init != "RANDOM" and not config.inference_mode:     # PEFT: inference skips inits
             if word_embeddings is None:
@@ -129,7 +148,7 @@ class PromptEmbedding(_TaskPrompts):
     @torch.no_grad()
     def init_from_vocab(self, config: PromptTuningConfig, word_embeddings: nn.Module,
                         tokenizer=None) -> None:
-        P, T = self.num_virtual_tokens, self.num_tasks
+        P, T = self.rows_per_task, self.num_tasks     # PEFT initializes all S * P rows
         vocab = word_embeddings.weight.shape[0]
         init, text = config.prompt_tuning_init, config.prompt_tuning_init_text
         if init == "SAMPLE_VOCAB":
@@ -151,8 +170,7 @@ class PromptEmbedding(_TaskPrompts):
         self.embedding.weight.copy_(rows.repeat(T, 1).to(self.embedding.weight))
 
     def forward(self) -> torch.Tensor:
-        out = self.raw()
-        return out[0] if self.num_tasks == 1 else out
+        return self._prompt()
 
 
 class PromptEncoder(_TaskPrompts):
@@ -161,8 +179,9 @@ class PromptEncoder(_TaskPrompts):
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, encoder: str = "mlp",
                  encoder_hidden_size: int | None = None, encoder_num_layers: int = 2,
-                 encoder_dropout: float = 0.0, num_tasks: int = 1):
-        super().__init__(num_virtual_tokens, num_tasks, token_dim)
+                 encoder_dropout: float = 0.0, num_tasks: int = 1,
+                 num_transformer_submodules: int = 1):
+        super().__init__(num_virtual_tokens, num_tasks, token_dim, num_transformer_submodules)
         hidden = encoder_hidden_size or token_dim
         encoder = encoder.lower()           # PEFT's "MLP" / "LSTM" or ours
         self.encoder = encoder
@@ -184,19 +203,18 @@ class PromptEncoder(_TaskPrompts):
     def from_config(cls, config: PTuningConfig, dims: ModelDims) -> "PromptEncoder":
         return cls(config.num_virtual_tokens, dims.hidden_size, config.encoder,
                    config.encoder_hidden_size, config.encoder_num_layers,
-                   config.encoder_dropout, config.num_tasks)
+                   config.encoder_dropout, config.num_tasks, dims.num_transformer_submodules)
 
     def _encoder_modules(self) -> list[str]:
         return ["lstm_head", "mlp_head"] if self.encoder == "lstm" else ["mlp_head"]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.encoder == "lstm":
-            x = self.lstm_head(x)[0]          # each task's P tokens are one LSTM sequence
+            x = self.lstm_head(x)[0]          # each task's S * P tokens are one LSTM sequence
         return self.mlp_head(x)
 
     def forward(self) -> torch.Tensor:
-        out = self.raw()
-        return out[0] if self.num_tasks == 1 else out
+        return self._prompt()
 
 
 @dataclass
@@ -205,24 +223,32 @@ class LayerPrefixes:
 
     `kv` is (num_layers, 2, Hkv, P, D), or (num_layers, 2, T, Hkv, P, D) with several tasks;
     `layer(i)` gives layer i's (key, value), each (Hkv, P, D) or (T, Hkv, P, D): shared by every
-    batch row, never expanded per row.
+    batch row, never expanded per row. Models whose layers differ in KV heads or head dim
+    (Gemma 4) have `per_layer` instead: layer i's (2, [T,] Hkv_i, P, D_i), and `kv` is None.
     """
-    kv: torch.Tensor
+    kv: torch.Tensor | None
     num_tasks: int
+    per_layer: tuple[torch.Tensor, ...] | None = None
+
+    def _any(self) -> torch.Tensor:
+        return self.kv if self.per_layer is None else self.per_layer[0]
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.kv.shape[-2]
+        return self._any().shape[-2]
 
     @property
     def num_layers(self) -> int:
-        return self.kv.shape[0]
+        return self.kv.shape[0] if self.per_layer is None else len(self.per_layer)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[index, 0], self.kv[index, 1]
+        kv = self.kv[index] if self.per_layer is None else self.per_layer[index]
+        return kv[0], kv[1]
 
     def to(self, dtype: torch.dtype) -> "LayerPrefixes":
-        return LayerPrefixes(self.kv.to(dtype), self.num_tasks)
+        if self.per_layer is None:
+            return LayerPrefixes(self.kv.to(dtype), self.num_tasks)
+        return LayerPrefixes(None, self.num_tasks, tuple(t.to(dtype) for t in self.per_layer))
 
 
 class PrefixEncoder(_TaskPrompts):
@@ -232,16 +258,25 @@ class PrefixEncoder(_TaskPrompts):
     where column ((layer * 2 + kv) * Hkv + head) * D + d is one element; with projection,
     `embedding` (T * P, token_dim) feeds `transform` = Linear-Tanh-Linear. forward() ->
     LayerPrefixes. Works for grouped-query models (Hkv < Hq) and any head_dim.
+    `layer_shapes` ((Hkv_i, D_i) per layer, for models whose layers differ) gives each layer a
+    prefix of its own shape: layer i's 2 * Hkv_i * D_i columns follow layer i - 1's, laid out as
+    above within the layer (the same columns as PEFT's layout when every layer has one shape).
     """
 
     def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, token_dim: int | None = None, projection: bool = False,
                  encoder_hidden_size: int | None = None, dropout: float = 0.0,
-                 num_tasks: int = 1, init_weights: str | None = None):
-        flat = num_layers * 2 * num_kv_heads * head_dim
+                 num_tasks: int = 1, init_weights: str | None = None,
+                 layer_shapes: tuple | None = None):
+        if layer_shapes is not None and len(layer_shapes) != num_layers:
+            raise ValueError(f"`layer_shapes` must give (kv heads, head dim) for each of the "
+                             f"{num_layers} layers, got {len(layer_shapes)}")
+        flat = num_layers * 2 * num_kv_heads * head_dim if layer_shapes is None \
+            else sum(2 * h * d for h, d in layer_shapes)
         token_dim = token_dim or num_kv_heads * head_dim
         super().__init__(num_virtual_tokens, num_tasks, token_dim if projection else flat)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.layer_shapes = None if layer_shapes is None else tuple(map(tuple, layer_shapes))
         self.projection = projection
         encoder_hidden_size = encoder_hidden_size or token_dim     # PEFT's default
         self.encoder_hidden_size = encoder_hidden_size
@@ -262,7 +297,7 @@ class PrefixEncoder(_TaskPrompts):
         return cls(config.num_virtual_tokens, dims.num_layers, dims.num_kv_heads, dims.head_dim,
                    dims.prefix_token_dim, config.prefix_projection,
                    config.encoder_hidden_size, config.dropout, config.num_tasks,
-                   config.init_weights)
+                   config.init_weights, dims.layer_kv_shapes)
 
     def _encoder_modules(self) -> list[str]:
         return ["transform"] if self.projection else []
@@ -271,8 +306,17 @@ class PrefixEncoder(_TaskPrompts):
         return self.transform(x) if self.projection else x
 
     def forward(self) -> LayerPrefixes:
-        flat = self.dropout(self.raw())                      # (T, P, L * 2 * Hkv * D)
+        flat = self.dropout(self.raw())                      # (T, P, sum of 2 * Hkv * D)
         T, P = self.num_tasks, self.num_virtual_tokens
-        kv = flat.view(T, P, self.num_layers, 2, self.num_kv_heads, self.head_dim)
-        kv = kv.permute(2, 3, 0, 4, 1, 5)                    # (L, 2, T, Hkv, P, D), a view
-        return LayerPrefixes(kv[:, :, 0] if T == 1 else kv, T)
+        if self.layer_shapes is None:
+            kv = flat.view(T, P, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+            kv = kv.permute(2, 3, 0, 4, 1, 5)                # (L, 2, T, Hkv, P, D), a view
+            return LayerPrefixes(kv[:, :, 0] if T == 1 else kv, T)
+        layers, start = [], 0
+        for heads, dim in self.layer_shapes:
+            width = 2 * heads * dim
+            kv = flat[..., start:start + width].view(T, P, 2, heads, dim)
+            kv = kv.permute(2, 0, 3, 1, 4)                   # (2, T, Hkv_i, P, D_i), a view
+            layers.append(kv[:, 0] if T == 1 else kv)
+            start += width
+        return LayerPrefixes(None, T, tuple(layers))

@@ -8,6 +8,8 @@ import inspect
 
 import torch
 
+from ptuning_fast.integrations.support import numbers_positions_from_mask
+
 VOCAB = 97
 
 
@@ -118,7 +120,7 @@ def peft_twin(pf_model, base_copy):
     weights and classification head as `pf_model`."""
     import peft
     cfg = pf_model.ptuning_config
-    task = {"CAUSAL_LM": "CAUSAL_LM", "SEQ_CLS": "SEQ_CLS"}[pf_model.task_type]
+    task = pf_model.task_type
     P = cfg.num_virtual_tokens
     if cfg.method == "prefix_tuning":
         pc = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P,
@@ -141,6 +143,14 @@ def peft_twin(pf_model, base_copy):
         src = pf_model.base_model.get_submodule(name).state_dict()
         twin.base_model.get_submodule(name).modules_to_save["default"].load_state_dict(src)
     return twin
+
+
+def peft_name(name: str) -> str:
+    """A wrapped model's trainable parameter's name in its PEFT twin."""
+    if name.startswith("prompt_encoder."):
+        return name.replace("prompt_encoder.", "prompt_encoder.default.", 1)
+    _, head, rest = name.split(".", 2)          # base_model.<head>.<param path>
+    return f"base_model.{head}.modules_to_save.default.{rest}"
 
 
 def wrapped_and_twin(model_name, config, backend="reference", seed=0, randomize_head=True):
@@ -199,22 +209,26 @@ class MaterializedPrompt(torch.nn.Module):
                         **{cache_kwarg(self.base_model): cache})
         return cache
 
-    def forward(self, input_ids, attention_mask, labels=None):
-        """Prefix tuning's forward (prompt tuning's logits would lack the prompt positions)."""
+    def forward(self, input_ids, attention_mask, labels=None, **kwargs):
+        """Prefix tuning's forward (prompt tuning's logits would lack the prompt positions);
+        other kwargs (a QA model's start/end positions) go to the base model."""
         if self.method != "prefix_tuning":
             raise NotImplementedError("MaterializedPrompt.forward is for prefix tuning")
         P, batch = self.num_virtual_tokens, input_ids.shape[0]
         mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
-        return self.base_model(input_ids=input_ids, attention_mask=mask, labels=labels,
-                               use_cache=True,
-                               **{cache_kwarg(self.base_model): self.prompt_cache(batch)})
+        if labels is not None:
+            kwargs["labels"] = labels
+        kwargs[cache_kwarg(self.base_model)] = self.prompt_cache(batch)
+        return self.base_model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs):
         """transformers' generate() continuing from the cache: the inputs get P placeholder ids in
         front (the cache stands for them, generate() feeds only the real ids); they are cut off
         the result. Positions of the real ids: prefix tuning, generate()'s own numbering shifted
-        by P; prompt tuning, those of [prompt; ids] padding included (PEFT drops position_ids)."""
+        by P; prompt tuning, those of [prompt; ids] padding included (PEFT drops position_ids),
+        or, on models that number tokens from the attention mask (OPT), that numbering of
+        [prompt; ids] (pads at -1)."""
         P, (batch, length) = self.num_virtual_tokens, input_ids.shape
         beams = kwargs.get("num_beams", 1)
         rows = batch * (beams if beams > 1 else kwargs.get("num_return_sequences", 1))
@@ -228,6 +242,8 @@ class MaterializedPrompt(torch.nn.Module):
         kwargs["position_ids"] = torch.cat([torch.arange(P).expand(batch, -1), positions + P], 1)
         ids = torch.cat([input_ids.new_full((batch, P), 3), input_ids], 1)
         mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+        if self.method != "prefix_tuning" and numbers_positions_from_mask(self.base_model):
+            kwargs["position_ids"] = mask.cumsum(1) * mask - 1
         out = self.base_model.generate(input_ids=ids, attention_mask=mask, **kwargs,
                                        **{cache_kwarg(self.base_model): self.prompt_cache(rows)})
         return out[:, P:]
@@ -268,3 +284,34 @@ def peft_refusal_reason(twin, error: Exception) -> str:
         why += ("; PEFT looks for `past_key_values` in the backbone's forward signature, which "
                 "transformers renamed to `cache`")
     return why
+
+
+@torch.no_grad()
+def materialized_seq2seq_greedy(pf_model, input_ids, attention_mask, max_new_tokens):
+    """Greedy decoding of a prefix-tuned encoder-decoder as PEFT's algorithm defines it, without
+    PEFT and without our attention: at every step a full pass of the unwrapped model (eager
+    attention) given PEFT's prefix cache (decoder layer i's self-attention holds the prefix of
+    layer (2 i) mod L, the cross-attention cache is empty). Rows that emit EOS get pads after."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    base = copy.deepcopy(pf_model.base_model)
+    base.set_attn_implementation("eager")
+    prefixes = pf_model.prompt_encoder().to(base.get_input_embeddings().weight.dtype)
+    config = base.generation_config
+    rows, L = input_ids.shape[0], prefixes.num_layers
+    tokens = torch.full((rows, 1), config.decoder_start_token_id, dtype=torch.long)
+    done = torch.zeros(rows, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        for i in range(L):
+            k, v = prefixes.layer((2 * i) % L)
+            cache.self_attention_cache.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape),
+                                              i)
+        logits = base(input_ids=input_ids, attention_mask=attention_mask,
+                      decoder_input_ids=tokens, use_cache=True,
+                      **{cache_kwarg(base): cache}).logits[:, -1]
+        step = logits.argmax(-1).masked_fill(done, config.pad_token_id)
+        tokens = torch.cat([tokens, step[:, None]], 1)
+        done |= step == config.eos_token_id
+        if done.all():
+            break
+    return tokens

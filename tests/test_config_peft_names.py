@@ -200,7 +200,7 @@ def test_old_checkpoint_dicts_with_short_names_still_load():
 # -- what cannot be honoured is refused ----------------------------------------------------------
 
 @pytest.mark.parametrize("make, error, match", [
-    (lambda: pf.PrefixTuningConfig(3, num_transformer_submodules=2), ValueError,
+    (lambda: pf.PrefixTuningConfig(3, num_transformer_submodules=3), ValueError,
      "num_transformer_submodules"),
     (lambda: pf.PromptTuningConfig(3, task_type="TRANSLATION"), ValueError, "task_type"),
     (lambda: pf.PromptTuningConfig(3, peft_type="LORA"), ValueError, "peft_type"),
@@ -221,6 +221,8 @@ def test_unsupported_values_refused(make, error, match):
     (pf.PrefixTuningConfig(3, token_dim=48), "token_dim=48"),
     (pf.PromptTuningConfig(3, num_layers=5), "num_layers=5"),
     (pf.PrefixTuningConfig(3, num_attention_heads=3), "num_attention_heads=3"),
+    # 2 is PEFT's encoder-decoder layout: a decoder-only model has 1
+    (pf.PromptTuningConfig(3, num_transformer_submodules=2), "num_transformer_submodules=2"),
     (pf.PromptTuningConfig(3, task_type="SEQ_CLS"), "task_type='SEQ_CLS'"),
     (pf.PromptTuningConfig(3, modules_to_save=["lm_head"]), "modules_to_save"),
 ])

@@ -8,8 +8,8 @@ import torch
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import (MaterializedPrompt, batch, peft_generation_broken, peft_refusal_reason,
-                    peft_refuses, wrapped_and_twin)
+from models import (MaterializedPrompt, batch, peft_generation_broken, peft_name,
+                    peft_refusal_reason, peft_refuses, wrapped_and_twin)
 
 pytest.importorskip("peft")
 
@@ -38,14 +38,6 @@ def cases():
     return out
 
 
-def peft_name(name: str) -> str:
-    """Our trainable parameter's name in the PEFT twin."""
-    if name.startswith("prompt_encoder."):
-        return name.replace("prompt_encoder.", "prompt_encoder.default.", 1)
-    _, head, rest = name.split(".", 2)          # base_model.<head>.<param path>
-    return f"base_model.{head}.modules_to_save.default.{rest}"
-
-
 def assert_same_training_step(ours, other, model_name, padding, other_name=lambda name: name):
     """Logits, loss, gradients and one AdamW step of `ours` equal `other`'s; `other_name` maps
     our trainable parameter names to other's."""
@@ -59,6 +51,12 @@ def assert_same_training_step(ours, other, model_name, padding, other_name=lambd
     assert_close(out.loss, ref.loss, torch.float32, "fwd", name="loss")
 
     out.loss.backward(), ref.loss.backward()
+    assert_same_gradients_and_step(ours, other, other_name)
+
+
+def assert_same_gradients_and_step(ours, other, other_name=lambda name: name):
+    """After both backward passes: the same trainable parameters, gradients (none on frozen
+    ones) and parameters after one AdamW step."""
     theirs = dict(other.named_parameters())
     mine = ours.trainable_parameters()
     assert {other_name(n) for n in mine} == {n for n, p in theirs.items() if p.requires_grad}

@@ -257,8 +257,8 @@ def test_packed_kwargs_without_the_wrapper_are_refused():
 
 
 # ------------------------------------------------------------------------------------------
-# T5's relative position bias: the attention function's part (the model-level T5 test needs
-# encoder-decoder support in the wrapper).
+# T5's relative position bias: the attention function's part, then a prefix-tuned T5 model
+# against PEFT (the rest of T5 x every method is tests/test_model_matrix.py).
 def _t5(**overrides):
     torch.manual_seed(0)
     cfg = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=4,
@@ -318,6 +318,32 @@ def test_t5_position_bias_over_the_prefix_equals_peft(stack, past):
         assert our_bias.shape[-1] == past + L            # T5 saw only the real keys
         assert_close(got, want, torch.float32, name=f"{stack} layer {layer}")
     assert peft_bias.abs().max() > 1.0
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["full", "left_padded"])
+def test_prefix_tuned_t5_with_large_position_biases_equals_peft(padding):
+    """PEFT puts its prefix into the decoder's self-attention only (the cross-attention cache is
+    emptied); ours is placed by module (T5's encoder, decoder and cross-attention modules share
+    `layer_idx`s). Large random bias tables: a wrong prefix column shows in the logits."""
+    seq2seq = dict(pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    ours = pf.wrap(_t5(**seq2seq), pf.PrefixTuningConfig(3), backend="reference")
+    with torch.no_grad():
+        ours.prompt_encoder.embedding.weight.normal_(0, 0.5)
+    twin = peft_twin(ours, _t5(**seq2seq))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[1, :3] = 0
+    labels = torch.randint(3, VOCAB, (2, 5), generator=g)
+    ours.train(), twin.train()
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = twin(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.logits, ref.logits, torch.float32, "fwd", name="logits")
+    out.loss.backward(), ref.loss.backward()
+    mine = ours.prompt_encoder.embedding.weight
+    assert_close(mine.grad, twin.prompt_encoder["default"].embedding.weight.grad, torch.float32,
+                 "grad", name="prefix grad")
 
 
 def test_t5_bias_from_an_unknown_module_is_refused():

@@ -205,10 +205,14 @@ def test_peft_zero_init_converted_and_dropped_for_loading():
     assert from_peft_config(d, for_loading=True) == pf.PrefixTuningConfig(3)
 
 
-def test_peft_encoder_decoder_config_rejected():
-    with pytest.raises(ValueError, match="num_transformer_submodules"):
+def test_peft_num_transformer_submodules_checked():
+    """2 is PEFT's encoder-decoder layout (the model's dims decide the rows); other values are
+    not PEFT's."""
+    from_peft_config({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3,
+                      "num_transformer_submodules": 2})
+    with pytest.raises(ValueError, match="num_transformer_submodules.*got 3"):
         from_peft_config({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3,
-                          "num_transformer_submodules": 2})
+                          "num_transformer_submodules": 3})
 
 
 @pytest.mark.parametrize("model_name", list(BUILDERS))

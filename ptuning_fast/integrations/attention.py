@@ -59,9 +59,22 @@ class PrefixBinding:
     task_ids: torch.Tensor | None
     backend: str
     model_name: str = "the model"     # for error messages: the wrapped model's class
+    # attention module -> index of its prefix layer, for models where only some attention
+    # modules get a prefix (encoder-decoders: the decoder's self-attention); None: every
+    # attention module gets layer `module.layer_idx`'s.
+    layer_of: dict | None = None
     # Packed sequences: `ptuning_fast.packing.packed_segments(...)` (start, end), int32 (B, L),
     # computed once per forward by the wrapper and read by every layer.
     segments: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def layer_index(self, module) -> int | None:
+        """The prefix layer `module` attends to, or None for no prefix."""
+        if self.layer_of is not None:
+            return self.layer_of.get(module)
+        if getattr(module, "layer_idx", None) is None:
+            raise ValueError(f"{type(module).__name__} has no `layer_idx`: ptuning_fast cannot "
+                             "tell which layer's prefix it needs")
+        return module.layer_idx
 
     def for_layer(self, layer_idx: int, batch: int):
         """(prefix_k, prefix_v, prefix_index) for one layer and a batch of `batch` rows."""
@@ -199,10 +212,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     prefix_k = prefix_v = prefix_index = None
     backend = "auto"
     if binding is not None:
-        if getattr(module, "layer_idx", None) is None:
-            raise ValueError(f"{type(module).__name__} has no `layer_idx`: ptuning_fast cannot "
-                             "tell which layer's prefix it needs")
-        prefix_k, prefix_v, prefix_index = binding.for_layer(module.layer_idx, query.shape[0])
+        index = binding.layer_index(module)
+        if index is not None:
+            prefix_k, prefix_v, prefix_index = binding.for_layer(index, query.shape[0])
         backend = binding.backend
         if prefix_k is not None and prefix_k.dtype != query.dtype:   # e.g. under autocast
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)

@@ -37,8 +37,9 @@ import torch
 from ..config import (ModelDims, from_dict, from_peft_config, frozen_tokens_of, to_dict,
                       to_peft_dict)
 from . import sharded
-from .model import HEADS_BY_TASK, build_prompt_module, check_wrappable, task_type_of
+from .model import HEADS_BY_TASK, build_prompt_module, check_wrappable
 from .peft_surface import BaseModelState
+from .support import task_type_of
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -87,6 +88,11 @@ def save(model, directory, *, full_state: bool = False, overwrite: bool = False,
             f"saving a num_tasks={config.num_tasks} adapter: {ADAPTER_WEIGHTS} holds every "
             f"task's prompt ({config.num_tasks} x {config.num_virtual_tokens} rows) and PEFT, "
             "which has no per-task prompts, cannot load it; load it with "
+            "ptuning_fast.PTuningModel.from_pretrained", stacklevel=3)
+    if model.dims.layer_kv_shapes is not None and config.method == "prefix_tuning":
+        warnings.warn(
+            f"saving prefixes of each layer's own shape {model.dims.layer_kv_shapes}: PEFT, "
+            "which sizes one prefix for all layers, cannot load them; load them with "
             "ptuning_fast.PTuningModel.from_pretrained", stacklevel=3)
     if not overwrite:
         _refuse_other_adapter(directory, peft_config, config.num_tasks)
@@ -183,16 +189,22 @@ def _check_fits(adapter: dict, config, dims) -> None:
             else dims.num_heads
     wrong = [f"{k}={adapter[k]} (model has {v})" for k, v in expected.items()
              if adapter.get(k) is not None and adapter[k] != v and (is_prefix or k == "token_dim")]
+    submodules = adapter.get("num_transformer_submodules")
+    if submodules is not None and submodules != dims.num_transformer_submodules:
+        wrong.append(f"num_transformer_submodules={submodules} (model has "
+                     f"{dims.num_transformer_submodules})")
     if wrong:
         raise ValueError(f"checkpoint does not fit this model: {', '.join(wrong)}; "
                          f"model sizes: {dims}")
 
 
-def _prompt_width(config, dims: ModelDims) -> int:
-    """Columns of "prompt_embeddings" (the encoder's output) for `config` on a model of `dims`."""
+def _prompt_shape(config, dims: ModelDims) -> tuple[int, int]:
+    """Shape of "prompt_embeddings" (the encoder's output) for `config` on a model of `dims`:
+    P rows per task (S * P for prompts on encoder-decoders, PEFT's layout)."""
     if config.method == "prefix_tuning":
-        return dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim
-    return dims.hidden_size
+        return config.num_tasks * config.num_virtual_tokens, dims.prefix_width
+    rows = config.num_virtual_tokens * dims.num_transformer_submodules
+    return config.num_tasks * rows, dims.hidden_size
 
 
 class _Listing:
@@ -273,8 +285,7 @@ def _expected_full_state(config, dims, ours: dict) -> dict:
     """Shapes of the prompt module's state dict, from a module built on the meta device (no
     memory: the sizes come from the config, which the file must agree with)."""
     if ours.get("exported"):
-        rows = config.num_tasks * config.num_virtual_tokens
-        return {"embedding.weight": (rows, _prompt_width(config, dims))}
+        return {"embedding.weight": _prompt_shape(config, dims)}
     with torch.device("meta"):
         module = build_prompt_module(config, dims)
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -315,7 +326,7 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
         raise ValueError(f"{weights_path} has no 'prompt_embeddings' tensor (keys: "
                          f"{sorted(listing.shapes)}): not a prompt-learning checkpoint")
     _check_float(listing, ["prompt_embeddings"])
-    want = (config.num_tasks * config.num_virtual_tokens, _prompt_width(config, dims))
+    want = _prompt_shape(config, dims)
     if listing.shapes["prompt_embeddings"] != want:
         raise ValueError(
             f"checkpoint 'prompt_embeddings' has shape {listing.shapes['prompt_embeddings']}; "

@@ -20,28 +20,12 @@ from .. import ops
 from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
-from . import attention
+from . import attention, seq2seq
 from .packed_inputs import packed_segments_of, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
+from .support import numbers_positions_from_mask, refuse_unsupported, task_type_of
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
-
-
-def task_type_of(model: nn.Module) -> str:
-    """PEFT's task type for a transformers model. Causal LMs by capability (a generation head:
-    `can_generate()`, e.g. GPT2LMHeadModel, whose name has no "ForCausalLM"); the
-    classification / QA heads by transformers' class naming."""
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate) and can_generate() \
-            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "CAUSAL_LM"
-    name = type(model).__name__
-    for key, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                      ("ForTokenClassification", "TOKEN_CLS"),
-                      ("ForQuestionAnswering", "QUESTION_ANS")):
-        if name.endswith(key):
-            return task
-    return "FEATURE_EXTRACTION"
 
 
 # The heads a task type may train and a checkpoint may hold (PEFT's modules_to_save defaults):
@@ -73,11 +57,6 @@ def check_wrappable(base_model) -> None:
     if not isinstance(base_model, nn.Module) or not hasattr(base_model, "config"):
         raise TypeError(f"wrap() expects a transformers model (an nn.Module with a `config`), "
                         f"got {type(base_model).__name__}")
-    if getattr(base_model.config, "is_encoder_decoder", False):
-        raise NotImplementedError(
-            f"{type(base_model).__name__} is an encoder-decoder model; ptuning_fast supports "
-            "decoder-only and encoder-only models (its attention passes terms such as T5's "
-            "position_bias that the prefix attention does not compute)")
 
 
 def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer=None):
@@ -162,6 +141,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         if backend not in ops.BACKENDS:
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
+        refuse_unsupported(base_model, config.method)
         dims = ModelDims.from_model_config(base_model.config)
         task_type = task_type_of(base_model)
         config.check_model(dims, task_type)
@@ -178,6 +158,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             raise TypeError(f"prefix tuning needs a transformers model that can switch its "
                             f"attention implementation; {type(base_model).__name__} has no "
                             "set_attn_implementation")
+        prefix_layers = seq2seq.prefix_layers(base_model, dims.num_layers) \
+            if config.method == "prefix_tuning" and task_type == "SEQ_2_SEQ_LM" else None
         device = next(base_model.parameters()).device
         prompt_encoder = build_prompt_module(
             config, dims, base_model.get_input_embeddings(), tokenizer).to(device)
@@ -193,6 +175,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self.base_model = base_model
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
+        self._prefix_layers = prefix_layers    # None: each attention module's own layer_idx
         self._base_state = base_state
         self._adapter_disabled = self._unloaded = False
         if self.is_prefix:
@@ -263,13 +246,20 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                                "set_attn_implementation called after wrapping?)")
         prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
-                                       type(self.base_model).__name__, segments)
+                                       type(self.base_model).__name__, self._prefix_layers,
+                                       segments)
 
-    def _prefix_position_ids(self, input_ids, ref, start: int):
+    def _prefix_position_ids(self, input_ids, ref, start: int, attention_mask=None):
         """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:
         start, start + 1, ... — or, for RoBERTa-style embeddings that number tokens from the
         padding mask, that numbering offset by `start` (None: the model numbers inputs_embeds
-        itself, ignoring any cache, as it does under PEFT)."""
+        itself, ignoring any cache, as it does under PEFT); for models that number tokens from
+        the attention mask (OPT), that numbering over PEFT's mask of P ones + `attention_mask`
+        (which covers the cache and the current tokens)."""
+        if attention_mask is not None and numbers_positions_from_mask(self.base_model):
+            full = torch.cat([attention_mask.new_ones(attention_mask.shape[0],
+                                                      self.num_virtual_tokens), attention_mask], 1)
+            return (full.cumsum(1) * full - 1)[:, -ref.shape[1]:].long()
         embeddings = getattr(getattr(self.base_model, "base_model", None), "embeddings", None)
         if hasattr(embeddings, "create_position_ids_from_input_ids") \
                 and getattr(embeddings, "padding_idx", None) is not None:
@@ -312,11 +302,17 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     def _forward(self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                  token_type_ids, **kwargs):
         ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None and self.task_type == "SEQ_2_SEQ_LM" \
+                and kwargs.get("encoder_outputs") is not None:
+            ref = kwargs["encoder_outputs"][0]      # decoding with the encoder already run
         if ref is None:
             raise ValueError("pass `input_ids` or `inputs_embeds`")
         _refuse_empty_batch("input_ids" if input_ids is not None else "inputs_embeds", ref)
         batch = ref.shape[0]
         task_ids = self._check_task_ids(task_ids, batch)
+        if self.task_type == "SEQ_2_SEQ_LM":
+            return seq2seq.forward(self, input_ids, attention_mask, labels, task_ids,
+                                   inputs_embeds, position_ids, token_type_ids, **kwargs)
         P = self.num_virtual_tokens
         past = _cache_in(kwargs)
         past_len = _cache_length(kwargs)
@@ -326,7 +322,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             segments, position_ids = packed_segments_of(position_ids, attention_mask, past_len,
                                                         kwargs, ref)
             if position_ids is None:
-                position_ids = self._prefix_position_ids(input_ids, ref, P + past_len)
+                position_ids = self._prefix_position_ids(input_ids, ref, P + past_len,
+                                                         attention_mask)
             else:
                 position_ids = position_ids + P
             if token_type_ids is not None:
@@ -374,14 +371,17 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self._check_not_unloaded()
         if self._adapter_disabled:
             return self.base_model.generate(*args, **kwargs)
-        if self.task_type != "CAUSAL_LM":
-            raise ValueError(f"generate() needs a causal LM, this base model is {self.task_type}")
+        if self.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            raise ValueError(f"generate() needs a causal or seq2seq LM, this base model is "
+                             f"{self.task_type}")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("PTuningModel.generate needs `input_ids`")
         _refuse_empty_batch("input_ids", input_ids)
         task_ids = self._check_task_ids(task_ids, input_ids.shape[0])
         _refuse_static_generation(kwargs, self.base_model)
+        if self.task_type == "SEQ_2_SEQ_LM":
+            return seq2seq.generate(self, args, task_ids, kwargs)
         generation = attention.Generation(
             self._binding(task_ids) if self.is_prefix else None, task_ids)
         step = self._prefix_step_hook if self.is_prefix else self._prompt_step_hook
@@ -410,7 +410,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             kwargs["position_ids"] = kwargs["position_ids"] + P
         elif ref is not None:
             start = P + _cache_length(kwargs)
-            kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start)
+            kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start,
+                                                               kwargs.get("attention_mask"))
         return args, kwargs
 
     def _prompt_step_hook(self, generation, args, kwargs):

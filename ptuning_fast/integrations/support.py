@@ -1,0 +1,92 @@
+"""Which transformers models a method can wrap, and as which PEFT task type.
+
+Checked at wrap time, before the caller's model is touched: a model that a method cannot handle
+gets a NotImplementedError naming the model and the reason, never a silent wrong result.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+# transformers' class-name suffixes of the heads PEFT has a task type for.
+_TASK_BY_SUFFIX = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                   ("ForTokenClassification", "TOKEN_CLS"),
+                   ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def task_type_of(model: nn.Module) -> str:
+    """PEFT's task type for a transformers model. Generating models by capability
+    (`can_generate()`): encoder-decoders are SEQ_2_SEQ_LM, the others CAUSAL_LM (GPT2LMHeadModel's
+    name has no "ForCausalLM"); the classification / QA heads by transformers' class naming."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        if is_encoder_decoder(model):
+            return "SEQ_2_SEQ_LM"
+        return "CAUSAL_LM"
+    name = type(model).__name__
+    for suffix, task in _TASK_BY_SUFFIX:
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def uses_attention_interface(model: nn.Module) -> bool:
+    """Whether every attention layer of `model` calls the function registered under the
+    config's attention implementation (transformers' AttentionInterface). transformers answers
+    this itself (`_can_set_attn_implementation`, read from the modeling file: Falcon and
+    DeBERTa-v2 call their own attention code); without that hook, a model that declares attention
+    backends (`_supports_attention_backend`) is taken to use the interface."""
+    cls = type(model)
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    if callable(can_set):
+        return bool(can_set())
+    return bool(getattr(cls, "_supports_attention_backend", False))
+
+
+# Encoder-decoders whose prefix tuning is implemented (integrations/seq2seq.py).
+# T5's relative position bias over the prefix: integrations/attention_terms.py. mT5 / UMT5 share
+# T5's attention but are not tested here, so they stay refused.
+PREFIX_SEQ2SEQ_MODEL_TYPES = ("bart", "t5")
+
+# Decoders whose learned positions are numbered from the attention mask (cumsum(mask) - 1, pads
+# at -1) rather than from the cache length: under PEFT that numbering runs over the P ones its
+# mask gets for the prefix, so the wrapper numbers real tokens the same way.
+_POSITIONS_FROM_MASK = ("opt",)
+
+
+def numbers_positions_from_mask(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in _POSITIONS_FROM_MASK
+
+
+def refuse_unsupported(base_model: nn.Module, method: str) -> None:
+    """NotImplementedError for a model / method pair that ptuning_fast cannot compute exactly."""
+    name = type(base_model).__name__
+    if is_encoder_decoder(base_model) and task_type_of(base_model) != "SEQ_2_SEQ_LM":
+        raise NotImplementedError(
+            f"{name}: on encoder-decoder models ptuning_fast supports the seq2seq LM (a "
+            f"generating model such as T5ForConditionalGeneration), not "
+            f"{task_type_of(base_model)}")
+    if method != "prefix_tuning":
+        return
+    model_type = getattr(base_model.config, "model_type", "")
+    if is_encoder_decoder(base_model) and model_type not in PREFIX_SEQ2SEQ_MODEL_TYPES:
+        raise NotImplementedError(
+            f"{name}: prefix tuning on this encoder-decoder model is not supported (only T5's "
+            "and BART's prefix placement is tested against PEFT); Prompt Tuning and P-Tuning "
+            "are")
+    text_config = base_model.config.get_text_config() \
+        if hasattr(base_model.config, "get_text_config") else base_model.config
+    if getattr(text_config, "num_kv_shared_layers", 0):
+        raise NotImplementedError(
+            f"{name}: prefix tuning on a model whose last {text_config.num_kv_shared_layers} "
+            "layers reuse earlier layers' keys and values (num_kv_shared_layers) is not "
+            "supported: those layers would need the prefix of the layer they read from")
+    if not uses_attention_interface(base_model):
+        raise NotImplementedError(
+            f"{name}: prefix tuning needs a model whose attention goes through transformers' "
+            "AttentionInterface (the prefix reaches each layer through it); this model's "
+            "modeling code calls its own attention, which would silently ignore the prefix. "
+            "Prompt Tuning and P-Tuning work on it")
