@@ -51,6 +51,7 @@ from .prefix_attention_fwd import (
     ForwardInputs,
     SPEC_VARIANTS,
     input_precision,
+    online_softmax,
     spec_ints,
     spec_signature,
     strides3,
@@ -135,13 +136,7 @@ def _decode_blocks(
             pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
             visible = visible & (pad != 0)[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked keys keeps m = -inf; shifting by 0 instead keeps its
-        # probabilities exactly 0 rather than NaN (-inf - -inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         if KEYS_MAJOR:
             vt = tl.load(V + keys[None, :].to(tl.int64) * stride_v_l + offs_d[:, None],
                          mask=kv_mask_t, other=0.0)

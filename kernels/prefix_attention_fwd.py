@@ -55,6 +55,19 @@ def dropout_keep(seed, offsets, dropout_p):
 
 
 @triton.jit
+def online_softmax(s, m_i, l_i):
+    """One block of the online softmax in base 2, for scores s (rows x keys) and the running
+    (max, normalizer) of each row: (p, alpha, m_new, l_new), with acc to be rescaled by alpha.
+    A row that has seen only masked keys keeps m = -inf; shifting by 0 instead keeps its
+    probabilities exactly 0 rather than NaN (-inf - -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(full_end, end) of the sequence keys a query block [q_start, q_start + BLOCK_M) visits:
@@ -126,13 +139,7 @@ def _attend_blocks(
                 pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
                 visible = visible & (pad != 0)[None, :]
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked keys keeps m = -inf; shifting by 0 instead keeps its
-        # probabilities exactly 0 rather than NaN (-inf - -inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         if HAS_DROPOUT:
             cols = (col0 + keys).to(tl.int64)
             p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
