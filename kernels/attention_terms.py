@@ -157,11 +157,14 @@ class Terms:
             return self.softcap * LOG2E, scale / self.softcap
         return scale * LOG2E, 1.0
 
-    def pointers(self, like: torch.Tensor) -> tuple:
-        """Bias, Sinks, SegStart, SegEnd."""
+    def pointers(self, like: torch.Tensor, sinks: bool = True) -> tuple:
+        """Bias, Sinks, SegStart, SegEnd; without `sinks` for the backward kernels (the
+        forward's LSE holds the sinks already)."""
         start, end = self.segments if self.segments is not None else (like, like)
-        return (like if self.bias is None else self.bias,
-                like if self.sinks is None else self.sinks, start, end)
+        bias = like if self.bias is None else self.bias
+        if not sinks:
+            return bias, start, end
+        return bias, like if self.sinks is None else self.sinks, start, end
 
     def ints(self) -> tuple:
         """window_left, window_right, prefix_left, stride_bias_b, _h, _l, _c, stride_seg_b."""
@@ -176,10 +179,13 @@ class Terms:
         seg_b = 0 if self.segments is None else self.segments[0].stride(0)
         return (left, right, prefix_left, *bias_strides, seg_b)
 
-    def flags(self) -> dict:
-        return dict(HAS_BIAS=self.bias is not None, HAS_SINKS=self.sinks is not None,
-                    IS_PACKED=self.segments is not None, HAS_WINDOW=self.has_window,
-                    SOFTCAP=self.softcap > 0)
+    def flags(self, sinks: bool = True) -> dict:
+        """The kernels' constexpr flags; without HAS_SINKS for the backward kernels."""
+        flags = dict(HAS_BIAS=self.bias is not None, IS_PACKED=self.segments is not None,
+                     HAS_WINDOW=self.has_window, SOFTCAP=self.softcap > 0)
+        if sinks:
+            flags["HAS_SINKS"] = self.sinks is not None
+        return flags
 
     def key(self) -> tuple:
         """What changes the best tile (autotune key): which terms are on."""

@@ -395,8 +395,6 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     scale = D ** -0.5 if scale is None else float(scale)
     terms = terms.prepare()
     qk_scale, softcap_scale = terms.qk_scales(scale)
-    bias, _, seg_start, seg_end = terms.pointers(q)
-    term_flags = {n: f for n, f in terms.flags().items() if n != "HAS_SINKS"}
     shared = prefix_k is not None and prefix_k.dim() == 3
     pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
     mask = mask_as_int8(attention_mask)
@@ -426,11 +424,12 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
 
         def launch_dkdv(cfg: TileConfig) -> None:
             _dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
-                dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed, bias, seg_start, seg_end,
+                dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed,
+                *terms.pointers(q, sinks=False),
                 Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p), softcap_scale,
                 *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
                 *strides3(dk), *strides3(dv), lse.stride(0), lse.stride(1), *mask_strides,
-                *terms.ints(), **term_flags,
+                *terms.ints(), **terms.flags(sinks=False),
                 IS_CAUSAL=causal, HAS_MASK=mask is not None, **dropout,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -477,6 +476,7 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
         return dpk.zero_().view(prefix_k.shape), dpv.zero_().view(prefix_k.shape)
     cfg = prefix_tile(P, cfg)
     block_n = cfg.block_n
+    qk_scale, softcap_scale = terms.qk_scales(scale)
     tiles = triton.cdiv(P, block_n) * Hkv * slots
     per_split = triton.cdiv(work, num_splits(q.device, tiles, work, cfg.num_warps))
     splits = triton.cdiv(work, per_split)               # no split is left without work
@@ -484,29 +484,19 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     partial_v = torch.empty_like(partial_k)
     _prefix_dkdv_kernel[(triton.cdiv(P, block_n), Hkv, splits * slots)](
         partial_k, partial_v, q, pk, pv, grad_out, lse, delta,
-        index if index is not None else q, seed, *_bias_and_segments(terms, q),
-        Lq, Lk, P, D, group, *_scales(terms, scale, dropout_p), rows_step, rows_per_slot,
+        index if index is not None else q, seed, *terms.pointers(q, sinks=False),
+        Lq, Lk, P, D, group, qk_scale, float(dropout_p), softcap_scale, rows_step,
+        rows_per_slot,
         splits, per_split,
         *strides3(q), *strides3(pk), *strides3(pv), *strides3(grad_out),
         lse.stride(0), lse.stride(1), *terms.ints(),
-        **{n: f for n, f in terms.flags().items() if n != "HAS_SINKS"},
+        **terms.flags(sinks=False),
         HAS_INDEX=index is not None, HAS_DROPOUT=dropout_p > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     sum_splits(partial_k, dpk, scale)
     sum_splits(partial_v, dpv)
     return dpk.view(prefix_k.shape), dpv.view(prefix_k.shape)
-
-
-def _bias_and_segments(terms, like) -> tuple:
-    bias, _, seg_start, seg_end = terms.pointers(like)
-    return bias, seg_start, seg_end
-
-
-def _scales(terms, scale, dropout_p) -> tuple:
-    """qk_scale, dropout_p, softcap_scale in the prefix kernel's argument order."""
-    qk_scale, softcap_scale = terms.qk_scales(scale)
-    return qk_scale, float(dropout_p), softcap_scale
 
 
 # --------------------------------------------------------------------------------------------

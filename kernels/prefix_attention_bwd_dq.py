@@ -220,13 +220,12 @@ def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, de
     if dq.numel() == 0:
         return dq
     qk_scale, softcap_scale = terms.qk_scales(scale)
-    bias, _, seg_start, seg_end = terms.pointers(q)
 
     def launch(cfg: TileConfig) -> None:
         _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
             dq, q, k, v, prefix_k4, prefix_v4, grad_out, lse, delta,
             mask if mask is not None else q, index if index is not None else q,
-            seed_arg(dropout_p, seed, q), bias, seg_start, seg_end,
+            seed_arg(dropout_p, seed, q), *terms.pointers(q, sinks=False),
             Lq, Lk, prefix_k4.shape[2], D, Hq // Hkv, scale, qk_scale, float(dropout_p),
             softcap_scale,
             *strides3(q), *strides3(k), *strides3(v),
@@ -234,7 +233,7 @@ def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, de
             prefix_batch_stride(prefix_v4, shared), prefix_v4.stride(1), prefix_v4.stride(2),
             *strides3(grad_out), *strides3(dq), lse.stride(0), lse.stride(1),
             *((mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)),
-            *terms.ints(), **_dq_flags(terms),
+            *terms.ints(), **terms.flags(sinks=False),
             IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
             HAS_DROPOUT=dropout_p > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=head_block(D), INPUT_PRECISION=input_precision(q.dtype),
@@ -246,12 +245,6 @@ def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, de
                  dropout=dropout_p > 0, terms=terms.any)
     return dq
 
-
-def _dq_flags(terms) -> dict:
-    """The terms' constexpr flags the dQ kernel takes (sinks live in the LSE already)."""
-    flags = terms.flags()
-    del flags["HAS_SINKS"]
-    return flags
 
 
 def compile_specs():

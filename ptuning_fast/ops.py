@@ -143,12 +143,9 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
                           position_ids=position_ids, cu_seqlens=cu_seqlens)
     check_cu_seqlens_values(cu_seqlens, q.shape[0], q.shape[2])
     segments = packed_segments(position_ids, cu_seqlens, batch=q.shape[0], length=q.shape[2])
-    return layer_prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal,
-                                  attention_mask=attention_mask, scale=scale,
-                                  prefix_index=prefix_index, backend=backend,
-                                  dropout_p=dropout_p, dropout_seed=dropout_seed, bias=bias,
-                                  window_size=window_size, prefix_in_window=prefix_in_window,
-                                  softcap=softcap, sinks=sinks, segments=segments)
+    return _dispatch_attention(q, k, v, prefix_k, prefix_v, causal, attention_mask, scale,
+                               prefix_index, backend, dropout_p, dropout_seed, bias, window_size,
+                               prefix_in_window, softcap, sinks, segments)
 
 
 def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
@@ -166,6 +163,16 @@ def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
         _check_segments(segments, q, k)
     check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
                           prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks)
+    return _dispatch_attention(q, k, v, prefix_k, prefix_v, causal, attention_mask, scale,
+                               prefix_index, backend, dropout_p, dropout_seed, bias, window_size,
+                               prefix_in_window, softcap, sinks, segments)
+
+
+def _dispatch_attention(q, k, v, prefix_k, prefix_v, causal, attention_mask, scale,
+                        prefix_index, backend, dropout_p, dropout_seed, bias, window_size,
+                        prefix_in_window, softcap, sinks, segments):
+    """Chooses the backend and runs it, on inputs the callers above have checked (each
+    check once per call)."""
     dropout_p = float(dropout_p)
     seed = None
     if dropout_p > 0:

@@ -88,19 +88,17 @@ def _(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, 
     return [torch.empty_like(t) if need else q.new_empty(0) for t, need in zip(like, needs)]
 
 
-# Inputs after dropout_seed: bias, sinks, seg_start, seg_end (tensors), then window_left,
-# window_right, prefix_in_window, softcap.
-NUM_INPUTS = 19
-
-
 def _setup_context(ctx, inputs, output):
-    inputs = tuple(inputs) + _OP_DEFAULTS[len(inputs):]
+    # torch.library passes every input of the schema, defaults filled in: after dropout_seed
+    # come bias, sinks, seg_start, seg_end (tensors), then window_left, window_right,
+    # prefix_in_window, softcap.
     (q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale, dropout_p,
      dropout_seed, bias, sinks, seg_start, seg_end, *scalars) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, out, lse,
                           dropout_seed, bias, sinks, seg_start, seg_end)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.scalars = causal, scale, dropout_p, scalars
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)
 
 
@@ -109,17 +107,14 @@ def _backward(ctx, grad_out, _grad_lse):
      dropout_seed, bias, sinks, seg_start, seg_end) = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if not any(needs):
-        return (None,) * NUM_INPUTS
+        return (None,) * ctx.num_inputs
     grads = prefix_attention_bwd_op(grad_out, q, k, v, prefix_k, prefix_v, attention_mask,
                                     prefix_index, out, lse, ctx.causal, ctx.scale, needs,
                                     ctx.dropout_p, dropout_seed, bias, sinks, seg_start,
                                     seg_end, *ctx.scalars)
     return (*[g if need else None for g, need in zip(grads, needs)],) \
-        + (None,) * (NUM_INPUTS - 5)
+        + (None,) * (ctx.num_inputs - 5)
 
-
-# Defaults of the trailing inputs, for calls that leave them out.
-_OP_DEFAULTS = (None,) * 9 + (0.0, None, None, None, None, None, -1, -1, True, 0.0)
 
 prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
