@@ -66,6 +66,9 @@ class PrefixBinding:
     # Packed sequences: `ptuning_fast.packing.packed_segments(...)` (start, end), int32 (B, L),
     # computed once per forward by the wrapper and read by every layer.
     segments: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Shared prompt pass (integrations/shared_prompt.py): keeps (key, value) per layer as each
+    # layer's attention got them; None: nothing kept.
+    captured: "CapturedKV | None" = None
 
     def layer_index(self, module) -> int | None:
         """The prefix layer `module` attends to, or None for no prefix."""
@@ -92,6 +95,15 @@ class PrefixBinding:
                                  f"{batch}; expected a multiple")
             ids = ids.repeat_interleave(batch // ids.shape[0])
         return k, v, ids
+
+
+class CapturedKV:
+    """Layer index -> (key, value), filled by the attention function. A plain class, not a dict:
+    FSDP2 and other pytree walkers rebuild the dicts and dataclasses they find in a layer's
+    kwargs (casting their tensors), which would drop what later layers write."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @dataclass(eq=False)
@@ -225,6 +237,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         module, binding, kwargs, causal=causal,
         prefix_len=0 if prefix_k is None else prefix_k.shape[-2], key_len=key.shape[2],
         query_len=query.shape[2], name=_model_name(module, binding))
+    if binding is not None and binding.captured is not None:
+        binding.captured.layers[module.layer_idx] = (key, value)
     out = ops.layer_prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal,
                                      attention_mask=attention_mask, scale=scaling,
                                      prefix_index=prefix_index, backend=backend,

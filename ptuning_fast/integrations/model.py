@@ -21,9 +21,11 @@ from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention, seq2seq
+from . import shared_prompt as shared_pass
 from .packed_inputs import packed_segments_of, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
-from .support import numbers_positions_from_mask, refuse_unsupported, task_type_of
+from .support import (numbers_positions_from_mask, refuse_unsupported, supports_shared_prompt,
+                      task_type_of)
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -130,10 +132,14 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     nearest_tokens / ensemble come from `PeftSurfaceMixin`.
     `prompt_logits=False` drops the P prompt positions from token-level logits (prompt tuning /
     P-Tuning; PEFT keeps them, hence the default).
+    `shared_prompt` (prompt tuning / P-Tuning on causal decoders): compute the prompt positions
+    once per task instead of once per row where that is the same function
+    (integrations/shared_prompt.py); False: always PEFT's concatenation.
     """
 
     def __init__(self, base_model: nn.Module, config, backend: str = "auto", *, tokenizer=None,
-                 modules_to_save: list[str] | None = None, prompt_logits: bool = True):
+                 modules_to_save: list[str] | None = None, prompt_logits: bool = True,
+                 shared_prompt: bool = True):
         super().__init__()
         # Everything is checked and built before the caller's model is touched: a refused wrap
         # leaves it as it was (parameters' requires_grad, attention implementation).
@@ -178,7 +184,11 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self._prefix_layers = prefix_layers    # None: each attention module's own layer_idx
         self._base_state = base_state
         self._adapter_disabled = self._unloaded = False
-        if self.is_prefix:
+        # Prompt Tuning / P-Tuning on a causal decoder: the prompt once per task (shared_prompt).
+        self._shared_prompt = bool(shared_prompt) and not self.is_prefix \
+            and supports_shared_prompt(base_model, task_type)
+        self._base_has_dropout = shared_pass.has_dropout(base_model)
+        if self.uses_own_attention:
             base_model.set_attn_implementation(attention.register())
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -191,6 +201,12 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     @property
     def is_prefix(self) -> bool:
         return self.ptuning_config.method == "prefix_tuning"
+
+    @property
+    def uses_own_attention(self) -> bool:
+        """Whether the base model runs ptuning_fast's attention function (prefix tuning, and
+        the shared prompt pass of prompt tuning / P-Tuning on causal decoders)."""
+        return self.is_prefix or self._shared_prompt
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -237,14 +253,17 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         check_index_range("task_ids", task_ids, T, f"the config's num_tasks={T}")
         return task_ids.long()
 
-    def _binding(self, task_ids, segments=None) -> attention.PrefixBinding:
+    def _binding(self, task_ids, segments=None, prefixes=None) -> attention.PrefixBinding:
+        """What the attention function reads: prefix tuning's prefixes, or `prefixes` given (the
+        shared prompt pass's), for the rows' `task_ids`."""
         current = getattr(self.base_model.config, "_attn_implementation", None)
         if current != attention.ATTN_IMPLEMENTATION:
             # Another attention function would silently ignore the prefix.
             raise RuntimeError(f"the base model's attention implementation is {current!r}, not "
-                               f"{attention.ATTN_IMPLEMENTATION!r}: prefix tuning needs it (was "
+                               f"{attention.ATTN_IMPLEMENTATION!r}: the wrapper needs it (was "
                                "set_attn_implementation called after wrapping?)")
-        prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
+        if prefixes is None and self.is_prefix:
+            prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
                                        type(self.base_model).__name__, self._prefix_layers,
                                        segments)
@@ -336,6 +355,9 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         if position_ids is not None:
             warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
                           "positions are those of the [prompt; tokens] sequence", stacklevel=2)
+        if shared_pass.applies(self, batch, past_len, kwargs):
+            return shared_pass.forward(self, input_ids, attention_mask, labels, task_ids,
+                                         inputs_embeds, token_type_ids, **kwargs)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
         if past_len:
@@ -382,9 +404,19 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         _refuse_static_generation(kwargs, self.base_model)
         if self.task_type == "SEQ_2_SEQ_LM":
             return seq2seq.generate(self, args, task_ids, kwargs)
-        generation = attention.Generation(
-            self._binding(task_ids) if self.is_prefix else None, task_ids)
-        step = self._prefix_step_hook if self.is_prefix else self._prompt_step_hook
+        if self.is_prefix:
+            generation = attention.Generation(self._binding(task_ids), task_ids)
+        elif shared_pass.applies(self, input_ids.shape[0], 0, {}):
+            # The prompt's keys and values computed once per task, then generated from as a
+            # prefix (the cache holds real tokens only).
+            with attention.generating(self.base_model, None):
+                prefixes, _ = shared_pass.prompt_pass(self, kwargs.get("token_type_ids"))
+            generation = attention.Generation(self._binding(task_ids, prefixes=prefixes),
+                                              task_ids)
+        else:
+            generation = attention.Generation(None, task_ids)
+        step = self._prefix_step_hook if self.is_prefix else self._shared_prompt_step_hook \
+            if generation.binding is not None else self._prompt_step_hook
         hook = self.base_model.register_forward_pre_hook(
             functools.partial(self._step_hook, step, generation), with_kwargs=True)
         try:
@@ -413,6 +445,12 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start,
                                                                kwargs.get("attention_mask"))
         return args, kwargs
+
+    def _shared_prompt_step_hook(self, generation, args, kwargs):
+        # PEFT's prompt generation numbers the [prompt; tokens] sequence itself (its position
+        # ids from generate(), mask-based, are dropped): the prefix steps' numbering from P.
+        kwargs.pop("position_ids", None)
+        return self._prefix_step_hook(generation, args, kwargs)
 
     def _prompt_step_hook(self, generation, args, kwargs):
         _refuse_static_cache(_cache_in(kwargs))

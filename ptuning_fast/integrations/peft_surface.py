@@ -111,12 +111,12 @@ class PeftSurfaceMixin:
         was_disabled = self._adapter_disabled
         self._adapter_disabled = True
         try:
-            if self.is_prefix:
+            if self.uses_own_attention:
                 self._base_state.restore_attention()
             yield self
         finally:
             self._adapter_disabled = was_disabled
-            if self.is_prefix and not was_disabled:
+            if self.uses_own_attention and not was_disabled:
                 self.base_model.set_attn_implementation(attention.register())
 
     def unload(self) -> nn.Module:

@@ -46,6 +46,21 @@ def uses_attention_interface(model: nn.Module) -> bool:
     return bool(getattr(cls, "_supports_attention_backend", False))
 
 
+def supports_shared_prompt(model: nn.Module, task_type: str) -> bool:
+    """Whether Prompt Tuning / P-Tuning on `model` can compute the prompt once per task
+    (integrations/shared_prompt.py): a decoder-only causal LM (its prompt positions see only the
+    prompt) whose every attention layer calls the registered function (which keeps the prompt's
+    keys and values, then attends to them as a prefix), each layer with keys of its own (no
+    `num_kv_shared_layers`)."""
+    if task_type != "CAUSAL_LM" or is_encoder_decoder(model):
+        return False
+    if not uses_attention_interface(model) or not hasattr(model, "set_attn_implementation"):
+        return False
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not getattr(text_config, "num_kv_shared_layers", 0)
+
+
 # Encoder-decoders whose prefix tuning is implemented (integrations/seq2seq.py).
 # T5's relative position bias over the prefix: integrations/attention_terms.py. mT5 / UMT5 share
 # T5's attention but are not tested here, so they stay refused.
