@@ -176,9 +176,13 @@ _NOTES = {
                       "self-attention only (decoder layer i gets layer (2 i) mod L's prefix, "
                       "so with an even L the odd layers' prefixes are never read), decoder "
                       "positions from P (BART's learned positions; T5's relative position bias "
-                      "over the prefix). Generation: greedy tokens compared with PEFT's "
-                      "algorithm run without PEFT (PEFT's own generate() disagrees with it with "
-                      "transformers 5.24); beam search is not compared.",
+                      "over the prefix). Generation (greedy, beam search, sampling with a fixed "
+                      "seed; mixed tasks, each row with its task's prefix) compared with PEFT's "
+                      "algorithm run without PEFT: transformers' generate() of the unwrapped "
+                      "model from PEFT's prefix cache, which beam search reorders. PEFT's own "
+                      "generate() drops the prefix with transformers 5.24 (it passes its cache "
+                      "as `past_key_values` beside generate()'s `cache`, which the model uses): "
+                      "its tokens are the base model's without prefix.",
 }
 
 

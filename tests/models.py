@@ -286,26 +286,48 @@ def peft_refusal_reason(twin, error: Exception) -> str:
     return why
 
 
+def _unwrapped_eager(pf_model):
+    """A copy of the wrapped model's base model with transformers' eager attention (not ours)."""
+    base = copy.deepcopy(pf_model.base_model)
+    base.set_attn_implementation("eager")
+    return base
+
+
+def seq2seq_prefix_cache(pf_model, base, rows: int, task_ids=None):
+    """PEFT's cache for a prefix-tuned encoder-decoder, `rows` rows (PEFT builds it for
+    generate()'s expanded batch): decoder layer i's self-attention holds the prefix of layer
+    (2 i) mod L (PeftModel.get_prompt doubles its (2L)-row cache and splits it into groups of
+    four: self K, self V, cross K, cross V), the cross-attention cache is empty. With several
+    tasks (ours only; PEFT's prefix tuning has one), `task_ids` (B,) picks each row's prefix,
+    and generate()'s rows_per = rows / B consecutive copies of a row keep its task."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    prefixes = pf_model.prompt_encoder().to(base.get_input_embeddings().weight.dtype)
+    L = prefixes.num_layers
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    for i in range(L):
+        k, v = prefixes.layer((2 * i) % L)
+        if prefixes.num_tasks == 1:
+            k, v = k.expand(rows, *k.shape), v.expand(rows, *v.shape)
+        else:
+            rows_of = task_ids.repeat_interleave(rows // task_ids.shape[0])
+            k, v = k[rows_of], v[rows_of]
+        cache.self_attention_cache.update(k, v, i)
+    return cache
+
+
 @torch.no_grad()
 def materialized_seq2seq_greedy(pf_model, input_ids, attention_mask, max_new_tokens):
     """Greedy decoding of a prefix-tuned encoder-decoder as PEFT's algorithm defines it, without
-    PEFT and without our attention: at every step a full pass of the unwrapped model (eager
-    attention) given PEFT's prefix cache (decoder layer i's self-attention holds the prefix of
-    layer (2 i) mod L, the cross-attention cache is empty). Rows that emit EOS get pads after."""
-    from transformers import DynamicCache, EncoderDecoderCache
-    base = copy.deepcopy(pf_model.base_model)
-    base.set_attn_implementation("eager")
-    prefixes = pf_model.prompt_encoder().to(base.get_input_embeddings().weight.dtype)
+    PEFT, without our attention and without generate(): at every step a full pass of the
+    unwrapped model (eager attention) given PEFT's prefix cache (`seq2seq_prefix_cache`). Rows
+    that emit EOS get pads after. It checks `materialized_seq2seq_generate` in turn."""
+    base = _unwrapped_eager(pf_model)
     config = base.generation_config
-    rows, L = input_ids.shape[0], prefixes.num_layers
+    rows = input_ids.shape[0]
     tokens = torch.full((rows, 1), config.decoder_start_token_id, dtype=torch.long)
     done = torch.zeros(rows, dtype=torch.bool)
     for _ in range(max_new_tokens):
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        for i in range(L):
-            k, v = prefixes.layer((2 * i) % L)
-            cache.self_attention_cache.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape),
-                                              i)
+        cache = seq2seq_prefix_cache(pf_model, base, rows)
         logits = base(input_ids=input_ids, attention_mask=attention_mask,
                       decoder_input_ids=tokens, use_cache=True,
                       **{cache_kwarg(base): cache}).logits[:, -1]
@@ -315,3 +337,30 @@ def materialized_seq2seq_greedy(pf_model, input_ids, attention_mask, max_new_tok
         if done.all():
             break
     return tokens
+
+
+@torch.no_grad()
+def materialized_seq2seq_generate(pf_model, input_ids, attention_mask, task_ids=None, **kwargs):
+    """transformers' generate() (greedy, beam search, sampling: whatever `kwargs` ask) of the
+    unwrapped model (eager attention) continuing from PEFT's prefix cache
+    (`seq2seq_prefix_cache`), which generate() then reorders between beams itself: PEFT's
+    algorithm for a prefix-tuned encoder-decoder, run without PEFT (PEFT's own generate() drops
+    its prefix with transformers 5.24, README note [e]). The decoder's inputs get P placeholder
+    ids (the decoder start id, so generate() prepends none) in front of the start id, and an
+    all-ones decoder mask of that length (the decoder's mask without one): a mask as long as
+    the ids tells generate() the cache stands for the first P, so its first step feeds the start
+    id alone, at position P (BART's learned positions, T5's relative bias over the P + 1 keys),
+    as after PEFT's prefix. Returns the decoder's tokens without the placeholders, as PEFT's
+    generate() does."""
+    base = _unwrapped_eager(pf_model)
+    P, batch = pf_model.num_virtual_tokens, input_ids.shape[0]
+    beams = kwargs.get("num_beams", 1)
+    rows = batch * (beams if beams > 1 else kwargs.get("num_return_sequences", 1))
+    decoder_ids = torch.full((batch, P + 1), base.generation_config.decoder_start_token_id,
+                             dtype=torch.long)
+    out = base.generate(input_ids=input_ids, attention_mask=attention_mask,
+                        decoder_input_ids=decoder_ids,
+                        decoder_attention_mask=torch.ones_like(decoder_ids), **kwargs,
+                        **{cache_kwarg(base): seq2seq_prefix_cache(pf_model, base, rows,
+                                                                   task_ids)})
+    return out[:, P:]

@@ -12,8 +12,8 @@ import torch
 import ptuning_fast as pf
 from conftest import assert_close
 from model_matrix import FAMILIES, PEFT_REFUSES_PREFIX, cell_id, cells, markdown
-from models import (MaterializedPrompt, materialized_seq2seq_greedy, peft_name, peft_refuses,
-                    peft_twin)
+from models import (MaterializedPrompt, materialized_seq2seq_generate, materialized_seq2seq_greedy,
+                    peft_name, peft_refuses, peft_twin)
 from test_integration_peft import assert_same_gradients_and_step
 
 peft = pytest.importorskip("peft")
@@ -128,8 +128,9 @@ def test_generation_matches_peft(family, task, method):
     """Greedy and beam tokens equal PEFT's (one model pair for both). Causal LMs: equal to
     PEFT's algorithm run without PEFT (the prompt in the KV cache), and to PEFT's own generate()
     wherever that agrees with its algorithm (with transformers 5.24 PEFT's prefix generation
-    does not: it injects its cache under the old argument name). Prefix-tuned seq2seq: greedy
-    only, against PEFT's algorithm run without PEFT (README note [e])."""
+    does not: it injects its cache under the old argument name). Prefix-tuned seq2seq: equal to
+    PEFT's algorithm run without PEFT (README note [e]; more beams, sampling and mixed tasks in
+    test_prefix_seq2seq_beams_sampling_and_tasks_match_peft_algorithm)."""
     ours = wrapped(family, task, method)
     batch = inputs(task)
     twin = peft_twin(ours, family.build(task))
@@ -142,11 +143,16 @@ def test_generation_matches_peft(family, task, method):
 def _check_generation(ours, twin, family, task, method, kw):
     what = "beam" if kw.get("num_beams") else "greedy"
     if task == "SEQ_2_SEQ_LM" and method == "prefix":
-        if what == "beam":
-            return          # no PEFT-free beam reference here; PEFT's own disagrees (note [e])
         tokens = ours.generate(**kw)
-        reference = materialized_seq2seq_greedy(ours, kw["input_ids"], kw["attention_mask"], 4)
+        reference = materialized_seq2seq_generate(ours, **kw)
         assert torch.equal(tokens, reference), f"{what} tokens differ:\n{tokens}\n{reference}"
+        if what == "greedy":    # the reference's cache seeding, checked by full passes
+            by_passes = materialized_seq2seq_greedy(ours, kw["input_ids"], kw["attention_mask"],
+                                                    kw["max_new_tokens"])
+            assert torch.equal(reference, by_passes), f"{reference}\n{by_passes}"
+        theirs = twin.generate(**kw)
+        if not torch.equal(theirs, reference):      # PEFT drops its prefix (README note [e])
+            assert torch.equal(theirs, twin.get_base_model().generate(**kw)), "note [e] is stale"
         return
     tokens = ours.generate(**kw)
     if task == "SEQ_2_SEQ_LM":
@@ -337,3 +343,37 @@ def test_seq2seq_mixed_task_generation_equals_each_row_alone(name, method):
                                attention_mask=batch["attention_mask"][row:row + 1],
                                task_ids=tasks[row:row + 1], **kw)
         assert torch.equal(together[row, :alone.shape[1]], alone[0]), row
+
+
+@pytest.mark.parametrize("name", ["T5 / Flan-T5", "BART"])
+def test_prefix_seq2seq_beams_sampling_and_tasks_match_peft_algorithm(name):
+    """Beam search (2 and 3 beams, several sequences returned), sampling with a fixed seed (alone
+    and in beams), on a left-padded batch of rows of different lengths and mixed tasks: the
+    tokens of PEFT's algorithm run without PEFT (transformers' generate() of the unwrapped model
+    from PEFT's prefix cache, each row with its task's prefix; README note [e]). Guards: beam
+    search's tokens are not greedy's, and the tasks' prefixes change them."""
+    family = next(f for f in FAMILIES if f.name == name)
+    model = wrapped(family, "SEQ_2_SEQ_LM", "prefix", num_tasks=2)
+    batch = inputs("SEQ_2_SEQ_LM", batch=4, length=9, seed=5)
+    tasks = torch.tensor([1, 0, 0, 1])
+
+    def both(**mode):
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  task_ids=tasks, max_new_tokens=5, pad_token_id=0, **mode)
+        torch.manual_seed(11)
+        tokens = model.generate(**kw)
+        torch.manual_seed(11)
+        reference = materialized_seq2seq_generate(model, **kw)
+        assert torch.equal(tokens, reference), f"{mode}: tokens differ:\n{tokens}\n{reference}"
+        return tokens
+
+    beams = both(num_beams=2)
+    assert not torch.equal(beams, both(do_sample=False)), "2 beams found greedy's tokens"
+    both(num_beams=3, num_return_sequences=2)
+    both(do_sample=True, num_return_sequences=2)
+    both(do_sample=True, num_beams=2)
+    torch.manual_seed(11)
+    one_task = materialized_seq2seq_generate(model, batch["input_ids"], batch["attention_mask"],
+                                             tasks.new_zeros(4), max_new_tokens=5,
+                                             pad_token_id=0, num_beams=2)
+    assert not torch.equal(beams, one_task), "the tasks' prefixes do not change the tokens"
