@@ -17,6 +17,7 @@ import torch
 from . import reference, torch_path
 from .fused import support as triton_support
 from .fused.support import kernels_can_run
+from .kernels.launch import interpreting
 from .packing import packed_segments
 from .validation import (
     Reasons,
@@ -26,6 +27,7 @@ from .validation import (
     check_prefix_attention_values,
     check_prompt_embedding,
     check_prompt_embedding_values,
+    option_in_use,
     refuse_unknown_options,
 )
 
@@ -53,11 +55,38 @@ def not_supported_reasons(backend: str, op: str, tensors: dict, options: dict, *
     return _REASONS[backend](op, tensors, options, auto=auto).messages()
 
 
+# choose_backend's answers by what every backend's reasons depend on: the op, the tensors'
+# device types and dtypes, the head dim, which options are in use, and whether Triton interprets.
+# A model layer asks once per call; answering from here instead of running every backend's
+# checks saves ~20 us per layer call on CPU (bench/NOTES.md, "The shared prompt pass").
+_CHOSEN: dict[tuple, str] = {}
+_CHOSEN_MAX = 4096
+
+
+def _choice_key(backend: str, op: str, tensors: dict, options: dict) -> tuple:
+    present = tuple((n, t.device.type, t.dtype) for n, t in tensors.items()
+                    if isinstance(t, torch.Tensor))
+    q = tensors.get("q")
+    return (backend, op, present, None if q is None else q.shape[-1],
+            tuple(n for n, v in options.items() if option_in_use(v)), interpreting())
+
+
 def choose_backend(backend: str, op: str, tensors: dict, options: dict) -> str:
     """The backend that runs `op`: `backend` itself (or one error listing why it cannot), or
     for "auto" the first of AUTO_ORDER with no reason against it."""
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    key = _choice_key(backend, op, tensors, options)
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _choose(backend, op, tensors, options)      # raises when none can
+        if len(_CHOSEN) >= _CHOSEN_MAX:
+            _CHOSEN.clear()
+        _CHOSEN[key] = chosen
+    return chosen
+
+
+def _choose(backend: str, op: str, tensors: dict, options: dict) -> str:
     if backend != "auto":
         _REASONS[backend](op, tensors, options).raise_if_any()
         return backend

@@ -18,8 +18,8 @@ BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2, "gemma": lambda s: tiny_causal(
 def pair(model_name, method, T=1, backend="reference", **kw):
     """(shared, concatenation): the same base weights and prompt weights (random, not zero)."""
     shared = pf.wrap(BUILD[model_name](0), CONFIGS[method](T), backend=backend, **kw)
-    concat = pf.wrap(BUILD[model_name](0), CONFIGS[method](T), backend=backend,
-                     shared_prompt=False, **kw)
+    kw["shared_prompt"] = False
+    concat = pf.wrap(BUILD[model_name](0), CONFIGS[method](T), backend=backend, **kw)
     torch.manual_seed(5)
     with torch.no_grad():
         for p in shared.prompt_encoder.parameters():
@@ -139,7 +139,9 @@ def test_no_pass_on_models_it_cannot_share():
                          ids=["greedy", "beam", "sample"])
 @pytest.mark.parametrize("T", [1, 2])
 def test_generation_same_tokens_as_the_concatenation(mode, T):
-    shared, concat = pair("llama", "prompt", T)
+    # shared_prompt=True: generate() from the shared prompt on CPU too ("auto" does on CUDA).
+    shared, concat = pair("llama", "prompt", T, shared_prompt=True)
+    passes = forward_shapes(shared)
     ids, mask, _ = batch("llama", batch_size=3, padding="left")
     kw = dict(dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0,
                    do_sample=False), **mode)
@@ -150,3 +152,17 @@ def test_generation_same_tokens_as_the_concatenation(mode, T):
     torch.manual_seed(11)
     theirs = concat.generate(**kw)
     assert torch.equal(ours, theirs), f"{ours}\n{theirs}"
+    assert passes[0] == (T, P) and passes[1][1] == 7      # the prompt pass, then the tokens
+
+
+def test_auto_generates_from_the_concatenation_on_cpu():
+    model = pf.wrap(tiny_llama(0), CONFIGS["prompt"](1))
+    passes = forward_shapes(model)
+    ids, mask, _ = batch("llama", batch_size=3)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    assert passes[0] == (3, 7) and (1, P) not in passes     # no prompt pass
+
+
+def test_shared_prompt_argument_is_checked():
+    with pytest.raises(ValueError, match="`shared_prompt` must be True, False or 'auto'"):
+        pf.wrap(tiny_llama(0), CONFIGS["prompt"](1), shared_prompt="yes")

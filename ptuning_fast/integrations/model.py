@@ -134,12 +134,14 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     P-Tuning; PEFT keeps them, hence the default).
     `shared_prompt` (prompt tuning / P-Tuning on causal decoders): compute the prompt positions
     once per task instead of once per row where that is the same function
-    (integrations/shared_prompt.py); False: always PEFT's concatenation.
+    (integrations/shared_prompt.py). "auto": in every forward, and in generate() on CUDA (on
+    CPU the concatenation generates faster); True: in generate() everywhere too; False: always
+    PEFT's concatenation.
     """
 
     def __init__(self, base_model: nn.Module, config, backend: str = "auto", *, tokenizer=None,
                  modules_to_save: list[str] | None = None, prompt_logits: bool = True,
-                 shared_prompt: bool = True):
+                 shared_prompt: bool | str = "auto"):
         super().__init__()
         # Everything is checked and built before the caller's model is touched: a refused wrap
         # leaves it as it was (parameters' requires_grad, attention implementation).
@@ -185,8 +187,12 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self._base_state = base_state
         self._adapter_disabled = self._unloaded = False
         # Prompt Tuning / P-Tuning on a causal decoder: the prompt once per task (shared_prompt).
-        self._shared_prompt = bool(shared_prompt) and not self.is_prefix \
+        if shared_prompt not in (True, False, "auto"):
+            raise ValueError(f"`shared_prompt` must be True, False or 'auto', got "
+                             f"{shared_prompt!r}")
+        self._shared_prompt = shared_prompt is not False and not self.is_prefix \
             and supports_shared_prompt(base_model, task_type)
+        self._shared_prompt_generate = shared_prompt is True
         self._base_has_dropout = shared_pass.has_dropout(base_model)
         if self.uses_own_attention:
             base_model.set_attn_implementation(attention.register())
@@ -406,9 +412,13 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             return seq2seq.generate(self, args, task_ids, kwargs)
         if self.is_prefix:
             generation = attention.Generation(self._binding(task_ids), task_ids)
-        elif shared_pass.applies(self, input_ids.shape[0], 0, {}):
+        elif (self._shared_prompt_generate or input_ids.device.type == "cuda") \
+                and shared_pass.applies(self, input_ids.shape[0], 0, {}):
             # The prompt's keys and values computed once per task, then generated from as a
-            # prefix (the cache holds real tokens only).
+            # prefix (the cache holds real tokens only) by the decode kernel. Not on CPU: there
+            # the extra pass costs what it saves (a forward of P positions reads every weight,
+            # like a decoding step) and the torch path's per-step prefix concatenation makes
+            # decoding slower: 5% slower than the concatenation, bench/NOTES.md.
             with attention.generating(self.base_model, None):
                 prefixes, _ = shared_pass.prompt_pass(self, kwargs.get("token_type_ids"))
             generation = attention.Generation(self._binding(task_ids, prefixes=prefixes),
