@@ -77,6 +77,15 @@ _NO_INTERFACE = Refusal(
     "NotImplementedError", "prefix tuning needs a model whose attention goes through "
     "transformers' AttentionInterface", "wrap")
 
+# Falcon computes attention itself: its prefix goes through the KV cache (README note [f]).
+_FALCON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_dropout=0.0,
+               attention_dropout=0.0, attn_implementation="eager")
+_FALCON_MULTI_QUERY = Refusal(
+    "NotImplementedError", "prefix tuning on Falcon with multi-query attention", "wrap")
+# Families whose prefix reaches the model's own attention through its KV cache.
+OWN_ATTENTION_PREFIX = ("Falcon",)
+
 FAMILIES = [
     Family("Llama", "Llama", "LlamaConfig",
            dict(_DECODER, num_key_value_heads=2, head_dim=16), _LM),
@@ -108,11 +117,12 @@ FAMILIES = [
                 num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0,
                 attention_dropout=0.0, attn_implementation="eager"), _LM),
-    Family("Falcon", "Falcon", "FalconConfig",
-           dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_dropout=0.0,
-                attention_dropout=0.0, attn_implementation="eager"), _LM,
-           {"prefix": _NO_INTERFACE}),
+    Family("Falcon (multi-query, as Falcon-7B)", "Falcon", "FalconConfig", _FALCON, _LM,
+           {"prefix": _FALCON_MULTI_QUERY}),
+    Family("Falcon, new decoder architecture", "Falcon", "FalconConfig",
+           dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2), _LM),
+    Family("Falcon-RW (ALiBi)", "Falcon", "FalconConfig",
+           dict(_FALCON, alibi=True, multi_query=False, parallel_attn=False, bias=True), _LM),
     Family("GPT-OSS", "GptOss", "GptOssConfig",
            dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
@@ -171,7 +181,8 @@ _NOTES = {
                   "without PEFT, and with PEFT's own generate() wherever that agrees with it "
                   "(PEFT's prefix generation does not with transformers 5.24: it injects its "
                   "cache under the old argument name `past_key_values`; on OPT with a prompt, "
-                  "PEFT's generate() raises a size mismatch in OPT's position embeddings).",
+                  "PEFT's generate() raises a size mismatch in OPT's position embeddings, and on "
+                  "Falcon-RW one between its ALiBi bias and the causal mask).",
     "seq2seq_prefix": "BART's and T5's prefixes are placed as PEFT places them: the decoder's "
                       "self-attention only (decoder layer i gets layer (2 i) mod L's prefix, "
                       "so with an even L the odd layers' prefixes are never read), decoder "
@@ -179,6 +190,14 @@ _NOTES = {
                       "over the prefix). Generation: greedy tokens compared with PEFT's "
                       "algorithm run without PEFT (PEFT's own generate() disagrees with it with "
                       "transformers 5.24); beam search is not compared.",
+    "own_attention": "Falcon computes attention in its own code, not through transformers' "
+                     "AttentionInterface: the prefix reaches it through the KV cache it is "
+                     "given (PEFT's way), so the model's own eager or SDPA attention computes "
+                     "and ptuning_fast's kernels and `backend=` are not used there. The cache "
+                     "stores no prefix (gradient checkpointing works; generate() keeps real "
+                     "tokens only). Tested with rotary positions (new decoder architecture) and "
+                     "ALiBi (Falcon-RW), eager and SDPA. PEFT fails on multi-query Falcon (one "
+                     "key head, a prefix sized for every query head): refused.",
 }
 
 
@@ -187,6 +206,12 @@ def _cell_text(family, task, method, refusal, errors: dict) -> str:
         key = (refusal.error, refusal.message, refusal.when)
         errors.setdefault(key, f"E{len(errors) + 1}")
         return f"{refusal.error} ({errors[key]})"
+    if method == "prefix" and family.prefix in OWN_ATTENTION_PREFIX:
+        return _supported_text(family, task, method) + " [f]"
+    return _supported_text(family, task, method)
+
+
+def _supported_text(family, task, method) -> str:
     if method == "prefix" and task in PEFT_REFUSES_PREFIX:
         return "same as PEFT's algorithm [a]"
     if method != "prefix" and task == "TOKEN_CLS":
@@ -211,7 +236,7 @@ def markdown() -> str:
             lines.append(f"| {family.name} | {TASKS[task]} | " + " | ".join(row) + " |")
     notes = [f"[{key}] {_NOTES[name]}" for key, name in (
         ("a", "materialized"), ("b", "token_labels"), ("c", "qa_positions"), ("d", "generation"),
-        ("e", "seq2seq_prefix"))]
+        ("e", "seq2seq_prefix"), ("f", "own_attention"))]
     notes += [f"{key}: `{error}` at {when} time, its message containing \"{message}\""
               for (error, message, when), key in errors.items()]
     lines.append("")

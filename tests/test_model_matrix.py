@@ -159,8 +159,11 @@ def _check_generation(ours, twin, family, task, method, kw):
         theirs = twin.generate(**kw)
     except RuntimeError:
         # PEFT's generate() fails on OPT with a prompt (its position embeddings get 0 positions
-        # for the prompted first step): the README's note [d] says so.
-        assert family.prefix == "OPT" and method != "prefix", "PEFT's generate() raised"
+        # for the prompted first step), and on ALiBi Falcon (its mask and the ALiBi bias, built
+        # from it, disagree in length: with a prefix its cache, injected under the old argument
+        # name, is ignored): the README's note [d] says so.
+        assert (family.prefix == "OPT" and method != "prefix") or (
+            family.prefix == "Falcon" and ours.config.alibi), "PEFT's generate() raised"
         return
     if torch.equal(theirs, reference):
         assert torch.equal(tokens, theirs), what

@@ -21,9 +21,10 @@ from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention, seq2seq
-from .packed_inputs import packed_segments_of, refuse_packed_prompt
+from .packed_inputs import packed_segments_of, refuse_packed, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
-from .support import numbers_positions_from_mask, refuse_unsupported, task_type_of
+from .support import (numbers_positions_from_mask, prefix_in_cache, refuse_unsupported,
+                      task_type_of)
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -176,10 +177,17 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
         self._prefix_layers = prefix_layers    # None: each attention module's own layer_idx
+        # Falcon: the prefix goes through the KV cache, the model's own attention computes
+        # (cache_prefix.py); elsewhere through the registered attention function.
+        self._prefix_in_cache = self.is_prefix and prefix_in_cache(base_model)
         self._base_state = base_state
         self._adapter_disabled = self._unloaded = False
-        if self.is_prefix:
+        if self.is_prefix and not self._prefix_in_cache:
             base_model.set_attn_implementation(attention.register())
+        elif self._prefix_in_cache and backend != "auto":
+            warnings.warn(f"backend={backend!r} is not used: {type(base_model).__name__} computes "
+                          "attention in its own code, so its prefix goes through the KV cache and "
+                          "the model's own attention computes it", stacklevel=3)
         for p in base_model.parameters():
             p.requires_grad_(False)
         for head in heads.values():
@@ -239,7 +247,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
 
     def _binding(self, task_ids, segments=None) -> attention.PrefixBinding:
         current = getattr(self.base_model.config, "_attn_implementation", None)
-        if current != attention.ATTN_IMPLEMENTATION:
+        if current != attention.ATTN_IMPLEMENTATION and not self._prefix_in_cache:
             # Another attention function would silently ignore the prefix.
             raise RuntimeError(f"the base model's attention implementation is {current!r}, not "
                                f"{attention.ATTN_IMPLEMENTATION!r}: prefix tuning needs it (was "
@@ -316,6 +324,15 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         P = self.num_virtual_tokens
         past = _cache_in(kwargs)
         past_len = _cache_length(kwargs)
+        if self._prefix_in_cache:
+            from . import cache_prefix
+            _refuse_static_cache(past)
+            refuse_packed(position_ids, attention_mask, past_len, kwargs,
+                          f"prefix tuning on {type(self.base_model).__name__}")
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return cache_prefix.forward(self, self._binding(task_ids), input_ids, attention_mask,
+                                        inputs_embeds, position_ids, labels, kwargs)
         if self.is_prefix:
             _refuse_static_cache(past)
             # Every packed sequence sees the prefix, its positions shifted by P as in its own row.
@@ -385,13 +402,18 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         generation = attention.Generation(
             self._binding(task_ids) if self.is_prefix else None, task_ids)
         step = self._prefix_step_hook if self.is_prefix else self._prompt_step_hook
-        hook = self.base_model.register_forward_pre_hook(
-            functools.partial(self._step_hook, step, generation), with_kwargs=True)
+        hooks = [self.base_model.register_forward_pre_hook(
+            functools.partial(self._step_hook, step, generation), with_kwargs=True)]
+        if self._prefix_in_cache:     # generate() keeps its own cache of real tokens
+            from .cache_prefix import unwrap_output
+            hooks.append(self.base_model.register_forward_hook(
+                lambda module, args, output: unwrap_output(output)))
         try:
             with attention.generating(self.base_model, generation):
                 return self.base_model.generate(*args, **kwargs)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
     @staticmethod
     def _step_hook(step, generation, module, args, kwargs):
@@ -412,6 +434,9 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             start = P + _cache_length(kwargs)
             kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start,
                                                                kwargs.get("attention_mask"))
+        if self._prefix_in_cache:
+            from .cache_prefix import generation_step
+            kwargs = generation_step(self.base_model, generation.binding, kwargs)
         return args, kwargs
 
     def _prompt_step_hook(self, generation, args, kwargs):
