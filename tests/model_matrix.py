@@ -33,6 +33,7 @@ class Refusal:
     error: str
     message: str
     when: str
+    why: str = ""           # the README note's explanation, when the message needs one
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,19 @@ _ENCODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidd
 _LM = ("CAUSAL_LM", "SEQ_CLS")
 _ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
-_NO_INTERFACE = Refusal(
-    "NotImplementedError", "prefix tuning needs a model whose attention goes through "
-    "transformers' AttentionInterface", "wrap")
-
 # Falcon computes attention itself: its prefix goes through the KV cache (README note [f]).
 _FALCON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_dropout=0.0,
                attention_dropout=0.0, attn_implementation="eager")
 _FALCON_MULTI_QUERY = Refusal(
     "NotImplementedError", "prefix tuning on Falcon with multi-query attention", "wrap")
+_DEBERTA_PREFIX = Refusal(
+    "NotImplementedError", "prefix tuning on DeBERTa is not supported", "wrap",
+    "DeBERTa's attention is computed in its own code (not through AttentionInterface) and "
+    "takes no KV cache, so a prefix has no way in without patching the model. PEFT 0.21 "
+    "refuses it too: \"ValueError: Model does not support past key values which are required "
+    "for prefix tuning.\" (tested). P-Tuning v2's own code edits DeBERTa's attention module "
+    "instead (prefix keys and values without relative-position bias).")
 # Families whose prefix reaches the model's own attention through its KV cache.
 OWN_ATTENTION_PREFIX = ("Falcon",)
 
@@ -133,7 +137,7 @@ FAMILIES = [
            _ENCODER_TASKS),
     Family("RoBERTa", "Roberta", "RobertaConfig", _ENCODER, _ENCODER_TASKS),
     Family("DeBERTa-v2", "DebertaV2", "DebertaV2Config", dict(_ENCODER), _ENCODER_TASKS,
-           {"prefix": _NO_INTERFACE}),
+           {"prefix": _DEBERTA_PREFIX}),
     Family("T5 / Flan-T5", "T5", "T5Config",
            dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=2,
                 num_decoder_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2,
@@ -203,7 +207,7 @@ _NOTES = {
 
 def _cell_text(family, task, method, refusal, errors: dict) -> str:
     if refusal is not None:
-        key = (refusal.error, refusal.message, refusal.when)
+        key = (refusal.error, refusal.message, refusal.when, refusal.why)
         errors.setdefault(key, f"E{len(errors) + 1}")
         return f"{refusal.error} ({errors[key]})"
     if method == "prefix" and family.prefix in OWN_ATTENTION_PREFIX:
@@ -238,7 +242,7 @@ def markdown() -> str:
         ("a", "materialized"), ("b", "token_labels"), ("c", "qa_positions"), ("d", "generation"),
         ("e", "seq2seq_prefix"), ("f", "own_attention"))]
     notes += [f"{key}: `{error}` at {when} time, its message containing \"{message}\""
-              for (error, message, when), key in errors.items()]
+              + (f". {why}" if why else "") for (error, message, when, why), key in errors.items()]
     lines.append("")
     lines += [textwrap.fill(note, 100, initial_indent="- ", subsequent_indent="  ")
               for note in notes]

@@ -244,6 +244,17 @@ def test_refused_cells_raise_the_declared_error(family, task, method, refusal):
         model(**model_inputs(task))
 
 
+def test_peft_refuses_prefix_tuning_on_deberta_too():
+    """The DeBERTa-v2 refusal's README note says PEFT refuses these cells too: still true."""
+    family = next(f for f in FAMILIES if f.name == "DeBERTa-v2")
+    for task in family.tasks:
+        twin = peft.get_peft_model(family.build(task),
+                                   peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P))
+        with pytest.raises(ValueError) as refused:
+            twin(**model_inputs(task))
+        assert peft_refuses(refused.value), refused.value
+
+
 def test_readme_table_is_the_generated_one():
     """README.md holds `python -m tests.model_matrix --markdown`'s table, byte for byte,
     between its markers."""

@@ -70,6 +70,11 @@ PREFIX_IN_CACHE_MODEL_TYPES = ("falcon",)
 _PREFIX_IN_CACHE_ATTENTION = ("eager", "sdpa")
 
 
+# Models whose attention neither uses AttentionInterface nor reads a KV cache (DeBERTa v1/v2):
+# no way in for a prefix without patching their modeling code.
+_NO_PREFIX_PATH = ("deberta", "deberta-v2")
+
+
 def prefix_in_cache(model: nn.Module) -> bool:
     """Whether `model`'s prefix reaches its layers through a `PrefixedCache`."""
     return getattr(getattr(model, "config", None), "model_type", None) \
@@ -128,6 +133,15 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
     if prefix_in_cache(base_model):
         refuse_prefix_in_cache(base_model)
         return
+    if model_type in _NO_PREFIX_PATH:
+        raise NotImplementedError(
+            f"{name}: prefix tuning on DeBERTa is not supported: its attention "
+            "(DisentangledSelfAttention) is computed in the model's own code and takes no KV "
+            "cache, so a prefix can reach it neither through transformers' AttentionInterface "
+            "nor through a cache. PEFT 0.21 refuses it as well (\"ValueError: Model does not "
+            "support past key values which are required for prefix tuning.\"); P-Tuning v2's "
+            "own code edits that attention module, and ptuning_fast does not patch model code. "
+            "Prompt Tuning and P-Tuning work on it")
     if not uses_attention_interface(base_model):
         raise NotImplementedError(
             f"{name}: prefix tuning needs a model whose attention goes through transformers' "
