@@ -17,11 +17,13 @@ prefix would get the tokens appended a second time).
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .support import refuse_attention_in_cache_model
+
 
 class PrefixedCache(Cache):
     """A transformers `Cache` that puts each layer's prefix in front of its keys and values.
@@ -149,9 +151,15 @@ def cache_kept_under_checkpointing(base_model):
 def cache_argument(base_model) -> str:
     """The name under which `base_model.forward` takes its cache (`cache` from transformers 5.24
     on, `past_key_values` before)."""
-    import inspect
     params = inspect.signature(base_model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _pop_cache(kwargs: dict):
+    """The cache among a forward's kwargs, under either name (transformers 5.24 renamed
+    `past_key_values` to `cache`), removed from them."""
+    cache, legacy = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
 
 
 def forward(model, binding, input_ids, attention_mask, inputs_embeds, position_ids, labels,
@@ -162,9 +170,7 @@ def forward(model, binding, input_ids, attention_mask, inputs_embeds, position_i
     Returns the base model's output, its cache being the inner one (real tokens only)."""
     base = model.base_model
     refuse_attention_in_cache_model(base)
-    user_cache = kwargs.pop("cache", None)
-    legacy = kwargs.pop("past_key_values", None)
-    user_cache = user_cache if user_cache is not None else legacy
+    user_cache = _pop_cache(kwargs)
     if isinstance(user_cache, PrefixedCache):
         user_cache = user_cache.inner
     checkpointed = recomputing(base)
@@ -194,10 +200,8 @@ def generation_step(base_model, binding, kwargs: dict) -> dict:
     """One generate() step's model inputs on such a model (after the positions were shifted by
     P): generate()'s own cache (real tokens) inside a `PrefixedCache`, P ones in front of the
     mask. The step's output gets generate()'s cache back through `unwrap_output`."""
-    name = cache_argument(base_model)
-    inner = kwargs.pop("cache", None)
-    legacy = kwargs.pop("past_key_values", None)
-    kwargs[name] = PrefixedCache(binding, inner if inner is not None else legacy)
+    inner = _pop_cache(kwargs)
+    kwargs[cache_argument(base_model)] = PrefixedCache(binding, inner)
     mask = kwargs.get("attention_mask")
     if mask is not None:
         kwargs["attention_mask"] = torch.cat(
