@@ -160,3 +160,45 @@ def _multi_query():
     torch.manual_seed(0)
     return transformers.FalconForCausalLM(transformers.FalconConfig(
         vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+
+
+def test_prefixed_cache_returns_the_prefix_in_front_and_stores_none_of_it():
+    from ptuning_fast.integrations.attention import PrefixBinding
+    from ptuning_fast.integrations.cache_prefix import PrefixedCache
+    from ptuning_fast.prompts import LayerPrefixes
+    layers, T, H, D, B, L = 2, 3, 2, 5, 4, 6
+    kv = torch.randn(layers, 2, T, H, P, D)
+    tasks = torch.tensor([2, 0, 2, 1])
+    binding = PrefixBinding(LayerPrefixes(kv, T), tasks, "auto", "Tiny")
+    k, v = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    stateless = PrefixedCache(binding)
+    for _ in range(2):     # a recompute sees the same keys
+        keys, values = stateless.update(k, v, 1)
+        assert torch.equal(keys, torch.cat([kv[1, 0][tasks], k], 2))
+        assert torch.equal(values, torch.cat([kv[1, 1][tasks], v], 2))
+    assert stateless.get_seq_length() == P
+    assert stateless.get_mask_sizes(L, 0) == stateless.get_mask_sizes(torch.arange(L), 0) \
+        == (P + L, 0)
+    inner = transformers.DynamicCache()
+    cache = PrefixedCache(binding, inner)
+    cache.update(k, v, 0)
+    keys, _ = cache.update(k[:, :, :1], v[:, :, :1], 0)
+    assert keys.shape[2] == P + L + 1 and inner.get_seq_length() == L + 1
+    assert cache.get_seq_length() == P + L + 1 and cache.get_mask_sizes(1, 0) == (P + L + 2, 0)
+    with pytest.raises(NotImplementedError, match="inner cache"):
+        cache.reorder_cache(torch.arange(B))
+    with pytest.raises(ValueError, match="Tiny: layer 0's keys have 3 heads"):
+        stateless.update(torch.randn(B, 3, L, D), torch.randn(B, 3, L, D), 0)
+
+
+def test_checkpointing_refused_where_layers_cannot_keep_the_cache(monkeypatch):
+    """A transformers release whose checkpointed layers cannot be told to keep the cache would
+    drop the prefix: refused, not run."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    model = wrapped(falcon())
+    model.train()
+    model.gradient_checkpointing_enable()
+    monkeypatch.delattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+    ids, mask, labels = batch()
+    with pytest.raises(NotImplementedError, match="FalconDecoderLayer has no"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)

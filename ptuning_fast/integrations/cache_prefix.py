@@ -20,6 +20,7 @@ import contextlib
 import inspect
 
 import torch
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
 from .support import refuse_attention_in_cache_model
@@ -70,8 +71,12 @@ class PrefixedCache(Cache):
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length(layer_idx)
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, layer_idx: int) -> tuple[int, int]:
+        """(P + cached + query length, 0). Releases before transformers 5.2x pass the query's
+        `cache_position` (a tensor) instead of its length: both are accepted."""
         if self.inner is None:
+            if isinstance(query_length, torch.Tensor):
+                query_length = query_length.shape[0]
             return self.num_virtual_tokens + query_length, 0
         length, offset = self.inner.get_mask_sizes(query_length, layer_idx)
         if offset:    # a sliding-window cache layer dropped keys: the prefix would move
@@ -116,9 +121,14 @@ def unwrap_output(output):
     return output
 
 
-def _checkpointing_layers(base_model) -> list:
+def _checkpointed(base_model) -> list:
+    """The layers that checkpointing recomputes (models carry the flag too: not them)."""
     return [m for m in base_model.modules() if getattr(m, "gradient_checkpointing", False)
-            and hasattr(m, "_can_checkpoint_with_cache")]
+            and not isinstance(m, PreTrainedModel)]
+
+
+def _checkpointing_layers(base_model) -> list:
+    return [m for m in _checkpointed(base_model) if hasattr(m, "_can_checkpoint_with_cache")]
 
 
 def recomputing(base_model) -> bool:
@@ -134,6 +144,14 @@ def cache_kept_under_checkpointing(base_model):
     reads (the recompute sees the same keys), so during this forward the checkpointed layers
     say so; the flag is read once, when each layer's forward starts, and removed on exit."""
     layers = _checkpointing_layers(base_model)
+    unflagged = [m for m in _checkpointed(base_model)
+                 if not hasattr(m, "_can_checkpoint_with_cache")]
+    if unflagged and base_model.training and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"gradient checkpointing with prefix tuning on {type(base_model).__name__} needs "
+            f"checkpointed layers that can keep a read-only KV cache; this transformers "
+            f"release's {type(unflagged[0]).__name__} has no `_can_checkpoint_with_cache` and "
+            "would drop the cache holding the prefix")
     missing = object()
     before = [layer.__dict__.get("_can_checkpoint_with_cache", missing) for layer in layers]
     for layer in layers:
