@@ -202,3 +202,23 @@ def test_checkpointing_refused_where_layers_cannot_keep_the_cache(monkeypatch):
     ids, mask, labels = batch()
     with pytest.raises(NotImplementedError, match="FalconDecoderLayer has no"):
         model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_token_classification_matches_peft_algorithm_and_qa_is_refused():
+    """Beyond the issue's rows: Falcon's token-classification head takes the cache (PEFT
+    refuses it; compared with PEFT's algorithm run without PEFT); its QA head takes no cache, so
+    the prefix could not reach it: refused."""
+    from models import MaterializedPrompt
+    ours = wrapped(falcon(head="FalconForTokenClassification"))
+    reference = MaterializedPrompt(ours)
+    ids, mask, _ = batch()
+    labels = torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)
+    a = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    b = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(a.logits, b.logits, torch.float32, "fwd", name="logits")
+    a.loss.backward(), b.loss.backward()
+    assert_close(ours.prompt_encoder.embedding.weight.grad,
+                 reference.prompt_encoder.embedding.weight.grad, torch.float32, "grad",
+                 name="prefix grad")
+    with pytest.raises(NotImplementedError, match="FalconForQuestionAnswering.*takes none"):
+        pf.wrap(falcon(head="FalconForQuestionAnswering"), pf.PrefixTuningConfig(P))

@@ -5,6 +5,8 @@ gets a NotImplementedError naming the model and the reason, never a silent wrong
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 # transformers' class-name suffixes of the heads PEFT has a task type for.
@@ -94,6 +96,12 @@ def refuse_prefix_in_cache(model: nn.Module) -> None:
             "(\"RuntimeError: Sizes of tensors must match except in dimension 2\"), so there "
             "is no PEFT function to match. Supported: new_decoder_architecture=True "
             "(Falcon-40B/180B, Falcon 2) and multi_query=False (Falcon-RW, ALiBi). Prompt "
+            "Tuning and P-Tuning work on it")
+    params = inspect.signature(model.forward).parameters
+    if "cache" not in params and "past_key_values" not in params:
+        raise NotImplementedError(
+            f"{type(model).__name__}: prefix tuning on this model reaches the layers through the "
+            "KV cache, and this head's forward takes none (it would drop the prefix). Prompt "
             "Tuning and P-Tuning work on it")
     refuse_attention_in_cache_model(model)
 
