@@ -222,3 +222,16 @@ def test_token_classification_matches_peft_algorithm_and_qa_is_refused():
                  name="prefix grad")
     with pytest.raises(NotImplementedError, match="FalconForQuestionAnswering.*takes none"):
         pf.wrap(falcon(head="FalconForQuestionAnswering"), pf.PrefixTuningConfig(P))
+
+
+def test_disable_adapter_and_unload_leave_falcons_attention_alone():
+    base = falcon(attn="sdpa")
+    model = wrapped(base)
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        plain = base(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
+        assert base.config._attn_implementation == "sdpa"
+        assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
+    assert model.unload() is base and base.config._attn_implementation == "sdpa"

@@ -111,12 +111,13 @@ class PeftSurfaceMixin:
         was_disabled = self._adapter_disabled
         self._adapter_disabled = True
         try:
-            if self.is_prefix:
+            swaps_attention = self.is_prefix and not self._prefix_in_cache   # not Falcon's
+            if swaps_attention:
                 self._base_state.restore_attention()
             yield self
         finally:
             self._adapter_disabled = was_disabled
-            if self.is_prefix and not was_disabled:
+            if swaps_attention and not was_disabled:
                 self.base_model.set_attn_implementation(attention.register())
 
     def unload(self) -> nn.Module:
