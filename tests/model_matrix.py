@@ -79,7 +79,10 @@ _FALCON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attent
                pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_dropout=0.0,
                attention_dropout=0.0, attn_implementation="eager")
 _FALCON_MULTI_QUERY = Refusal(
-    "NotImplementedError", "prefix tuning on Falcon with multi-query attention", "wrap")
+    "NotImplementedError", "prefix tuning on Falcon with multi-query attention", "wrap",
+    "PEFT sizes the prefix for every query head while these layers have one key head, and its "
+    "forward fails (\"RuntimeError: Sizes of tensors must match except in dimension 2\"; "
+    "tested): there is no PEFT function to match.")
 _DEBERTA_PREFIX = Refusal(
     "NotImplementedError", "prefix tuning on DeBERTa is not supported", "wrap",
     "DeBERTa's attention is computed in its own code (not through AttentionInterface) and "
@@ -199,9 +202,9 @@ _NOTES = {
                      "given (PEFT's way), so the model's own eager or SDPA attention computes "
                      "and ptuning_fast's kernels and `backend=` are not used there. The cache "
                      "stores no prefix (gradient checkpointing works; generate() keeps real "
-                     "tokens only). Tested with rotary positions (new decoder architecture) and "
-                     "ALiBi (Falcon-RW), eager and SDPA. PEFT fails on multi-query Falcon (one "
-                     "key head, a prefix sized for every query head): refused.",
+                     "tokens only). tests/test_falcon_prefix.py adds rotary Falcon with "
+                     "multi_query=False, SDPA attention and token classification; the QA head "
+                     "takes no cache and is refused.",
 }
 
 

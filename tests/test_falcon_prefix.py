@@ -235,3 +235,12 @@ def test_disable_adapter_and_unload_leave_falcons_attention_alone():
         assert base.config._attn_implementation == "sdpa"
         assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
     assert model.unload() is base and base.config._attn_implementation == "sdpa"
+
+
+def test_peft_fails_on_multi_query_falcon():
+    """The multi-query refusal's README note: PEFT's forward fails there (no function to match)."""
+    twin = peft.get_peft_model(_multi_query(), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P))
+    ids, mask, _ = batch()
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        twin(input_ids=ids, attention_mask=mask)
