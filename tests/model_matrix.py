@@ -33,6 +33,7 @@ class Refusal:
     error: str
     message: str
     when: str
+    why: str = ""           # the README note's explanation, when the message needs one
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,24 @@ _ENCODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidd
 _LM = ("CAUSAL_LM", "SEQ_CLS")
 _ENCODER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
-_NO_INTERFACE = Refusal(
-    "NotImplementedError", "prefix tuning needs a model whose attention goes through "
-    "transformers' AttentionInterface", "wrap")
+# Falcon computes attention itself: its prefix goes through the KV cache (README note [f]).
+_FALCON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_dropout=0.0,
+               attention_dropout=0.0, attn_implementation="eager")
+_FALCON_MULTI_QUERY = Refusal(
+    "NotImplementedError", "prefix tuning on Falcon with multi-query attention", "wrap",
+    "PEFT sizes the prefix for every query head while these layers have one key head, and its "
+    "forward fails (\"RuntimeError: Sizes of tensors must match except in dimension 2\"; "
+    "tested): there is no PEFT function to match.")
+_DEBERTA_PREFIX = Refusal(
+    "NotImplementedError", "prefix tuning on DeBERTa is not supported", "wrap",
+    "DeBERTa's attention is computed in its own code (not through AttentionInterface) and "
+    "takes no KV cache, so a prefix has no way in without patching the model. PEFT 0.21 "
+    "refuses it too: \"ValueError: Model does not support past key values which are required "
+    "for prefix tuning.\" (tested). P-Tuning v2's own code edits DeBERTa's attention module "
+    "instead (prefix keys and values without relative-position bias).")
+# Families whose prefix reaches the model's own attention through its KV cache.
+OWN_ATTENTION_PREFIX = ("Falcon",)
 
 FAMILIES = [
     Family("Llama", "Llama", "LlamaConfig",
@@ -108,11 +124,12 @@ FAMILIES = [
                 num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0,
                 attention_dropout=0.0, attn_implementation="eager"), _LM),
-    Family("Falcon", "Falcon", "FalconConfig",
-           dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_dropout=0.0,
-                attention_dropout=0.0, attn_implementation="eager"), _LM,
-           {"prefix": _NO_INTERFACE}),
+    Family("Falcon (multi-query, as Falcon-7B)", "Falcon", "FalconConfig", _FALCON, _LM,
+           {"prefix": _FALCON_MULTI_QUERY}),
+    Family("Falcon, new decoder architecture", "Falcon", "FalconConfig",
+           dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2), _LM),
+    Family("Falcon-RW (ALiBi)", "Falcon", "FalconConfig",
+           dict(_FALCON, alibi=True, multi_query=False, parallel_attn=False, bias=True), _LM),
     Family("GPT-OSS", "GptOss", "GptOssConfig",
            dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
@@ -123,7 +140,7 @@ FAMILIES = [
            _ENCODER_TASKS),
     Family("RoBERTa", "Roberta", "RobertaConfig", _ENCODER, _ENCODER_TASKS),
     Family("DeBERTa-v2", "DebertaV2", "DebertaV2Config", dict(_ENCODER), _ENCODER_TASKS,
-           {"prefix": _NO_INTERFACE}),
+           {"prefix": _DEBERTA_PREFIX}),
     Family("T5 / Flan-T5", "T5", "T5Config",
            dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=2,
                 num_decoder_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2,
@@ -171,7 +188,8 @@ _NOTES = {
                   "without PEFT, and with PEFT's own generate() wherever that agrees with it "
                   "(PEFT's prefix generation does not with transformers 5.24: it injects its "
                   "cache under the old argument name `past_key_values`; on OPT with a prompt, "
-                  "PEFT's generate() raises a size mismatch in OPT's position embeddings).",
+                  "PEFT's generate() raises a size mismatch in OPT's position embeddings, and on "
+                  "Falcon-RW one between its ALiBi bias and the causal mask).",
     "seq2seq_prefix": "BART's and T5's prefixes are placed as PEFT places them: the decoder's "
                       "self-attention only (decoder layer i gets layer (2 i) mod L's prefix, "
                       "so with an even L the odd layers' prefixes are never read), decoder "
@@ -183,14 +201,28 @@ _NOTES = {
                       "generate() drops the prefix with transformers 5.24 (it passes its cache "
                       "as `past_key_values` beside generate()'s `cache`, which the model uses): "
                       "its tokens are the base model's without prefix.",
+    "own_attention": "Falcon computes attention in its own code, not through transformers' "
+                     "AttentionInterface: the prefix reaches it through the KV cache it is "
+                     "given (PEFT's way), so the model's own eager or SDPA attention computes "
+                     "and ptuning_fast's kernels and `backend=` are not used there. The cache "
+                     "stores no prefix (gradient checkpointing works; generate() keeps real "
+                     "tokens only). tests/test_falcon_prefix.py adds rotary Falcon with "
+                     "multi_query=False, SDPA attention and token classification; the QA head "
+                     "takes no cache and is refused.",
 }
 
 
 def _cell_text(family, task, method, refusal, errors: dict) -> str:
     if refusal is not None:
-        key = (refusal.error, refusal.message, refusal.when)
+        key = (refusal.error, refusal.message, refusal.when, refusal.why)
         errors.setdefault(key, f"E{len(errors) + 1}")
         return f"{refusal.error} ({errors[key]})"
+    if method == "prefix" and family.prefix in OWN_ATTENTION_PREFIX:
+        return _supported_text(family, task, method) + " [f]"
+    return _supported_text(family, task, method)
+
+
+def _supported_text(family, task, method) -> str:
     if method == "prefix" and task in PEFT_REFUSES_PREFIX:
         return "same as PEFT's algorithm [a]"
     if method != "prefix" and task == "TOKEN_CLS":
@@ -215,9 +247,9 @@ def markdown() -> str:
             lines.append(f"| {family.name} | {TASKS[task]} | " + " | ".join(row) + " |")
     notes = [f"[{key}] {_NOTES[name]}" for key, name in (
         ("a", "materialized"), ("b", "token_labels"), ("c", "qa_positions"), ("d", "generation"),
-        ("e", "seq2seq_prefix"))]
+        ("e", "seq2seq_prefix"), ("f", "own_attention"))]
     notes += [f"{key}: `{error}` at {when} time, its message containing \"{message}\""
-              for (error, message, when), key in errors.items()]
+              + (f". {why}" if why else "") for (error, message, when, why), key in errors.items()]
     lines.append("")
     lines += [textwrap.fill(note, 100, initial_indent="- ", subsequent_indent="  ")
               for note in notes]

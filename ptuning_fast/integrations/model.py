@@ -22,10 +22,10 @@ from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention, seq2seq
 from . import shared_prompt as shared_pass
-from .packed_inputs import packed_segments_of, refuse_packed_prompt
+from .packed_inputs import packed_segments_of, refuse_packed, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
-from .support import (numbers_positions_from_mask, refuse_unsupported, supports_shared_prompt,
-                      task_type_of)
+from .support import (numbers_positions_from_mask, prefix_in_cache, refuse_unsupported,
+                      supports_shared_prompt, task_type_of)
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -184,6 +184,9 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
         self._prefix_layers = prefix_layers    # None: each attention module's own layer_idx
+        # Falcon: the prefix goes through the KV cache, the model's own attention computes
+        # (cache_prefix.py); elsewhere through the registered attention function.
+        self._prefix_in_cache = self.is_prefix and prefix_in_cache(base_model)
         self._base_state = base_state
         self._adapter_disabled = self._unloaded = False
         # Prompt Tuning / P-Tuning on a causal decoder: the prompt once per task (shared_prompt).
@@ -196,6 +199,10 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self._base_has_dropout = shared_pass.has_dropout(base_model)
         if self.uses_own_attention:
             base_model.set_attn_implementation(attention.register())
+        elif self._prefix_in_cache and backend != "auto":
+            warnings.warn(f"backend={backend!r} is not used: {type(base_model).__name__} computes "
+                          "attention in its own code, so its prefix goes through the KV cache and "
+                          "the model's own attention computes it", stacklevel=3)
         for p in base_model.parameters():
             p.requires_grad_(False)
         for head in heads.values():
@@ -212,7 +219,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     def uses_own_attention(self) -> bool:
         """Whether the base model runs ptuning_fast's attention function (prefix tuning, and
         the shared prompt pass of prompt tuning / P-Tuning on causal decoders)."""
-        return self.is_prefix or self._shared_prompt
+        return self.is_prefix and not self._prefix_in_cache or self._shared_prompt
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -263,7 +270,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         """What the attention function reads: prefix tuning's prefixes, or `prefixes` given (the
         shared prompt pass's), for the rows' `task_ids`."""
         current = getattr(self.base_model.config, "_attn_implementation", None)
-        if current != attention.ATTN_IMPLEMENTATION:
+        if current != attention.ATTN_IMPLEMENTATION and not self._prefix_in_cache:
             # Another attention function would silently ignore the prefix.
             raise RuntimeError(f"the base model's attention implementation is {current!r}, not "
                                f"{attention.ATTN_IMPLEMENTATION!r}: the wrapper needs it (was "
@@ -341,6 +348,15 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         P = self.num_virtual_tokens
         past = _cache_in(kwargs)
         past_len = _cache_length(kwargs)
+        if self._prefix_in_cache:
+            from . import cache_prefix
+            _refuse_static_cache(past)
+            refuse_packed(position_ids, attention_mask, past_len, kwargs,
+                          f"prefix tuning on {type(self.base_model).__name__}")
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return cache_prefix.forward(self, self._binding(task_ids), input_ids, attention_mask,
+                                        inputs_embeds, position_ids, labels, kwargs)
         if self.is_prefix:
             _refuse_static_cache(past)
             # Every packed sequence sees the prefix, its positions shifted by P as in its own row.
@@ -427,13 +443,18 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             generation = attention.Generation(None, task_ids)
         step = self._prefix_step_hook if self.is_prefix else self._shared_prompt_step_hook \
             if generation.binding is not None else self._prompt_step_hook
-        hook = self.base_model.register_forward_pre_hook(
-            functools.partial(self._step_hook, step, generation), with_kwargs=True)
+        hooks = [self.base_model.register_forward_pre_hook(
+            functools.partial(self._step_hook, step, generation), with_kwargs=True)]
+        if self._prefix_in_cache:     # generate() keeps its own cache of real tokens
+            from .cache_prefix import unwrap_output
+            hooks.append(self.base_model.register_forward_hook(
+                lambda module, args, output: unwrap_output(output)))
         try:
             with attention.generating(self.base_model, generation):
                 return self.base_model.generate(*args, **kwargs)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
     @staticmethod
     def _step_hook(step, generation, module, args, kwargs):
@@ -454,6 +475,9 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             start = P + _cache_length(kwargs)
             kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start,
                                                                kwargs.get("attention_mask"))
+        if self._prefix_in_cache:
+            from .cache_prefix import generation_step
+            kwargs = generation_step(self.base_model, generation.binding, kwargs)
         return args, kwargs
 
     def _shared_prompt_step_hook(self, generation, args, kwargs):

@@ -41,16 +41,28 @@ def packed_segments_of(position_ids, attention_mask, past_len: int, kwargs: dict
     return segments, position_ids
 
 
+def _is_packed(position_ids, attention_mask, past_len: int, kwargs: dict) -> bool:
+    """Whether a forward's inputs are packed sequences (one host sync, on this rare path)."""
+    if any(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k")):
+        return True
+    return position_ids is not None and attention_mask is None and not past_len \
+        and position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any())
+
+
+def refuse_packed(position_ids, attention_mask, past_len: int, kwargs: dict, what: str) -> None:
+    """NotImplementedError for packed sequences where `what` cannot keep them apart."""
+    if _is_packed(position_ids, attention_mask, past_len, kwargs):
+        raise NotImplementedError(
+            f"packed sequences (position_ids restarting inside a row, or cu_seq_lens_q/k) are "
+            f"not supported with {what}. Pass one sequence per row with an attention_mask")
+
+
 def refuse_packed_prompt(position_ids, attention_mask, past_len: int, kwargs: dict) -> None:
     """Prompt tuning / P-Tuning with packed sequences is refused: the prompt is part of the
     input, so each packed sequence would need its own copy of it inside the row (longer rows,
     moved labels and logits), and PEFT's way (one prompt per row, position ids dropped) would
-    let the sequences attend to each other. (One host sync, on this rare path only.)"""
-    packed = any(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
-    if not packed and position_ids is not None and attention_mask is None and not past_len \
-            and position_ids.shape[-1] > 1:
-        packed = bool((position_ids.diff(dim=-1) != 1).any())
-    if packed:
+    let the sequences attend to each other."""
+    if _is_packed(position_ids, attention_mask, past_len, kwargs):
         raise NotImplementedError(
             "packed sequences (position_ids restarting inside a row, or cu_seq_lens_q/k) are "
             "not supported with prompt tuning / P-Tuning: the prompt would have to be inserted "

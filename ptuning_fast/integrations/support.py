@@ -5,6 +5,8 @@ gets a NotImplementedError naming the model and the reason, never a silent wrong
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 # transformers' class-name suffixes of the heads PEFT has a task type for.
@@ -76,6 +78,58 @@ def numbers_positions_from_mask(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in _POSITIONS_FROM_MASK
 
 
+# Models whose attention layers compute attention themselves but read every key through
+# `cache.update`: their prefix goes through the cache (integrations/cache_prefix.py), the model's
+# own attention computes. Each is tested against PEFT (tests/test_falcon_prefix.py).
+PREFIX_IN_CACHE_MODEL_TYPES = ("falcon",)
+# Their attention implementations that call `cache.update` and take the mask the model built
+# (Falcon's flash-attention class is not tested here).
+_PREFIX_IN_CACHE_ATTENTION = ("eager", "sdpa")
+
+
+# Models whose attention neither uses AttentionInterface nor reads a KV cache (DeBERTa v1/v2):
+# no way in for a prefix without patching their modeling code.
+_NO_PREFIX_PATH = ("deberta", "deberta-v2")
+
+
+def prefix_in_cache(model: nn.Module) -> bool:
+    """Whether `model`'s prefix reaches its layers through a `PrefixedCache`."""
+    return getattr(getattr(model, "config", None), "model_type", None) \
+        in PREFIX_IN_CACHE_MODEL_TYPES
+
+
+def refuse_prefix_in_cache(model: nn.Module) -> None:
+    """NotImplementedError for the Falcon variants whose prefix tuning has no PEFT function to
+    be equal to."""
+    config = model.config
+    if config.multi_query and not config.new_decoder_architecture:
+        raise NotImplementedError(
+            f"{type(model).__name__}: prefix tuning on Falcon with multi-query attention "
+            "(multi_query=True, new_decoder_architecture=False, as Falcon-7B) is not supported: "
+            f"PEFT sizes the prefix with num_attention_heads={config.num_attention_heads} heads "
+            "per layer but these layers' keys have one head, and PEFT's forward fails "
+            "(\"RuntimeError: Sizes of tensors must match except in dimension 2\"), so there "
+            "is no PEFT function to match. Supported: new_decoder_architecture=True "
+            "(Falcon-40B/180B, Falcon 2) and multi_query=False (Falcon-RW, ALiBi). Prompt "
+            "Tuning and P-Tuning work on it")
+    params = inspect.signature(model.forward).parameters
+    if "cache" not in params and "past_key_values" not in params:
+        raise NotImplementedError(
+            f"{type(model).__name__}: prefix tuning on this model reaches the layers through the "
+            "KV cache, and this head's forward takes none (it would drop the prefix). Prompt "
+            "Tuning and P-Tuning work on it")
+    refuse_attention_in_cache_model(model)
+
+
+def refuse_attention_in_cache_model(model: nn.Module) -> None:
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in _PREFIX_IN_CACHE_ATTENTION:
+        raise NotImplementedError(
+            f"{type(model).__name__}: prefix tuning on this model runs the model's own "
+            f"attention, tested with {list(_PREFIX_IN_CACHE_ATTENTION)}; got "
+            f"attn_implementation={implementation!r}")
+
+
 def refuse_unsupported(base_model: nn.Module, method: str) -> None:
     """NotImplementedError for a model / method pair that ptuning_fast cannot compute exactly."""
     name = type(base_model).__name__
@@ -99,6 +153,18 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             f"{name}: prefix tuning on a model whose last {text_config.num_kv_shared_layers} "
             "layers reuse earlier layers' keys and values (num_kv_shared_layers) is not "
             "supported: those layers would need the prefix of the layer they read from")
+    if prefix_in_cache(base_model):
+        refuse_prefix_in_cache(base_model)
+        return
+    if model_type in _NO_PREFIX_PATH:
+        raise NotImplementedError(
+            f"{name}: prefix tuning on DeBERTa is not supported: its attention "
+            "(DisentangledSelfAttention) is computed in the model's own code and takes no KV "
+            "cache, so a prefix can reach it neither through transformers' AttentionInterface "
+            "nor through a cache. PEFT 0.21 refuses it as well (\"ValueError: Model does not "
+            "support past key values which are required for prefix tuning.\"); P-Tuning v2's "
+            "own code edits that attention module, and ptuning_fast does not patch model code. "
+            "Prompt Tuning and P-Tuning work on it")
     if not uses_attention_interface(base_model):
         raise NotImplementedError(
             f"{name}: prefix tuning needs a model whose attention goes through transformers' "
