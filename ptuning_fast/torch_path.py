@@ -1,13 +1,15 @@
 """The "torch" backend: prefix attention and prompt embedding in plain PyTorch, written for speed
 where the Triton kernels cannot run (CPU without the interpreter, or inputs the kernels refuse).
 
-Same function as `ptuning_fast.reference` (the definition of correct), computed without the
-reference's copies: the prefix is expanded as a view and concatenated once (SDPA needs one K/V
-tensor), grouped-query heads go to SDPA with `enable_gqa=True` (never repeated), and a boolean
-mask is built only when some key is hidden — the causal part as one (Lq, P + Lk) plane shared
-by every row and head, the padding part as (B, 1, 1, P + Lk). Measured on CPU against the
-alternatives (a two-part softmax merged by log-sum-exp, repeated heads, an additive float
-mask): bench/NOTES.md, "The torch backend".
+Same function as `ptuning_fast.reference` (the definition of correct), every attention term
+included, computed without the reference's copies: the prefix is expanded as a view and
+concatenated once (SDPA needs one K/V tensor), grouped-query heads go to SDPA with
+`enable_gqa=True` (never repeated), and a boolean mask is built only when some key is hidden —
+causal and sliding-window parts as one (Lq, P + Lk) plane shared by every row and head, padding
+as (B, 1, 1, P + Lk), packed sequences per row. An additive `bias` joins that mask as SDPA's
+float mask (-inf where hidden). Soft-capping, sink logits and dropout (a given keep-mask) are
+what SDPA cannot compute: they take explicit scores, GQA as a broadcast over the group axis.
+Measured on CPU against the alternatives and the reference: bench/NOTES.md, "The torch backend".
 
 Inputs arrive validated by `ptuning_fast.ops`. Each op's `*_not_supported_reasons` says what
 this backend cannot compute (xformers' dispatch idea); `ops` refuses or skips it then.
@@ -17,24 +19,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import Reasons, option_in_use, refuse_unknown_options
+from .validation import Reasons, refuse_unknown_options
 
 NAME = "torch"
 
 # Options each op computes here. Any other keyword in use is a reason to refuse: a feature
 # added to the op elsewhere is never silently dropped.
-ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p"})
+ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p",
+                               "bias", "window_size", "prefix_in_window", "softcap", "sinks",
+                               "segments"})
 EMBEDDING_OPTIONS = frozenset({"prompt_index"})
 
 
 def not_supported_reasons(op: str, tensors: dict, options: dict, *, auto: bool = False) -> Reasons:
-    """Why this backend cannot run `op` on these validated inputs. SDPA takes every float dtype
-    on every device, so only options it does not compute are refused."""
+    """Why this backend cannot run `op` on these validated inputs. SDPA and the explicit-scores
+    path take every float dtype on every device and every attention term `ops` knows, so only
+    an option added to the op but not computed here is refused."""
     r = Reasons(op)
     known = ATTENTION_OPTIONS if op == "prefix_attention" else EMBEDDING_OPTIONS
-    if not option_in_use(options.get("window_size")):
-        # prefix_in_window (default True) only says how a window treats the prefix.
-        options = {n: v for n, v in options.items() if n != "prefix_in_window"}
     refuse_unknown_options(r, NAME, known, options)
     return r
 
@@ -66,20 +68,50 @@ def _per_row(prefix, prefix_index, batch):
     return prefix
 
 
-def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, device):
-    """Bool mask broadcastable to (B, Hq, Lq, P + Lk) — (1, 1, Lq, P + Lk) causal only,
-    (B, 1, 1, P + Lk) padding only, (B, 1, Lq, P + Lk) both — or None when every key is visible.
+def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, device,
+                 window_size=(-1, -1), prefix_in_window=True, segments=None):
+    """Bool mask broadcastable to (B, Hq, Lq, P + Lk), or None when every key is visible; the
+    same keys as `ptuning_fast.reference.visible_keys`, with only the axes that vary:
+    (1, 1, Lq, P + Lk) for causal and window (every row and head alike), (B, 1, 1, P + Lk) for
+    padding alone, (B, 1, Lq, P + Lk) with padding or packed `segments` (start, end) (B, L).
 
-    Prefix keys are always visible; sequence key j is visible iff the padding mask allows it
-    and, when causal, j <= i + (Lk - Lq) (bottom-right aligned).
+    Over the concatenation, key J sits at position j = J - P (the prefix at -P .. -1, as in
+    PEFT's cache). Sequence keys (j >= 0) need j <= i + s when causal (s = Lk - Lq: bottom-right
+    aligned) and i + s - left <= j <= i + s + right under a window; prefix keys are visible,
+    except that with a left window and `prefix_in_window` they need j >= i' + s - left too,
+    i' being the query's position in its own packed sequence (i itself when not packed).
     """
+    left, right = window_size
+    shift = k_len - q_len
+    lowest = -prefix_len if prefix_in_window else 0    # the first key a left window reaches
+    # Each condition only where it hides some key (a 4096-token window over 128 keys hides
+    # none, and SDPA without a mask is faster).
+    causal = causal and (q_len > 1 or k_len < q_len)
+    left_hides = left >= 0 and (k_len - 1 - left > lowest or segments is not None)
+    right_hides = right >= 0 and right < q_len - 1
     mask = None
-    if causal and q_len > 1 or causal and k_len < q_len:
+    if causal or left_hides or right_hides:
         i = torch.arange(q_len, device=device).view(q_len, 1)
-        j = torch.arange(prefix_len + k_len, device=device).view(1, -1)
-        # Over the concatenation key J = P + j: visible iff J < P or J - P <= i + Lk - Lq.
-        mask = ((j < prefix_len) | (j <= i + (prefix_len + k_len - q_len))).view(
-            1, 1, q_len, prefix_len + k_len)
+        j = torch.arange(-prefix_len, k_len, device=device).view(1, -1)
+        prefix = j < 0
+        plane = torch.ones(q_len, prefix_len + k_len, dtype=torch.bool, device=device)
+        if causal:
+            plane &= prefix | (j <= i + shift)
+        if right_hides:
+            plane &= prefix | (j <= i + shift + right)
+        if left_hides:
+            # Packed, the prefix's condition depends on each row's segments: set below.
+            reach = j >= i + shift - left
+            plane &= reach | prefix if segments is not None or not prefix_in_window else reach
+        mask = plane.view(1, 1, q_len, prefix_len + k_len)
+    if segments is not None:
+        start, end = (s.view(batch, 1, q_len, 1) for s in segments)    # Lq == Lk when packed
+        j = torch.arange(-prefix_len, k_len, device=device).view(1, 1, 1, -1)
+        own = (j < 0) | ((j >= start) & (j < end))
+        if left_hides and prefix_in_window:
+            i = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
+            own &= (j >= 0) | (j >= i - start - left)
+        mask = own if mask is None else mask & own
     if attention_mask is not None:
         padding = attention_mask.bool()
         if prefix_len:
@@ -91,12 +123,14 @@ def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
                      attention_mask=None, scale=None, prefix_index=None, dropout_p=0.0,
-                     dropout_mask=None):
+                     dropout_mask=None, bias=None, window_size=(-1, -1), prefix_in_window=True,
+                     softcap=0.0, sinks=None, segments=None):
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] -> (B, Hq, Lq, D), q's dtype.
 
-    Shapes and semantics: `ptuning_fast.reference.prefix_attention`. dropout_p > 0 needs the
-    keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that `ptuning_fast.ops` draws for the seed,
-    the same one the reference backend applies.
+    Shapes and semantics (every term): `ptuning_fast.reference.attend`. dropout_p > 0 needs
+    the keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that `ptuning_fast.ops` draws for the
+    seed, the same one the reference backend applies. `bias` (broadcastable, B and Hq may be 1)
+    and `sinks` (Hq,) get no gradient (ops refuses them requiring one).
     """
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -104,16 +138,25 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
     if P:
         k = torch.cat([_per_row(prefix_k, prefix_index, B), k], dim=2)
         v = torch.cat([_per_row(prefix_v, prefix_index, B), v], dim=2)
+    window_size = tuple(window_size)
     mask = visible_mask(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
-                        device=q.device)
+                        device=q.device, window_size=window_size,
+                        prefix_in_window=prefix_in_window, segments=segments)
     any_visible = None
-    if mask is not None and P == 0:
-        # Without a prefix a query may see no key at all: give it every key (finite softmax,
-        # no NaN forward or backward) and zero its output, which also zeroes its gradients.
+    if mask is not None and (P == 0 or window_size[0] >= 0 and prefix_in_window):
+        # A query may see no key at all (the prefix is hidden only by a window over it): give
+        # it every key (finite softmax, no NaN forward or backward) and zero its output, which
+        # also zeroes its gradients — the reference's zeros.
         any_visible = mask.any(dim=-1, keepdim=True)
         mask = mask | ~any_visible
-    if dropout_p > 0:
-        out = _attend_with_dropout(q, k, v, mask, scale, dropout_p, dropout_mask)
+    if bias is not None:
+        # One additive float mask: the bias where visible, -inf where hidden.
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+    if softcap > 0 or sinks is not None or dropout_p > 0:
+        keep = dropout_mask if dropout_p > 0 else None
+        out = _explicit_attention(q, k, v, mask, scale, softcap=softcap, sinks=sinks,
+                                  dropout_p=dropout_p, keep=keep)
     else:
         out = _sdpa(q, k, v, mask, scale)
     if any_visible is not None:
@@ -122,32 +165,64 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
 
 
 def _sdpa(q, k, v, mask, scale):
+    """SDPA with `mask` (bool: True = visible, or additive float) broadcastable to
+    (B, Hq, Lq, keys)."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     scale = None if scale is None else float(scale)
     if Lq == 1 and Hq != Hkv:
         # Decoding: the group's queries stacked along the query axis of their kv head (a view,
-        # since Lq = 1); a (B, 1, 1, keys) mask broadcasts over them. Faster than enable_gqa's
-        # per-head loop for one query (bench/NOTES.md).
+        # since Lq = 1), the mask's head axis likewise. Faster than enable_gqa's per-head loop
+        # for one query (bench/NOTES.md).
         grouped = q.reshape(B, Hkv, Hq // Hkv, D)
+        if mask is not None:
+            mask = _grouped(mask, Hkv).squeeze(3)
         out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
         return out.reshape(B, Hq, 1, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=Hq != Hkv)
 
 
-def _attend_with_dropout(q, k, v, mask, scale, dropout_p, keep):
-    """Explicit probabilities (SDPA cannot take a given keep-mask), GQA as a broadcast over the
-    group axis: q (B, Hkv, G, Lq, D) against k (B, Hkv, 1, P + Lk, D)."""
+def _grouped(t, kv_heads):
+    """(B | 1, Hq | 1, Lq, keys) -> (B | 1, Hkv | 1, group | 1, Lq, keys), a view: the query
+    heads' axis split as (kv head, group) for the grouped-query broadcast."""
+    heads = t.shape[1]
+    if heads == 1:
+        return t.unsqueeze(2)
+    return t.view(t.shape[0], kv_heads, heads // kv_heads, *t.shape[2:])
+
+
+def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropout_p=0.0,
+                        keep=None):
+    """Attention with explicit scores, for what SDPA cannot take: a logit soft-cap, sink logits,
+    a given dropout keep-mask (B, Hq, Lq, keys). GQA as a broadcast over the group axis, never
+    repeated heads: q (B, Hkv, G, Lq, D) against k (B, Hkv, 1, keys, D).
+
+    As the reference: scores, soft-cap and the additive `mask` in q's dtype, softmax in float32
+    with the sink (Hq,) as one more logit in the denominator and no value.
+    """
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
     scores = torch.matmul(q.view(B, Hkv, group, Lq, D), k.unsqueeze(2).transpose(-1, -2))
     scores = scores * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1)
-    probs = probs * keep.reshape(B, Hkv, group, Lq, -1) / (1.0 - dropout_p)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~_grouped(mask, Hkv), float("-inf"))
+    elif mask is not None:
+        scores = scores + _grouped(mask, Hkv)
+    scores = scores.float()
+    if sinks is not None:
+        # One softmax over [scores, sink], the sink's column dropped: 3x faster forward and
+        # backward than exp(scores - logaddexp(logsumexp(scores), sink)) (one fused kernel
+        # each way), and finite even for a row of -inf scores.
+        sink = sinks.float().view(1, Hkv, group, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        probs = probs * keep.view(B, Hkv, group, Lq, -1) / (1.0 - dropout_p)
     out = torch.matmul(probs.to(q.dtype), v.unsqueeze(2))
     return out.reshape(B, Hq, Lq, D)
