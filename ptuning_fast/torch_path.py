@@ -199,7 +199,7 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
     repeated heads: q (B, Hkv, G, Lq, D) against k (B, Hkv, 1, keys, D).
 
     As the reference: scores, soft-cap and the additive `mask` in q's dtype, softmax in float32
-    with the sink (Hq,) as one more logit in the denominator and no value.
+    (float64 for float64) with the sink (Hq,) as one more logit in the denominator, no value.
     """
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
@@ -213,12 +213,13 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
         scores = scores.masked_fill(~_grouped(mask, Hkv), float("-inf"))
     elif mask is not None:
         scores = scores + _grouped(mask, Hkv)
-    scores = scores.float()
+    # float32 for 16-bit inputs, as the reference; float64 stays float64 (as SDPA computes it).
+    scores = scores.to(torch.promote_types(q.dtype, torch.float32))
     if sinks is not None:
         # One softmax over [scores, sink], the sink's column dropped: 3x faster forward and
         # backward than exp(scores - logaddexp(logsumexp(scores), sink)) (one fused kernel
         # each way), and finite even for a row of -inf scores.
-        sink = sinks.float().view(1, Hkv, group, 1, 1).expand(*scores.shape[:-1], 1)
+        sink = sinks.to(scores.dtype).view(1, Hkv, group, 1, 1).expand(*scores.shape[:-1], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)

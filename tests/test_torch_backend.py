@@ -1,12 +1,14 @@
 """The "torch" backend (`ptuning_fast.torch_path`, what backend="auto" runs where the Triton
-kernels cannot) against the float64 reference: forward and every gradient, dropout, prompt
-embedding, the fast paths it promises, backend dispatch, and wrapped models equal to PEFT."""
+kernels cannot) against the float64 reference: forward and every gradient, with and without the
+attention terms (bias, window, soft-cap, sinks, packed sequences), dropout, prompt embedding,
+the fast paths it promises, backend dispatch, and wrapped models equal to PEFT."""
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA, assert_close, gpu
 from test_integration_peft import CONFIGS, assert_same_training_step, peft_name
 from test_prefix_attention import CASES, Case, check_against_reference, exact, make_inputs, run
+from test_prefix_attention_terms import TERM_CASES, make_terms
 
 import ptuning_fast as pf
 from ptuning_fast import ops, reference, torch_path
@@ -128,6 +130,144 @@ def test_decode_stacks_the_group_queries(monkeypatch):
     assert_close(out, exact(q, k, v, pk, pv, attention_mask=mask), torch.float32)
 
 
+# ----------------------------------------------------------------------------- attention terms
+# The kernels' term cases plus what the torch path branches on: decode steps (SDPA's stacked
+# group queries, the explicit path with one query), Lq != Lk under a window, P = 0 and a window
+# over the prefix leaving queries with no key (bias's float mask and the sink softmax on such
+# rows), every term without a prefix, non-causal windows, MHA with an odd head dim in
+# transformers' layout, a prefix alone (Lk = 0) under a window.
+TORCH_TERM_CASES = TERM_CASES + [
+    (Case(3, 8, 2, 1, 19, 16, 5, "task", "left"), "bwcs"),
+    (Case(3, 8, 2, 1, 19, 16, 5, "shared", "right"), "w"),
+    (Case(2, 6, 2, 1, 23, 16, 4, "row", "none"), "s"),
+    (Case(2, 4, 2, 9, 23, 16, 6, "row", "right"), "wcs"),
+    (Case(1, 4, 2, 15, 7, 16, 0, "none", "none"), "bw"),
+    (Case(2, 4, 2, 23, 23, 32, 0, "shared", "empty_row"), "b"),
+    (Case(2, 4, 2, 23, 23, 32, 0, "shared", "empty_row"), "bc"),
+    (Case(2, 3, 1, 17, 17, 8, 0, "none", "random"), "bsu"),
+    (Case(2, 4, 2, 12, 18, 16, 7, "task", "random", False), "bwcs"),
+    (Case(2, 3, 3, 13, 13, 24, 4, "shared", "right", layout="blhd"), "bWcsu"),
+    (Case(1, 2, 1, 4, 0, 32, 9), "bw"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case, spec", TORCH_TERM_CASES,
+                         ids=[f"{c}-{s}" for c, s in TORCH_TERM_CASES])
+def test_terms_match_reference(case, spec, dtype):
+    check_against_reference(case, dtype, fn=torch_backend, **make_terms(case, spec, dtype))
+
+
+@pytest.mark.parametrize("case, spec", [
+    (Case(2, 4, 2, 13, 17, 32, 5, "task", "left"), "bwcs"),
+    (Case(2, 4, 2, 21, 21, 16, 6, "row", "right"), "bWcsp"),
+    (Case(2, 8, 2, 1, 30, 16, 3, "shared", "left"), "bwcs"),
+], ids=str)
+def test_float64_terms_match_the_float64_reference(case, spec):
+    inputs, mask, index = make_inputs(case, torch.float64)
+    terms = make_terms(case, spec, torch.float64)
+    grad_out = torch.randn(case.B, case.Hq, case.Lq, case.D, dtype=torch.float64, device=DEVICE)
+    out, grads = run(torch_backend, inputs, mask, index, case, grad_out, **terms)
+    want, want_grads = run(exact, inputs, mask, index, case, grad_out, **terms)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bias_shape", ["1h", "bh", "11"])
+@pytest.mark.parametrize("Lq, spec", [(11, ""), (11, "c"), (1, ""), (1, "s")])
+def test_bias_shapes(bias_shape, Lq, spec, dtype):
+    """Every shape `bias` may have (B and Hq each 1 or full), through SDPA's float mask (also
+    split per kv head for a decode step's stacked queries) and the explicit path."""
+    case = Case(2, 6, 2, Lq, 14, 16, 5, "task", "left")
+    B, H = case.B if bias_shape[0] == "b" else 1, case.Hq if bias_shape[1] == "h" else 1
+    bias = torch.randn(B, H, Lq, case.P + case.Lk, dtype=dtype, device=DEVICE)
+    terms = make_terms(case, spec, dtype)
+    check_against_reference(case, dtype, fn=torch_backend, bias=bias, **terms)
+
+
+def test_window_hiding_every_key_gives_zeros():
+    """A left window over the prefix and left padding: queries whose window holds only padding
+    and no prefix key see nothing (as the reference: zeros, zero gradient, no NaN), with a
+    bias (SDPA's float mask) and with sinks (the explicit path)."""
+    case = Case(2, 4, 2, 16, 16, 8, 2, "shared", "none")
+    inputs, _, _ = make_inputs(case, torch.float32)
+    mask = torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
+    mask[0, :10] = False                     # row 0: queries 5..9 see only padding
+    grad_out = torch.randn(2, 4, 16, 8, dtype=torch.float64, device=DEVICE)
+    for terms in (dict(bias=torch.randn(1, 4, 16, 18, device=DEVICE)),
+                  dict(sinks=torch.randn(4, device=DEVICE), softcap=3.0)):
+        out, grads = run(torch_backend, inputs, mask, None, case, grad_out,
+                         window_size=(4, -1), **terms)
+        want, want_grads = run(exact, inputs, mask, None, case, grad_out, window_size=(4, -1),
+                               **terms)
+        assert torch.equal(out[0, :, 5:10], torch.zeros_like(out[0, :, 5:10]))
+        assert_close(out, want, torch.float32)
+        assert torch.equal(grads[0][0, :, 5:10], torch.zeros_like(grads[0][0, :, 5:10]))
+        for name, g, w in zip("q k v prefix_k prefix_v".split(), grads, want_grads):
+            assert_close(g, w, torch.float32, "grad", name=f"d{name}")
+
+
+@pytest.mark.parametrize("spec", ["bwcsp", "bw"])
+def test_terms_with_dropout_apply_the_reference_backends_mask(spec):
+    case = Case(2, 4, 2, 13, 13, 16, 5, "task", "right")
+    inputs, mask, index = make_inputs(case, torch.float32)
+    terms = make_terms(case, spec, torch.float32)
+    grad_out = torch.randn(2, 4, 13, 16, device=DEVICE)
+    kw = dict(dropout_p=0.3, dropout_seed=99, **terms)
+    out, grads = run(torch_backend, inputs, mask, index, case, grad_out, **kw)
+    want, want_grads = run(lambda *a, **k: pf.prefix_attention(*a, backend="reference", **k),
+                           inputs, mask, index, case, grad_out, **kw)
+    assert_close(out, want, torch.float32)
+    for name, g, w in zip("q k v prefix_k prefix_v".split(), grads, want_grads):
+        assert_close(g, w, torch.float32, "grad", name=f"d{name}")
+    plain = torch_backend(*inputs, attention_mask=mask, prefix_index=index, **terms)
+    assert not torch.allclose(out, plain)                 # dropout did something
+
+
+@pytest.mark.parametrize("Lq, terms, want_mask", [
+    (8, dict(window_size=(3, -1)), (1, 1, 8, 13)),                  # one plane for every row
+    (8, dict(window_size=(4096, -1)), (1, 1, 8, 13)),               # hides no key: causal only
+    (1, dict(window_size=(4096, -1)), None),                        # decode: no mask at all
+    (1, dict(window_size=(3, -1)), (1, 1, 1, 13)),
+    (8, dict(window_size=(3, 2), causal=False), (1, 1, 8, 13)),
+    (8, dict(position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)), (2, 1, 8, 13)),
+    (8, dict(bias=torch.zeros(1, 8, 8, 13)), (1, 8, 8, 13)),       # float mask, bias's shape
+    (8, dict(bias=torch.zeros(2, 1, 8, 13), window_size=(3, -1)), (2, 1, 8, 13)),
+])
+def test_terms_fast_path_shapes(monkeypatch, Lq, terms, want_mask):
+    """Windows and packing reach SDPA inside the one bool mask (shared by rows and heads where
+    they allow it), a bias as the float mask; heads unrepeated."""
+    spy = _SdpaSpy()
+    monkeypatch.setattr(torch_path.F, "scaled_dot_product_attention", spy)
+    case = Case(2, 8, 2, Lq, 8, 16, 5, "shared", "none")
+    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
+    terms = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in terms.items()}
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", None)   # would raise if called
+    torch_backend(q, k, v, pk, pv, **terms)
+    (_, k_shape, mask_shape, _), = spy.calls
+    assert k_shape == (2, 2, 13, 16)
+    if Lq == 1 and want_mask is not None:                 # decode: per kv head, group stacked
+        want_mask = (want_mask[0], 1, 1, want_mask[3])
+    assert mask_shape == want_mask
+
+
+@pytest.mark.parametrize("terms", [dict(softcap=5.0), dict(sinks=torch.randn(8))])
+def test_softcap_and_sinks_take_explicit_scores_without_repeated_heads(monkeypatch, terms):
+    spy = _SdpaSpy()
+    monkeypatch.setattr(torch_path.F, "scaled_dot_product_attention", spy)
+    case = Case(2, 8, 2, 6, 9, 16, 3, "shared", "right")
+    inputs, mask, _ = make_inputs(case, torch.float32)
+    terms = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in terms.items()}
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", None)
+    out = torch_backend(*inputs, attention_mask=mask, **terms)
+    torch.autograd.grad(out.sum(), inputs)
+    monkeypatch.undo()
+    assert spy.calls == []
+    assert_close(out, exact(*inputs, attention_mask=mask, **terms), torch.float32)
+
+
 # ---------------------------------------------------------------------------- prompt embedding
 @pytest.mark.parametrize("B, L, V, d, P, T", [(3, 7, 50, 40, 5, None), (1, 1, 11, 16, 0, None),
                                               (4, 9, 30, 100, 3, 3), (2, 3, 20, 48, 1, 2)])
@@ -182,12 +322,13 @@ def test_auto_on_cuda_takes_the_kernels_and_falls_back_for_float64():
 
 
 def test_explicit_backend_lists_every_reason():
-    options = {"softcap": 30.0, "window_size": (4, 0), "causal": True, "sinks": None}
+    options = {"a_future_term": 30.0, "another_term": (4, 0), "softcap": 2.0, "causal": True,
+               "sinks": None}
     with pytest.raises(NotImplementedError) as info:
         ops.choose_backend("torch", "prefix_attention", _q(), options)
     message = str(info.value)
-    assert "`softcap`=30.0" in message and "`window_size`=(4, 0)" in message
-    assert "sinks" not in message and "causal" not in message      # unused / computed
+    assert "`a_future_term`=30.0" in message and "`another_term`=(4, 0)" in message
+    assert all(name not in message for name in ("softcap", "sinks", "causal"))  # computed
     with pytest.raises(TypeError, match="float64"):
         ops.choose_backend("triton", "prefix_attention", _q(torch.float64), {})
 
@@ -199,23 +340,31 @@ def test_auto_with_an_option_no_backend_computes_names_every_backend():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch")
-def test_attention_terms_take_the_reference_on_cpu():
-    """The torch path computes none of the attention terms yet: auto falls to the reference
-    (never drops a term), and prefix_in_window alone (its default True) is no term."""
-    terms = {"window_size": (-1, -1), "prefix_in_window": True, "softcap": 0.0}
-    assert ops.choose_backend("auto", "prefix_attention", _q(), terms) == "torch"
-    for term in ({"softcap": 5.0}, {"window_size": (3, 0)}, {"bias": torch.zeros(1)}):
-        assert ops.choose_backend("auto", "prefix_attention", _q(), {**terms, **term}) == \
-            "reference"
-    case = Case(2, 4, 2, 6, 6, 8, 3)
-    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
-    got = pf.prefix_attention(q, k, v, pk, pv, softcap=4.0)
-    assert_close(got, exact(q, k, v, pk, pv, softcap=4.0), torch.float32)
-    packed = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])          # position_ids
-    got = pf.prefix_attention(q, k, v, pk, pv, position_ids=packed)
-    assert_close(got, exact(q, k, v, pk, pv, position_ids=packed), torch.float32)
-    with pytest.raises(NotImplementedError, match="segments.*shape=\\(2, 6\\).*'torch'"):
-        pf.prefix_attention(q, k, v, pk, pv, position_ids=packed, backend="torch")
+@pytest.mark.parametrize("spec", ["b", "w", "W", "c", "s", "p", "u", "bwcsp"])
+def test_auto_on_cpu_takes_the_torch_path_for_the_terms(monkeypatch, spec):
+    """With any attention term in use, "auto" on CPU runs the torch path (it used to fall back
+    to the reference) and gives the reference's result."""
+    case = Case(2, 4, 2, 9, 9, 8, 3, "task", "right")
+    (q, k, v, pk, pv), mask, index = make_inputs(case, torch.float32, requires_grad=False)
+    terms = make_terms(case, spec, torch.float32)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    real = torch_path.prefix_attention
+    monkeypatch.setattr(torch_path, "prefix_attention", spy)
+    got = pf.prefix_attention(q, k, v, pk, pv, attention_mask=mask, prefix_index=index, **terms)
+    assert len(calls) == 1
+    assert_close(got, exact(q, k, v, pk, pv, attention_mask=mask, prefix_index=index, **terms),
+                 torch.float32)
+    options = {"window_size": (-1, -1), "prefix_in_window": True, "softcap": 0.0, "sinks": None,
+               "bias": None, "segments": None}
+    options.update({n: t for n, t in terms.items() if n not in ("position_ids", "cu_seqlens")})
+    if "p" in spec:
+        options["segments"] = (mask, mask)          # any pair of tensors: in use
+    assert ops.choose_backend("auto", "prefix_attention", {"q": q}, options) == "torch"
+    assert ops.not_supported_reasons("torch", "prefix_attention", {"q": q}, options) == []
 
 
 @pytest.mark.parametrize("value, used", [(None, False), (False, False), (0, False), (0.0, False),
