@@ -190,14 +190,15 @@ def test_bias_shapes(bias_shape, Lq, spec, dtype):
 def test_window_hiding_every_key_gives_zeros():
     """A left window over the prefix and left padding: queries whose window holds only padding
     and no prefix key see nothing (as the reference: zeros, zero gradient, no NaN), with a
-    bias (SDPA's float mask) and with sinks (the explicit path)."""
+    bias (SDPA's float mask), soft-capped (the explicit path, whose softmax of a row of -inf
+    would be NaN) and with sinks."""
     case = Case(2, 4, 2, 16, 16, 8, 2, "shared", "none")
     inputs, _, _ = make_inputs(case, torch.float32)
     mask = torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
     mask[0, :10] = False                     # row 0: queries 5..9 see only padding
     grad_out = torch.randn(2, 4, 16, 8, dtype=torch.float64, device=DEVICE)
     for terms in (dict(bias=torch.randn(1, 4, 16, 18, device=DEVICE)),
-                  dict(sinks=torch.randn(4, device=DEVICE), softcap=3.0)):
+                  dict(softcap=3.0), dict(sinks=torch.randn(4, device=DEVICE))):
         out, grads = run(torch_backend, inputs, mask, None, case, grad_out,
                          window_size=(4, -1), **terms)
         want, want_grads = run(exact, inputs, mask, None, case, grad_out, window_size=(4, -1),
