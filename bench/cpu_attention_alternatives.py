@@ -115,17 +115,24 @@ def measure(B, Hq, Hkv, Lq, Lk, D, P, backward: bool, rounds: int = 30):
             steps[name] = lambda fn=fn: torch.autograd.grad(fn(), [q, k, v, pk, pv], grad)
         else:
             steps[name] = lambda fn=fn: fn()
+    with torch.set_grad_enabled(backward):
+        medians = alternating_cpu_medians(steps, rounds)
+    return {name: (medians[name], errors[name]) for name in steps}
+
+
+def alternating_cpu_medians(steps: dict, rounds: int) -> dict:
+    """name -> median process CPU ms of `steps[name]()`, after one warm-up call each, over
+    `rounds` rounds that run every step once in rotating order (so load drifts hit all alike)."""
     times = {name: [] for name in steps}
     names = list(steps)
-    with torch.set_grad_enabled(backward):
-        for step in steps.values():
-            step()
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.process_time()
-                steps[name]()
-                times[name].append((time.process_time() - t0) * 1e3)
-    return {name: (statistics.median(t), errors[name]) for name, t in times.items()}
+    for step in steps.values():
+        step()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.process_time()
+            steps[name]()
+            times[name].append((time.process_time() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():

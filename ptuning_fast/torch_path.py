@@ -73,7 +73,8 @@ def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
     """Bool mask broadcastable to (B, Hq, Lq, P + Lk), or None when every key is visible; the
     same keys as `ptuning_fast.reference.visible_keys`, with only the axes that vary:
     (1, 1, Lq, P + Lk) for causal and window (every row and head alike), (B, 1, 1, P + Lk) for
-    padding alone, (B, 1, Lq, P + Lk) with padding or packed `segments` (start, end) (B, L).
+    padding alone, (B, 1, Lq, P + Lk) for padding with those, or packed `segments` (start, end)
+    (B, L).
 
     Over the concatenation, key J sits at position j = J - P (the prefix at -P .. -1, as in
     PEFT's cache). Sequence keys (j >= 0) need j <= i + s when causal (s = Lk - Lq: bottom-right
@@ -100,9 +101,12 @@ def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
         if right_hides:
             plane &= prefix | (j <= i + shift + right)
         if left_hides:
-            # Packed, the prefix's condition depends on each row's segments: set below.
             reach = j >= i + shift - left
-            plane &= reach | prefix if segments is not None or not prefix_in_window else reach
+            # The window reaches the prefix only with prefix_in_window, and packed, where
+            # the prefix's condition depends on each row's segments, it is set below.
+            if segments is not None or not prefix_in_window:
+                reach |= prefix
+            plane &= reach
         mask = plane.view(1, 1, q_len, prefix_len + k_len)
     if segments is not None:
         start, end = (s.view(batch, 1, q_len, 1) for s in segments)    # Lq == Lk when packed

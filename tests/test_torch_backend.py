@@ -420,3 +420,57 @@ def test_torch_backend_training_step_compiles_fullgraph(method):
     torch.testing.assert_close(loss, eager_loss)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+# ----------------------------------------------------- models with terms: the torch backend
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "gpt_oss"])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_models_with_terms_training_step_matches_peft(arch, method):
+    """Sliding windows (Mistral, Gemma 2/3, GPT-OSS), soft-capping (Gemma 2), sinks (GPT-OSS)
+    through the torch backend: logits, loss, gradients and one AdamW step equal PEFT's."""
+    from test_integration_terms import ours_and_twin
+
+    from models import peft_refusal_reason, peft_refuses
+    ours, twin = ours_and_twin(arch, method, "torch")
+    try:
+        assert_same_training_step(ours, twin, "llama", "left", peft_name)
+    except ValueError as error:
+        if not peft_refuses(error):
+            raise
+        pytest.skip(peft_refusal_reason(twin, error))
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gpt_oss"])
+def test_models_with_terms_greedy_tokens_past_the_window(arch):
+    """Generation past the window (decode steps through the sliding-window cache) gives the
+    tokens of the unwrapped model with the prefix materialized in its cache."""
+    from test_integration_terms import ours_and_twin
+
+    from models import MaterializedPrompt, batch
+    ours, _ = ours_and_twin(arch, "prefix", "torch")
+    ids, mask, _ = batch("llama", padding="left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+              pad_token_id=0)
+    assert torch.equal(ours.generate(**kw), MaterializedPrompt(ours).generate(**kw))
+
+
+def test_prefix_tuned_t5_bias_through_the_torch_backend():
+    """T5's relative position bias over the prefix (the float mask path): the torch backend's
+    logits and prefix gradient equal the reference backend's (equal to PEFT's:
+    tests/test_integration_terms.py)."""
+    from test_integration_terms import _t5
+    seq2seq = dict(pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    models = [pf.wrap(_t5(**seq2seq), pf.PrefixTuningConfig(3), backend=b).train()
+              for b in ("torch", "reference")]
+    with torch.no_grad():
+        models[0].prompt_encoder.embedding.weight.normal_(0, 0.5)
+    models[1].prompt_encoder.load_state_dict(models[0].prompt_encoder.state_dict())
+    ids = torch.randint(3, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    labels = torch.randint(3, 50, (2, 5))
+    outs = [m(input_ids=ids, attention_mask=mask, labels=labels) for m in models]
+    assert_close(outs[0].logits, outs[1].logits, torch.float32, name="logits")
+    grads = [torch.autograd.grad(o.loss, m.prompt_encoder.embedding.weight)[0]
+             for o, m in zip(outs, models)]
+    assert_close(grads[0], grads[1], torch.float32, "grad", name="prefix grad")
