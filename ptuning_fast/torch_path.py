@@ -199,35 +199,57 @@ def _grouped(t, kv_heads):
 def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropout_p=0.0,
                         keep=None):
     """Attention with explicit scores, for what SDPA cannot take: a logit soft-cap, sink logits,
-    a given dropout keep-mask (B, Hq, Lq, keys). GQA as a broadcast over the group axis, never
-    repeated heads: q (B, Hkv, G, Lq, D) against k (B, Hkv, 1, keys, D).
+    a given dropout keep-mask (B, Hq, Lq, keys). Grouped-query heads never repeated: each kv
+    head's group of query heads stacked along the query axis, (B, Hkv, G * Lq, D) against
+    (B, Hkv, keys, D), one batched matmul; the mask broadcast over the group axis.
 
-    As the reference: scores, soft-cap and the additive `mask` in q's dtype, softmax in float32
-    (float64 for float64) with the sink (Hq,) as one more logit in the denominator, no value.
+    The reference's function: soft-cap, then the additive `mask`, softmax with the sink (Hq,) as
+    one more logit in the denominator and no value, then dropout. From the scores on in float32
+    (float64 for float64): at least the reference's precision, which caps and adds in q's dtype.
+    Scalars go where the tensor is smallest: scale and the cap's 1 / softcap into q (Lq x D,
+    not Lq x keys), 1 / (1 - p) into the output.
     """
     B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, keys = k.shape[1], k.shape[2]
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    scores = torch.matmul(q.view(B, Hkv, group, Lq, D), k.unsqueeze(2).transpose(-1, -2))
-    scores = scores * scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q = q * (2 * scale / softcap if softcap > 0 else scale)
+    scores = torch.matmul(q.reshape(B, Hkv, group * Lq, D), k.transpose(-1, -2))
+    scores = scores.view(B, Hkv, group, Lq, keys).to(compute)
+    sink_shift = 0.0
     if softcap > 0:
-        scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~_grouped(mask, Hkv), float("-inf"))
-    elif mask is not None:
-        scores = scores + _grouped(mask, Hkv)
-    # float32 for 16-bit inputs, as the reference; float64 stays float64 (as SDPA computes it).
-    scores = scores.to(torch.promote_types(q.dtype, torch.float32))
+        # c tanh(x / c) = 2c sigmoid(2x / c) - c, and softmax ignores the constant -c (moved
+        # onto the sink's logit, the one term without it): sigmoid is 10x faster than tanh on
+        # CPU. The price: logits rounded at 2c rather than at their size, an error of about
+        # c * 2^-24 (float32 at c = 30-50: 1.4-5x the float32 reference's error, within the
+        # tolerance table; bench/NOTES.md, "The torch backend").
+        scores = torch.sigmoid(scores) * (2 * softcap)
+        sink_shift = softcap
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            # An additive mask of the mask's own (small) shape: adding it broadcast is 4x
+            # faster than masked_fill over the scores.
+            mask = torch.zeros(mask.shape, dtype=compute, device=q.device).masked_fill_(
+                ~mask, float("-inf"))
+        # In place: neither the product's nor the cap's backward reads this tensor.
+        scores.add_(_grouped(mask.to(compute), Hkv))
     if sinks is not None:
-        # One softmax over [scores, sink], the sink's column dropped: 3x faster forward and
-        # backward than exp(scores - logaddexp(logsumexp(scores), sink)) (one fused kernel
-        # each way), and finite even for a row of -inf scores.
-        sink = sinks.to(scores.dtype).view(1, Hkv, group, 1, 1).expand(*scores.shape[:-1], 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        # One softmax over [scores, sink] (fused forward and backward: 3x faster than
+        # exp(scores - logaddexp(logsumexp(scores), sink)), and finite on a row of -inf); the
+        # sink's column meets a zero value row instead of being sliced off the probabilities.
+        sink = (sinks.to(compute) + sink_shift).view(1, Hkv, group, 1, 1)
+        probs = torch.softmax(torch.cat([scores, sink.expand(B, Hkv, group, Lq, 1)], dim=-1),
+                              dim=-1)
+        v = torch.cat([v, v.new_zeros(B, Hkv, 1, D)], dim=2)
+        if keep is not None:
+            keep = torch.cat([keep, keep.new_ones(B, Hq, Lq, 1)], dim=-1)
+        keys += 1
     else:
         probs = torch.softmax(scores, dim=-1)
     if keep is not None:
-        probs = probs * keep.view(B, Hkv, group, Lq, -1) / (1.0 - dropout_p)
-    out = torch.matmul(probs.to(q.dtype), v.unsqueeze(2))
-    return out.reshape(B, Hq, Lq, D)
+        probs = probs * keep.view(B, Hkv, group, Lq, keys)
+    out = torch.matmul(probs.to(q.dtype).view(B, Hkv, group * Lq, keys), v)
+    if keep is not None:
+        out = out / (1.0 - dropout_p)
+    return out.view(B, Hq, Lq, D)

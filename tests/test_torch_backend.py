@@ -158,6 +158,15 @@ def test_terms_match_reference(case, spec, dtype):
     check_against_reference(case, dtype, fn=torch_backend, **make_terms(case, spec, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("softcap", [30.0, 50.0])
+def test_model_sized_softcaps(softcap, dtype):
+    """Grok's and Gemma 2's caps: the torch path's cap (through a sigmoid, rounded at 2 x cap)
+    stays within the tolerance table at the caps models use, logits large enough to bend."""
+    case = Case(2, 8, 2, 33, 33, 32, 7, "shared", "right")
+    check_against_reference(case, dtype, fn=torch_backend, softcap=softcap, scale=3.0)
+
+
 @pytest.mark.parametrize("case, spec", [
     (Case(2, 4, 2, 13, 17, 32, 5, "task", "left"), "bwcs"),
     (Case(2, 4, 2, 21, 21, 16, 6, "row", "right"), "bWcsp"),
