@@ -30,7 +30,7 @@ TERMS = {
 }
 
 
-def measure(terms_name, B, Hq, Hkv, L, D, P, backward: bool, rounds: int = 30):
+def measure(terms_name, B, Hq, Hkv, L, D, P, backward: bool, rounds: int = 100):
     torch.manual_seed(0)
     q = torch.randn(B, L, Hq, D).transpose(1, 2).requires_grad_(backward)
     k = torch.randn(B, L, Hkv, D).transpose(1, 2).requires_grad_(backward)
