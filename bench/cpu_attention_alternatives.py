@@ -95,15 +95,21 @@ def candidates(x: providers.AttnInputs, decode: bool) -> dict:
     return out
 
 
+def attention_inputs(B, Hq, Hkv, Lq, Lk, D, P, requires_grad: bool):
+    """q, k, v in transformers' layout ((B, L, H, D) seen as (B, H, L, D)) and a shared
+    (Hkv, P, D) prefix, random (seed 0)."""
+    torch.manual_seed(0)
+    q = torch.randn(B, Lq, Hq, D).transpose(1, 2).requires_grad_(requires_grad)
+    k = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(requires_grad)
+    v = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(requires_grad)
+    pk = torch.randn(Hkv, P, D, requires_grad=requires_grad)
+    pv = torch.randn(Hkv, P, D, requires_grad=requires_grad)
+    return q, k, v, pk, pv
+
+
 def measure(B, Hq, Hkv, Lq, Lk, D, P, backward: bool, rounds: int = 30):
     decode = Lq == 1
-    torch.manual_seed(0)
-    # transformers' layout: (B, L, H, D) seen as (B, H, L, D)
-    q = torch.randn(B, Lq, Hq, D).transpose(1, 2).requires_grad_(backward)
-    k = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(backward)
-    v = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(backward)
-    pk = torch.randn(Hkv, P, D, requires_grad=backward)
-    pv = torch.randn(Hkv, P, D, requires_grad=backward)
+    q, k, v, pk, pv = attention_inputs(B, Hq, Hkv, Lq, Lk, D, P, backward)
     x = providers.AttnInputs(q, k, v, pk, pv)
     exact = reference.attend(q.double(), k.double(), v.double(), pk.double(), pv.double())
     grad = torch.randn(B, Hq, Lq, D)

@@ -17,7 +17,7 @@ Candidates: reference (`reference.attend`), torch (`torch_path.prefix_attention`
 from __future__ import annotations
 
 import torch
-from cpu_attention_alternatives import alternating_cpu_medians
+from cpu_attention_alternatives import alternating_cpu_medians, attention_inputs
 
 from ptuning_fast import reference, torch_path
 
@@ -31,14 +31,8 @@ TERMS = {
 
 
 def measure(terms_name, B, Hq, Hkv, L, D, P, backward: bool, rounds: int = 100):
-    torch.manual_seed(0)
-    q = torch.randn(B, L, Hq, D).transpose(1, 2).requires_grad_(backward)
-    k = torch.randn(B, L, Hkv, D).transpose(1, 2).requires_grad_(backward)
-    v = torch.randn(B, L, Hkv, D).transpose(1, 2).requires_grad_(backward)
-    pk = torch.randn(Hkv, P, D, requires_grad=backward)
-    pv = torch.randn(Hkv, P, D, requires_grad=backward)
+    inputs = attention_inputs(B, Hq, Hkv, L, L, D, P, backward)
     terms = TERMS[terms_name](Hq)
-    inputs = (q, k, v, pk, pv)
     fns = {"reference": lambda: reference.attend(*inputs, **terms),
            "torch": lambda: torch_path.prefix_attention(*inputs, **terms)}
     with torch.no_grad():

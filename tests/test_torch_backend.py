@@ -70,19 +70,25 @@ def test_no_visible_key_gives_zeros_and_zero_gradient(case):
     assert torch.equal(dq_rows, torch.zeros_like(dq_rows))
 
 
-def test_dropout_applies_the_reference_backends_mask():
-    """Same seed, same keep-mask (`ops._reference_dropout_mask`): torch and reference agree."""
-    case = Case(2, 4, 2, 11, 13, 16, 5, "shared", "right")
+@pytest.mark.parametrize("case, spec", [(Case(2, 4, 2, 11, 13, 16, 5, "shared", "right"), ""),
+                                        (Case(2, 4, 2, 13, 13, 16, 5, "task", "right"), "bw"),
+                                        (Case(2, 4, 2, 13, 13, 16, 5, "task", "right"), "bwcsp")],
+                         ids=str)
+def test_dropout_applies_the_reference_backends_mask(case, spec):
+    """Same seed, same keep-mask (`ops._reference_dropout_mask`): torch and reference agree,
+    alone and with the terms (the explicit-scores path with SDPA's float mask, soft-cap,
+    sinks, packing)."""
     inputs, mask, index = make_inputs(case, torch.float32)
-    grad_out = torch.randn(2, 4, 11, 16, device=DEVICE)
-    kw = dict(dropout_p=0.3, dropout_seed=1234)
+    terms = make_terms(case, spec, torch.float32)
+    grad_out = torch.randn(case.B, case.Hq, case.Lq, case.D, device=DEVICE)
+    kw = dict(dropout_p=0.3, dropout_seed=1234, **terms)
     out, grads = run(torch_backend, inputs, mask, index, case, grad_out, **kw)
     want, want_grads = run(lambda *a, **k: pf.prefix_attention(*a, backend="reference", **k),
                            inputs, mask, index, case, grad_out, **kw)
     assert_close(out, want, torch.float32)
     for name, g, w in zip("q k v prefix_k prefix_v".split(), grads, want_grads):
         assert_close(g, w, torch.float32, "grad", name=f"d{name}")
-    plain = torch_backend(*inputs, attention_mask=mask)
+    plain = torch_backend(*inputs, attention_mask=mask, prefix_index=index, **terms)
     assert not torch.allclose(out, plain)                 # dropout did something
 
 
@@ -217,23 +223,6 @@ def test_window_hiding_every_key_gives_zeros():
         assert torch.equal(grads[0][0, :, 5:10], torch.zeros_like(grads[0][0, :, 5:10]))
         for name, g, w in zip("q k v prefix_k prefix_v".split(), grads, want_grads):
             assert_close(g, w, torch.float32, "grad", name=f"d{name}")
-
-
-@pytest.mark.parametrize("spec", ["bwcsp", "bw"])
-def test_terms_with_dropout_apply_the_reference_backends_mask(spec):
-    case = Case(2, 4, 2, 13, 13, 16, 5, "task", "right")
-    inputs, mask, index = make_inputs(case, torch.float32)
-    terms = make_terms(case, spec, torch.float32)
-    grad_out = torch.randn(2, 4, 13, 16, device=DEVICE)
-    kw = dict(dropout_p=0.3, dropout_seed=99, **terms)
-    out, grads = run(torch_backend, inputs, mask, index, case, grad_out, **kw)
-    want, want_grads = run(lambda *a, **k: pf.prefix_attention(*a, backend="reference", **k),
-                           inputs, mask, index, case, grad_out, **kw)
-    assert_close(out, want, torch.float32)
-    for name, g, w in zip("q k v prefix_k prefix_v".split(), grads, want_grads):
-        assert_close(g, w, torch.float32, "grad", name=f"d{name}")
-    plain = torch_backend(*inputs, attention_mask=mask, prefix_index=index, **terms)
-    assert not torch.allclose(out, plain)                 # dropout did something
 
 
 @pytest.mark.parametrize("Lq, terms, want_mask", [
