@@ -157,7 +157,7 @@ TORCH_TERM_CASES = TERM_CASES + [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case, spec", TORCH_TERM_CASES,
                          ids=[f"{c}-{s}" for c, s in TORCH_TERM_CASES])
 def test_terms_match_reference(case, spec, dtype):
@@ -472,3 +472,18 @@ def test_prefix_tuned_t5_bias_through_the_torch_backend():
     grads = [torch.autograd.grad(o.loss, m.prompt_encoder.embedding.weight)[0]
              for o, m in zip(outs, models)]
     assert_close(grads[0], grads[1], torch.float32, "grad", name="prefix grad")
+
+
+@pytest.mark.parametrize("name, value", [("bias", torch.zeros(1, 1, 5, 8)),
+                                         ("sinks", torch.zeros(4))])
+def test_no_gradient_for_bias_or_sinks(name, value):
+    """Bias and sinks come from frozen weights: one that requires grad is a clear error (as
+    for every backend), never a silently missing gradient."""
+    q = torch.randn(2, 4, 5, 8, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(2, 2, 5, 8, device=DEVICE) for _ in range(2))
+    pk, pv = (torch.randn(2, 3, 8, device=DEVICE) for _ in range(2))
+    value = value.to(DEVICE).requires_grad_(True)
+    with pytest.raises(ValueError, match=f"`{name}` requires grad"):
+        torch_backend(q, k, v, pk, pv, **{name: value})
+    out = torch_backend(q, k, v, pk, pv, **{name: value.detach()})
+    assert out.requires_grad
