@@ -487,3 +487,27 @@ def test_no_gradient_for_bias_or_sinks(name, value):
         torch_backend(q, k, v, pk, pv, **{name: value})
     out = torch_backend(q, k, v, pk, pv, **{name: value.detach()})
     assert out.requires_grad
+
+
+def test_terms_compile_fullgraph():
+    """Every term at once, as a model layer calls it: one graph under torch.compile, the same
+    output and gradients as eager."""
+    from ptuning_fast.packing import packed_segments
+    torch._dynamo.reset()
+    case = Case(2, 4, 2, 9, 9, 8, 3, "shared", "right")
+    inputs, mask, _ = make_inputs(case, torch.float32)
+    segments = packed_segments(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5]] * 2, device=DEVICE),
+                               batch=2, length=9)
+    terms = dict(bias=torch.randn(2, 1, 9, 12, device=DEVICE), window_size=(3, -1),
+                 softcap=2.0, sinks=torch.randn(4, device=DEVICE), segments=segments)
+
+    def layer(*tensors):
+        return ops.layer_prefix_attention(*tensors, attention_mask=mask, backend="torch",
+                                          **terms)
+    eager = layer(*inputs)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(*inputs)
+    torch.testing.assert_close(compiled, eager)
+    grad = torch.randn_like(eager)
+    for g, e in zip(torch.autograd.grad(compiled, inputs, grad),
+                    torch.autograd.grad(eager, inputs, grad)):
+        torch.testing.assert_close(g, e)
