@@ -6,7 +6,9 @@ rotating order; the error is the max abs difference of the output from the float
 
     PYTHONPATH=$PWD python bench/cpu_attention_terms.py
 
-Cases (causal, shared (Hkv, P, D) prefix, transformers' transposed layout, fp32):
+Shapes: a training step (Lq = Lk = 128, fwd and fwd+bwd) and a decode step (Lq = 1 against a
+128-token cache, fwd). Cases (causal, shared (Hkv, P, D) prefix, transformers' transposed
+layout, fp32):
 - mistral-4096: Mistral's default sliding_window=4096: a window in use that hides no key here.
 - mistral-64:   sliding_window=64 (window_size=(63, -1)), the prefix counted in the window.
 - gemma2:       Gemma 2's attn_logit_softcapping=50.
@@ -30,15 +32,15 @@ TERMS = {
 }
 
 
-def measure(terms_name, B, Hq, Hkv, L, D, P, backward: bool, rounds: int = 100):
-    inputs = attention_inputs(B, Hq, Hkv, L, L, D, P, backward)
+def measure(terms_name, B, Hq, Hkv, Lq, Lk, D, P, backward: bool, rounds: int = 100):
+    inputs = attention_inputs(B, Hq, Hkv, Lq, Lk, D, P, backward)
     terms = TERMS[terms_name](Hq)
     fns = {"reference": lambda: reference.attend(*inputs, **terms),
            "torch": lambda: torch_path.prefix_attention(*inputs, **terms)}
     with torch.no_grad():
         exact = reference.attend(*(t.double() for t in inputs), **terms)
         errors = {n: (fn().double() - exact).abs().max().item() for n, fn in fns.items()}
-    grad = torch.randn(B, Hq, L, D)
+    grad = torch.randn(B, Hq, Lq, D)
     if backward:
         steps = {n: lambda fn=fn: torch.autograd.grad(fn(), inputs, grad) for n, fn in fns.items()}
     else:
@@ -50,17 +52,21 @@ def measure(terms_name, B, Hq, Hkv, L, D, P, backward: bool, rounds: int = 100):
 
 def main():
     torch.set_num_threads(1)
-    shape = (4, 8, 2, 128, 32, 16)           # B, Hq, Hkv, L, D, P: the bench model's heads
-    print(f"B={shape[0]} H={shape[1]}:{shape[2]} L={shape[3]} D={shape[4]} P={shape[5]}")
-    print("| case | pass | reference | torch | reference / torch |")
-    print("|---|---|---|---|---|")
-    for name in TERMS:
-        for backward in (False, True):
-            res = measure(name, *shape, backward=backward)
-            (ref, ref_err), (fast, fast_err) = res["reference"], res["torch"]
-            print(f"| {name} | {'fwd+bwd' if backward else 'fwd'} | {ref:.3g} ms | "
-                  f"{fast:.3g} ms | {ref / fast:.2f}x |  <!-- max err reference {ref_err:.1e}, "
-                  f"torch {fast_err:.1e} -->", flush=True)
+    # B, Hq, Hkv, Lq, Lk, D, P: the bench model's heads, a training step then one decode step
+    # against a 128-token cache.
+    shapes = [(4, 8, 2, 128, 128, 32, 16), (4, 8, 2, 1, 128, 32, 16)]
+    print("| shape | case | pass | reference | torch | reference / torch |")
+    print("|---|---|---|---|---|---|")
+    for shape in shapes:
+        B, Hq, Hkv, Lq, Lk, D, P = shape
+        label = f"B={B} H={Hq}:{Hkv} Lq={Lq} Lk={Lk} D={D} P={P}"
+        for name in TERMS:
+            for backward in ((False,) if Lq == 1 else (False, True)):
+                res = measure(name, *shape, backward=backward)
+                (ref, ref_err), (fast, fast_err) = res["reference"], res["torch"]
+                print(f"| {label} | {name} | {'fwd+bwd' if backward else 'fwd'} | {ref:.3g} ms | "
+                      f"{fast:.3g} ms | {ref / fast:.2f}x |  <!-- max err reference "
+                      f"{ref_err:.1e}, torch {fast_err:.1e} -->", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,22 +92,18 @@ def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
     right_hides = right >= 0 and right < q_len - 1
     mask = None
     if causal or left_hides or right_hides:
-        i = torch.arange(q_len, device=device).view(q_len, 1)
-        j = torch.arange(-prefix_len, k_len, device=device).view(1, -1)
-        prefix = j < 0
-        plane = torch.ones(q_len, prefix_len + k_len, dtype=torch.bool, device=device)
-        if causal:
-            plane &= prefix | (j <= i + shift)
-        if right_hides:
-            plane &= prefix | (j <= i + shift + right)
+        # Each condition keeps a band of diagonals of the plane: one tril / triu each (half
+        # the time of building it from aranges and comparisons).
+        seq = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        if causal or right_hides:
+            seq = seq.tril(shift if causal else shift + right)   # causal: right adds nothing
         if left_hides:
-            reach = j >= i + shift - left
-            # The window reaches the prefix only with prefix_in_window, and packed, where
-            # the prefix's condition depends on each row's segments, it is set below.
-            if segments is not None or not prefix_in_window:
-                reach |= prefix
-            plane &= reach
-        mask = plane.view(1, 1, q_len, prefix_len + k_len)
+            seq = seq.triu(shift - left)
+        pre = torch.ones(q_len, prefix_len, dtype=torch.bool, device=device)
+        if left_hides and prefix_in_window and segments is None:
+            pre = pre.triu(prefix_len + shift - left)   # column c at c - P >= i + s - left
+        # (Packed, the prefix's window depends on each row's segments: set below.)
+        mask = torch.cat([pre, seq], dim=1).view(1, 1, q_len, prefix_len + k_len)
     if segments is not None:
         start, end = (s.view(batch, 1, q_len, 1) for s in segments)    # Lq == Lk when packed
         j = torch.arange(-prefix_len, k_len, device=device).view(1, 1, 1, -1)

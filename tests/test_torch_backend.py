@@ -225,6 +225,37 @@ def test_window_hiding_every_key_gives_zeros():
             assert_close(g, w, torch.float32, "grad", name=f"d{name}")
 
 
+@pytest.mark.parametrize("Lq, Lk, P", [(1, 13, 5), (2, 5, 3), (7, 7, 0), (7, 7, 4), (5, 12, 3),
+                                      (9, 4, 6), (6, 0, 3), (11, 11, 20)])
+def test_visible_mask_is_the_references_visible_keys(Lq, Lk, P):
+    """The torch path's mask (shared planes, bands of diagonals, skipped conditions) marks the
+    keys `reference.visible_keys` does, for every window, causal or not, packed or not."""
+    B = 2
+    padding = torch.rand(B, Lk, device=DEVICE) > 0.3
+    packed = [None]
+    if Lq == Lk and Lk:
+        from ptuning_fast.packing import packed_segments
+        ids = torch.cat([torch.arange(Lk // 3 + 1), torch.arange(Lk - Lk // 3 - 1)])
+        packed.append(packed_segments(ids.expand(B, -1).to(DEVICE), batch=B, length=Lk))
+    windows = [(-1, -1), (0, -1), (2, -1), (3, 1), (-1, 2), (0, 0), (40, -1), (1, 30)]
+    # Either side of where a window starts to hide a key (of the sequence, of the prefix).
+    edges = [(-1, Lq - 2), (-1, Lq - 1), (Lk - 2, -1), (Lk - 1, -1), (Lk + P - 2, -1),
+             (Lk + P - 1, -1)]
+    windows += [w for w in edges if min(w) >= -1]
+    for causal in (True, False):
+        for window in windows:
+            for prefix_in_window in (True, False):
+                for segments in packed:
+                    for mask in (None, padding):
+                        kw = dict(causal=causal, attention_mask=mask, device=DEVICE,
+                                  window_size=window, prefix_in_window=prefix_in_window,
+                                  segments=segments)
+                        want = reference.visible_keys(B, Lq, Lk, P, **kw)
+                        got = torch_path.visible_mask(B, Lq, Lk, P, **kw)
+                        got = torch.ones_like(want) if got is None else got.expand_as(want)
+                        assert torch.equal(got, want), kw
+
+
 @pytest.mark.parametrize("Lq, terms, want_mask", [
     (8, dict(window_size=(3, -1)), (1, 1, 8, 13)),                  # one plane for every row
     (8, dict(window_size=(4096, -1)), (1, 1, 8, 13)),               # hides no key: causal only
