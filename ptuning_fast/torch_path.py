@@ -8,7 +8,8 @@ concatenated once (SDPA needs one K/V tensor), grouped-query heads go to SDPA wi
 causal and sliding-window parts as one (Lq, P + Lk) plane shared by every row and head, padding
 as (B, 1, 1, P + Lk), packed sequences per row. An additive `bias` joins that mask as SDPA's
 float mask (-inf where hidden). Soft-capping, sink logits and dropout (a given keep-mask) are
-what SDPA cannot compute: they take explicit scores, GQA as a broadcast over the group axis.
+what SDPA cannot compute: they take explicit scores, each kv head's group of query heads stacked
+on the query axis (one batched matmul; heads never repeated).
 Measured on CPU against the alternatives and the reference: bench/NOTES.md, "The torch backend".
 
 Inputs arrive validated by `ptuning_fast.ops`. Each op's `*_not_supported_reasons` says what
@@ -201,7 +202,8 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
 
     The reference's function: soft-cap, then the additive `mask`, softmax with the sink (Hq,) as
     one more logit in the denominator and no value, then dropout. From the scores on in float32
-    (float64 for float64): at least the reference's precision, which caps and adds in q's dtype.
+    (float64 for float64): 16-bit inputs are capped and masked more precisely than by the
+    reference, which does it in their dtype (the cap's sigmoid form costs float32 some, below).
     Scalars go where the tensor is smallest: scale and the cap's 1 / softcap into q (Lq x D,
     not Lq x keys), 1 / (1 - p) into the output.
     """
