@@ -6,11 +6,11 @@ included, computed without the reference's copies: the prefix is expanded as a v
 concatenated once (SDPA needs one K/V tensor), grouped-query heads go to SDPA with
 `enable_gqa=True` (never repeated), and a boolean mask is built only when some key is hidden —
 causal and sliding-window parts as one (Lq, P + Lk) plane shared by every row and head, padding
-as (B, 1, 1, P + Lk), packed sequences per row. An additive `bias` joins that mask as SDPA's
-float mask (-inf where hidden). Soft-capping, sink logits and dropout (a given keep-mask) are
-what SDPA cannot compute: they take explicit scores, each kv head's group of query heads stacked
-on the query axis (one batched matmul; heads never repeated).
-Measured on CPU against the alternatives and the reference: bench/NOTES.md, "The torch backend".
+as (B, 1, 1, P + Lk), packed sequences per row; keys that no query's window reaches are left out
+(a decode step past the window: no prefix concatenated, no mask). An additive `bias` joins
+that mask as SDPA's float mask (-inf where hidden). Soft-capping, sink logits and dropout (a
+given keep-mask) are what SDPA cannot compute: they take explicit scores, each kv head's group
+of query heads stacked on the query axis (one batched matmul; heads never repeated). Measured on CPU against the alternatives and the reference: bench/NOTES.md, "The torch backend".
 
 Inputs arrive validated by `ptuning_fast.ops`. Each op's `*_not_supported_reasons` says what
 this backend cannot compute (xformers' dispatch idea); `ops` refuses or skips it then.
@@ -136,10 +136,27 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
+    window_size = tuple(window_size)
+    drop_p, drop_s = _unreached(Lq, Lk, P, window_size[0], prefix_in_window, segments)
+    if drop_p == P and P and torch.is_grad_enabled() and (prefix_k.requires_grad
+                                                         or prefix_v.requires_grad):
+        # A prefix left out entirely would get no gradient (None) instead of the reference's
+        # zeros; in training it stays (and then every key, the window counting from it).
+        drop_p = drop_s = 0
+    if drop_p or drop_s:
+        # Keys no query's window reaches are left out before anything is built: a decode step
+        # past the window concatenates no prefix and needs no mask. Their gradients are the
+        # slices' zeros, as the reference's.
+        bias, dropout_mask = (_keep_columns(t, P, drop_p, drop_s) for t in (bias, dropout_mask))
+        if drop_p:
+            prefix_k, prefix_v = prefix_k[..., drop_p:, :], prefix_v[..., drop_p:, :]
+        k, v = k[:, :, drop_s:], v[:, :, drop_s:]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, drop_s:]
+        P, Lk = P - drop_p, Lk - drop_s
     if P:
         k = torch.cat([_per_row(prefix_k, prefix_index, B), k], dim=2)
         v = torch.cat([_per_row(prefix_v, prefix_index, B), v], dim=2)
-    window_size = tuple(window_size)
     mask = visible_mask(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
                         device=q.device, window_size=window_size,
                         prefix_in_window=prefix_in_window, segments=segments)
@@ -163,6 +180,33 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
     if any_visible is not None:
         out = out * any_visible
     return out
+
+
+def _unreached(q_len, k_len, prefix_len, left, prefix_in_window, segments):
+    """(prefix keys, sequence keys) at the start of each that no query's left window reaches.
+    Query i reaches sequence position i + (Lk - Lq) - left, so the first query's bound holds
+    for all; with `prefix_in_window` prefix column c sits at c - P, and sequence keys go only
+    with the whole prefix (the window's count from the prefix must not move). None when packed
+    (each sequence has its own start) or without a left window."""
+    if left < 0 or segments is not None:
+        return 0, 0
+    first = k_len - q_len - left
+    if not prefix_in_window:
+        return 0, max(first, 0)
+    if first < 0:
+        return max(first + prefix_len, 0), 0
+    return prefix_len, first
+
+
+def _keep_columns(t, prefix_len, drop_p, drop_s):
+    """`t` (..., P + Lk) without its first drop_p prefix and first drop_s sequence columns."""
+    if t is None:
+        return None
+    if drop_s == 0:
+        return t[..., drop_p:]
+    if drop_p == prefix_len:
+        return t[..., prefix_len + drop_s:]
+    return torch.cat([t[..., drop_p:prefix_len], t[..., prefix_len + drop_s:]], dim=-1)
 
 
 def _sdpa(q, k, v, mask, scale):

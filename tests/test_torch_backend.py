@@ -256,31 +256,72 @@ def test_visible_mask_is_the_references_visible_keys(Lq, Lk, P):
                         assert torch.equal(got, want), kw
 
 
-@pytest.mark.parametrize("Lq, terms, want_mask", [
-    (8, dict(window_size=(3, -1)), (1, 1, 8, 13)),                  # one plane for every row
-    (8, dict(window_size=(4096, -1)), (1, 1, 8, 13)),               # hides no key: causal only
-    (1, dict(window_size=(4096, -1)), None),                        # decode: no mask at all
-    (1, dict(window_size=(3, -1)), (1, 1, 1, 13)),
-    (8, dict(window_size=(3, 2), causal=False), (1, 1, 8, 13)),
-    (8, dict(position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)), (2, 1, 8, 13)),
-    (8, dict(bias=torch.zeros(1, 8, 8, 13)), (1, 8, 8, 13)),       # float mask, bias's shape
-    (8, dict(bias=torch.zeros(2, 1, 8, 13), window_size=(3, -1)), (2, 1, 8, 13)),
+@pytest.mark.parametrize("Lq, terms, want_keys, want_mask", [
+    (8, dict(window_size=(4096, -1)), 13, (1, 1, 8, 13)),       # hides no key: causal only
+    (1, dict(window_size=(4096, -1)), 13, None),                # decode: no mask at all
+    (8, dict(window_size=(3, -1)), 11, (1, 1, 8, 11)),          # one plane for every row;
+    (8, dict(window_size=(3, 2), causal=False), 11, (1, 1, 8, 11)),   # 2 prefix keys unreached
+    (1, dict(window_size=(3, -1)), 4, None),                    # decode past the window:
+    (1, dict(window_size=(3, -1), prefix_in_window=False), 9, None),  # only what it sees
+    (8, dict(position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)), 13, (2, 1, 8, 13)),
+    (8, dict(bias=torch.zeros(1, 8, 8, 13)), 13, (1, 8, 8, 13)),    # float mask, bias's shape
+    (8, dict(bias=torch.zeros(2, 1, 8, 13), window_size=(3, -1)), 11, (2, 1, 8, 11)),
+    (3, dict(bias=torch.zeros(1, 1, 3, 13), window_size=(3, -1), prefix_in_window=False), 11,
+     (1, 1, 3, 11)),                                            # the bias's middle cut out
 ])
-def test_terms_fast_path_shapes(monkeypatch, Lq, terms, want_mask):
+def test_terms_fast_path_shapes(monkeypatch, Lq, terms, want_keys, want_mask):
     """Windows and packing reach SDPA inside the one bool mask (shared by rows and heads where
-    they allow it), a bias as the float mask; heads unrepeated."""
+    they allow it), a bias as the float mask; keys no query's window reaches are left out
+    (without gradients to keep); heads unrepeated."""
     spy = _SdpaSpy()
     monkeypatch.setattr(torch_path.F, "scaled_dot_product_attention", spy)
     case = Case(2, 8, 2, Lq, 8, 16, 5, "shared", "none")
     (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
     terms = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in terms.items()}
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", None)   # would raise if called
-    torch_backend(q, k, v, pk, pv, **terms)
+    out = torch_backend(q, k, v, pk, pv, **terms)
     (_, k_shape, mask_shape, _), = spy.calls
-    assert k_shape == (2, 2, 13, 16)
+    assert k_shape == (2, 2, want_keys, 16)
     if Lq == 1 and want_mask is not None:                 # decode: per kv head, group stacked
         want_mask = (want_mask[0], 1, 1, want_mask[3])
     assert mask_shape == want_mask
+    monkeypatch.undo()
+    assert_close(out, exact(q, k, v, pk, pv, **terms), torch.float32)
+
+
+@pytest.mark.parametrize("case, spec", [
+    (Case(3, 8, 2, 1, 19, 16, 5, "task", "left"), "bwcs"),
+    (Case(3, 8, 2, 1, 19, 16, 5, "row", "right"), "bWs"),
+    (Case(2, 4, 2, 9, 23, 16, 6, "shared", "random"), "bwc"),
+    (Case(2, 4, 2, 5, 21, 16, 4, "task", "right"), "bW"),
+    (Case(1, 4, 1, 1, 12, 16, 0, "none", "left"), "w"),
+], ids=str)
+def test_unreached_keys_left_out_without_gradients(case, spec):
+    """Inference (what generation runs): keys before every query's window, the whole prefix
+    included, are left out; the same output as the reference, with dropout the same drops."""
+    inputs, mask, index = make_inputs(case, torch.float32, requires_grad=False)
+    terms = make_terms(case, spec, torch.float32)
+    with torch.no_grad():
+        got = torch_backend(*inputs, attention_mask=mask, prefix_index=index, **terms)
+        assert_close(got, exact(*inputs, attention_mask=mask, prefix_index=index, **terms),
+                     torch.float32)
+        kw = dict(attention_mask=mask, prefix_index=index, dropout_p=0.25, dropout_seed=7,
+                  **terms)
+        dropped = torch_backend(*inputs, **kw)
+        want = pf.prefix_attention(*inputs, backend="reference", **kw)
+        assert_close(dropped, want, torch.float32)
+
+
+def test_a_prefix_no_window_reaches_still_gets_zero_gradients():
+    """In training a wholly unreached prefix stays in (leaving it out would give it no
+    gradient at all): zeros, as the reference's."""
+    case = Case(2, 4, 2, 1, 15, 8, 3, "shared", "none")
+    inputs, _, _ = make_inputs(case, torch.float32)
+    out = torch_backend(*inputs, window_size=(4, -1))
+    grads = torch.autograd.grad(out.sum(), inputs)
+    assert torch.equal(grads[3], torch.zeros_like(grads[3]))
+    assert torch.equal(grads[4], torch.zeros_like(grads[4]))
+    assert_close(out, exact(*inputs, window_size=(4, -1)), torch.float32)
 
 
 @pytest.mark.parametrize("terms", [dict(softcap=5.0), dict(sinks=torch.randn(8))])
