@@ -10,7 +10,8 @@ as (B, 1, 1, P + Lk), packed sequences per row; keys that no query's window reac
 (a decode step past the window: no prefix concatenated, no mask). An additive `bias` joins
 that mask as SDPA's float mask (-inf where hidden). Soft-capping, sink logits and dropout (a
 given keep-mask) are what SDPA cannot compute: they take explicit scores, each kv head's group
-of query heads stacked on the query axis (one batched matmul; heads never repeated). Measured on CPU against the alternatives and the reference: bench/NOTES.md, "The torch backend".
+of query heads stacked on the query axis (one batched matmul; heads never repeated). Measured
+on CPU against the alternatives and the reference: bench/NOTES.md, "The torch backend".
 
 Inputs arrive validated by `ptuning_fast.ops`. Each op's `*_not_supported_reasons` says what
 this backend cannot compute (xformers' dispatch idea); `ops` refuses or skips it then.
