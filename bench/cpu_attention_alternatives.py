@@ -95,15 +95,21 @@ def candidates(x: providers.AttnInputs, decode: bool) -> dict:
     return out
 
 
+def attention_inputs(B, Hq, Hkv, Lq, Lk, D, P, requires_grad: bool):
+    """q, k, v in transformers' layout ((B, L, H, D) seen as (B, H, L, D)) and a shared
+    (Hkv, P, D) prefix, random (seed 0)."""
+    torch.manual_seed(0)
+    q = torch.randn(B, Lq, Hq, D).transpose(1, 2).requires_grad_(requires_grad)
+    k = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(requires_grad)
+    v = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(requires_grad)
+    pk = torch.randn(Hkv, P, D, requires_grad=requires_grad)
+    pv = torch.randn(Hkv, P, D, requires_grad=requires_grad)
+    return q, k, v, pk, pv
+
+
 def measure(B, Hq, Hkv, Lq, Lk, D, P, backward: bool, rounds: int = 30):
     decode = Lq == 1
-    torch.manual_seed(0)
-    # transformers' layout: (B, L, H, D) seen as (B, H, L, D)
-    q = torch.randn(B, Lq, Hq, D).transpose(1, 2).requires_grad_(backward)
-    k = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(backward)
-    v = torch.randn(B, Lk, Hkv, D).transpose(1, 2).requires_grad_(backward)
-    pk = torch.randn(Hkv, P, D, requires_grad=backward)
-    pv = torch.randn(Hkv, P, D, requires_grad=backward)
+    q, k, v, pk, pv = attention_inputs(B, Hq, Hkv, Lq, Lk, D, P, backward)
     x = providers.AttnInputs(q, k, v, pk, pv)
     exact = reference.attend(q.double(), k.double(), v.double(), pk.double(), pv.double())
     grad = torch.randn(B, Hq, Lq, D)
@@ -115,17 +121,24 @@ def measure(B, Hq, Hkv, Lq, Lk, D, P, backward: bool, rounds: int = 30):
             steps[name] = lambda fn=fn: torch.autograd.grad(fn(), [q, k, v, pk, pv], grad)
         else:
             steps[name] = lambda fn=fn: fn()
+    with torch.set_grad_enabled(backward):
+        medians = alternating_cpu_medians(steps, rounds)
+    return {name: (medians[name], errors[name]) for name in steps}
+
+
+def alternating_cpu_medians(steps: dict, rounds: int) -> dict:
+    """name -> median process CPU ms of `steps[name]()`, after one warm-up call each, over
+    `rounds` rounds that run every step once in rotating order (so load drifts hit all alike)."""
     times = {name: [] for name in steps}
     names = list(steps)
-    with torch.set_grad_enabled(backward):
-        for step in steps.values():
-            step()
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.process_time()
-                steps[name]()
-                times[name].append((time.process_time() - t0) * 1e3)
-    return {name: (statistics.median(t), errors[name]) for name, t in times.items()}
+    for step in steps.values():
+        step()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.process_time()
+            steps[name]()
+            times[name].append((time.process_time() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():

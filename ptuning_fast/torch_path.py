@@ -1,13 +1,17 @@
 """The "torch" backend: prefix attention and prompt embedding in plain PyTorch, written for speed
 where the Triton kernels cannot run (CPU without the interpreter, or inputs the kernels refuse).
 
-Same function as `ptuning_fast.reference` (the definition of correct), computed without the
-reference's copies: the prefix is expanded as a view and concatenated once (SDPA needs one K/V
-tensor), grouped-query heads go to SDPA with `enable_gqa=True` (never repeated), and a boolean
-mask is built only when some key is hidden — the causal part as one (Lq, P + Lk) plane shared
-by every row and head, the padding part as (B, 1, 1, P + Lk). Measured on CPU against the
-alternatives (a two-part softmax merged by log-sum-exp, repeated heads, an additive float
-mask): bench/NOTES.md, "The torch backend".
+Same function as `ptuning_fast.reference` (the definition of correct), every attention term
+included, computed without the reference's copies: the prefix is expanded as a view and
+concatenated once (SDPA needs one K/V tensor), grouped-query heads go to SDPA with
+`enable_gqa=True` (never repeated), and a boolean mask is built only when some key is hidden —
+causal and sliding-window parts as one (Lq, P + Lk) plane shared by every row and head, padding
+as (B, 1, 1, P + Lk), packed sequences per row; keys that no query's window reaches are left out
+(a decode step past the window: no prefix concatenated, no mask). An additive `bias` joins
+that mask as SDPA's float mask (-inf where hidden). Soft-capping, sink logits and dropout (a
+given keep-mask) are what SDPA cannot compute: they take explicit scores, each kv head's group
+of query heads stacked on the query axis (one batched matmul; heads never repeated). Measured
+on CPU against the alternatives and the reference: bench/NOTES.md, "The torch backend".
 
 Inputs arrive validated by `ptuning_fast.ops`. Each op's `*_not_supported_reasons` says what
 this backend cannot compute (xformers' dispatch idea); `ops` refuses or skips it then.
@@ -17,24 +21,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import Reasons, option_in_use, refuse_unknown_options
+from .validation import Reasons, refuse_unknown_options
 
 NAME = "torch"
 
 # Options each op computes here. Any other keyword in use is a reason to refuse: a feature
 # added to the op elsewhere is never silently dropped.
-ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p"})
+ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p",
+                               "bias", "window_size", "prefix_in_window", "softcap", "sinks",
+                               "segments"})
 EMBEDDING_OPTIONS = frozenset({"prompt_index"})
 
 
 def not_supported_reasons(op: str, tensors: dict, options: dict, *, auto: bool = False) -> Reasons:
-    """Why this backend cannot run `op` on these validated inputs. SDPA takes every float dtype
-    on every device, so only options it does not compute are refused."""
+    """Why this backend cannot run `op` on these validated inputs. SDPA and the explicit-scores
+    path take every float dtype on every device and every attention term `ops` knows, so only
+    an option added to the op but not computed here is refused."""
     r = Reasons(op)
     known = ATTENTION_OPTIONS if op == "prefix_attention" else EMBEDDING_OPTIONS
-    if not option_in_use(options.get("window_size")):
-        # prefix_in_window (default True) only says how a window treats the prefix.
-        options = {n: v for n, v in options.items() if n != "prefix_in_window"}
     refuse_unknown_options(r, NAME, known, options)
     return r
 
@@ -66,20 +70,50 @@ def _per_row(prefix, prefix_index, batch):
     return prefix
 
 
-def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, device):
-    """Bool mask broadcastable to (B, Hq, Lq, P + Lk) — (1, 1, Lq, P + Lk) causal only,
-    (B, 1, 1, P + Lk) padding only, (B, 1, Lq, P + Lk) both — or None when every key is visible.
+def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, device,
+                 window_size=(-1, -1), prefix_in_window=True, segments=None):
+    """Bool mask broadcastable to (B, Hq, Lq, P + Lk), or None when every key is visible; the
+    same keys as `ptuning_fast.reference.visible_keys`, with only the axes that vary:
+    (1, 1, Lq, P + Lk) for causal and window (every row and head alike), (B, 1, 1, P + Lk) for
+    padding alone, (B, 1, Lq, P + Lk) for padding with those, or packed `segments` (start, end)
+    (B, L).
 
-    Prefix keys are always visible; sequence key j is visible iff the padding mask allows it
-    and, when causal, j <= i + (Lk - Lq) (bottom-right aligned).
+    Over the concatenation, key J sits at position j = J - P (the prefix at -P .. -1, as in
+    PEFT's cache). Sequence keys (j >= 0) need j <= i + s when causal (s = Lk - Lq: bottom-right
+    aligned) and i + s - left <= j <= i + s + right under a window; prefix keys are visible,
+    except that with a left window and `prefix_in_window` they need j >= i' + s - left too,
+    i' being the query's position in its own packed sequence (i itself when not packed).
     """
+    left, right = window_size
+    shift = k_len - q_len
+    lowest = -prefix_len if prefix_in_window else 0    # the first key a left window reaches
+    # Each condition only where it hides some key (a 4096-token window over 128 keys hides
+    # none, and SDPA without a mask is faster).
+    causal = causal and (q_len > 1 or k_len < q_len)
+    left_hides = left >= 0 and (k_len - 1 - left > lowest or segments is not None)
+    right_hides = right >= 0 and right < q_len - 1
     mask = None
-    if causal and q_len > 1 or causal and k_len < q_len:
-        i = torch.arange(q_len, device=device).view(q_len, 1)
-        j = torch.arange(prefix_len + k_len, device=device).view(1, -1)
-        # Over the concatenation key J = P + j: visible iff J < P or J - P <= i + Lk - Lq.
-        mask = ((j < prefix_len) | (j <= i + (prefix_len + k_len - q_len))).view(
-            1, 1, q_len, prefix_len + k_len)
+    if causal or left_hides or right_hides:
+        # Each condition keeps a band of diagonals of the plane: one tril / triu each (half
+        # the time of building it from aranges and comparisons).
+        seq = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        if causal or right_hides:
+            seq = seq.tril(shift if causal else shift + right)   # causal: right adds nothing
+        if left_hides:
+            seq = seq.triu(shift - left)
+        pre = torch.ones(q_len, prefix_len, dtype=torch.bool, device=device)
+        if left_hides and prefix_in_window and segments is None:
+            pre = pre.triu(prefix_len + shift - left)   # column c at c - P >= i + s - left
+        # (Packed, the prefix's window depends on each row's segments: set below.)
+        mask = torch.cat([pre, seq], dim=1).view(1, 1, q_len, prefix_len + k_len)
+    if segments is not None:
+        start, end = (s.view(batch, 1, q_len, 1) for s in segments)    # Lq == Lk when packed
+        j = torch.arange(-prefix_len, k_len, device=device).view(1, 1, 1, -1)
+        own = (j < 0) | ((j >= start) & (j < end))
+        if left_hides and prefix_in_window:
+            i = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
+            own &= (j >= 0) | (j >= i - start - left)
+        mask = own if mask is None else mask & own
     if attention_mask is not None:
         padding = attention_mask.bool()
         if prefix_len:
@@ -91,29 +125,57 @@ def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
 
 def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
                      attention_mask=None, scale=None, prefix_index=None, dropout_p=0.0,
-                     dropout_mask=None):
+                     dropout_mask=None, bias=None, window_size=(-1, -1), prefix_in_window=True,
+                     softcap=0.0, sinks=None, segments=None):
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] -> (B, Hq, Lq, D), q's dtype.
 
-    Shapes and semantics: `ptuning_fast.reference.prefix_attention`. dropout_p > 0 needs the
-    keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that `ptuning_fast.ops` draws for the seed,
-    the same one the reference backend applies.
+    Shapes and semantics (every term): `ptuning_fast.reference.attend`. dropout_p > 0 needs
+    the keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that `ptuning_fast.ops` draws for the
+    seed, the same one the reference backend applies. `bias` (broadcastable, B and Hq may be 1)
+    and `sinks` (Hq,) get no gradient (ops refuses them requiring one).
     """
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
+    window_size = tuple(window_size)
+    drop_p, drop_s = _unreached(Lq, Lk, P, window_size[0], prefix_in_window, segments)
+    if drop_p == P and P and torch.is_grad_enabled() and (prefix_k.requires_grad
+                                                         or prefix_v.requires_grad):
+        # A prefix left out entirely would get no gradient (None) instead of the reference's
+        # zeros; in training it stays (and then every key, the window counting from it).
+        drop_p = drop_s = 0
+    if drop_p or drop_s:
+        # Keys no query's window reaches are left out before anything is built: a decode step
+        # past the window concatenates no prefix and needs no mask. Their gradients are the
+        # slices' zeros, as the reference's.
+        bias, dropout_mask = (_keep_columns(t, P, drop_p, drop_s) for t in (bias, dropout_mask))
+        if drop_p:
+            prefix_k, prefix_v = prefix_k[..., drop_p:, :], prefix_v[..., drop_p:, :]
+        k, v = k[:, :, drop_s:], v[:, :, drop_s:]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, drop_s:]
+        P, Lk = P - drop_p, Lk - drop_s
     if P:
         k = torch.cat([_per_row(prefix_k, prefix_index, B), k], dim=2)
         v = torch.cat([_per_row(prefix_v, prefix_index, B), v], dim=2)
     mask = visible_mask(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
-                        device=q.device)
+                        device=q.device, window_size=window_size,
+                        prefix_in_window=prefix_in_window, segments=segments)
     any_visible = None
-    if mask is not None and P == 0:
-        # Without a prefix a query may see no key at all: give it every key (finite softmax,
-        # no NaN forward or backward) and zero its output, which also zeroes its gradients.
+    if mask is not None and (P == 0 or window_size[0] >= 0 and prefix_in_window):
+        # A query may see no key at all (the prefix is hidden only by a window over it): give
+        # it every key (finite softmax, no NaN forward or backward) and zero its output, which
+        # also zeroes its gradients — the reference's zeros.
         any_visible = mask.any(dim=-1, keepdim=True)
         mask = mask | ~any_visible
-    if dropout_p > 0:
-        out = _attend_with_dropout(q, k, v, mask, scale, dropout_p, dropout_mask)
+    if bias is not None:
+        # One additive float mask: the bias where visible, -inf where hidden.
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+    if softcap > 0 or sinks is not None or dropout_p > 0:
+        keep = dropout_mask if dropout_p > 0 else None
+        out = _explicit_attention(q, k, v, mask, scale, softcap=softcap, sinks=sinks,
+                                  dropout_p=dropout_p, keep=keep)
     else:
         out = _sdpa(q, k, v, mask, scale)
     if any_visible is not None:
@@ -121,33 +183,116 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
     return out
 
 
+def _unreached(q_len, k_len, prefix_len, left, prefix_in_window, segments):
+    """(prefix keys, sequence keys) at the start of each that no query's left window reaches.
+    Query i reaches sequence position i + (Lk - Lq) - left, so the first query's bound holds
+    for all; with `prefix_in_window` prefix column c sits at c - P, and sequence keys go only
+    with the whole prefix (the window's count from the prefix must not move). None when packed
+    (each sequence has its own start) or without a left window."""
+    if left < 0 or segments is not None:
+        return 0, 0
+    first = k_len - q_len - left
+    if not prefix_in_window:
+        return 0, max(first, 0)
+    if first < 0:
+        return max(first + prefix_len, 0), 0
+    return prefix_len, first
+
+
+def _keep_columns(t, prefix_len, drop_p, drop_s):
+    """`t` (..., P + Lk) without its first drop_p prefix and first drop_s sequence columns."""
+    if t is None:
+        return None
+    if drop_s == 0:
+        return t[..., drop_p:]
+    if drop_p == prefix_len:
+        return t[..., prefix_len + drop_s:]
+    return torch.cat([t[..., drop_p:prefix_len], t[..., prefix_len + drop_s:]], dim=-1)
+
+
 def _sdpa(q, k, v, mask, scale):
+    """SDPA with `mask` (bool: True = visible, or additive float) broadcastable to
+    (B, Hq, Lq, keys)."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     scale = None if scale is None else float(scale)
     if Lq == 1 and Hq != Hkv:
         # Decoding: the group's queries stacked along the query axis of their kv head (a view,
-        # since Lq = 1); a (B, 1, 1, keys) mask broadcasts over them. Faster than enable_gqa's
-        # per-head loop for one query (bench/NOTES.md).
+        # since Lq = 1), the mask's head axis likewise. Faster than enable_gqa's per-head loop
+        # for one query (bench/NOTES.md).
         grouped = q.reshape(B, Hkv, Hq // Hkv, D)
+        if mask is not None:
+            mask = _grouped(mask, Hkv).squeeze(3)
         out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
         return out.reshape(B, Hq, 1, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=Hq != Hkv)
 
 
-def _attend_with_dropout(q, k, v, mask, scale, dropout_p, keep):
-    """Explicit probabilities (SDPA cannot take a given keep-mask), GQA as a broadcast over the
-    group axis: q (B, Hkv, G, Lq, D) against k (B, Hkv, 1, P + Lk, D)."""
+def _grouped(t, kv_heads):
+    """(B | 1, Hq | 1, Lq, keys) -> (B | 1, Hkv | 1, group | 1, Lq, keys), a view: the query
+    heads' axis split as (kv head, group) for the grouped-query broadcast."""
+    heads = t.shape[1]
+    if heads == 1:
+        return t.unsqueeze(2)
+    return t.view(t.shape[0], kv_heads, heads // kv_heads, *t.shape[2:])
+
+
+def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropout_p=0.0,
+                        keep=None):
+    """Attention with explicit scores, for what SDPA cannot take: a logit soft-cap, sink logits,
+    a given dropout keep-mask (B, Hq, Lq, keys). Grouped-query heads never repeated: each kv
+    head's group of query heads stacked along the query axis, (B, Hkv, G * Lq, D) against
+    (B, Hkv, keys, D), one batched matmul; the mask broadcast over the group axis.
+
+    The reference's function: soft-cap, then the additive `mask`, softmax with the sink (Hq,) as
+    one more logit in the denominator and no value, then dropout. From the scores on in float32
+    (float64 for float64): 16-bit inputs are capped and masked more precisely than by the
+    reference, which does it in their dtype (the cap's sigmoid form costs float32 some, below).
+    Scalars go where the tensor is smallest: scale and the cap's 1 / softcap into q (Lq x D,
+    not Lq x keys), 1 / (1 - p) into the output.
+    """
     B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, keys = k.shape[1], k.shape[2]
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
-    scores = torch.matmul(q.view(B, Hkv, group, Lq, D), k.unsqueeze(2).transpose(-1, -2))
-    scores = scores * scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q = q * (2 * scale / softcap if softcap > 0 else scale)
+    scores = torch.matmul(q.reshape(B, Hkv, group * Lq, D), k.transpose(-1, -2))
+    scores = scores.view(B, Hkv, group, Lq, keys).to(compute)
+    sink_shift = 0.0
+    if softcap > 0:
+        # c tanh(x / c) = 2c sigmoid(2x / c) - c, and softmax ignores the constant -c (moved
+        # onto the sink's logit, the one term without it): sigmoid is 10x faster than tanh on
+        # CPU. The price: logits rounded at 2c rather than at their size, an error of about
+        # c * 2^-24 (float32 at c = 30-50: 1.4-5x the float32 reference's error, within the
+        # tolerance table; bench/NOTES.md, "The torch backend").
+        scores = torch.sigmoid(scores) * (2 * softcap)
+        sink_shift = softcap
     if mask is not None:
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1)
-    probs = probs * keep.reshape(B, Hkv, group, Lq, -1) / (1.0 - dropout_p)
-    out = torch.matmul(probs.to(q.dtype), v.unsqueeze(2))
-    return out.reshape(B, Hq, Lq, D)
+        if mask.dtype == torch.bool:
+            # An additive mask of the mask's own (small) shape: adding it broadcast is 4x
+            # faster than masked_fill over the scores.
+            mask = torch.zeros(mask.shape, dtype=compute, device=q.device).masked_fill_(
+                ~mask, float("-inf"))
+        # In place: neither the product's nor the cap's backward reads this tensor.
+        scores.add_(_grouped(mask.to(compute), Hkv))
+    if sinks is not None:
+        # One softmax over [scores, sink] (fused forward and backward: 3x faster than
+        # exp(scores - logaddexp(logsumexp(scores), sink)), and finite on a row of -inf); the
+        # sink's column meets a zero value row instead of being sliced off the probabilities.
+        sink = (sinks.to(compute) + sink_shift).view(1, Hkv, group, 1, 1)
+        probs = torch.softmax(torch.cat([scores, sink.expand(B, Hkv, group, Lq, 1)], dim=-1),
+                              dim=-1)
+        v = torch.cat([v, v.new_zeros(B, Hkv, 1, D)], dim=2)
+        if keep is not None:
+            keep = torch.cat([keep, keep.new_ones(B, Hq, Lq, 1)], dim=-1)
+        keys += 1
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        probs = probs * keep.view(B, Hkv, group, Lq, keys)
+    out = torch.matmul(probs.to(q.dtype).view(B, Hkv, group * Lq, keys), v)
+    if keep is not None:
+        out = out / (1.0 - dropout_p)
+    return out.view(B, Hq, Lq, D)
