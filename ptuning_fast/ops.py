@@ -161,8 +161,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
       sequence as its own row.
 
     backend: "auto" (the Triton kernels on CUDA, else the fast "torch" path, else the
-    reference), or one of them by name; see the module doc. The "torch" backend computes none
-    of the terms above yet: with one in use, "auto" off CUDA takes the reference.
+    reference), or one of them by name; see the module doc. The "torch" backend computes every
+    term above too, so "auto" off CUDA takes it.
     """
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
                            dropout_p, dropout_seed, causal)
