@@ -19,12 +19,14 @@ from .case import Case, Prepared, Unavailable, torch_dtype
 from .flops import BACKWARD_OVER_FORWARD
 
 TERM_SETS = ("none", "window", "softcap", "bias", "sinks", "packed", "gemma2")
-PROVIDERS = ("fused", "naive")
+PROVIDERS = ("fused", "torch", "naive")
+# Provider -> the backend it runs: the kernels, the PyTorch path ("auto" off CUDA), the reference.
+_BACKEND = {"fused": "triton", "torch": "torch", "naive": "reference"}
 
 
 def terms_cases(device: torch.device, quick: bool, provider_names) -> list[Case]:
     """bf16, D = 128, P = 64 on a GPU (Llama-3.2-1B's attention shape); fp32 small on CPU,
-    where only the naive path runs."""
+    where the torch and naive paths run."""
     if device.type == "cuda":
         lengths = (1024,) if quick else (1024, 8192)
         shapes = [("bf16", 64, Lk, _gpu_shape(128, Lk)) for Lk in lengths]
@@ -74,7 +76,7 @@ def prepare_terms(case: Case, device: torch.device) -> Prepared:
     if case.provider == "fused" and device.type != "cuda":
         raise Unavailable("kernel timings need a GPU (on CPU the Triton kernels run only under "
                           "the interpreter, which is not worth timing)")
-    backend = "triton" if case.provider == "fused" else "reference"
+    backend = _BACKEND[case.provider]
     backward = case.mode == "fwd_bwd"
     steps = []
     for _ in range(_input_sets(case, device)):
