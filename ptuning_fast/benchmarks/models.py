@@ -56,8 +56,10 @@ def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
     shape = model_shape(device)
     # GPU: the targets' two lengths (L = 512: no slower than PEFT; L = 4096: 1.3x), 4096 tokens
     # a step at 512 and 8192 at 4096.
+    # CPU: P = 16 and the GPU grid's P = 64 (the prompt share of the work that the shared
+    # prompt pass saves grows with P: (B - 1) P / (B (P + L)) of the frozen model's positions).
     shapes = ([(8, 512, 64, "bf16"), (2, 4096, 64, "bf16")] if device.type == "cuda"
-              else [(4, 128, 16, "fp32")])
+              else [(4, 128, 16, "fp32"), (4, 128, 64, "fp32")][:1 if quick else 2])
     return [Case("train_step", "step", provider, dtype, B=B, Lq=L, P=P, method=method,
                  prepare=prepare_train_step, **_heads(shape))
             for B, L, P, dtype in shapes
@@ -66,10 +68,11 @@ def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
 
 def generate_cases(device: torch.device, quick: bool) -> list[Case]:
     shape = model_shape(device)
-    B, prompt, new, P, dtype = ((8, 128, 64, 64, "bf16") if device.type == "cuda"
-                                else (4, 64, 32, 16, "fp32"))
+    shapes = ([(8, 128, 64, 64, "bf16")] if device.type == "cuda"
+              else [(4, 64, 32, 16, "fp32"), (4, 64, 32, 64, "fp32")][:1 if quick else 2])
     return [Case("generate", "greedy", provider, dtype, B=B, Lq=prompt, Lk=prompt + new, P=P,
                  method=method, prepare=prepare_generate, **_heads(shape))
+            for B, prompt, new, P, dtype in shapes
             for method in METHODS for provider in PROVIDERS + (PEFT_ALGORITHM,)]
 
 
