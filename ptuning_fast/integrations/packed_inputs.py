@@ -67,4 +67,5 @@ def refuse_packed_prompt(position_ids, attention_mask, past_len: int, kwargs: di
             "packed sequences (position_ids restarting inside a row, or cu_seq_lens_q/k) are "
             "not supported with prompt tuning / P-Tuning: the prompt would have to be inserted "
             "before every packed sequence. Pass one sequence per row with an attention_mask, "
-            "or use prefix tuning, which supports packing")
+            "or use prefix tuning, which supports packing on models whose attention goes "
+            "through transformers' AttentionInterface (not Falcon)")
