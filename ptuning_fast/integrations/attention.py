@@ -238,7 +238,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         prefix_len=0 if prefix_k is None else prefix_k.shape[-2], key_len=key.shape[2],
         query_len=query.shape[2], name=_model_name(module, binding))
     if binding is not None and binding.captured is not None:
-        binding.captured.layers[module.layer_idx] = (key, value)
+        binding.captured.layers[index] = (key, value)
     out = ops.layer_prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal,
                                      attention_mask=attention_mask, scale=scaling,
                                      prefix_index=prefix_index, backend=backend,

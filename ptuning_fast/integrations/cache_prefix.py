@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
-from .support import refuse_attention_in_cache_model
+from .support import ones_in_front, refuse_attention_in_cache_model
 
 
 class PrefixedCache(Cache):
@@ -202,9 +202,7 @@ def forward(model, binding, input_ids, attention_mask, inputs_embeds, position_i
     if inner is None and use_cache and not checkpointed:
         inner = DynamicCache(config=base.config)
     P = model.num_virtual_tokens
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P),
-                                    attention_mask], 1)
+    attention_mask = ones_in_front(attention_mask, P)
     if position_ids is not None:
         kwargs["position_ids"] = position_ids + P
     kwargs[cache_argument(base)] = PrefixedCache(binding, inner)
@@ -220,8 +218,7 @@ def generation_step(base_model, binding, kwargs: dict) -> dict:
     mask. The step's output gets generate()'s cache back through `unwrap_output`."""
     inner = _pop_cache(kwargs)
     kwargs[cache_argument(base_model)] = PrefixedCache(binding, inner)
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        kwargs["attention_mask"] = torch.cat(
-            [mask.new_ones(mask.shape[0], binding.prefixes.num_virtual_tokens), mask], 1)
+    if kwargs.get("attention_mask") is not None:
+        kwargs["attention_mask"] = ones_in_front(kwargs["attention_mask"],
+                                                 binding.prefixes.num_virtual_tokens)
     return kwargs

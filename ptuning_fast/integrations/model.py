@@ -24,8 +24,8 @@ from . import attention, seq2seq
 from . import shared_prompt as shared_pass
 from .packed_inputs import packed_segments_of, refuse_packed, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
-from .support import (numbers_positions_from_mask, prefix_in_cache, refuse_unsupported,
-                      supports_shared_prompt, task_type_of)
+from .support import (numbers_positions_from_mask, ones_in_front, prefix_in_cache,
+                      refuse_unsupported, supports_shared_prompt, task_type_of)
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -196,7 +196,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self._shared_prompt = shared_prompt is not False and not self.is_prefix \
             and supports_shared_prompt(base_model, task_type)
         self._shared_prompt_generate = shared_prompt is True
-        self._base_has_dropout = shared_pass.has_dropout(base_model)
+        self._base_has_dropout = self._shared_prompt and shared_pass.has_dropout(base_model)
         if self.uses_own_attention:
             base_model.set_attn_implementation(attention.register())
         elif self._prefix_in_cache and backend != "auto":
@@ -289,8 +289,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         the attention mask (OPT), that numbering over PEFT's mask of P ones + `attention_mask`
         (which covers the cache and the current tokens)."""
         if attention_mask is not None and numbers_positions_from_mask(self.base_model):
-            full = torch.cat([attention_mask.new_ones(attention_mask.shape[0],
-                                                      self.num_virtual_tokens), attention_mask], 1)
+            full = ones_in_front(attention_mask, self.num_virtual_tokens)
             return (full.cumsum(1) * full - 1)[:, -ref.shape[1]:].long()
         embeddings = getattr(getattr(self.base_model, "base_model", None), "embeddings", None)
         if hasattr(embeddings, "create_position_ids_from_input_ids") \
@@ -380,8 +379,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         if shared_pass.applies(self, batch, past_len, kwargs):
             return shared_pass.forward(self, input_ids, attention_mask, labels, task_ids,
                                          inputs_embeds, token_type_ids, **kwargs)
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], 1)
+        attention_mask = ones_in_front(attention_mask, P)
         if past_len:
             # Decoding with a cache that already holds the prompt: only the mask needs it.
             if token_type_ids is not None:
@@ -428,6 +426,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             return seq2seq.generate(self, args, task_ids, kwargs)
         if self.is_prefix:
             generation = attention.Generation(self._binding(task_ids), task_ids)
+            step = self._prefix_step_hook
         elif (self._shared_prompt_generate or input_ids.device.type == "cuda") \
                 and shared_pass.applies(self, input_ids.shape[0], 0, {}):
             # The prompt's keys and values computed once per task, then generated from as a
@@ -439,10 +438,10 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                 prefixes, _ = shared_pass.prompt_pass(self, kwargs.get("token_type_ids"))
             generation = attention.Generation(self._binding(task_ids, prefixes=prefixes),
                                               task_ids)
+            step = self._shared_prompt_step_hook
         else:
             generation = attention.Generation(None, task_ids)
-        step = self._prefix_step_hook if self.is_prefix else self._shared_prompt_step_hook \
-            if generation.binding is not None else self._prompt_step_hook
+            step = self._prompt_step_hook
         hooks = [self.base_model.register_forward_pre_hook(
             functools.partial(self._step_hook, step, generation), with_kwargs=True)]
         if self._prefix_in_cache:     # generate() keeps its own cache of real tokens
@@ -498,9 +497,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             kwargs["inputs_embeds"] = self._embed_with_prompt(
                 ids if embeds is None else None, embeds, task_ids)
             kwargs["input_ids"] = None
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], 1)
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = ones_in_front(kwargs["attention_mask"], P)
         kwargs.pop("position_ids", None)    # PEFT: positions of the [prompt; tokens] sequence
         return args, kwargs
 

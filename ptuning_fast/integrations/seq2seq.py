@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-import torch
-
 from . import attention
+from .support import ones_in_front
+
 
 def _decoder_self_attentions(base_model) -> list:
     """Each decoder layer's self-attention module: BART's `layers[i].self_attn`, T5's
@@ -82,9 +82,7 @@ def forward(model, input_ids, attention_mask, labels, task_ids, inputs_embeds, p
         with decoder_positions_shifted(model.base_model, P):
             return model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                     attention_mask=attention_mask, labels=labels, **kwargs)
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P),
-                                    attention_mask], 1)
+    attention_mask = ones_in_front(attention_mask, P)
     if kwargs.get("encoder_outputs") is not None:
         # The encoder already ran (on a prompted input, with this wrapper's generate or forward):
         # only the mask over its P + L outputs is needed.
@@ -112,9 +110,8 @@ def generate(model, args, task_ids, kwargs):
         raise ValueError("PTuningModel.generate on a seq2seq model runs the encoder itself (on "
                          "the prompt and `input_ids`): do not pass `encoder_outputs` or "
                          "`inputs_embeds`")
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        kwargs["attention_mask"] = torch.cat(
-            [mask.new_ones(mask.shape[0], model.num_virtual_tokens), mask], 1)
+    if kwargs.get("attention_mask") is not None:
+        kwargs["attention_mask"] = ones_in_front(kwargs["attention_mask"],
+                                                 model.num_virtual_tokens)
     embeds = model._embed_with_prompt(input_ids, None, task_ids)
     return model.base_model.generate(*args, inputs_embeds=embeds, **kwargs)

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..prompts import LayerPrefixes
 from . import attention
+from .support import text_config
 
 # Forward kwargs that ask for per-position outputs of the [prompt; tokens] sequence that the two
 # passes would return split (or, for the cache, without the prompt): the concatenation runs then.
@@ -70,7 +71,8 @@ def prompt_pass(wrapper, token_type_ids=None):
     """Pass 1: the model on the task prompts -> (LayerPrefixes of every layer's prompt keys and
     values, each (Hkv, P, D) or (T, Hkv, P, D) with several tasks; (T, P, V) logits)."""
     prompt = wrapper.prompt_encoder().to(wrapper._model_dtype())
-    rows = prompt.unsqueeze(0) if prompt.dim() == 2 else prompt
+    shared = prompt.dim() == 2                        # one task: (P, d), else (T, P, d)
+    rows = prompt.unsqueeze(0) if shared else prompt
     capture = wrapper._binding(None)
     capture.captured = attention.CapturedKV()
     kwargs = {} if token_type_ids is None \
@@ -84,11 +86,9 @@ def prompt_pass(wrapper, token_type_ids=None):
                            f"attention of layers {sorted(kept)}, expected 0..{layers - 1}")
     per_layer = []
     for index in range(layers):
-        k, v = kept[index]
-        kv = torch.stack([k, v])                      # (2, T, Hkv, P, D)
-        per_layer.append(kv[:, 0] if prompt.dim() == 2 else kv)
-    return LayerPrefixes(None, rows.shape[0] if prompt.dim() == 3 else 1, tuple(per_layer)), \
-        out.logits
+        kv = torch.stack(kept[index])                 # (2, T, Hkv, P, D)
+        per_layer.append(kv[:, 0] if shared else kv)
+    return LayerPrefixes(None, 1 if shared else rows.shape[0], tuple(per_layer)), out.logits
 
 
 def forward(wrapper, input_ids, attention_mask, labels, task_ids, inputs_embeds,
@@ -113,7 +113,7 @@ def forward(wrapper, input_ids, attention_mask, labels, task_ids, inputs_embeds,
     logits = torch.cat([rows.to(out.logits.dtype), out.logits], dim=1)
     if labels is not None:
         padded = torch.cat([labels.new_full((batch, P), -100), labels], 1)
-        vocab = wrapper.base_model.config.get_text_config().vocab_size
+        vocab = text_config(wrapper.base_model).vocab_size
         # The user's kwargs (num_items_in_batch, ...) as the model hands its own to the loss.
         out.loss = wrapper.base_model.loss_function(logits=logits, labels=padded,
                                                     vocab_size=vocab, **kwargs)

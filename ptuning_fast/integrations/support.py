@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 
 # transformers' class-name suffixes of the heads PEFT has a task type for.
@@ -48,6 +49,12 @@ def uses_attention_interface(model: nn.Module) -> bool:
     return bool(getattr(cls, "_supports_attention_backend", False))
 
 
+def text_config(model: nn.Module):
+    """The config of `model`'s text stack (multimodal configs nest it), else the config."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def supports_shared_prompt(model: nn.Module, task_type: str) -> bool:
     """Whether Prompt Tuning / P-Tuning on `model` can compute the prompt once per task
     (integrations/shared_prompt.py): a decoder-only causal LM (its prompt positions see only the
@@ -58,9 +65,7 @@ def supports_shared_prompt(model: nn.Module, task_type: str) -> bool:
         return False
     if not uses_attention_interface(model) or not hasattr(model, "set_attn_implementation"):
         return False
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return not getattr(text_config, "num_kv_shared_layers", 0)
+    return not getattr(text_config(model), "num_kv_shared_layers", 0)
 
 
 # Encoder-decoders whose prefix tuning is implemented (integrations/seq2seq.py).
@@ -72,6 +77,14 @@ PREFIX_SEQ2SEQ_MODEL_TYPES = ("bart", "t5")
 # at -1) rather than from the cache length: under PEFT that numbering runs over the P ones its
 # mask gets for the prefix, so the wrapper numbers real tokens the same way.
 _POSITIONS_FROM_MASK = ("opt",)
+
+
+def ones_in_front(mask, count: int):
+    """PEFT's attention mask for `count` virtual tokens in front of the tokens: (B, count + L),
+    `count` ones then `mask` (B, L); None stays None (every key visible)."""
+    if mask is None:
+        return None
+    return torch.cat([mask.new_ones(mask.shape[0], count), mask], 1)
 
 
 def numbers_positions_from_mask(model: nn.Module) -> bool:
@@ -146,11 +159,10 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             f"{name}: prefix tuning on this encoder-decoder model is not supported (only T5's "
             "and BART's prefix placement is tested against PEFT); Prompt Tuning and P-Tuning "
             "are")
-    text_config = base_model.config.get_text_config() \
-        if hasattr(base_model.config, "get_text_config") else base_model.config
-    if getattr(text_config, "num_kv_shared_layers", 0):
+    shared_kv = getattr(text_config(base_model), "num_kv_shared_layers", 0)
+    if shared_kv:
         raise NotImplementedError(
-            f"{name}: prefix tuning on a model whose last {text_config.num_kv_shared_layers} "
+            f"{name}: prefix tuning on a model whose last {shared_kv} "
             "layers reuse earlier layers' keys and values (num_kv_shared_layers) is not "
             "supported: those layers would need the prefix of the layer they read from")
     if prefix_in_cache(base_model):
