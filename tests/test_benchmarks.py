@@ -152,7 +152,7 @@ def _check_schema(data):
             continue
         assert rec["median_ms"] > 0
         assert rec["peak_mem_mb"] is None            # CPU: no allocator counter, no guess
-        if rec["op"] in ("prefix_attention", "decode"):
+        if rec["op"] in ("prefix_attention", "decode") and rec["provider"] != "copy":
             assert rec["tflops"] > 0
         if rec["op"] in ("decode", "prompt_embedding"):
             assert rec["gbps"] > 0
@@ -166,9 +166,11 @@ def test_cli_quick_writes_json_markdown_and_plots(tmp_path, capsys):
     _check_schema(data)
     assert {r["op"] for r in data["records"]} == {"decode", "prompt_embedding"}
     measured = {(r["op"], r["provider"]) for r in data["records"] if r["skipped"] is None}
-    assert {("decode", "naive"), ("decode", "cat_sdpa"), ("prompt_embedding", "copy")} <= measured
+    assert {("decode", "naive"), ("decode", "cat_sdpa"), ("decode", "copy"),
+            ("prompt_embedding", "copy")} <= measured
     md = (tmp_path / "run.md").read_text()
     assert "CPU figures" in md and "## decode" in md and "## prompt_embedding" in md
+    assert "torch % of copy" in md and "torch speedup vs naive" in md
     if report.plotting_unavailable() is None:     # matplotlib is optional ([bench] extra)
         for op in ("decode", "prompt_embedding"):
             png = tmp_path / f"run-{op}.png"
@@ -281,6 +283,27 @@ def test_gpu_grid_is_the_issues_grid_with_flex_last():
     models_cases = command.build_cases(["train_step"], providers.PROVIDERS, cuda, quick=False)
     assert {(c.B, c.Lq, c.P, c.dtype) for c in models_cases} == {(8, 512, 64, "bf16"),
                                                                  (2, 4096, 64, "bf16")}
+    generate = command.build_cases(["generate"], providers.PROVIDERS, cuda, quick=False)
+    assert {(c.method, c.B, c.provider) for c in generate if c.B == 32} == {
+        ("prefix_tuning", 32, p) for p in ("ptuning_fast", "peft", "peft_algorithm")}
+    decode = command.build_cases(["decode"], providers.PROVIDERS, cuda, quick=False)
+
+    def shapes(cases):
+        return {(c.dtype, c.B, c.Hq, c.Hkv, c.D, c.P, c.Lk) for c in cases}
+    assert ("bf16", 8, 32, 8, 128, 64, 4096) in shapes(decode)
+    assert shapes(c for c in decode if c.provider == "copy") == shapes(decode)
+
+
+def test_decode_copy_moves_the_bytes_of_the_step():
+    """The decode target's yardstick: a copy of as many bytes as the step reads and writes."""
+    case = next(c for c in bench_attention.decode_cases(torch.device("cpu"), True, ["naive"])
+                if c.provider == "copy")
+    prepared = case.prepare(case, torch.device("cpu"))
+    step_bytes = flops.attention_fwd_bytes(case.B, case.Hq, case.Hkv, 1, case.Lk, case.P,
+                                           case.D, 4)
+    assert prepared.bytes == step_bytes and prepared.flops is None
+    out = prepared.step()
+    assert out.numel() * 4 * 2 == step_bytes
 
 
 def _measured(op, mode, provider, ms, **fields):
@@ -302,6 +325,21 @@ def test_targets_table_judges_the_worst_case():
     ours.update(tokens_per_s=4096 / 0.1, peak_mem_mb=6000.0)
     theirs.update(tokens_per_s=4096 / 0.12, peak_mem_mb=10000.0)
     records += [ours, theirs]
+    # decode at Lk = 4096 and 1024: fused moves the step's bytes at 60% / 90% of the copy's
+    # rate; naive takes 2.5x / 3x its time. Only Lk >= 4096 counts for the bandwidth share.
+    for Lk, share, naive in ((4096, 0.6, 2.5), (1024, 0.9, 3.0)):
+        decode = dict(B=8, Hq=32, Hkv=8, Lq=1, Lk=Lk, P=64, D=128, causal=True)
+        fused = _measured("decode", "fwd", "fused", 1.0, **decode)
+        copy = _measured("decode", "fwd", "copy", 0.5, **decode)
+        fused.update(gbps=1000.0 * share)
+        copy.update(gbps=1000.0)
+        records += [fused, copy, _measured("decode", "fwd", "naive", naive, **decode)]
+    for B, ours_tps in ((8, 500.0), (32, 1400.0)):     # vs 1000 tok/s: 1.40x counted at B = 32
+        gen = dict(B=B, Lq=128, Lk=192, P=64, Hq=32, Hkv=8, D=64, method="prefix_tuning")
+        for provider, tps in (("ptuning_fast", ours_tps), ("peft_algorithm", 1000.0)):
+            rec = _measured("generate", "greedy", provider, 1.0, **gen)
+            rec.update(tokens_per_s=tps)
+            records.append(rec)
     head = {"device": "NVIDIA H100 80GB HBM3", "created": "2026-01-01T00:00:00+00:00",
             "torch": "t", "triton": "t", "transformers": "t"}
     md = report.markdown(head, records)
@@ -316,6 +354,11 @@ def test_targets_table_judges_the_worst_case():
     assert verdict["train step (prefix tuning) peak memory vs PEFT"] == \
         "1 | 0.60x | <= 0.70x | yes |"
     assert verdict["prefix attention fwd TFLOP/s, Lk = 8192"] == "0 | – | >= 450 TF/s | no data |"
+    assert verdict["decode step, share of copy bandwidth, Lk >= 4096"] == \
+        "1 | 60% | >= 70% | no |"
+    assert verdict["decode step vs naive"] == "2 | 2.50x | >= 2.00x | yes |"
+    assert verdict["generate (prefix tuning, B >= 32) tokens/s vs PEFT's algorithm"] == \
+        "1 | 1.40x | >= 1.30x | yes |"
     cpu = report.markdown({**head, "device": "CPU: x"}, records)
     assert "## Targets (docs/design.md)" not in cpu and "## Targets without Triton" in cpu
     cpu_verdict = {line.split(" | ")[0].lstrip("| "): line.split(" | ", 1)[1]

@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from . import flops, providers
-from .case import Case, Prepared, torch_dtype
+from .case import Case, Prepared, device_copy, torch_dtype
 
 TOKENS_PER_BATCH = 16384   # B = 16384 // Lk: enough work to fill an H100 at every length
 HIDDEN = 2048              # Hq = HIDDEN // D, Hkv = Hq // 4 (GQA 4:1), as in Llama-3.2-1B
@@ -60,7 +60,8 @@ DECODE_ISSUE_SHAPE = (4096, {"B": 8, "Hq": 32, "Hkv": 8, "D": 128})
 def decode_cases(device: torch.device, quick: bool, provider_names) -> list[Case]:
     """One new token per row against a cache of Lk - 1 past tokens, with a P = 64 prefix.
     GB/s counts the bytes one step must move: the K/V cache, the prefix, q and the output once
-    (`flops.attention_fwd_bytes`)."""
+    (`flops.attention_fwd_bytes`). Every shape also times "copy", a device copy moving those
+    bytes: the bandwidth this device measurably reaches, which the decode target is a share of."""
     if device.type == "cuda":
         grid = [(64, 8192)] if quick else [(D, Lk) for D in (64, 128) for Lk in (1024, 8192)]
         shapes = [("bf16", 64, Lk, {"B": 8, "Hq": HIDDEN // D, "Hkv": HIDDEN // D // 4, "D": D})
@@ -69,8 +70,8 @@ def decode_cases(device: torch.device, quick: bool, provider_names) -> list[Case
     else:
         shapes = [("fp32", 16, 512, {"B": 2, "Hq": 8, "Hkv": 2, "D": 64})]
     cases = [Case("decode", "fwd", name, dtype, Lq=1, Lk=Lk, P=P, causal=True,
-                  prepare=prepare_attention, **shape)
-             for dtype, P, Lk, shape in shapes for name in provider_names]
+                  prepare=prepare_decode_copy if name == "copy" else prepare_attention, **shape)
+             for dtype, P, Lk, shape in shapes for name in [*provider_names, "copy"]]
     if device.type == "cuda":     # one compiled FlexAttention decode shape is enough
         cases = [c for c in cases if c.provider != "flex" or (c.D, c.Lk) == (64, 8192)]
     return _compiled_last(cases)
@@ -124,3 +125,11 @@ def prepare_attention(case: Case, device: torch.device) -> Prepared:
                                     case.causal, case.mode),
         bytes=(flops.attention_fwd_bytes(case.B, case.Hq, case.Hkv, case.Lq, case.Lk, case.P,
                                          case.D, element) if decode else None))
+
+
+def prepare_decode_copy(case: Case, device: torch.device) -> Prepared:
+    """A device copy of as many bytes as the decode step moves (half read, half written)."""
+    dtype = torch_dtype(case.dtype)
+    step_bytes = flops.attention_fwd_bytes(case.B, case.Hq, case.Hkv, case.Lq, case.Lk, case.P,
+                                           case.D, dtype.itemsize)
+    return device_copy(step_bytes // (2 * dtype.itemsize), device, dtype)

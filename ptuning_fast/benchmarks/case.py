@@ -10,10 +10,13 @@ dependency lands.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from . import flops
 
 
 class Unavailable(Exception):
@@ -66,3 +69,17 @@ class Case:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def device_copy(numel: int, device: torch.device, dtype: torch.dtype) -> Prepared:
+    """The bandwidth yardstick of the memory-bound ops (provider "copy"): a plain device copy of
+    `numel` elements, two source/destination pairs in rotation (no pair stays in cache between
+    calls). Its GB/s count every byte read and written."""
+    pairs = [(torch.randn(numel, device=device, dtype=dtype),
+              torch.empty(numel, device=device, dtype=dtype)) for _ in range(2)]
+    rotation = itertools.cycle(pairs)
+
+    def copy_step():
+        src, dst = next(rotation)
+        return dst.copy_(src)
+    return Prepared(step=copy_step, bytes=flops.copy_bytes(numel, dtype.itemsize))

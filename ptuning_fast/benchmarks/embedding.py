@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import flops
-from .case import Case, Prepared, Unavailable, torch_dtype
+from .case import Case, Prepared, Unavailable, device_copy, torch_dtype
 
 PROVIDERS = ("fused", "torch", "naive", "copy")
 VOCAB_GPU = 128256   # Llama-3's vocabulary
@@ -47,15 +47,7 @@ def prepare_prompt_embedding(case: Case, device: torch.device) -> Prepared:
     weight = torch.randn(vocab, d, device=device, dtype=dtype)
     element = dtype.itemsize
     if case.provider == "copy":
-        numel = B * (P + L) * d
-        pairs = [(torch.randn(numel, device=device, dtype=dtype),
-                  torch.empty(numel, device=device, dtype=dtype)) for _ in range(2)]
-        rotation = itertools.cycle(pairs)
-
-        def copy_step():
-            src, dst = next(rotation)
-            return dst.copy_(src)
-        return Prepared(step=copy_step, bytes=flops.copy_bytes(numel, element))
+        return device_copy(B * (P + L) * d, device, dtype)
     if case.provider == "fused":
         if device.type != "cuda":
             raise Unavailable("kernel timings need a GPU (on CPU the Triton kernels run only "

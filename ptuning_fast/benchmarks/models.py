@@ -68,12 +68,15 @@ def train_step_cases(device: torch.device, quick: bool) -> list[Case]:
 
 def generate_cases(device: torch.device, quick: bool) -> list[Case]:
     shape = model_shape(device)
-    shapes = ([(8, 128, 64, 64, "bf16")] if device.type == "cuda"
-              else [(4, 64, 32, 16, "fp32"), (4, 64, 32, 64, "fp32")][:1 if quick else 2])
+    # GPU: every method at batch 8, and prefix tuning at the decode target's batch 32 (where a
+    # step's attention reads 32 rows' caches and the shared prefix once).
+    shapes = ([(8, 128, 64, 64, "bf16", METHODS), (32, 128, 64, 64, "bf16", ("prefix_tuning",))]
+              if device.type == "cuda" else
+              [(4, 64, 32, P, "fp32", METHODS) for P in (16, 64)][:1 if quick else 2])
     return [Case("generate", "greedy", provider, dtype, B=B, Lq=prompt, Lk=prompt + new, P=P,
                  method=method, prepare=prepare_generate, **_heads(shape))
-            for B, prompt, new, P, dtype in shapes
-            for method in METHODS for provider in PROVIDERS + (PEFT_ALGORITHM,)]
+            for B, prompt, new, P, dtype, methods in shapes
+            for method in methods for provider in PROVIDERS + (PEFT_ALGORITHM,)]
 
 
 def build_base_model(device: torch.device, dtype: torch.dtype):

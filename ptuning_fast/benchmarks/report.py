@@ -70,20 +70,23 @@ def op_table(op: str, records: list[dict]) -> str:
     lead = _lead(op, rows)
     others = [p for p in names if p != lead and p != "copy"]
     titles = [COLUMN_TITLES.get(k, {}).get(op, k) for k in ROW_KEYS[op]] + names
-    if lead and op == "prompt_embedding":
+    speedups = lead and op != "prompt_embedding"
+    shares = lead and "copy" in names
+    if shares:
         titles += [f"{p} % of copy" for p in names if p != "copy"]
-    elif lead:
+    if speedups:
         titles += [f"{lead} speedup vs {p}" for p in others]
         if op in ("train_step", "generate"):
             titles += [f"{lead} memory / {p}" for p in others]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for key, row in rows.items():
         cells = [str(k) for k in key] + [_cell(op, row[p]) if p in row else "" for p in names]
-        if lead and op == "prompt_embedding":
+        if shares:
             copy = row.get("copy")
-            cells += [f"{100 * row[p]['gbps'] / copy['gbps']:.0f}%" if p in row and copy else ""
+            cells += [f"{100 * row[p]['gbps'] / copy['gbps']:.0f}%"
+                      if p in row and row[p]["gbps"] and copy and copy["gbps"] else ""
                       for p in names if p != "copy"]
-        elif lead:
+        if speedups:
             base = row.get(lead)
             cells += [f"{row[p]['median_ms'] / base['median_ms']:.2f}x" if base and p in row
                       else "" for p in others]

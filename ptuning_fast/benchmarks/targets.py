@@ -63,6 +63,14 @@ TARGETS = (
     Target("prompt embedding, share of copy bandwidth", "prompt_embedding",
            lambda r: r["dtype"] == "bf16" and r["B"] * r["Lq"] >= 65536,
            _ratio("fused", "copy", "gbps"), 0.8, unit=" of copy"),
+    Target("decode step, share of copy bandwidth, Lk >= 4096", "decode",
+           lambda r: _bf16_d128(r) and r["Lk"] >= 4096,
+           _ratio("fused", "copy", "gbps"), 0.7, unit=" of copy"),
+    Target("decode step vs naive", "decode", _bf16_d128,
+           _ratio("naive", "fused", "median_ms"), 2.0),
+    Target("generate (prefix tuning, B >= 32) tokens/s vs PEFT's algorithm", "generate",
+           lambda r: r["method"] == "prefix_tuning" and r["dtype"] == "bf16" and r["B"] >= 32,
+           _ratio("ptuning_fast", "peft_algorithm", "tokens_per_s"), 1.3),
 )
 
 
