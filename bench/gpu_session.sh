@@ -9,7 +9,8 @@
 #   bash bench/gpu_session.sh bench   # install, the full `ptuning-fast bench`            (< 9.5 min)
 #   bash bench/gpu_session.sh all     # both in one command, every step cut to fit 9.5 minutes
 #
-# Recommended: two device calls, `check` then `bench` (timeout_s=600 each). Every step runs under
+# With the present 15 minutes of device time per task: one call, `all` (timeout_s=600). With
+# more, two calls, `check` then `bench` (timeout_s=600 each). Every step runs under
 # `timeout -s INT`: an interrupted bench still writes the cases it measured (the rest are recorded
 # as not run). Comes back under $OUT (4 files at most):
 #   check.log            install, nvidia-smi, versions, pytest, verify
