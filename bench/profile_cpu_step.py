@@ -19,6 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 from ptuning_fast.benchmarks import command, models
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
 def main(argv: list[str]) -> None:
     op, method, provider = argv[:3]
     torch.set_num_threads(1)
@@ -43,6 +46,10 @@ def main(argv: list[str]) -> None:
     # The profiler clocks operators by wall time: on a loaded machine the total is inflated,
     # the shares are what to read.
     print(f"{case.label()}: {total / steps / 1e3:.1f} ms of operator self time per step")
+    # The linear layers' products: the frozen model's work, the same in every provider.
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    print(f"matrix products ({', '.join(MATMULS)}): {matmul / steps / 1e3:.1f} ms per step, "
+          f"{100 * matmul / total:.1f}%")
     print("| operator | share of self time | calls per step |")
     print("|---|---|---|")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:

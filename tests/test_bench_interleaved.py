@@ -62,7 +62,12 @@ def test_cpu_model_is_an_eight_layer_llama_and_every_method_is_measured():
 
 def test_peft_algorithm_generates_our_tokens(monkeypatch):
     """The generation baseline computes PEFT's function: greedy tokens equal ours, for a prompt
-    that changes them."""
+    that changes them; with transformers' own attention (SDPA), never ptuning_fast's."""
+    from ptuning_fast.integrations import attention
+    calls = []
+    forward = attention.prefix_attention_forward
+    monkeypatch.setattr(attention, "prefix_attention_forward",
+                        lambda *a, **k: calls.append(1) or forward(*a, **k))
     monkeypatch.setattr(models, "SMALL_LLAMA", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256))
@@ -77,8 +82,12 @@ def test_peft_algorithm_generates_our_tokens(monkeypatch):
             for p in ours.prompt_encoder.parameters():
                 p.normal_(std=3.0)
             tokens = ours.generate(input_ids=ids, attention_mask=mask, **kw)
+            ours_calls = len(calls)
             theirs = models.peft_algorithm_generate(ours, ids, mask, **kw)
         assert torch.equal(tokens, theirs), method
+        assert (ours_calls > 0) == ours.uses_own_attention and len(calls) == ours_calls, method
+        assert base.config._attn_implementation == ("ptuning_fast" if ours.uses_own_attention
+                                                   else "sdpa"), method
         assert not torch.equal(tokens, plain), method      # the prompt mattered
 
 

@@ -117,13 +117,17 @@ def _random_batches(case: Case, device, length: int, count: int = 3):
     return [torch.randint(0, vocab, (case.B, length), device=device) for _ in range(count)]
 
 
-def prepare_train_step(case: Case, device: torch.device) -> Prepared:
+def prepare_train_step(case: Case, device: torch.device, compile_model: bool = False) -> Prepared:
+    """A training step of the case's provider and method; `compile_model` runs the tuned model
+    through `torch.compile` (bench/cpu_compile_ab.py; the bench itself times eager models)."""
     model = wrap(build_base_model(device, torch_dtype(case.dtype)), case.provider, case.method,
                  case.P)
     model.train()
     if case.method == CHECKPOINTED:
         model.gradient_checkpointing_enable()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if compile_model:
+        model = torch.compile(model)
     if not trainable:
         raise RuntimeError(f"{case.provider} left no trainable parameter")
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
@@ -178,7 +182,14 @@ def _cache_kwarg(model) -> str:
 
 def peft_algorithm_generate(wrapped, input_ids, attention_mask, **kwargs):
     """PEFT's generation algorithm on `wrapped`'s unwrapped base model, with its trained
-    prompt/prefix (see the module doc); returns the prompt ids and the new ids, as generate()."""
+    prompt/prefix (see the module doc); returns the prompt ids and the new ids, as generate().
+    The base model runs with its own attention implementation (SDPA), as under PEFT: wrapping
+    may have switched it to ptuning_fast's, which `disable_adapter()` undoes meanwhile."""
+    with wrapped.disable_adapter():
+        return _peft_algorithm_generate(wrapped, input_ids, attention_mask, **kwargs)
+
+
+def _peft_algorithm_generate(wrapped, input_ids, attention_mask, **kwargs):
     from transformers import DynamicCache
     base, P = wrapped.base_model, wrapped.num_virtual_tokens
     batch = input_ids.shape[0]

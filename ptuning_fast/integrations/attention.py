@@ -251,7 +251,12 @@ def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_o
     """transformers mask function: returns the 2D padding mask (B, kv_length) over the keys the
     attention function gets (or None); causality, windows, packing and the prefix are handled
     inside the attention function. A sliding-window cache layer keeps only its last keys: then
-    kv_offset > 0 and the mask (over every token seen) is cut to the kept ones."""
+    kv_offset > 0 and the mask (over every token seen) is cut to the kept ones.
+
+    On CPU a mask without padding becomes None: one check per forward, where every layer would
+    otherwise build and apply a (B, 1, 1, P + Lk) mask that hides nothing (12 of a decode step's
+    ~65 us per layer call, bench/NOTES.md). On a GPU the check would be a host sync per forward,
+    and under torch.compile a data-dependent branch: there the mask stays."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_offset + kv_length:
@@ -259,7 +264,10 @@ def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_o
             f"ptuning_fast attention needs a 2D padding mask over all {kv_offset + kv_length} "
             f"tokens (cache + current), got shape {tuple(attention_mask.shape)} (kv_offset="
             f"{kv_offset}, kv_length={kv_length}); static caches are not supported")
-    return attention_mask[:, kv_offset:] if kv_offset else attention_mask
+    mask = attention_mask[:, kv_offset:] if kv_offset else attention_mask
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask
 
 
 def register() -> str:
