@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -229,6 +229,9 @@ class LayerPrefixes:
     kv: torch.Tensor | None
     num_tasks: int
     per_layer: tuple[torch.Tensor, ...] | None = None
+    # Every layer's (key, value) views, split on the first `layer()` call: one unbind per
+    # forward instead of three indexing ops in each layer's attention call (~9 us each on CPU).
+    _layers: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def _any(self) -> torch.Tensor:
         return self.kv if self.per_layer is None else self.per_layer[0]
@@ -242,8 +245,10 @@ class LayerPrefixes:
         return self.kv.shape[0] if self.per_layer is None else len(self.per_layer)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.kv[index] if self.per_layer is None else self.per_layer[index]
-        return kv[0], kv[1]
+        if self._layers is None:
+            stacked = self.kv.unbind(0) if self.per_layer is None else self.per_layer
+            self._layers = [tuple(kv.unbind(0)) for kv in stacked]
+        return self._layers[index]
 
     def to(self, dtype: torch.dtype) -> "LayerPrefixes":
         if self.per_layer is None:
