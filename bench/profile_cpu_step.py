@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ptuning_fast.benchmarks import command, models
+from ptuning_fast.benchmarks import command
 
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")

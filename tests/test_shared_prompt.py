@@ -156,11 +156,30 @@ def test_generation_same_tokens_as_the_concatenation(mode, T):
 
 
 def test_auto_generates_from_the_concatenation_on_cpu():
-    model = pf.wrap(tiny_llama(0), CONFIGS["prompt"](1))
+    """On CPU "auto" generates from the concatenation, with the base model's own attention
+    (as under PEFT) meanwhile; ours is back afterwards, and a forward of the wrapper
+    inside that generate() (a logits processor) concatenates too."""
+    model, concat = pair("llama", "prompt")
     passes = forward_shapes(model)
     ids, mask, _ = batch("llama", batch_size=3)
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    seen = []
+
+    def processor(input_ids, scores):
+        seen.append(model.base_model.config._attn_implementation)
+        full = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        torch.testing.assert_close(full[:, -1], scores)
+        return scores
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+              pad_token_id=0)
+    ours = model.generate(**kw, logits_processor=[processor])
     assert passes[0] == (3, 7) and (1, P) not in passes     # no prompt pass
+    own = model._base_state.attn                   # what the base model was built with
+    assert own != "ptuning_fast" and seen == [own, own]
+    assert model.base_model.config._attn_implementation == "ptuning_fast"
+    assert torch.equal(ours, concat.generate(**kw))
+    passes.clear()
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert passes == [(1, P), tuple(ids.shape)]              # the shared pass again
 
 
 def test_shared_prompt_argument_is_checked():

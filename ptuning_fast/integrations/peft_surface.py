@@ -34,6 +34,18 @@ class BaseModelState:
                                                           "_attn_implementation", None):
             self.base_model.set_attn_implementation(self.attn)
 
+    @contextlib.contextmanager
+    def base_attention(self):
+        """The base model's own attention implementation meanwhile; on exit, the one that was
+        set on entry (nested uses restore each other's)."""
+        current = getattr(self.base_model.config, "_attn_implementation", None)
+        self.restore_attention()
+        try:
+            yield
+        finally:
+            if current != getattr(self.base_model.config, "_attn_implementation", None):
+                self.base_model.set_attn_implementation(current)
+
     def restore(self, *, training: bool = True) -> None:
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
@@ -111,13 +123,11 @@ class PeftSurfaceMixin:
         was_disabled = self._adapter_disabled
         self._adapter_disabled = True
         try:
-            if self.uses_own_attention:
-                self._base_state.restore_attention()
-            yield self
+            with self._base_state.base_attention() if self.uses_own_attention \
+                    else contextlib.nullcontext():
+                yield self
         finally:
             self._adapter_disabled = was_disabled
-            if self.uses_own_attention and not was_disabled:
-                self.base_model.set_attn_implementation(attention.register())
 
     def unload(self) -> nn.Module:
         """Gives the base model back as it was before wrapping: its parameters' requires_grad

@@ -58,6 +58,11 @@ def applies(wrapper, batch: int, past_len: int, kwargs: dict) -> bool:
     """Whether `wrapper`'s forward of `batch` rows takes the two passes (see the module doc)."""
     if not wrapper._shared_prompt or past_len:
         return False
+    if getattr(wrapper.base_model.config, "_attn_implementation", None) \
+            != attention.ATTN_IMPLEMENTATION:
+        # A forward inside a generate() of the concatenation (a logits processor), which runs
+        # the base model's own attention meanwhile: the concatenation again.
+        return False
     if wrapper.ptuning_config.num_tasks >= batch:
         return False
     if wrapper.base_model.training and wrapper._base_has_dropout:
