@@ -203,20 +203,3 @@ def test_concurrent_generations_of_one_model_in_threads(method):
     assert not errors, errors
     for t in tasks:
         assert torch.equal(together[t], alone[t]), t
-
-
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_static_cache_is_refused(method):
-    # Prefix: the static cache's padded keys break the bottom-right causal alignment (tokens
-    # silently differed); prompt: generate() builds a 4D mask the prompt cannot be prepended to.
-    ours, _ = wrapped_and_twin("llama", CONFIGS[method])
-    ids, mask, _ = batch("llama", padding="left")
-    with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
-        generate(ours, ids, mask, do_sample=False, cache_implementation="static")
-    from transformers import StaticCache
-    cache = StaticCache(config=ours.base_model.config, max_cache_len=32)
-    with pytest.raises(NotImplementedError, match="StaticCache"):
-        generate(ours, ids, mask, do_sample=False, past_key_values=cache)
-    if method == "prefix":
-        with pytest.raises(NotImplementedError, match="StaticCache"):
-            ours(input_ids=ids, attention_mask=mask, past_key_values=cache)

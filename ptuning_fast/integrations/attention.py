@@ -213,7 +213,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"ptuning_fast attention expects the 2D padding mask (B, Lk), got shape "
-            f"{tuple(attention_mask.shape)}; 4D masks (or static caches) are not supported")
+            f"{tuple(attention_mask.shape)}; 4D masks are not supported")
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
+        # A static cache's prefill: the mask covers the written slots (`_static_cache_mask`).
+        written = attention_mask.shape[-1]
+        key, value = key[:, :, :written], value[:, :, :written]
     if torch.is_autocast_enabled(query.device.type):
         # Autocast skips custom ops but casts the attention transformers would run (SDPA, eager's
         # matmuls) to its dtype: do the same. Inputs may arrive mixed: RoPE with fp32 cos/sin
@@ -251,22 +255,66 @@ def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_o
     """transformers mask function: returns the 2D padding mask (B, kv_length) over the keys the
     attention function gets (or None); causality, windows, packing and the prefix are handled
     inside the attention function. A sliding-window cache layer keeps only its last keys: then
-    kv_offset > 0 and the mask (over every token seen) is cut to the kept ones.
+    kv_offset > 0 and the mask (over every token seen) is cut to the kept ones. A static cache
+    hands over its whole buffer of kv_length slots, of which q_offset + q_length are written:
+    see `_static_cache_mask`.
 
     On CPU a mask without padding becomes None: one check per forward, where every layer would
     otherwise build and apply a (B, 1, 1, P + Lk) mask that hides nothing (12 of a decode step's
     ~65 us per layer call, bench/NOTES.md). On a GPU the check would be a host sync per forward,
     and under torch.compile a data-dependent branch: there the mask stays."""
+    if _is_static_cache(q_length, kv_length, q_offset, kv_offset, kwargs.get("config")):
+        return _static_cache_mask(batch_size, q_length, kv_length, q_offset + q_length,
+                                  attention_mask)
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_offset + kv_length:
         raise ValueError(
             f"ptuning_fast attention needs a 2D padding mask over all {kv_offset + kv_length} "
             f"tokens (cache + current), got shape {tuple(attention_mask.shape)} (kv_offset="
-            f"{kv_offset}, kv_length={kv_length}); static caches are not supported")
+            f"{kv_offset}, kv_length={kv_length})")
     mask = attention_mask[:, kv_offset:] if kv_offset else attention_mask
     if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
         return None
+    return mask
+
+
+def _is_static_cache(q_length, kv_length, q_offset, kv_offset, config) -> bool:
+    """A static cache's layer: its running length comes as a tensor (transformers' StaticLayer),
+    or, before its first write, it offers more slots than the keys seen so far. Cross-attention
+    of encoder-decoders also has more keys than queries (no cache): told apart by the config
+    (static caches are refused for those models)."""
+    if kv_offset:
+        return False
+    if isinstance(q_offset, torch.Tensor):
+        return True
+    return q_offset + q_length < kv_length and not getattr(config, "is_encoder_decoder", False)
+
+
+def _static_cache_mask(batch, q_length, kv_length, written, attention_mask):
+    """The 2D mask for a static cache's buffer of `kv_length` slots, `written` of them filled.
+    Decoding (one query): (B, kv_length), true on the written slots that are not padding; the
+    query sees every key left of it, so the prefix attention's bottom-right alignment holds.
+    Several queries (a prefill, not compiled by transformers): the mask of the written slots
+    only, (B, written), narrower than the keys, and the attention function cuts the keys to its
+    width, so the queries are again the last of the keys (`prefix_attention_forward`)."""
+    if attention_mask is not None and (attention_mask.dim() != 2
+                                       or attention_mask.shape[-1] > kv_length):
+        raise ValueError(f"ptuning_fast attention needs a 2D padding mask of at most {kv_length} "
+                         f"tokens with a static cache, got shape {tuple(attention_mask.shape)}")
+    device = attention_mask.device if attention_mask is not None else \
+        (written.device if isinstance(written, torch.Tensor) else None)
+    if q_length > 1:
+        width = int(written)
+        if attention_mask is None:
+            return torch.ones(batch, width, dtype=torch.bool, device=device)
+        return attention_mask[:, :width].bool()
+    slots = torch.arange(kv_length, device=device) < written
+    mask = slots.unsqueeze(0).expand(batch, -1)
+    if attention_mask is not None:
+        padded = torch.nn.functional.pad(attention_mask.bool(),
+                                         (0, kv_length - attention_mask.shape[-1]))
+        mask = mask & padded
     return mask
 
 

@@ -102,26 +102,46 @@ def _cache_length(kwargs) -> int:
 
 
 def _refuse_static_cache(past) -> None:
-    """A static cache hands the attention (B, Hkv, max_cache_len, D) keys, mostly not written
-    yet, with a mask padded to that length: the prefix attention's bottom-right causal alignment
-    would let a query see later tokens, and the prompt's mask columns cannot be prepended to the
-    4D mask generate() builds for it. Refused rather than silently different."""
+    """Where the prefix goes through the KV cache (Falcon, cache_prefix.py) or for seq2seq
+    models: a static cache would need the prefix in its preallocated buffer. Refused rather
+    than silently different."""
     if past is not None and getattr(past, "is_compileable", False):
         raise NotImplementedError(
-            f"ptuning_fast does not support static caches (got {type(past).__name__}): "
+            f"ptuning_fast does not support static caches here (got {type(past).__name__}): "
             "use the default dynamic cache (no `cache_implementation`, or 'dynamic')")
 
 
-def _refuse_static_generation(kwargs: dict, base_model) -> None:
+def _check_static_cache(past) -> None:
+    """A static cache of full-attention layers (`StaticLayer`) works: its keys are the whole
+    preallocated buffer, of which the mask function marks the written slots
+    (`attention.padding_mask_passthrough`). Sliding-window, indexed or linear-attention static
+    layers drop or place keys in ways that mask does not follow: refused."""
+    if past is None or not getattr(past, "is_compileable", False):
+        return
+    from transformers.cache_utils import StaticLayer
+    odd = sorted({type(layer).__name__ for layer in getattr(past, "layers", ())
+                  if type(layer) is not StaticLayer})
+    if odd:
+        raise NotImplementedError(
+            f"ptuning_fast supports static caches of full-attention layers only; this "
+            f"{type(past).__name__} has {odd} layers (sliding windows): use the default dynamic "
+            "cache (no `cache_implementation`, or 'dynamic')")
+
+
+# transformers' dynamic caches (DYNAMIC_CACHE_IMPLEMENTATIONS), and the static one.
+_GENERATION_CACHES = (None, "dynamic", "offloaded", "quantized", "static")
+
+
+def _refuse_static_generation(kwargs: dict, base_model, *, static_ok: bool) -> None:
     config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
     implementation = kwargs.get("cache_implementation",
                                 getattr(config, "cache_implementation", None))
-    # transformers' dynamic caches (DYNAMIC_CACHE_IMPLEMENTATIONS); anything else is static.
-    if implementation not in (None, "dynamic", "offloaded", "quantized"):
+    allowed = _GENERATION_CACHES if static_ok else _GENERATION_CACHES[:-1]
+    if implementation not in allowed:
         raise NotImplementedError(
             f"ptuning_fast's generate does not support cache_implementation={implementation!r} "
-            "(a static cache would silently change the result): use the default dynamic cache")
-    _refuse_static_cache(_cache_in(kwargs))
+            f"here (the result would silently change): use one of {list(allowed[1:])} or none")
+    (_check_static_cache if static_ok else _refuse_static_cache)(_cache_in(kwargs))
 
 
 class PTuningModel(PeftSurfaceMixin, nn.Module):
@@ -359,7 +379,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             return cache_prefix.forward(self, self._binding(task_ids), input_ids, attention_mask,
                                         inputs_embeds, position_ids, labels, kwargs)
         if self.is_prefix:
-            _refuse_static_cache(past)
+            _check_static_cache(past)
             # Every packed sequence sees the prefix, its positions shifted by P as in its own row.
             segments, position_ids = packed_segments_of(position_ids, attention_mask, past_len,
                                                         kwargs, ref)
@@ -423,15 +443,21 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             raise ValueError("PTuningModel.generate needs `input_ids`")
         _refuse_empty_batch("input_ids", input_ids)
         task_ids = self._check_task_ids(task_ids, input_ids.shape[0])
-        _refuse_static_generation(kwargs, self.base_model)
+        # A static cache works where the prefix (or the shared prompt) reaches our attention
+        # function beside the cache: not through the cache (Falcon), not for encoder-decoders,
+        # not for the concatenation (transformers then builds 4D masks of its own).
+        shared = not self.is_prefix and (self._shared_prompt_generate
+                                         or input_ids.device.type == "cuda") \
+            and shared_pass.applies(self, input_ids.shape[0], 0, {})
+        _refuse_static_generation(kwargs, self.base_model, static_ok=shared or (
+            self.is_prefix and not self._prefix_in_cache and self.task_type == "CAUSAL_LM"))
         if self.task_type == "SEQ_2_SEQ_LM":
             return seq2seq.generate(self, args, task_ids, kwargs)
         pause_own_attention = contextlib.nullcontext()
         if self.is_prefix:
             generation = attention.Generation(self._binding(task_ids), task_ids)
             step = self._prefix_step_hook
-        elif (self._shared_prompt_generate or input_ids.device.type == "cuda") \
-                and shared_pass.applies(self, input_ids.shape[0], 0, {}):
+        elif shared:
             # The prompt's keys and values computed once per task, then generated from as a
             # prefix (the cache holds real tokens only) by the decode kernel. Not on CPU: there
             # the extra pass costs what it saves (a forward of P positions reads every weight,
@@ -472,7 +498,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         return step(generation, args, kwargs)
 
     def _prefix_step_hook(self, generation, args, kwargs):
-        _refuse_static_cache(_cache_in(kwargs))
+        (_refuse_static_cache if self._prefix_in_cache else _check_static_cache)(
+            _cache_in(kwargs))
         P = self.num_virtual_tokens
         ids = kwargs.get("input_ids")
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
@@ -485,6 +512,11 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         if self._prefix_in_cache:
             from .cache_prefix import generation_step
             kwargs = generation_step(self.base_model, generation.binding, kwargs)
+        else:
+            # The binding as a forward argument as well: a compiled forward (torch.compile of
+            # the model's forward, a static cache's decoding step) then reads no context
+            # variable, which Dynamo cannot trace.
+            kwargs[attention.PREFIX_KWARG] = generation.binding
         return args, kwargs
 
     def _shared_prompt_step_hook(self, generation, args, kwargs):
