@@ -109,3 +109,32 @@ def test_bench_command_measures_model_providers_together(tmp_path, monkeypatch, 
     starts = [line for line in err.splitlines() if line.startswith("[") and line.endswith("...")]
     assert len(starts) == 3 and all("interleaved" in line for line in starts)
     assert "generate (p_tuning) tokens/s vs peft_algorithm" in out.with_suffix(".md").read_text()
+
+
+def test_static_cache_provider_generates_our_tokens(monkeypatch):
+    """The full CPU run adds `ptuning_fast_static` for prefix tuning (not --quick: compiling
+    takes ~30 s on a CPU): our generate() with a static cache and transformers' compiled
+    decoding step, here traced with Dynamo's "eager" backend. The same tokens as ours."""
+    from transformers import CompileConfig
+    monkeypatch.setattr(models, "SMALL_LLAMA", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256))
+    quick = command.build_cases(["generate"], [], CPU, quick=True)
+    full = command.build_cases(["generate"], [], CPU, quick=False)
+    assert models.STATIC not in {c.provider for c in quick}
+    assert {c.method for c in full if c.provider == models.STATIC} == {"prefix_tuning"}
+
+    def eager_config(device):
+        config = CompileConfig(backend="eager")
+        config._compile_all_devices = True
+        return config
+    monkeypatch.setattr(models, "_compile_config", eager_config)
+    case = next(c for c in full if c.provider == models.STATIC)
+    ours = next(c for c in full if c.provider == "ptuning_fast" and c.method == case.method
+                and c.P == case.P)
+    torch._dynamo.reset()
+    try:
+        tokens = [c.prepare(c, CPU).step() for c in (case, ours)]   # same weights, same prompts
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(*tokens)

@@ -285,7 +285,8 @@ def test_gpu_grid_is_the_issues_grid_with_flex_last():
                                                                  (2, 4096, 64, "bf16")}
     generate = command.build_cases(["generate"], providers.PROVIDERS, cuda, quick=False)
     assert {(c.method, c.B, c.provider) for c in generate if c.B == 32} == {
-        ("prefix_tuning", 32, p) for p in ("ptuning_fast", "peft", "peft_algorithm")}
+        ("prefix_tuning", 32, p)
+        for p in ("ptuning_fast", "peft", "peft_algorithm", "ptuning_fast_static")}
     decode = command.build_cases(["decode"], providers.PROVIDERS, cuda, quick=False)
 
     def shapes(cases):

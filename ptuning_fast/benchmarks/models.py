@@ -33,6 +33,10 @@ METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 CHECKPOINTED = "prefix_tuning_checkpointed"
 PROVIDERS = ("ptuning_fast", "peft")
 PEFT_ALGORITHM = "peft_algorithm"
+# Generation, prefix tuning: ours with a static KV cache and transformers' compiled decoding
+# step (CUDA graphs on a GPU; inductor code on a CPU), a path PEFT's dynamic prefix cache has
+# not. Not in --quick on a CPU: compiling takes ~30 s there.
+STATIC = "ptuning_fast_static"
 
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -73,10 +77,12 @@ def generate_cases(device: torch.device, quick: bool) -> list[Case]:
     shapes = ([(8, 128, 64, 64, "bf16", METHODS), (32, 128, 64, 64, "bf16", ("prefix_tuning",))]
               if device.type == "cuda" else
               [(4, 64, 32, P, "fp32", METHODS) for P in (16, 64)][:1 if quick else 2])
+    static = (STATIC,) if device.type == "cuda" or not quick else ()
     return [Case("generate", "greedy", provider, dtype, B=B, Lq=prompt, Lk=prompt + new, P=P,
                  method=method, prepare=prepare_generate, **_heads(shape))
-            for B, prompt, new, P, dtype, methods in shapes
-            for method in methods for provider in PROVIDERS + (PEFT_ALGORITHM,)]
+            for B, prompt, new, P, dtype, methods in shapes for method in methods
+            for provider in PROVIDERS + (PEFT_ALGORITHM,)
+            + (static if method == "prefix_tuning" else ())]
 
 
 def build_base_model(device: torch.device, dtype: torch.dtype):
@@ -152,7 +158,7 @@ def prepare_train_step(case: Case, device: torch.device, compile_model: bool = F
 
 def prepare_generate(case: Case, device: torch.device) -> Prepared:
     base = build_base_model(device, torch_dtype(case.dtype))
-    provider = "ptuning_fast" if case.provider == PEFT_ALGORITHM else case.provider
+    provider = "ptuning_fast" if case.provider in (PEFT_ALGORITHM, STATIC) else case.provider
     model = wrap(base, provider, case.method, case.P)
     model.eval()
     new_tokens = case.Lk - case.Lq
@@ -161,6 +167,8 @@ def prepare_generate(case: Case, device: torch.device) -> Prepared:
     # min_new_tokens = max_new_tokens: every row produces exactly `new_tokens` (random weights
     # would otherwise stop at a random EOS).
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if case.provider == STATIC:
+        kwargs.update(cache_implementation="static", compile_config=_compile_config(device))
     if case.provider == PEFT_ALGORITHM:
         # Our wrapper only supplies the trained prompt/prefix; the timed call is base.generate.
         generate = functools.partial(peft_algorithm_generate, model, **kwargs)
@@ -171,6 +179,15 @@ def prepare_generate(case: Case, device: torch.device) -> Prepared:
         with torch.no_grad():
             return generate(input_ids=next(prompts), attention_mask=attention_mask)
     return Prepared(step=step, tokens=case.B * new_tokens, whole_process_memory=True, heavy=True)
+
+
+def _compile_config(device: torch.device):
+    """transformers' compiled decoding as it runs on CUDA by default (inductor, CUDA graphs
+    where there are CUDA tensors), here asked for on any device."""
+    from transformers import CompileConfig
+    config = CompileConfig()
+    config._compile_all_devices = device.type != "cuda"
+    return config
 
 
 def _cache_kwarg(model) -> str:

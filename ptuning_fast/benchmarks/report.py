@@ -6,7 +6,8 @@ from pathlib import Path
 
 OP_ORDER = ("prefix_attention", "attention_terms", "decode", "prompt_embedding", "train_step",
             "generate")
-PROVIDER_ORDER = ("fused", "torch", "ptuning_fast", "naive", "peft", "peft_algorithm",
+PROVIDER_ORDER = ("fused", "torch", "ptuning_fast", "ptuning_fast_static", "naive", "peft",
+                  "peft_algorithm",
                   "cat_sdpa", "flex", "flash_attn", "copy")
 ROW_KEYS = {
     "prefix_attention": ("mode", "dtype", "B", "Hq", "Hkv", "D", "P", "Lk"),

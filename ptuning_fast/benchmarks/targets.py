@@ -71,6 +71,10 @@ TARGETS = (
     Target("generate (prefix tuning, B >= 32) tokens/s vs PEFT's algorithm", "generate",
            lambda r: r["method"] == "prefix_tuning" and r["dtype"] == "bf16" and r["B"] >= 32,
            _ratio("ptuning_fast", "peft_algorithm", "tokens_per_s"), 1.3),
+    Target("generate (prefix tuning, B >= 32), static cache + compiled step, vs PEFT's "
+           "algorithm", "generate",
+           lambda r: r["method"] == "prefix_tuning" and r["dtype"] == "bf16" and r["B"] >= 32,
+           _ratio("ptuning_fast_static", "peft_algorithm", "tokens_per_s"), 1.3),
 )
 
 
@@ -82,7 +86,10 @@ CPU_TARGETS = tuple(
            lambda r, method=method: r["method"] == method,
            _ratio("ptuning_fast", baseline, "tokens_per_s"), 1.2)
     for op, baseline in (("train_step", "peft"), ("generate", "peft_algorithm"))
-    for method in ("prefix_tuning", "p_tuning", "prompt_tuning"))
+    for method in ("prefix_tuning", "p_tuning", "prompt_tuning")) + (
+    Target("generate (prefix_tuning), static cache + compiled step, tokens/s vs peft_algorithm",
+           "generate", lambda r: r["method"] == "prefix_tuning",
+           _ratio("ptuning_fast_static", "peft_algorithm", "tokens_per_s"), 1.2),)
 
 
 def evaluate(rows_by_op: dict[str, dict[tuple, Row]],
