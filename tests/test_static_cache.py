@@ -3,6 +3,8 @@ shared prompt pass give the dynamic cache's tokens (greedy, sampling, beam searc
 tasks), also with the model's forward compiled (one graph, no break) and with transformers'
 own compiled decoding (`compile_config`); a manual forward over a StaticCache gives the dynamic
 cache's logits; what a static cache cannot do here is refused by name."""
+import gc
+
 import pytest
 import torch
 
@@ -80,11 +82,22 @@ def test_transformers_compiled_decoding():
     config = CompileConfig(backend="eager", fullgraph=False, dynamic=False)
     config._compile_all_devices = True
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
     try:
         static = generate(model, ids, mask, cache_implementation="static", compile_config=config)
+        graphs = counters["stats"]["unique_graphs"]
+        # Other wrapped models come and go (the registry of wrapped modules changes): the
+        # step hook is never traced, so nothing guards on it and nothing recompiles.
+        other = wrapped()
+        del other
+        gc.collect()
+        again = generate(model, ids, mask, cache_implementation="static", compile_config=config)
+        assert counters["stats"]["unique_graphs"] == graphs
+        # ... and Dynamo never traced into it (it would break on the ContextVar it reads).
+        assert "ContextVar" not in " ".join(counters["graph_break"])
     finally:
         torch._dynamo.reset()
-    assert torch.equal(static, dynamic)
+    assert torch.equal(static, dynamic) and torch.equal(again, dynamic)
     assert hasattr(model.base_model, "_compiled_call")       # it did compile
 
 

@@ -490,9 +490,14 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                 hook.remove()
 
     @staticmethod
+    @torch.compiler.disable
     def _step_hook(step, generation, module, args, kwargs):
         # Every concurrent generate() of this base model (threads) registers a hook; each acts
-        # only in the context where its own call is current.
+        # only in the context where its own call is current. Never traced: transformers'
+        # compiled decoding compiles `__call__`, hooks included, and Dynamo would guard on the
+        # module registry (a weak dict that changes as models come and go) and on this call's
+        # objects (a recompile per generate()); the hook runs as Python before the compiled
+        # forward.
         if attention.current_generation(module) is not generation:
             return None
         return step(generation, args, kwargs)
