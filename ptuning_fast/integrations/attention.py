@@ -164,11 +164,8 @@ def generating(base_model: nn.Module, generation: Generation | None):
         _CURRENT.reset(token)
 
 
-@torch.compiler.disable
 def current_generation(module: nn.Module) -> Generation | None:
-    """The generation current for the wrapped base model that `module` belongs to, if any.
-    Not traced by torch.compile (Dynamo cannot read a ContextVar, and would guard on the
-    registry's weak dict): a compiled caller runs it as Python."""
+    """The generation current for the wrapped base model that `module` belongs to, if any."""
     key = _OWNER.get(module)
     return None if key is None else _CURRENT.get().get(key)
 

@@ -476,8 +476,14 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                 # computes it, as under PEFT, without our function's per-call checks and
                 # dispatch (~70 us a layer call in CPU decoding: 5% of a generation there).
                 pause_own_attention = self._base_state.base_attention()
-        hooks = [self.base_model.register_forward_pre_hook(
-            functools.partial(self._step_hook, step, generation), with_kwargs=True)]
+        # The hook is never traced: transformers' compiled decoding compiles `__call__`, hooks
+        # included, and Dynamo would guard on the registry of wrapped modules (a weak dict that
+        # changes as models come and go: it once crashed building that guard) and on this
+        # call's objects; it runs as Python before the compiled forward. (Disabled here, not
+        # with a decorator: that would import torch._dynamo, and with it Triton, when
+        # ptuning_fast is imported, before a caller can set TRITON_INTERPRET.)
+        hook = torch.compiler.disable(functools.partial(self._step_hook, step, generation))
+        hooks = [self.base_model.register_forward_pre_hook(hook, with_kwargs=True)]
         if self._prefix_in_cache:     # generate() keeps its own cache of real tokens
             from .cache_prefix import unwrap_output
             hooks.append(self.base_model.register_forward_hook(
@@ -490,14 +496,9 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                 hook.remove()
 
     @staticmethod
-    @torch.compiler.disable
     def _step_hook(step, generation, module, args, kwargs):
         # Every concurrent generate() of this base model (threads) registers a hook; each acts
-        # only in the context where its own call is current. Never traced: transformers'
-        # compiled decoding compiles `__call__`, hooks included, and Dynamo would guard on the
-        # module registry (a weak dict that changes as models come and go) and on this call's
-        # objects (a recompile per generate()); the hook runs as Python before the compiled
-        # forward.
+        # only in the context where its own call is current.
         if attention.current_generation(module) is not generation:
             return None
         return step(generation, args, kwargs)
