@@ -48,6 +48,15 @@ def test_prefix_static_cache_same_tokens_as_dynamic(model_name, mode, tasks):
     assert not torch.equal(dynamic, generate(model.base_model, ids, mask, **MODES[mode]))
 
 
+def test_static_cache_through_the_kernels():
+    """The Triton kernels (under the interpreter on CPU): the prefill's cut keys and the decode
+    kernel over the whole static buffer with its written-slots mask, under beam search."""
+    model = wrapped(backend="triton")
+    ids, mask, _ = batch("llama", padding="left")
+    assert torch.equal(generate(model, ids, mask, cache_implementation="static", **MODES["beam"]),
+                       generate(model, ids, mask, **MODES["beam"]))
+
+
 def test_shared_prompt_static_cache_same_tokens_as_dynamic():
     model = wrapped(config=pf.PromptTuningConfig(P), shared_prompt=True)
     ids, mask, _ = batch("llama", padding="left")
