@@ -110,7 +110,7 @@ bench() {
 case "$STAGE" in
   check) check 330 150 ;;
   bench) bench 330 200 ;;
-  all) check 150 60 && bench 230 150 ;;
+  all) check 120 45 && bench 200 180 ;;
   *)
     echo "usage: bash bench/gpu_session.sh {check|bench|all}" >&2
     exit 2
