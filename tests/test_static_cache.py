@@ -175,3 +175,8 @@ def test_cross_attention_mask_is_not_taken_for_a_static_cache():
     expected = torch.zeros(2, 9, dtype=torch.bool)
     expected[:, :5] = enc_mask[:, :5]
     assert torch.equal(step, expected)
+    # No 2D mask given: every written slot, on the device transformers names.
+    bare = padding_mask_passthrough(batch_size=2, q_length=4, kv_length=9, q_offset=0,
+                                    kv_offset=0, attention_mask=None, config=dec,
+                                    device=torch.device("meta"))
+    assert bare.shape == (2, 4) and bare.device.type == "meta"

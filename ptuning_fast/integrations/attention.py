@@ -265,7 +265,7 @@ def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_o
     and under torch.compile a data-dependent branch: there the mask stays."""
     if _is_static_cache(q_length, kv_length, q_offset, kv_offset, kwargs.get("config")):
         return _static_cache_mask(batch_size, q_length, kv_length, q_offset + q_length,
-                                  attention_mask)
+                                  attention_mask, kwargs.get("device"))
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_offset + kv_length:
@@ -291,7 +291,7 @@ def _is_static_cache(q_length, kv_length, q_offset, kv_offset, config) -> bool:
     return q_offset + q_length < kv_length and not getattr(config, "is_encoder_decoder", False)
 
 
-def _static_cache_mask(batch, q_length, kv_length, written, attention_mask):
+def _static_cache_mask(batch, q_length, kv_length, written, attention_mask, device=None):
     """The 2D mask for a static cache's buffer of `kv_length` slots, `written` of them filled.
     Decoding (one query): (B, kv_length), true on the written slots that are not padding; the
     query sees every key left of it, so the prefix attention's bottom-right alignment holds.
@@ -302,8 +302,10 @@ def _static_cache_mask(batch, q_length, kv_length, written, attention_mask):
                                        or attention_mask.shape[-1] > kv_length):
         raise ValueError(f"ptuning_fast attention needs a 2D padding mask of at most {kv_length} "
                          f"tokens with a static cache, got shape {tuple(attention_mask.shape)}")
-    device = attention_mask.device if attention_mask is not None else \
-        (written.device if isinstance(written, torch.Tensor) else None)
+    if attention_mask is not None:
+        device = attention_mask.device
+    elif isinstance(written, torch.Tensor):
+        device = written.device
     if q_length > 1:
         width = int(written)
         if attention_mask is None:
