@@ -11,7 +11,6 @@ Same function as PEFT's PeftModel with the same weights:
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import warnings
 
@@ -482,8 +481,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         # call's objects; it runs as Python before the compiled forward. (Disabled here, not
         # with a decorator: that would import torch._dynamo, and with it Triton, when
         # ptuning_fast is imported, before a caller can set TRITON_INTERPRET.)
-        hook = torch.compiler.disable(functools.partial(self._step_hook, step, generation))
-        hooks = [self.base_model.register_forward_pre_hook(hook, with_kwargs=True)]
+        step_hook = torch.compiler.disable(functools.partial(self._step_hook, step, generation))
+        hooks = [self.base_model.register_forward_pre_hook(step_hook, with_kwargs=True)]
         if self._prefix_in_cache:     # generate() keeps its own cache of real tokens
             from .cache_prefix import unwrap_output
             hooks.append(self.base_model.register_forward_hook(
