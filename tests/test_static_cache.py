@@ -64,11 +64,13 @@ def test_shared_prompt_static_cache_same_tokens_as_dynamic():
                        generate(model, ids, mask))
 
 
-def test_compiled_forward_decodes_in_one_graph():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compiled_forward_decodes_in_one_graph(backend):
     """torch.compile of the base model's forward with fullgraph=True (any graph break raises):
     the prefill and every decoding step trace whole, the binding read from the forward's
-    arguments. The "eager" backend: Dynamo's tracing without a compiler's minutes."""
-    model = wrapped()
+    arguments, the kernels as custom ops ("triton"; the interpreter on CPU). The "eager"
+    backend: Dynamo's tracing without a compiler's minutes."""
+    model = wrapped(backend=backend)
     ids, mask, _ = batch("llama", padding="left")
     dynamic = generate(model, ids, mask)
     torch._dynamo.reset()
