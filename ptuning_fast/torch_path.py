@@ -155,9 +155,9 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
         if attention_mask is not None:
             attention_mask = attention_mask[:, drop_s:]
         P, Lk = P - drop_p, Lk - drop_s
-    if _merged_decode_applies(q, k, v, prefix_k, prefix_v, attention_mask, window_size,
-                              segments, bias, softcap, sinks, dropout_p):
-        return _merged_decode(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale)
+    if _merged_applies(q, k, v, prefix_k, prefix_v, causal, window_size, segments, bias,
+                       softcap, sinks, dropout_p):
+        return _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale)
     if P:
         k = torch.cat([_per_row(prefix_k, prefix_index, B), k], dim=2)
         v = torch.cat([_per_row(prefix_v, prefix_index, B), v], dim=2)
@@ -186,60 +186,75 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
     return out
 
 
-# A decoding step on CPU with at least this many cached key elements (B * Hkv * Lk * D) attends
-# to the prefix and the cache separately and merges the two (`_merged_decode`) instead of
-# concatenating them, which copies the whole cache every step. Measured on the 2-core EPYC
-# (bench/NOTES.md): 0.90x at 65k elements, 1.21x at 262k, 1.3-3.2x at 0.5-4M.
+# On CPU, without gradients, the prefix and the sequence are attended separately and merged
+# (`_merged`) instead of concatenated: a decoding step (one query) with at least this many
+# cached key elements (B * Hkv * Lk * D; the concatenation copies the whole cache every step),
+# and a causal prefill of at least MERGED_PREFILL_MIN_QUERIES queries (the sequence part then
+# runs under `is_causal`, which lets the flash kernel skip the blocks above the diagonal; an
+# explicit mask skips none). Measured per call on the 2-core EPYC (bench/NOTES.md): decoding
+# 0.90x at 65k elements, 1.21x at 262k, 1.3-3.2x at 0.5-4M; prefill 1.0x at L = 256, 1.42x at
+# L = 1024.
 MERGED_DECODE_MIN_ELEMENTS = 1 << 17
+MERGED_PREFILL_MIN_QUERIES = 512
 
 
-def _merged_decode_applies(q, k, v, prefix_k, prefix_v, attention_mask, window_size, segments,
-                           bias, softcap, sinks, dropout_p) -> bool:
-    """One query per row on CPU, a prefix, a long cache, no gradient, and nothing beside the
-    padding mask (a window, bias, cap, sinks or dropout take the general path); not float64
-    (SDPA computes it exactly, the flash kernel to ~1e-7)."""
+def _merged_applies(q, k, v, prefix_k, prefix_v, causal, window_size, segments, bias, softcap,
+                    sinks, dropout_p) -> bool:
+    """CPU, a prefix, no gradient, nothing beside the padding mask (a window, bias, cap, sinks
+    or dropout take the general path), not float64 (SDPA computes it exactly, the flash kernel
+    to ~1e-7); then a long cache for one query, or a long causal prefill (Lq == Lk)."""
     B, Hkv, Lk, D = k.shape
-    return (q.device.type == "cpu" and q.shape[2] == 1 and prefix_k is not None
-            and q.dtype != torch.float64     # the CPU flash kernel's float64 is not exact
-            and Lk > 0 and B * Hkv * Lk * D >= MERGED_DECODE_MIN_ELEMENTS
+    Lq = q.shape[2]
+    if not (q.device.type == "cpu" and prefix_k is not None and q.dtype != torch.float64
+            and Lk > 0 and window_size[0] < 0 and segments is None and bias is None
+            and not softcap and sinks is None and not dropout_p
             and not (torch.is_grad_enabled()
-                     and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)))
-            and window_size[0] < 0 and segments is None and bias is None and not softcap
-            and sinks is None and not dropout_p)
+                     and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)))):
+        return False
+    if Lq == 1:
+        return B * Hkv * Lk * D >= MERGED_DECODE_MIN_ELEMENTS
+    return causal and Lq == Lk and Lq >= MERGED_PREFILL_MIN_QUERIES
 
 
-def _merged_decode(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale):
-    """Decoding attention over [prefix; cache] without concatenating them: one flash call over
-    the prefix, one over the cache, merged by their log-sum-exps l1, l2 as
-    o2 + (o1 - o2) sigmoid(l1 - l2) (the softmax over both, split in two). A shared prefix is
-    read once for every row: all rows' query groups form one batch against it. The query
-    sees every key (bottom-right causality with one query); padding masks the cache only."""
+def _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale):
+    """Attention over [prefix; sequence] without concatenating them: one flash call over the
+    prefix, one over the sequence, merged by their log-sum-exps l1, l2 as
+    o2 + (o1 - o2) sigmoid(l1 - l2) (the softmax over both, split in two). Every query sees the
+    whole prefix; a shared one is read once, all rows' queries of a kv head forming one batch
+    against it. The sequence part: one query sees every key (bottom-right causality), a prefill
+    (Lq == Lk) runs under `is_causal` with its kv heads repeated (the kernel takes no groups);
+    padding masks the sequence only."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    B, Hq, _, D = q.shape
+    B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     scale = None if scale is None else float(scale)
-    grouped = q.reshape(B, Hkv, group, D)              # a view: one query per row
+    rows = q.reshape(B, Hkv, group * Lq, D)            # a kv head's queries, group-major
     if prefix_k.dim() == 3:
-        rows = grouped.transpose(0, 1).reshape(1, Hkv, B * group, D)
-        o1, l1 = flash(rows, prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), scale=scale)[:2]
-        o1 = o1.view(Hkv, B, group, D).transpose(0, 1)
-        l1 = l1.view(Hkv, B, group).transpose(0, 1)
+        batch = rows.transpose(0, 1).reshape(1, Hkv, B * group * Lq, D)
+        o1, l1 = flash(batch, prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), scale=scale)[:2]
+        o1, l1 = o1.view(Hkv, B, -1, D).transpose(0, 1), l1.view(Hkv, B, -1).transpose(0, 1)
     else:
-        o1, l1 = flash(grouped, _per_row(prefix_k, prefix_index, B),
+        o1, l1 = flash(rows, _per_row(prefix_k, prefix_index, B),
                        _per_row(prefix_v, prefix_index, B), scale=scale)[:2]
-    mask = None
+    o1, l1 = o1.reshape(B, Hq, Lq, D), l1.reshape(B, Hq, Lq)
+    mask = seen = None
     if attention_mask is not None:
         visible = attention_mask.bool()
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(
             ~visible, float("-inf")).view(B, 1, 1, -1)
-    o2, l2 = flash(grouped, k, v, attn_mask=mask, scale=scale)[:2]
-    if mask is not None:
-        # A row whose cache is all padding takes the prefix alone (the flash call's output and
-        # log-sum-exp for it are not -inf-aware): l2 = -inf, so its weight is exactly 1.
-        l2 = l2.masked_fill(~visible.any(-1).view(B, 1, 1), float("-inf"))
-    weight = torch.sigmoid(l1 - l2).unsqueeze(-1).to(o1.dtype)
-    return torch.lerp(o2, o1, weight).reshape(B, Hq, 1, D)
+        # Queries that see no sequence key (all padding up to them): their flash output and
+        # log-sum-exp are not -inf-aware, so l2 = -inf below gives the prefix weight exactly 1.
+        seen = visible.any(-1, keepdim=True) if Lq == 1 else visible.cumsum(-1) > 0
+    if Lq == 1:
+        o2, l2 = flash(rows, k, v, attn_mask=mask, scale=scale)[:2]
+    else:
+        o2, l2 = flash(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                       is_causal=True, attn_mask=mask, scale=scale)[:2]
+    o2, l2 = o2.reshape(B, Hq, Lq, D), l2.reshape(B, Hq, Lq)
+    if seen is not None:
+        l2 = l2.masked_fill(~seen.view(B, 1, Lq), float("-inf"))
+    return torch.lerp(o2, o1, torch.sigmoid(l1 - l2).unsqueeze(-1).to(o1.dtype))
 
 
 def _unreached(q_len, k_len, prefix_len, left, prefix_in_window, segments):

@@ -136,27 +136,32 @@ def test_decode_stacks_the_group_queries(monkeypatch):
     assert_close(out, exact(q, k, v, pk, pv, attention_mask=mask), torch.float32)
 
 
-MERGED_DECODE_CASES = [
+MERGED_CASES = [
     Case(3, 8, 2, 1, 37, 16, 5, "shared", "none"),
     Case(3, 8, 2, 1, 37, 16, 5, "shared", "left"),
     Case(3, 8, 2, 1, 37, 16, 5, "task", "random"),
     Case(2, 6, 3, 1, 29, 24, 4, "row", "empty_row"),      # a row whose cache is all padding
     Case(2, 4, 4, 1, 19, 8, 7, "shared", "right", layout="blhd"),
+    # prefills (Lq == Lk, causal): left padding leaves queries that see no sequence key
+    Case(3, 8, 2, 37, 37, 16, 5, "shared", "left"),
+    Case(3, 8, 2, 29, 29, 16, 5, "task", "right"),
+    Case(2, 6, 3, 23, 23, 24, 4, "row", "empty_row"),
+    Case(2, 4, 4, 19, 19, 8, 7, "shared", "none", layout="blhd"),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("case", MERGED_DECODE_CASES, ids=str)
-def test_long_cache_decode_merges_prefix_and_cache(monkeypatch, case, dtype):
-    """A decoding step with a long cache on CPU (here any cache: the threshold set to 0) attends
-    to the prefix and the cache in two flash calls merged by their log-sum-exps, never
-    concatenating them: the reference's output, with gradients off (with them, the general
-    path runs)."""
+@pytest.mark.parametrize("case", MERGED_CASES, ids=str)
+def test_merged_prefix_and_sequence(monkeypatch, case, dtype):
+    """On CPU without gradients, a decoding step with a long cache and a long causal prefill
+    (here any: the thresholds set to 0) attend to the prefix and the sequence in two flash
+    calls merged by their log-sum-exps, never concatenating them: the reference's output.
+    With a gradient wanted, the general path runs."""
     monkeypatch.setattr(torch_path, "MERGED_DECODE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(torch_path, "MERGED_PREFILL_MIN_QUERIES", 0)
     merged = []
-    real = torch_path._merged_decode
-    monkeypatch.setattr(torch_path, "_merged_decode",
-                        lambda *a, **k: merged.append(1) or real(*a, **k))
+    real = torch_path._merged
+    monkeypatch.setattr(torch_path, "_merged", lambda *a, **k: merged.append(1) or real(*a, **k))
     (q, k, v, pk, pv), mask, index = make_inputs(case, dtype, requires_grad=False)
     with torch.no_grad():
         out = torch_backend(q, k, v, pk, pv, attention_mask=mask, prefix_index=index, scale=0.3)
@@ -165,21 +170,27 @@ def test_long_cache_decode_merges_prefix_and_cache(monkeypatch, case, dtype):
                             scale=0.3), dtype)
     q.requires_grad_(True)
     torch_backend(q, k, v, pk, pv, attention_mask=mask, prefix_index=index)
-    assert len(merged) == 1                   # a gradient wanted: the general path
+    assert len(merged) == 1
 
 
-def test_merged_decode_only_for_long_caches_on_cpu():
-    case = Case(2, 8, 2, 1, 40, 16, 5)
-    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
-    args = (None, (-1, -1), None, None, 0.0, None, 0.0)
+def test_merged_only_for_long_caches_and_prefills_on_cpu():
+    (q, k, v, pk, pv), _, _ = make_inputs(Case(2, 8, 2, 1, 40, 16, 5), torch.float32,
+                                          requires_grad=False)
+    rest = (True, (-1, -1), None, None, 0.0, None, 0.0)
+    long = torch.randn(2, 2, 4096, 16)
+    prefill = torch.randn(2, 8, 600, 16)
     with torch.no_grad():
-        assert not torch_path._merged_decode_applies(q, k, v, pk, pv, *args)   # 2.6k elements
-        long = torch.randn(2, 2, 4096, 16)
-        assert torch_path._merged_decode_applies(q, long, long, pk, pv, *args)
-        assert not torch_path._merged_decode_applies(q.double(), long.double(), long.double(),
-                                                     pk.double(), pv.double(), *args)
-        assert not torch_path._merged_decode_applies(q, long, long, pk, pv, None, (8, 0),
-                                                     None, None, 0.0, None, 0.0)
+        applies = torch_path._merged_applies
+        assert not applies(q, k, v, pk, pv, *rest)                       # 2.6k cached elements
+        assert applies(q, long, long, pk, pv, *rest)
+        assert not applies(q.double(), long.double(), long.double(), pk.double(), pv.double(),
+                           *rest)
+        assert not applies(q, long, long, pk, pv, True, (8, 0), None, None, 0.0, None, 0.0)
+        assert applies(prefill, prefill[:, :2], prefill[:, :2], pk, pv, *rest)
+        assert not applies(prefill[:, :, :300], prefill[:, :2, :300], prefill[:, :2, :300], pk,
+                           pv, *rest)                                    # a short prefill
+        assert not applies(prefill, prefill[:, :2], prefill[:, :2], pk, pv, False,
+                           *rest[1:])                                    # not causal
 
 
 # ----------------------------------------------------------------------------- attention terms

@@ -74,9 +74,12 @@ def generate_cases(device: torch.device, quick: bool) -> list[Case]:
     shape = model_shape(device)
     # GPU: every method at batch 8, and prefix tuning at the decode target's batch 32 (where a
     # step's attention reads 32 rows' caches and the shared prefix once).
+    # CPU: P = 16 and 64, and (full run) prefix tuning from 1024-token prompts, where the torch
+    # path attends to the prefix and the sequence separately (torch_path._merged).
     shapes = ([(8, 128, 64, 64, "bf16", METHODS), (32, 128, 64, 64, "bf16", ("prefix_tuning",))]
               if device.type == "cuda" else
-              [(4, 64, 32, P, "fp32", METHODS) for P in (16, 64)][:1 if quick else 2])
+              [(4, 64, 32, 16, "fp32", METHODS), (4, 64, 32, 64, "fp32", METHODS),
+               (4, 1024, 32, 16, "fp32", ("prefix_tuning",))][:1 if quick else 3])
     static = (STATIC,) if device.type == "cuda" or not quick else ()
     return [Case("generate", "greedy", provider, dtype, B=B, Lq=prompt, Lk=prompt + new, P=P,
                  method=method, prepare=prepare_generate, **_heads(shape))
