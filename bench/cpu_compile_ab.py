@@ -15,8 +15,7 @@ import warnings
 
 import torch
 
-from ptuning_fast.benchmarks import models
-from ptuning_fast.benchmarks.case import Case
+from ptuning_fast.benchmarks import command, models
 from ptuning_fast.benchmarks.timing import interleaved_cpu_medians_ms
 
 
@@ -26,19 +25,18 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     cpu = torch.device("cpu")
-    shape = models.model_shape(cpu)
     labels, steps = [], []
-    for provider in models.PROVIDERS:
+    for case in command.build_cases(["train_step"], [], cpu, quick=True):   # B = 4, L = 128
+        if case.method != method:
+            continue
+        case.P = P
         for compiled in (False, True):
-            case = Case("train_step", "step", provider, "fp32", B=4, Lq=128, P=P, method=method,
-                        Hq=shape["num_attention_heads"], Hkv=shape["num_key_value_heads"],
-                        D=shape["head_dim"])
             prepared = models.prepare_train_step(case, cpu, compile_model=compiled)
             began = time.perf_counter()
             prepared.step()
-            print(f"{provider} {'compiled' if compiled else 'eager'}: first step "
+            print(f"{case.provider} {'compiled' if compiled else 'eager'}: first step "
                   f"{time.perf_counter() - began:.1f} s", file=sys.stderr)
-            labels.append(f"{provider}, {'compiled' if compiled else 'eager'}")
+            labels.append(f"{case.provider}, {'compiled' if compiled else 'eager'}")
             steps.append(prepared.step)
     medians = interleaved_cpu_medians_ms(steps, quick=False)
     print(f"train step, {method}, B = 4, L = 128, P = {P}, fp32, CPU time medians")

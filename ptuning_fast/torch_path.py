@@ -241,8 +241,7 @@ def _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale):
     mask = seen = None
     if attention_mask is not None:
         visible = attention_mask.bool()
-        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~visible, float("-inf")).view(B, 1, 1, -1)
+        mask = _additive(visible, q.dtype).view(B, 1, 1, -1)
         # Queries that see no sequence key (all padding up to them): their flash output and
         # log-sum-exp are not -inf-aware, so l2 = -inf below gives the prefix weight exactly 1.
         seen = visible.any(-1, keepdim=True) if Lq == 1 else visible.cumsum(-1) > 0
@@ -255,6 +254,12 @@ def _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale):
     if seen is not None:
         l2 = l2.masked_fill(~seen.view(B, 1, Lq), float("-inf"))
     return torch.lerp(o2, o1, torch.sigmoid(l1 - l2).unsqueeze(-1).to(o1.dtype))
+
+
+def _additive(visible, dtype):
+    """A bool mask (True = visible) as an additive one of its own shape: 0 or -inf."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, float("-inf"))
 
 
 def _unreached(q_len, k_len, prefix_len, left, prefix_in_window, segments):
@@ -347,8 +352,7 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
         if mask.dtype == torch.bool:
             # An additive mask of the mask's own (small) shape: adding it broadcast is 4x
             # faster than masked_fill over the scores.
-            mask = torch.zeros(mask.shape, dtype=compute, device=q.device).masked_fill_(
-                ~mask, float("-inf"))
+            mask = _additive(mask, compute)
         # In place: neither the product's nor the cap's backward reads this tensor.
         scores.add_(_grouped(mask.to(compute), Hkv))
     if sinks is not None:

@@ -24,6 +24,10 @@ def _bf16_d128(rec: dict) -> bool:
     return rec["dtype"] == "bf16" and rec["D"] == 128
 
 
+def _prefix_bf16_b32(rec: dict) -> bool:
+    return rec["method"] == "prefix_tuning" and rec["dtype"] == "bf16" and rec["B"] >= 32
+
+
 @dataclass(frozen=True)
 class Target:
     text: str
@@ -69,11 +73,9 @@ TARGETS = (
     Target("decode step vs naive", "decode", _bf16_d128,
            _ratio("naive", "fused", "median_ms"), 2.0),
     Target("generate (prefix tuning, B >= 32) tokens/s vs PEFT's algorithm", "generate",
-           lambda r: r["method"] == "prefix_tuning" and r["dtype"] == "bf16" and r["B"] >= 32,
-           _ratio("ptuning_fast", "peft_algorithm", "tokens_per_s"), 1.3),
+           _prefix_bf16_b32, _ratio("ptuning_fast", "peft_algorithm", "tokens_per_s"), 1.3),
     Target("generate (prefix tuning, B >= 32), static cache + compiled step, vs PEFT's "
-           "algorithm", "generate",
-           lambda r: r["method"] == "prefix_tuning" and r["dtype"] == "bf16" and r["B"] >= 32,
+           "algorithm", "generate", _prefix_bf16_b32,
            _ratio("ptuning_fast_static", "peft_algorithm", "tokens_per_s"), 1.3),
 )
 

@@ -25,8 +25,8 @@ from . import attention, seq2seq
 from . import shared_prompt as shared_pass
 from .packed_inputs import packed_segments_of, refuse_packed, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
-from .support import (numbers_positions_from_mask, ones_in_front, prefix_in_cache,
-                      refuse_unsupported, supports_shared_prompt, task_type_of)
+from .support import (ignored_in_front, numbers_positions_from_mask, ones_in_front,
+                      prefix_in_cache, refuse_unsupported, supports_shared_prompt, task_type_of)
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -411,7 +411,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             kwargs["token_type_ids"] = torch.cat(
                 [token_type_ids.new_zeros(batch, P), token_type_ids], 1)
         if labels is not None and self.task_type in ("CAUSAL_LM", "TOKEN_CLS"):
-            labels = torch.cat([labels.new_full((batch, P), -100), labels], 1)
+            labels = ignored_in_front(labels, P)
         embeds = self._embed_with_prompt(input_ids, inputs_embeds, task_ids)
         out = self.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
                               labels=labels, **kwargs)

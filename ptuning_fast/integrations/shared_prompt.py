@@ -33,7 +33,7 @@ from torch import nn
 
 from ..prompts import LayerPrefixes
 from . import attention
-from .support import text_config
+from .support import ignored_in_front, text_config
 
 # Forward kwargs that ask for per-position outputs of the [prompt; tokens] sequence that the two
 # passes would return split (or, for the cache, without the prompt): the concatenation runs then.
@@ -117,11 +117,10 @@ def forward(wrapper, input_ids, attention_mask, labels, task_ids, inputs_embeds,
         else prompt_logits.index_select(0, task_ids)
     logits = torch.cat([rows.to(out.logits.dtype), out.logits], dim=1)
     if labels is not None:
-        padded = torch.cat([labels.new_full((batch, P), -100), labels], 1)
         vocab = text_config(wrapper.base_model).vocab_size
         # The user's kwargs (num_items_in_batch, ...) as the model hands its own to the loss.
-        out.loss = wrapper.base_model.loss_function(logits=logits, labels=padded,
-                                                    vocab_size=vocab, **kwargs)
+        out.loss = wrapper.base_model.loss_function(
+            logits=logits, labels=ignored_in_front(labels, P), vocab_size=vocab, **kwargs)
     if wrapper.prompt_logits:
         out.logits = logits
     return out

@@ -87,6 +87,12 @@ def ones_in_front(mask, count: int):
     return torch.cat([mask.new_ones(mask.shape[0], count), mask], 1)
 
 
+def ignored_in_front(labels, count: int):
+    """PEFT's labels behind `count` virtual tokens: (B, count + L), `count` -100s (ignored by the
+    loss) then `labels` (B, L)."""
+    return torch.cat([labels.new_full((labels.shape[0], count), -100), labels], 1)
+
+
 def numbers_positions_from_mask(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in _POSITIONS_FROM_MASK
 
