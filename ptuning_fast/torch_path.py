@@ -191,9 +191,9 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
 # cached key elements (B * Hkv * Lk * D; the concatenation copies the whole cache every step),
 # and a causal prefill of at least MERGED_PREFILL_MIN_QUERIES queries (the sequence part then
 # runs under `is_causal`, which lets the flash kernel skip the blocks above the diagonal; an
-# explicit mask skips none). Measured per call on the 2-core EPYC (bench/NOTES.md): decoding
-# 0.90x at 65k elements, 1.21x at 262k, 1.3-3.2x at 0.5-4M; prefill 1.0x at L = 256, 1.42x at
-# L = 1024.
+# explicit mask skips none). Measured per call on the 2-core EPYC (bench/cpu_merged_attention.py,
+# bench/NOTES.md): decoding 0.82x at 65k elements, 1.3-5.6x from 262k; prefill 0.84-0.89x at
+# L = 128-256, break-even at 512, 1.49x at 1024.
 MERGED_DECODE_MIN_ELEMENTS = 1 << 17
 MERGED_PREFILL_MIN_QUERIES = 512
 
