@@ -327,7 +327,7 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
     The reference's function: soft-cap, then the additive `mask`, softmax with the sink (Hq,) as
     one more logit in the denominator and no value, then dropout. From the scores on in float32
     (float64 for float64): 16-bit inputs are capped and masked more precisely than by the
-    reference, which does it in their dtype (the cap's sigmoid form costs float32 some, below).
+    reference, which does it in their dtype (and 16-bit inputs take a cheaper cap, below).
     Scalars go where the tensor is smallest: scale and the cap's 1 / softcap into q (Lq x D,
     not Lq x keys), 1 / (1 - p) into the output.
     """
@@ -336,18 +336,22 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
     compute = torch.promote_types(q.dtype, torch.float32)
-    q = q * (2 * scale / softcap if softcap > 0 else scale)
+    # c tanh(x / c) = 2c sigmoid(2x / c) - c, and softmax ignores the constant -c (moved onto
+    # the sink's logit, the one term without it): sigmoid is 7x faster than tanh on CPU. Its
+    # price: logits rounded at 2c rather than at their size, an error of ~c * 2^-24 in float32,
+    # far below a 16-bit reference's rounding but up to 5x the float32 reference's error, past
+    # the float32 tolerance on some draws (bench/NOTES.md, "The torch backend"): float32 and
+    # float64 inputs take tanh.
+    sigmoid_cap = softcap > 0 and q.dtype.itemsize == 2
+    q = q * ((2 if sigmoid_cap else 1) * scale / softcap if softcap > 0 else scale)
     scores = torch.matmul(q.reshape(B, Hkv, group * Lq, D), k.transpose(-1, -2))
     scores = scores.view(B, Hkv, group, Lq, keys).to(compute)
     sink_shift = 0.0
-    if softcap > 0:
-        # c tanh(x / c) = 2c sigmoid(2x / c) - c, and softmax ignores the constant -c (moved
-        # onto the sink's logit, the one term without it): sigmoid is 10x faster than tanh on
-        # CPU. The price: logits rounded at 2c rather than at their size, an error of about
-        # c * 2^-24 (float32 at c = 30-50: 1.4-5x the float32 reference's error, within the
-        # tolerance table; bench/NOTES.md, "The torch backend").
+    if sigmoid_cap:
         scores = torch.sigmoid(scores) * (2 * softcap)
         sink_shift = softcap
+    elif softcap > 0:
+        scores = torch.tanh(scores) * softcap
     if mask is not None:
         if mask.dtype == torch.bool:
             # An additive mask of the mask's own (small) shape: adding it broadcast is 4x

@@ -224,8 +224,9 @@ def test_terms_match_reference(case, spec, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("softcap", [30.0, 50.0])
 def test_model_sized_softcaps(softcap, dtype):
-    """Grok's and Gemma 2's caps: the torch path's cap (through a sigmoid, rounded at 2 x cap)
-    stays within the tolerance table at the caps models use, logits large enough to bend."""
+    """Grok's and Gemma 2's caps, logits large enough to bend: float32 (tanh) within the
+    tolerance table, float16 (through a sigmoid, logits rounded at 2 x cap) within FlashAttention's
+    rule. The sigmoid form in float32 failed the table on some draws (bench/NOTES.md)."""
     case = Case(2, 8, 2, 33, 33, 32, 7, "shared", "right")
     check_against_reference(case, dtype, fn=torch_backend, softcap=softcap, scale=3.0)
 
