@@ -14,7 +14,7 @@
 # `timeout -s INT`: an interrupted bench still writes the cases it measured (the rest are recorded
 # as not run). Comes back under $OUT (4 files at most):
 #   check.log            install, nvidia-smi, versions, pytest, verify
-#   bench.log            install, versions, both bench runs, the merge
+#   bench.log            install, versions, both bench runs, the layer-call costs, the merge
 #   results.json / .md   the merged results and their markdown table
 #   plots.tar            one PNG per op (re-creatable here with `ptuning-fast bench --from-json`)
 # Env: OUT (default /tmp/ptuning_fast_out), BUDGET_S (default 570), BENCH_ARGS (e.g. --quick).
@@ -90,6 +90,8 @@ bench() {
   # shellcheck disable=SC2086
   step bench-models "$models_cap" "$log" $PY -m ptuning_fast.cli bench $BENCH_ARGS \
     --ops train_step,generate,prompt_embedding,decode --out "$work/models.json"
+  # The host's cost of one decoding step's attention call, ours vs transformers' (a few s).
+  step layer-call 40 "$log" env PYTHONPATH="$PWD" $PY bench/layer_call_cost.py cuda
   # shellcheck disable=SC2086
   step bench-attention "$kernels_cap" "$log" $PY -m ptuning_fast.cli bench $BENCH_ARGS \
     --ops prefix_attention --out "$work/attention.json"
@@ -104,6 +106,7 @@ bench() {
   (cd "$OUT" && ls ./*.png >/dev/null 2>&1 && tar -cf plots.tar ./*.png && rm -f ./*.png)
   echo "== bench summary (full table: results.md)"
   grep -E "^(skipped|interrupted|[0-9]+ case)" "$log" | sort | uniq | tail -n 20
+  grep -A 4 "^| batch | ours" "$log"
   cat "$OUT/results.md" | head -c 6000
 }
 

@@ -174,9 +174,10 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
                           position_ids=position_ids, cu_seqlens=cu_seqlens)
     check_cu_seqlens_values(cu_seqlens, q.shape[0], q.shape[2])
     segments = packed_segments(position_ids, cu_seqlens, batch=q.shape[0], length=q.shape[2])
-    return _dispatch_attention(q, k, v, prefix_k, prefix_v, causal, attention_mask, scale,
-                               prefix_index, backend, dropout_p, dropout_seed, bias, window_size,
-                               prefix_in_window, softcap, sinks, segments)
+    options = _attention_options(causal, attention_mask, scale, prefix_index, dropout_p, bias,
+                                 window_size, prefix_in_window, softcap, sinks, segments)
+    chosen = _choose_attention(backend, q, k, v, prefix_k, prefix_v, options)
+    return _run_attention(chosen, q, k, v, prefix_k, prefix_v, dropout_seed, options)
 
 
 def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
@@ -187,34 +188,84 @@ def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
     (metadata only), but not prefix_index's values — the model wrapper checks task_ids once
     per forward, not once per layer (on a GPU a value check costs a kernel launch). Packed
     sequences come as `segments` = `ptuning_fast.packing.packed_segments(...)`, computed once
-    per model forward."""
-    check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
-                           dropout_p, dropout_seed, causal)
-    if segments is not None:
-        _check_segments(segments, q, k)
-    check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
-                          prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks)
-    return _dispatch_attention(q, k, v, prefix_k, prefix_v, causal, attention_mask, scale,
-                               prefix_index, backend, dropout_p, dropout_seed, bias, window_size,
-                               prefix_in_window, softcap, sinks, segments)
+    per model forward. A call with the metadata of an earlier one (`_layer_call_key`) skips
+    the checks and the backend choice: their answer for it is known."""
+    key = _layer_call_key((q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, bias,
+                           sinks) + (segments if type(segments) is tuple else (segments,)),
+                          (causal, scale, backend, dropout_p, dropout_seed, window_size,
+                           prefix_in_window, softcap))
+    chosen = None if key is None else _LAYER_CALLS.get(key)
+    if chosen is None:
+        check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,
+                               dropout_p, dropout_seed, causal)
+        if segments is not None:
+            _check_segments(segments, q, k)
+        check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
+                              prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks)
+    options = _attention_options(causal, attention_mask, scale, prefix_index, dropout_p, bias,
+                                 window_size, prefix_in_window, softcap, sinks, segments)
+    if chosen is None:
+        chosen = _choose_attention(backend, q, k, v, prefix_k, prefix_v, options)
+        if key is not None:
+            if len(_LAYER_CALLS) >= _CHOSEN_MAX:
+                _LAYER_CALLS.clear()
+            _LAYER_CALLS[key] = chosen
+    return _run_attention(chosen, q, k, v, prefix_k, prefix_v, dropout_seed, options)
 
 
-def _dispatch_attention(q, k, v, prefix_k, prefix_v, causal, attention_mask, scale,
-                        prefix_index, backend, dropout_p, dropout_seed, bias, window_size,
-                        prefix_in_window, softcap, sinks, segments):
-    """Chooses the backend and runs it, on inputs the callers above have checked (each
-    check once per call)."""
-    dropout_p = float(dropout_p)
-    seed = None
-    if dropout_p > 0:
-        seed = _dropout_seed_tensor(dropout_seed, q.device)
-    options = dict(causal=causal, attention_mask=attention_mask, scale=scale,
-                   prefix_index=prefix_index, dropout_p=dropout_p, bias=bias,
-                   window_size=tuple(window_size), prefix_in_window=prefix_in_window,
-                   softcap=float(softcap), sinks=sinks, segments=segments)
-    chosen = choose_backend(backend, "prefix_attention",
-                            {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v,
-                             "bias": bias, "sinks": sinks}, options)
+# Every layer of every step of a model calls `layer_prefix_attention` with the same metadata,
+# and its checks and backend choice read nothing else: each tensor's type, shape, dtype,
+# device and requires_grad, each option's type and value, grad mode, whether Triton
+# interprets. Key -> the backend chosen, for calls that passed the checks. Saves ~11 us of the
+# ~50 a decoding step's layer call cost on CPU (bench/NOTES.md, "Per-call host cost").
+_LAYER_CALLS: dict[tuple, str] = {}
+
+
+def _layer_call_key(tensors: tuple, options: tuple) -> tuple | None:
+    """What the checks read, or None (the call is checked in full, and raises if it must)
+    where a value is neither a tensor nor None, or an option is unhashable. Options carry
+    their type: `causal=1` must not pass as `causal=True`, nor `scale=True` as 1.0."""
+    if torch.compiler.is_compiling():
+        return None          # traced once: the checks run at trace time
+    metas = []
+    for t in tensors:
+        if t is None:
+            metas.append(None)
+        elif isinstance(t, torch.Tensor):
+            metas.append((t.shape, t.dtype, t.device, t.requires_grad))
+        else:
+            return None
+    typed = []
+    for value in options:
+        if isinstance(value, (tuple, list)):
+            value = tuple((type(x), x) for x in value)
+        typed.append((type(value), value))
+    key = (tuple(metas), tuple(typed), torch.is_grad_enabled(), interpreting())
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _attention_options(causal, attention_mask, scale, prefix_index, dropout_p, bias,
+                       window_size, prefix_in_window, softcap, sinks, segments) -> dict:
+    return dict(causal=causal, attention_mask=attention_mask, scale=scale,
+                prefix_index=prefix_index, dropout_p=float(dropout_p), bias=bias,
+                window_size=tuple(window_size), prefix_in_window=prefix_in_window,
+                softcap=float(softcap), sinks=sinks, segments=segments)
+
+
+def _choose_attention(backend, q, k, v, prefix_k, prefix_v, options) -> str:
+    return choose_backend(backend, "prefix_attention",
+                          {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v,
+                           "bias": options["bias"], "sinks": options["sinks"]}, options)
+
+
+def _run_attention(chosen, q, k, v, prefix_k, prefix_v, dropout_seed, options):
+    """Runs backend `chosen` on inputs the callers above have checked."""
+    dropout_p = options["dropout_p"]
+    seed = _dropout_seed_tensor(dropout_seed, q.device) if dropout_p > 0 else None
     if chosen != "triton":
         mask = None
         if dropout_p > 0:
