@@ -14,6 +14,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def on_device(device: torch.device):
+    """Makes `device` the current CUDA device for the block (a no-op where it already is, and
+    off CUDA). Triton launches on the current device and its stream, not on the device of the
+    tensors it is given: a model spread over GPUs (transformers' device_map) runs layers on
+    cuda:1 while cuda:0 is current, and a launch there would be refused ("cannot be accessed
+    from Triton") or read another device's memory."""
+    if device.type != "cuda" or device.index is None \
+            or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def on_input_device(launcher):
+    """Decorator for a kernel module's entry point: runs it with the device of its first
+    tensor argument current (see `on_device`), so every launch inside goes there."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            return launcher(*args, **kwargs)
+        with on_device(first.device):
+            return launcher(*args, **kwargs)
+    run.on_input_device = True
+    return run
+
+
 def contiguous_last(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dim is contiguous (kernels take every other stride as given),
     else a contiguous copy: unit-stride last dims let the loads vectorize."""

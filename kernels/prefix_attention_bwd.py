@@ -38,7 +38,7 @@ from .attention_terms import (
 )
 from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, num_splits
+from .launch import contiguous_last, dense_index, num_splits, on_input_device
 from .split_reduce import sum_splits
 from .tiles import CANDIDATES, prefix_tile, spec_configs
 from .prefix_attention_fwd import (
@@ -374,6 +374,7 @@ def _prefix_dkdv_kernel(
 DELTA_BLOCK_M = 64
 
 
+@on_input_device
 def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
                          out, lse, *, causal=True, scale=None, needs=(True,) * 5,
                          dropout_p=0.0, dropout_seed=None, terms=NO_TERMS):

@@ -44,6 +44,7 @@ from .launch import (
     WAVES,
     Target,
     device_target,
+    on_input_device,
 )
 from .prefix_attention_fwd import (
     FLAG_COMBOS,
@@ -437,6 +438,7 @@ def supports(q_len: int) -> bool:
     return 0 < q_len <= MAX_QUERIES
 
 
+@on_input_device
 def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
                             prefix_index=None, *, causal=True, scale=None, out=None,
                             num_splits=None):

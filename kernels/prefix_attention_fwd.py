@@ -44,7 +44,7 @@ from .attention_terms import (
 )
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, interpreting
+from .launch import contiguous_last, dense_index, interpreting, on_device, on_input_device
 from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
 
 @triton.jit
@@ -406,6 +406,7 @@ class ForwardInputs:
                 *strides3(self.out), *self.lse.stride()[:2], *mask)
 
 
+@on_input_device
 def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
                          prefix_index=None, *, causal=True, scale=None, out=None, config=None,
                          dropout_p=0.0, dropout_seed=None, terms=NO_TERMS):
@@ -533,9 +534,10 @@ def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):
     if keep.numel() > 0:
         block_m, block_n = MASK_BLOCK
         grid = (triton.cdiv(P + Lk, block_n), triton.cdiv(Lq, block_m), B * Hq)
-        _dropout_mask_kernel[grid](
-            keep, as_seed_tensor(seed, device), Lq, P + Lk, float(p),
-            keep.stride(1), keep.stride(2), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        with on_device(device):
+            _dropout_mask_kernel[grid](
+                keep, as_seed_tensor(seed, device), Lq, P + Lk, float(p),
+                keep.stride(1), keep.stride(2), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return keep.view(torch.bool)
 
 

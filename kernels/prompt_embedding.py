@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, num_splits
+from .launch import contiguous_last, dense_index, num_splits, on_input_device
 from .split_reduce import sum_splits
 
 
@@ -114,6 +114,7 @@ def _tile(width: int) -> tuple[int, int]:
 NUM_WARPS = 4
 
 
+@on_input_device
 def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: torch.Tensor,
                          prompt_index: torch.Tensor | None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,6 +146,7 @@ def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: 
     return out
 
 
+@on_input_device
 def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_tasks: int,
                 num_prompt: int, dtype: torch.dtype) -> torch.Tensor:
     """Sum of grad_out[b, :P] over the rows b that used each prompt -> (T, P, d) in `dtype`.

@@ -237,6 +237,23 @@ def test_torch_compile_fullgraph_takes_the_decode_path(monkeypatch):
     assert spies["decode"].launches == 2 and spies["prefill"].launches == 0
 
 
+def test_eager_decoding_launches_without_the_custom_op(monkeypatch):
+    """Eager on plain tensors, the decode launcher runs without the custom op's dispatch (~10 us
+    of host time a call, which a decoding loop pays per layer); a traced call goes through
+    the op (the test above)."""
+    from ptuning_fast.fused import prefix_attention as fused_attention
+    calls = []
+    real = fused_attention.prefix_attention_decode_op
+    monkeypatch.setattr(fused_attention, "prefix_attention_decode_op",
+                        lambda *a: calls.append(1) or real(*a))
+    case = Case(2, 8, 2, 1, 33, 32, 5, "task", "left")
+    inputs, mask, index = make_inputs(case, torch.float32, requires_grad=False)
+    spies = _spies(monkeypatch)
+    got = pf.prefix_attention(*inputs, attention_mask=mask, prefix_index=index, backend="triton")
+    assert calls == [] and spies["decode"].launches == 1
+    assert_close(got, exact(*inputs, attention_mask=mask, prefix_index=index), torch.float32)
+
+
 GENERATE_MODES = {
     "greedy": dict(do_sample=False),
     "sampling": dict(do_sample=True, top_k=20, temperature=1.3),

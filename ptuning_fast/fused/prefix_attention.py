@@ -3,9 +3,10 @@ and `ptuning_fast::prefix_attention_decode` (forward only, few queries, no gradi
 
 Opaque ops with fake implementations, so `torch.compile(fullgraph=True)` traces through them;
 the backward op is registered as the forward's autograd formula and launches only the kernels
-whose gradients autograd asks for. `prefix_attention_fused` takes the decode op, which splits
-the keys across programs (kernels/prefix_attention_decode.py), when Lq is small, dropout is off
-and no gradient can be asked for; otherwise the prefill op.
+whose gradients autograd asks for. `prefix_attention_fused` takes the decode kernel, which
+splits the keys across programs (kernels/prefix_attention_decode.py), when Lq is small, dropout
+is off and no gradient can be asked for (through the decode op when traced, its launcher
+directly in eager); otherwise the prefill op.
 
 Dropout: `dropout_p` (float) and `dropout_seed` (0-d int64 tensor on the inputs' device, or None
 when dropout_p == 0) go to both ops; the backward regenerates the forward's keep-mask from the
@@ -125,6 +126,10 @@ def prefix_attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                attention_mask: torch.Tensor | None,
                                prefix_index: torch.Tensor | None, causal: bool,
                                scale: float) -> torch.Tensor:
+    return _decode(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
+
+
+def _decode(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
     out, _ = decode_kernels.prefix_attention_decode(q, k, v, prefix_k, prefix_v, attention_mask,
                                                     prefix_index, causal=causal, scale=scale)
     return out
@@ -174,8 +179,15 @@ def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
     dropout_p = float(dropout_p)
     terms = Terms(bias, sinks, segments, tuple(window_size), prefix_in_window, float(softcap))
     if _takes_decode_path(q, k, v, prefix_k, prefix_v, dropout_p, terms):
-        return prefix_attention_decode_op(q, k, v, prefix_k, prefix_v, attention_mask,
-                                          prefix_index, bool(causal), scale)
+        if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
+            # Traced, or a tensor subclass (fake, distributed): the op and its dispatch.
+            return prefix_attention_decode_op(q, k, v, prefix_k, prefix_v, attention_mask,
+                                              prefix_index, bool(causal), scale)
+        # Eager on plain tensors: the launcher itself. The op has no autograd formula and no
+        # gradient is wanted here, so its dispatch would only add ~10 us of host time per
+        # layer and decoding step (bench/NOTES.md, "Per-call host cost").
+        return _decode(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, bool(causal),
+                       scale)
     if terms.any:
         seg_start, seg_end = segments if segments is not None else (None, None)
         out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
