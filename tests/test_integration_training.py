@@ -57,6 +57,25 @@ def test_gradient_checkpointing_gives_same_gradients(model_name, method, backend
     assert not [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
 
 
+@pytest.mark.parametrize("model_name", ["llama", "bert"])
+def test_layers_get_one_bool_mask_per_forward(model_name, monkeypatch):
+    """The tokenizer's integer padding mask is bool once per forward (transformers' mask
+    preprocessing casts it before our mask function passes it through), not converted in every
+    layer's attention, forward and backward: each layer gets that same bool tensor, with the
+    tokenizer's values."""
+    model = pf.wrap(BUILD[model_name](0), CONFIGS["prefix"]())
+    masks = []
+    real = attention.ops.layer_prefix_attention
+    monkeypatch.setattr(attention.ops, "layer_prefix_attention",
+                        lambda *a, **kw: masks.append(kw["attention_mask"]) or real(*a, **kw))
+    ids, mask, labels = batch(model_name, padding="left")
+    assert mask.dtype == torch.long
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(masks) == model.dims.num_layers
+    assert all(m is masks[0] for m in masks) and masks[0].dtype == torch.bool
+    assert torch.equal(masks[0], mask.bool())
+
+
 def test_reentrant_checkpointing_rejected():
     model = pf.wrap(tiny_llama(0), CONFIGS["prefix"]())
     with pytest.raises(ValueError, match="use_reentrant"):
