@@ -17,7 +17,7 @@ import torch
 import triton
 
 from . import tiles
-from .launch import device_target
+from .launch import device_target, next_power_of_2
 
 _BEST: dict[tuple, tiles.TileConfig] = {}
 
@@ -29,7 +29,7 @@ def enabled(device: torch.device) -> bool:
 
 def length_bucket(n: int) -> int:
     """Lengths within a factor of two share a tuning decision."""
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(max(n, 1))
 
 
 def _time_ms(fn: Callable[[], None]) -> float:

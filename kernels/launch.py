@@ -40,6 +40,19 @@ def on_input_device(launcher):
     return run
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host side of a launch. `triton.cdiv` is a constexpr-function object
+    there, ~1.6 us a call; a decode launch's plan made ~20 of them (37 us of host time a layer
+    call, bench/NOTES.md "Per-call host cost")."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): `triton.next_power_of_2` on the host,
+    without its wrapper's cost (see `cdiv`)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def contiguous_last(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dim is contiguous (kernels take every other stride as given),
     else a contiguous copy: unit-stride last dims let the loads vectorize."""

@@ -38,7 +38,7 @@ from .attention_terms import (
 )
 from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, num_splits, on_input_device
+from .launch import cdiv, contiguous_last, dense_index, num_splits, on_input_device
 from .split_reduce import sum_splits
 from .tiles import CANDIDATES, prefix_tile, spec_configs
 from .prefix_attention_fwd import (
@@ -410,7 +410,7 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
 
     delta = torch.empty_like(lse)
     if delta.numel() > 0:
-        _delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK_M), Hq, B)](
+        _delta_kernel[(cdiv(Lq, DELTA_BLOCK_M), Hq, B)](
             delta, out, grad_out, Lq, D, *strides3(out), *strides3(grad_out),
             delta.stride(0), delta.stride(1),
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4)
@@ -424,7 +424,7 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
         dk, dv = torch.empty_like(k), torch.empty_like(v)
 
         def launch_dkdv(cfg: TileConfig) -> None:
-            _dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), Hkv, B)](
+            _dkdv_kernel[(cdiv(Lk, cfg.block_n), Hkv, B)](
                 dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed,
                 *terms.pointers(q, sinks=False),
                 Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p), softcap_scale,
@@ -472,18 +472,18 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     shape4 = (slots, Hkv, P, D)
     dpk = torch.empty(shape4, dtype=prefix_k.dtype, device=q.device)
     dpv = torch.empty(shape4, dtype=prefix_k.dtype, device=q.device)
-    work = rows_per_slot * group * triton.cdiv(Lq, cfg.block_m)
+    work = rows_per_slot * group * cdiv(Lq, cfg.block_m)
     if dpk.numel() == 0 or work == 0:
         return dpk.zero_().view(prefix_k.shape), dpv.zero_().view(prefix_k.shape)
     cfg = prefix_tile(P, cfg)
     block_n = cfg.block_n
     qk_scale, softcap_scale = terms.qk_scales(scale)
-    tiles = triton.cdiv(P, block_n) * Hkv * slots
-    per_split = triton.cdiv(work, num_splits(q.device, tiles, work, cfg.num_warps))
-    splits = triton.cdiv(work, per_split)               # no split is left without work
+    tiles = cdiv(P, block_n) * Hkv * slots
+    per_split = cdiv(work, num_splits(q.device, tiles, work, cfg.num_warps))
+    splits = cdiv(work, per_split)               # no split is left without work
     partial_k = torch.empty((splits, *shape4), dtype=torch.float32, device=q.device)
     partial_v = torch.empty_like(partial_k)
-    _prefix_dkdv_kernel[(triton.cdiv(P, block_n), Hkv, splits * slots)](
+    _prefix_dkdv_kernel[(cdiv(P, block_n), Hkv, splits * slots)](
         partial_k, partial_v, q, pk, pv, grad_out, lse, delta,
         index if index is not None else q, seed, *terms.pointers(q, sinks=False),
         Lq, Lk, P, D, group, qk_scale, float(dropout_p), softcap_scale, rows_step,

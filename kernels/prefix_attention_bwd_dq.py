@@ -22,6 +22,7 @@ from .attention_terms import (
 )
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
+from .launch import cdiv
 from .prefix_attention_fwd import (
     TileConfig,
     dropout_keep,
@@ -222,7 +223,7 @@ def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, de
     qk_scale, softcap_scale = terms.qk_scales(scale)
 
     def launch(cfg: TileConfig) -> None:
-        _dq_kernel[(triton.cdiv(Lq, cfg.block_m), Hq, B)](
+        _dq_kernel[(cdiv(Lq, cfg.block_m), Hq, B)](
             dq, q, k, v, prefix_k4, prefix_v4, grad_out, lse, delta,
             mask if mask is not None else q, index if index is not None else q,
             seed_arg(dropout_p, seed, q), *terms.pointers(q, sinks=False),

@@ -41,9 +41,11 @@ import triton.language as tl
 from .compile_specs import CompileSpec
 from .launch import (
     INTERPRETER_SPLITS,
-    WAVES,
     Target,
+    WAVES,
+    cdiv,
     device_target,
+    next_power_of_2,
     on_input_device,
 )
 from .prefix_attention_fwd import (
@@ -362,13 +364,13 @@ def decode_tile(head_dim: int, dtype: torch.dtype, target: Target | None) -> Dec
 
 def balanced_splits(key_blocks: int, splits: int) -> tuple[int, int]:
     """(blocks per split, splits) for at most `splits` runs of whole blocks, none empty."""
-    per_split = triton.cdiv(key_blocks, max(1, min(splits, key_blocks)))
-    return per_split, triton.cdiv(key_blocks, per_split)
+    per_split = cdiv(key_blocks, max(1, min(splits, key_blocks)))
+    return per_split, cdiv(key_blocks, per_split)
 
 
 def wave_efficiency(programs: int, sm_count: int) -> float:
     """Share of the SM slots of the last wave-rounded grid that programs fill."""
-    return programs / (triton.cdiv(programs, sm_count) * sm_count)
+    return programs / (cdiv(programs, sm_count) * sm_count)
 
 
 def split_count(programs_per_split: int, key_blocks: int, target: Target | None) -> int:
@@ -378,7 +380,7 @@ def split_count(programs_per_split: int, key_blocks: int, target: Target | None)
     if target is None:
         return balanced_splits(key_blocks, INTERPRETER_SPLITS)[1]
     most = max(1, min(MAX_SPLITS, key_blocks // MIN_BLOCKS_PER_SPLIT))
-    need = min(most, triton.cdiv(WAVES * target.sm_count, programs_per_split))
+    need = min(most, cdiv(WAVES * target.sm_count, programs_per_split))
     best, best_eff = 1, -1.0
     for wanted in range(need, min(most, 2 * need) + 1):
         splits = balanced_splits(key_blocks, wanted)[1]
@@ -423,9 +425,9 @@ def decode_plan(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, D: int, dty
     if keys_major:
         block_m = KEYS_MAJOR_ROWS
     else:
-        block_m = min(tile.max_rows, max(MIN_ROWS, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_m)
-    key_blocks = max(1, triton.cdiv(P, tile.block_n) + triton.cdiv(Lk, tile.block_n))
+        block_m = min(tile.max_rows, max(MIN_ROWS, next_power_of_2(rows)))
+    row_blocks = cdiv(rows, block_m)
+    key_blocks = max(1, cdiv(P, tile.block_n) + cdiv(Lk, tile.block_n))
     if num_splits is None:
         num_splits = split_count(B * Hkv * row_blocks, key_blocks, target)
     per_split, splits = balanced_splits(key_blocks, num_splits)

@@ -44,7 +44,7 @@ from .attention_terms import (
 )
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, interpreting, on_device, on_input_device
+from .launch import cdiv, contiguous_last, dense_index, interpreting, on_device, on_input_device
 from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
 
 @triton.jit
@@ -432,7 +432,7 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     qk_scale, softcap_scale = terms.qk_scales(x.scale)
 
     def launch(cfg: TileConfig) -> None:
-        grid = (triton.cdiv(Lq, cfg.block_m), Hq, B)
+        grid = (cdiv(Lq, cfg.block_m), Hq, B)
         _prefix_attention_fwd_kernel[grid](
             out, lse, *x.pointers(), seed_arg(dropout_p, dropout_seed, x.q),
             *terms.pointers(x.q), Lq, Lk, P, D, Hq // Hkv, qk_scale, float(dropout_p),
@@ -533,7 +533,7 @@ def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):
     keep = torch.empty(B, Hq, Lq, P + Lk, dtype=torch.int8, device=device)
     if keep.numel() > 0:
         block_m, block_n = MASK_BLOCK
-        grid = (triton.cdiv(P + Lk, block_n), triton.cdiv(Lq, block_m), B * Hq)
+        grid = (cdiv(P + Lk, block_n), cdiv(Lq, block_m), B * Hq)
         with on_device(device):
             _dropout_mask_kernel[grid](
                 keep, as_seed_tensor(seed, device), Lq, P + Lk, float(p),

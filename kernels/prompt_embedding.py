@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import contiguous_last, dense_index, num_splits, on_input_device
+from .launch import cdiv, contiguous_last, dense_index, next_power_of_2, num_splits, on_input_device
 from .split_reduce import sum_splits
 
 
@@ -97,7 +97,7 @@ def _grad_tile(width: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D) of the prompt gradient: a quarter of `_tile`'s size (at most 256 wide).
     A prompt is only P x d, so large tiles leave too few programs even after the row split
     (B = 8, P = 64, d = 2048: 32 tiles of 4 x 1024)."""
-    block_d = min(triton.next_power_of_2(max(width, 16)), 256)
+    block_d = min(next_power_of_2(max(width, 16)), 256)
     return max(1, 1024 // block_d), block_d
 
 
@@ -107,7 +107,7 @@ def _tile(width: int) -> tuple[int, int]:
     Memory-bound copy: wide contiguous column blocks give 16-byte vector accesses; several rows
     per program keep each program's transfer large enough to hide latency.
     """
-    block_d = min(triton.next_power_of_2(max(width, 16)), 1024)
+    block_d = min(next_power_of_2(max(width, 16)), 1024)
     return max(1, 4096 // block_d), block_d
 
 
@@ -132,7 +132,7 @@ def prompt_embedding_fwd(input_ids: torch.Tensor, weight: torch.Tensor, prompt: 
         return out
     prompt3 = prompt if prompt.dim() == 3 else prompt.unsqueeze(0)
     block_r, block_d = _tile(d)
-    grid = (triton.cdiv(P + L, block_r), B, triton.cdiv(d, block_d))
+    grid = (cdiv(P + L, block_r), B, cdiv(d, block_d))
     _prompt_embedding_fwd_kernel[grid](
         out, weight, prompt3, input_ids, prompt_index if prompt_index is not None else input_ids,
         L, P, d,
@@ -163,10 +163,10 @@ def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_t
     if B == 0:
         return grad.zero_()
     block_r, block_d = _grad_tile(d)
-    tiles = (triton.cdiv(num_prompt, block_r), num_tasks, triton.cdiv(d, block_d))
+    tiles = (cdiv(num_prompt, block_r), num_tasks, cdiv(d, block_d))
     programs = tiles[0] * tiles[1] * tiles[2]
-    rows_per_split = triton.cdiv(B, num_splits(grad_out.device, programs, B, NUM_WARPS))
-    splits = triton.cdiv(B, rows_per_split)
+    rows_per_split = cdiv(B, num_splits(grad_out.device, programs, B, NUM_WARPS))
+    splits = cdiv(B, rows_per_split)
     partials = torch.empty(splits, num_tasks, num_prompt, d, dtype=torch.float32,
                            device=grad_out.device)
     _prompt_grad_kernel[(tiles[0], tiles[1], tiles[2] * splits)](

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .compile_specs import CompileSpec
-from .launch import WAVES, device_target
+from .launch import WAVES, cdiv, device_target
 
 BLOCKS = (16, 64, 256, 1024)    # elements a program sums; a power of two, 16 at least
 
@@ -41,7 +41,7 @@ def block_size(numel: int, device: torch.device) -> int:
     # there, the largest block that still leaves two programs (a task prefix's gradient in the
     # tests: 9360 programs of 16 elements took 20 s, 147 of 1024 take a fraction of that).
     programs = 2 if target is None else WAVES * target.sm_count
-    fitting = [b for b in BLOCKS if triton.cdiv(numel, b) >= programs]
+    fitting = [b for b in BLOCKS if cdiv(numel, b) >= programs]
     return fitting[-1] if fitting else BLOCKS[0]
 
 
@@ -51,7 +51,7 @@ def sum_splits(partials: torch.Tensor, out: torch.Tensor, scale: float = 1.0) ->
     numel = out.numel()
     if numel:
         block = block_size(numel, out.device)
-        _sum_splits_kernel[(triton.cdiv(numel, block),)](
+        _sum_splits_kernel[(cdiv(numel, block),)](
             out, partials, partials.shape[0], numel, float(scale), BLOCK=block,
             num_warps=_warps(block))
     return out

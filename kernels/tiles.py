@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
+
+from .launch import next_power_of_2
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ CANDIDATES: dict[str, dict[tuple[int, bool, int], list[TileConfig]]] = {
 def head_block(head_dim: int) -> int:
     # Floor of 32: small head dims share the D = 32 kernels (covered by compile_specs) rather
     # than compiling a 16-wide variant for a shape real models do not use.
-    return max(32, triton.next_power_of_2(head_dim))
+    return max(32, next_power_of_2(head_dim))
 
 
 def arch_family(arch: int) -> int:
@@ -154,7 +155,7 @@ def prefix_tile(prefix_len: int, cfg: TileConfig) -> TileConfig:
     smallest MMA tile), and for a key block under 64 rows at most 4 warps and 2 stages (8
     warps on a 16-row tile leave ptxas 128 registers a thread and it spills; with 3 stages
     ptxas kept 4 bytes on the stack, sm_90 D = 64)."""
-    block_n = min(cfg.block_n, max(16, triton.next_power_of_2(prefix_len)))
+    block_n = min(cfg.block_n, max(16, next_power_of_2(prefix_len)))
     if block_n >= 64:
         return TileConfig(cfg.block_m, block_n, cfg.num_warps, cfg.num_stages)
     return TileConfig(cfg.block_m, block_n, min(cfg.num_warps, 4), min(cfg.num_stages, 2))

@@ -1,11 +1,16 @@
-"""Kernels launch on their tensors' device, not on whichever CUDA device is current: a model
-spread over GPUs (transformers' device_map) runs a layer on cuda:1 while cuda:0 is current, and
+"""Launch-side helpers (kernels/launch.py).
+
+Kernels launch on their tensors' device, not on whichever CUDA device is current: a model on
+cuda:1 (moved there, or a layer placed there by device_map) runs while cuda:0 is current, and
 Triton launches on the current device. No second GPU here: the CUDA tensors are fake (shape,
-dtype and device only) and the device switch is recorded instead of made."""
+dtype and device only) and the device switch is recorded instead of made.
+
+The host-side ceil-division and next power of two are Triton's, without its wrappers' cost."""
 import contextlib
 
 import pytest
 import torch
+import triton
 from conftest import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -71,3 +76,9 @@ def test_the_dropout_mask_launches_on_its_device(monkeypatch):
                         lambda d: asked.append(d) or contextlib.nullcontext())
     keep = fwd.dropout_keep_mask(7, 1, 2, 3, 1, 4, 0.5, "cpu")
     assert keep.shape == (1, 2, 3, 5) and asked == [torch.device("cpu")]
+
+
+def test_host_arithmetic_equals_tritons():
+    assert all(launch.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(launch.cdiv(a, b) == triton.cdiv(a, b)
+               for a in range(0, 300) for b in range(1, 40))
