@@ -35,21 +35,20 @@ def measure(B, Hq, Hkv, Lq, Lk, P, D, padded, rounds):
     def call():
         return torch_path.prefix_attention(q, k, v, pk, pv, causal=True, attention_mask=mask)
 
-    def concatenated():
+    def with_thresholds(threshold):
+        """`call` with both merge thresholds at `threshold` (0: always merged)."""
         saved = torch_path.MERGED_DECODE_MIN_ELEMENTS, torch_path.MERGED_PREFILL_MIN_QUERIES
-        torch_path.MERGED_DECODE_MIN_ELEMENTS = torch_path.MERGED_PREFILL_MIN_QUERIES = 1 << 62
+        torch_path.MERGED_DECODE_MIN_ELEMENTS = torch_path.MERGED_PREFILL_MIN_QUERIES = threshold
         try:
             return call()
         finally:
             torch_path.MERGED_DECODE_MIN_ELEMENTS, torch_path.MERGED_PREFILL_MIN_QUERIES = saved
 
+    def concatenated():
+        return with_thresholds(1 << 62)
+
     def merged():
-        saved = torch_path.MERGED_DECODE_MIN_ELEMENTS, torch_path.MERGED_PREFILL_MIN_QUERIES
-        torch_path.MERGED_DECODE_MIN_ELEMENTS = torch_path.MERGED_PREFILL_MIN_QUERIES = 0
-        try:
-            return call()
-        finally:
-            torch_path.MERGED_DECODE_MIN_ELEMENTS, torch_path.MERGED_PREFILL_MIN_QUERIES = saved
+        return with_thresholds(0)
 
     with torch.no_grad():
         err = (merged() - concatenated()).abs().max().item()

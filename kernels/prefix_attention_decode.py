@@ -41,8 +41,8 @@ import triton.language as tl
 from .compile_specs import CompileSpec
 from .launch import (
     INTERPRETER_SPLITS,
-    Target,
     WAVES,
+    Target,
     cdiv,
     device_target,
     next_power_of_2,
