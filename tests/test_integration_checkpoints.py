@@ -2,6 +2,7 @@
 errors for checkpoints that do not fit."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -129,6 +130,35 @@ def test_mismatched_layers_and_heads_raise(tmp_path):
         pf.PTuningModel.from_pretrained(tiny_llama(0, num_key_value_heads=4), tmp_path)
     with pytest.raises(ValueError, match="token_dim"):
         pf.PTuningModel.from_pretrained(tiny_llama(0, head_dim=8), tmp_path)
+
+
+def test_adapter_of_another_base_model_says_so(tmp_path):
+    _, twin = wrapped_and_twin("llama", CONFIGS["prompt"])
+    twin.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trained for a different base model.*token_dim=32 "
+                                         "\\(model has 48\\)"):
+        pf.PTuningModel.from_pretrained(tiny_llama(0, hidden_size=48), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["prefix_proj", "ptuning_lstm"])
+def test_trainable_load_of_encoder_output_warns(method, tmp_path):
+    """PEFT saves only the encoder's output: training it further is another parameterisation
+    than PEFT's, said at load with both parameter counts; a full-state save keeps the encoder
+    and loads without the warning."""
+    ours, twin = wrapped_and_twin("llama", CONFIGS[method])
+    twin.save_pretrained(tmp_path / "peft")
+    with pytest.warns(UserWarning, match="only the prompt encoder's output") as record:
+        loaded = pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path / "peft",
+                                                 is_trainable=True)
+    trainable = sum(p.numel() for p in loaded.trainable_parameters().values())
+    encoder = sum(p.numel() for p in ours.prompt_encoder.parameters())
+    message = str(record[0].message)
+    assert f"({trainable:,} trainable parameters)" in message
+    assert f"({encoder:,} parameters)" in message and encoder > trainable
+    ours.save_pretrained(tmp_path / "full", full_state=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pf.PTuningModel.from_pretrained(tiny_llama(0), tmp_path / "full", is_trainable=True)
 
 
 def test_mismatched_tensor_shape_raises(tmp_path):

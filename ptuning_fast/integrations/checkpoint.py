@@ -194,8 +194,11 @@ def _check_fits(adapter: dict, config, dims) -> None:
         wrong.append(f"num_transformer_submodules={submodules} (model has "
                      f"{dims.num_transformer_submodules})")
     if wrong:
-        raise ValueError(f"checkpoint does not fit this model: {', '.join(wrong)}; "
-                         f"model sizes: {dims}")
+        trained_for = adapter.get("base_model_name_or_path")
+        raise ValueError(
+            "this adapter was trained for a different base model"
+            f"{f' ({trained_for!r})' if trained_for else ''}: its sizes do not fit this one "
+            f"({', '.join(wrong)}); this model's sizes: {dims}")
 
 
 def _prompt_shape(config, dims: ModelDims) -> tuple[int, int]:
@@ -358,7 +361,29 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+    elif full is None:
+        _warn_encoder_lost(model, config, dims, weights_path)
     return model
+
+
+def _warn_encoder_lost(model, config, dims, weights_path: str) -> None:
+    """PEFT saves a P-Tuning (or projected prefix) adapter as its encoder's output only. Trained
+    further, that is another parameterisation than the one PEFT trains, so losses part from the
+    first step: say so, with both parameter counts."""
+    with torch.device("meta"):
+        fresh = build_prompt_module(config, dims)
+    if not fresh._encoder_modules():
+        return
+    with_encoder = sum(p.numel() for p in fresh.parameters())
+    loaded = sum(p.numel() for p in model.prompt_encoder.parameters() if p.requires_grad)
+    warnings.warn(
+        f"{weights_path} holds only the prompt encoder's output, not the encoder: training "
+        f"goes on from those vectors directly ({loaded:,} trainable parameters), not through "
+        f"the {config.method} encoder ({with_encoder:,} parameters), so it is not the "
+        "training PEFT's is_trainable=True does and the losses differ from the first step. "
+        "To resume through the encoder, load a directory saved by ptuning_fast with "
+        "save_pretrained(..., full_state=True), which keeps the encoder's weights.",
+        UserWarning, stacklevel=4)
 
 
 def _check_same_save(ours, listing: _Listing, ours_path: str) -> None:
