@@ -395,3 +395,36 @@ def test_terms_case_kwargs_run_the_kernels_as_the_reference(terms):
     want = reference.prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, upcast=True,
                                       **kwargs)
     assert_close(got, want, torch.float32)
+
+
+def test_from_json_refuses_missing_and_foreign_files(tmp_path, capsys):
+    assert command.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "a.json" in err and "b.json" in err
+    (tmp_path / "c.json").write_text("{not json")
+    assert command.main(["--from-json", str(tmp_path / "c.json")]) == 2
+    assert "not a results file" in capsys.readouterr().err
+
+
+def _timed(op, provider, ms, **row):
+    return {"op": op, "provider": provider, "skipped": None, "median_ms": ms, "tflops": 1.0,
+            "tokens_per_s": 1.0, "peak_mem_mb": 10.0 * ms, **row}
+
+
+def test_speedup_columns_are_ours_against_the_others():
+    terms_row = dict(mode="fwd", terms="bias", dtype="fp32", B=1, Hq=2, Hkv=1, D=8, P=2, Lk=16)
+    table = report.op_table("attention_terms", [_timed("attention_terms", "torch", 1.0,
+                                                       **terms_row),
+                                                _timed("attention_terms", "naive", 3.0,
+                                                       **terms_row)])
+    assert "torch speedup vs naive" in table and "naive speedup vs" not in table
+    assert "| 3.00x |" in table
+    keys = {k: 1 for k in report.ROW_KEYS["generate"]}
+    gen = report.op_table("generate", [_timed("generate", p, ms, **keys) for p, ms in
+                                       (("ptuning_fast", 2.0), ("ptuning_fast_static", 1.0),
+                                        ("peft", 4.0))])
+    header = gen.splitlines()[0]
+    assert "ptuning_fast speedup vs peft" in header
+    assert "ptuning_fast_static speedup vs peft" in header
+    assert "speedup vs ptuning_fast" not in header
+    assert "| 2.00x | 4.00x |" in gen

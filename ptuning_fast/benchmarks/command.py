@@ -187,11 +187,20 @@ def render(json_path: Path, head: dict, records: list[dict]) -> tuple[Path, list
 
 
 def rerender(sources: list[Path], out: Path | None) -> int:
-    head, records = results.read(sources[0])
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        print(f"--from-json: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        read = [results.read(p) for p in sources]
+    except (ValueError, KeyError) as err:     # JSONDecodeError is a ValueError
+        print(f"--from-json: not a results file of `ptuning-fast bench --out` ({err!r})",
+              file=sys.stderr)
+        return 2
+    head, records = read[0]
     json_path = sources[0]
     if len(sources) > 1 or out is not None:
-        for extra in sources[1:]:
-            other_head, other_records = results.read(extra)
+        for extra, (other_head, other_records) in zip(sources[1:], read[1:]):
             if other_head["device"] != head["device"]:
                 print(f"cannot merge {extra} ({other_head['device']}) into results from "
                       f"{head['device']}", file=sys.stderr)

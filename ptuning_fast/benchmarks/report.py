@@ -21,7 +21,9 @@ COLUMN_TITLES = {"Lq": {"prompt_embedding": "L", "train_step": "L", "generate": 
                  "D": {"prompt_embedding": "d"}, "Lk": {"generate": "total"}}
 # Whose speed the ratio columns compare against the others: ours when it ran (the kernels, else
 # on CPU the torch backend), else the best concatenation path.
-LEADS = {"prefix_attention": ("fused", "torch", "cat_sdpa"), "attention_terms": ("fused", "naive"),
+# The provider whose speedups a table shows: ours first (fused kernels, else our torch path).
+LEADS = {"prefix_attention": ("fused", "torch", "cat_sdpa"),
+         "attention_terms": ("fused", "torch", "naive"),
          "decode": ("fused", "torch", "cat_sdpa"), "prompt_embedding": ("fused", "torch", "naive"),
          "train_step": ("ptuning_fast",), "generate": ("ptuning_fast",)}
 
@@ -69,16 +71,19 @@ def op_table(op: str, records: list[dict]) -> str:
         return ""
     names = _ordered(p for row in rows.values() for p in row)
     lead = _lead(op, rows)
-    others = [p for p in names if p != lead and p != "copy"]
+    # A variant of the lead (ptuning_fast_static beside ptuning_fast) is ours too: it gets its
+    # own speedup columns against the others, never one against the lead.
+    leads = [p for p in names if lead and (p == lead or p.startswith(lead + "_"))]
+    others = [p for p in names if p not in leads and p != "copy"]
     titles = [COLUMN_TITLES.get(k, {}).get(op, k) for k in ROW_KEYS[op]] + names
     speedups = lead and op != "prompt_embedding"
     shares = lead and "copy" in names
     if shares:
         titles += [f"{p} % of copy" for p in names if p != "copy"]
     if speedups:
-        titles += [f"{lead} speedup vs {p}" for p in others]
+        titles += [f"{ours} speedup vs {p}" for ours in leads for p in others]
         if op in ("train_step", "generate"):
-            titles += [f"{lead} memory / {p}" for p in others]
+            titles += [f"{ours} memory / {p}" for ours in leads for p in others]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for key, row in rows.items():
         cells = [str(k) for k in key] + [_cell(op, row[p]) if p in row else "" for p in names]
@@ -88,13 +93,12 @@ def op_table(op: str, records: list[dict]) -> str:
                       if p in row and row[p]["gbps"] and copy and copy["gbps"] else ""
                       for p in names if p != "copy"]
         if speedups:
-            base = row.get(lead)
-            cells += [f"{row[p]['median_ms'] / base['median_ms']:.2f}x" if base and p in row
-                      else "" for p in others]
+            cells += [f"{row[p]['median_ms'] / row[ours]['median_ms']:.2f}x"
+                      if ours in row and p in row else "" for ours in leads for p in others]
             if op in ("train_step", "generate"):
-                cells += [f"{base['peak_mem_mb'] / row[p]['peak_mem_mb']:.2f}x"
-                          if base and p in row and base["peak_mem_mb"] and row[p]["peak_mem_mb"]
-                          else "" for p in others]
+                cells += [f"{row[ours]['peak_mem_mb'] / row[p]['peak_mem_mb']:.2f}x"
+                          if ours in row and p in row and row[ours]["peak_mem_mb"]
+                          and row[p]["peak_mem_mb"] else "" for ours in leads for p in others]
         lines.append("| " + " | ".join(cells) + " |")
     if op == "train_step":
         lines += _checkpointed_line(rows)
