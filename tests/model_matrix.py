@@ -14,6 +14,8 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
+import transformers
+
 VOCAB = 97
 
 METHODS = {"prompt": "Prompt Tuning", "ptuning_mlp": "P-Tuning (MLP)",
@@ -51,7 +53,6 @@ class Family:
     def build(self, task: str, seed: int = 0):
         """A tiny random model of this family with the head of `task`, in eval mode."""
         import torch
-        import transformers
         torch.manual_seed(seed)
         kwargs = dict(self.config_kwargs)
         if task in ("SEQ_CLS", "TOKEN_CLS"):
@@ -90,6 +91,14 @@ _DEBERTA_PREFIX = Refusal(
     "refuses it too: \"ValueError: Model does not support past key values which are required "
     "for prefix tuning.\" (tested). P-Tuning v2's own code edits DeBERTa's attention module "
     "instead (prefix keys and values without relative-position bias).")
+_KWARGS_DROPPED = Refusal(
+    "NotImplementedError", "do not pass the forward's keyword arguments", "wrap",
+    "These decoder layers call the attention function without the forward's keyword "
+    "arguments, so a prefix handed to it would never be read: the output would be the base "
+    "model's, silently. Refused instead; their prompt is concatenated (PEFT's way).")
+# transformers >= 5.25 reports multi-query Falcon's one key head: PEFT sizes the prefix to it.
+_MULTI_QUERY_FALCON_HAS_ONE_KV_HEAD = getattr(transformers.FalconConfig(multi_query=True),
+                                              "num_key_value_heads", None) == 1
 # Families whose prefix reaches the model's own attention through its KV cache.
 OWN_ATTENTION_PREFIX = ("Falcon",)
 
@@ -125,11 +134,15 @@ FAMILIES = [
                 pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0,
                 attention_dropout=0.0, attn_implementation="eager"), _LM),
     Family("Falcon (multi-query, as Falcon-7B)", "Falcon", "FalconConfig", _FALCON, _LM,
-           {"prefix": _FALCON_MULTI_QUERY}),
+           {} if _MULTI_QUERY_FALCON_HAS_ONE_KV_HEAD else {"prefix": _FALCON_MULTI_QUERY}),
     Family("Falcon, new decoder architecture", "Falcon", "FalconConfig",
            dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2), _LM),
     Family("Falcon-RW (ALiBi)", "Falcon", "FalconConfig",
            dict(_FALCON, alibi=True, multi_query=False, parallel_attn=False, bias=True), _LM),
+    Family("StableLM", "StableLm", "StableLmConfig", dict(_DECODER, num_key_value_heads=2), _LM,
+           {"prefix": _KWARGS_DROPPED}),
+    Family("Nemotron", "Nemotron", "NemotronConfig", dict(_DECODER, num_key_value_heads=2), _LM,
+           {"prefix": _KWARGS_DROPPED}),
     Family("GPT-OSS", "GptOss", "GptOssConfig",
            dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
@@ -201,8 +214,10 @@ _NOTES = {
                       "generate() drops the prefix with transformers 5.24 (it passes its cache "
                       "as `past_key_values` beside generate()'s `cache`, which the model uses): "
                       "its tokens are the base model's without prefix.",
-    "own_attention": "Falcon computes attention in its own code, not through transformers' "
-                     "AttentionInterface: the prefix reaches it through the KV cache it is "
+    "own_attention": "Falcon's layers do not hand the forward's keyword arguments to their "
+                     "attention (before transformers 5.25 they computed it in their own code, "
+                     "not through AttentionInterface): the prefix reaches it through the KV "
+                     "cache it is "
                      "given (PEFT's way), so the model's own eager or SDPA attention computes "
                      "and ptuning_fast's kernels and `backend=` are not used there. The cache "
                      "stores no prefix (gradient checkpointing works; generate() keeps real "

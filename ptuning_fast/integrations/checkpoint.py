@@ -197,7 +197,7 @@ def _check_fits(adapter: dict, config, dims) -> None:
         trained_for = adapter.get("base_model_name_or_path")
         raise ValueError(
             "this adapter was trained for a different base model"
-            f"{f' ({trained_for!r})' if trained_for else ''}: its sizes do not fit this one "
+            f"{f' ({trained_for!r})' if trained_for else ''}: its checkpoint does not fit this one "
             f"({', '.join(wrong)}); this model's sizes: {dims}")
 
 

@@ -65,7 +65,15 @@ def supports_shared_prompt(model: nn.Module, task_type: str) -> bool:
         return False
     if not uses_attention_interface(model) or not hasattr(model, "set_attn_implementation"):
         return False
+    if getattr(text_config(model), "model_type", None) in _DROPS_ATTENTION_KWARGS:
+        return False
     return not getattr(text_config(model), "num_kv_shared_layers", 0)
+
+
+# Models that call the registered attention function but whose decoder layers do not pass the
+# forward's keyword arguments down to it (transformers 5.25: Falcon, StableLM, Nemotron), so the
+# shared prompt pass cannot reach their attention: their prompt is concatenated (PEFT's way).
+_DROPS_ATTENTION_KWARGS = ("falcon", "stablelm", "nemotron")
 
 
 # Encoder-decoders whose prefix tuning is implemented (integrations/seq2seq.py).
@@ -121,7 +129,10 @@ def refuse_prefix_in_cache(model: nn.Module) -> None:
     """NotImplementedError for the Falcon variants whose prefix tuning has no PEFT function to
     be equal to."""
     config = model.config
-    if config.multi_query and not config.new_decoder_architecture:
+    # transformers >= 5.25 reports these layers' one key head (num_key_value_heads = 1), so
+    # PEFT sizes the prefix with one head too and computes a function: the cache path's.
+    if config.multi_query and not config.new_decoder_architecture \
+            and getattr(config, "num_key_value_heads", None) != 1:
         raise NotImplementedError(
             f"{type(model).__name__}: prefix tuning on Falcon with multi-query attention "
             "(multi_query=True, new_decoder_architecture=False, as Falcon-7B) is not supported: "
@@ -174,6 +185,12 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
     if prefix_in_cache(base_model):
         refuse_prefix_in_cache(base_model)
         return
+    if model_type in _DROPS_ATTENTION_KWARGS:
+        raise NotImplementedError(
+            f"{name}: prefix tuning on this model is not supported: its decoder layers do not "
+            "pass the forward's keyword arguments to the attention function, so the prefix "
+            "would never be read (the output would be the base model's). Prompt Tuning and "
+            "P-Tuning work on it")
     if model_type in _NO_PREFIX_PATH:
         raise NotImplementedError(
             f"{name}: prefix tuning on DeBERTa is not supported: its attention "
