@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import define_kernels
+
 LOG2E = 1.4426950408889634
 # An unbounded window side. Bounds are int32 in the kernels: 2**30 keeps i + shift +- bound
 # inside int32 for any length below 2**30.
@@ -35,6 +37,9 @@ UNBOUNDED = 2 ** 30
 # The same values as the kernels read them (a @triton.jit function sees constexpr globals only).
 _LOG2E = tl.constexpr(LOG2E)
 _UNBOUNDED = tl.constexpr(UNBOUNDED)
+
+
+define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 
 @triton.jit

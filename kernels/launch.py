@@ -9,8 +9,25 @@ from dataclasses import dataclass
 import torch
 
 
+# Triton picks its interpreter or its compiler when a kernel is decorated, from TRITON_INTERPRET
+# at that moment; ptuning_fast imports its kernel modules at their first use. Once one has been
+# imported, that choice holds, whatever the variable says later.
+_defined_interpreted: bool | None = None
+
+
+def define_kernels() -> None:
+    """Called by each kernel module before its first @triton.jit: records the mode Triton
+    decorates in."""
+    global _defined_interpreted
+    if _defined_interpreted is None:
+        _defined_interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its interpreter (set before the kernels are imported)."""
+    """True when the kernels run in Triton's interpreter: TRITON_INTERPRET=1 until the first
+    kernel module is imported, the mode they were decorated in from then on."""
+    if _defined_interpreted is not None:
+        return _defined_interpreted
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

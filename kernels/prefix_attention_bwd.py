@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import define_kernels
 from .attention_terms import (
     NO_TERMS,
     load_bias,
@@ -55,6 +56,9 @@ from .prefix_attention_fwd import (
     strides3,
 )
 from .prefix_attention_bwd_dq import prefix_attention_dq
+
+
+define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 
 @triton.jit

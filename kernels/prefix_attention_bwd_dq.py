@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import define_kernels
 from .attention_terms import (
     NO_TERMS,
     block_ranges,
@@ -37,6 +38,9 @@ from .prefix_attention_fwd import (
     strides3,
 )
 from .tiles import spec_configs
+
+
+define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 
 @triton.jit

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import define_kernels
 from .compile_specs import CompileSpec
 from .launch import (
     INTERPRETER_SPLITS,
@@ -64,6 +65,9 @@ from .tiles import head_block
 # Queries per row up to which `ptuning_fast.fused` picks this kernel (one decoding step, or a
 # few draft tokens of speculative decoding); longer queries fill the prefill kernel's tiles.
 MAX_QUERIES = 16
+
+
+define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 
 @triton.jit

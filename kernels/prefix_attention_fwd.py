@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import define_kernels
 from .attention_terms import (
     LOG2E,  # noqa: F401  (re-exported: the decode kernel reads it from here)
     NO_TERMS,
@@ -46,6 +47,9 @@ from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
 from .launch import cdiv, contiguous_last, dense_index, interpreting, on_device, on_input_device
 from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
+
+
+define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 @triton.jit
 def dropout_keep(seed, offsets, dropout_p):

@@ -11,9 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import define_kernels
 from .compile_specs import CompileSpec
 from .launch import cdiv, contiguous_last, dense_index, next_power_of_2, num_splits, on_input_device
 from .split_reduce import sum_splits
+
+
+define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 
 @triton.jit

@@ -12,10 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import define_kernels
 from .compile_specs import CompileSpec
 from .launch import WAVES, cdiv, device_target
 
 BLOCKS = (16, 64, 256, 1024)    # elements a program sums; a power of two, 16 at least
+
+
+define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 
 @triton.jit

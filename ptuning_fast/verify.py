@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .error_bound import check_error
+from .kernels.launch import interpreting
 from .progress import Progress
 
 OPS = ("prompt_embedding", "prefix_attention")
@@ -148,12 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
-        # The modules that decorate kernels (fused/support.py, imported by ops, decorates none).
-        decorated = {"ptuning_fast.fused.prefix_attention", "ptuning_fast.fused.prompt_embedding"}
-        if decorated & set(sys.modules) and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+        if not interpreting():      # kernels already decorated for a GPU: Triton keeps that
             print("error: kernels were imported before TRITON_INTERPRET=1 could be set", file=sys.stderr)
             return 2
-        os.environ["TRITON_INTERPRET"] = "1"
     device = "cuda" if on_gpu else "cpu"
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if on_gpu else [torch.float32, torch.float16]
     if on_gpu:

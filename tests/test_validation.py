@@ -8,6 +8,7 @@ import torch
 from conftest import DEVICE
 
 import ptuning_fast as pf
+from ptuning_fast.kernels import launch
 from ptuning_fast.ops import choose_backend
 
 
@@ -59,8 +60,12 @@ def test_unknown_backend():
         pf.prompt_embedding(*_inputs(), backend="cuda")
 
 
-def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("decorated", [None, False], ids=["not-yet-decorated", "for-a-gpu"])
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch, decorated):
+    """Without the interpreter, and with TRITON_INTERPRET=1 set only after the kernels were
+    decorated for a GPU (Triton keeps that mode): a clear refusal, never Triton's own crash."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if decorated is None else "1")
+    monkeypatch.setattr(launch, "_defined_interpreted", decorated)
     tensors = {"q": torch.randn(1, 2, 3, 4)}
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         choose_backend("triton", "prefix_attention", tensors, {})
@@ -177,4 +182,27 @@ def test_dropout_keep_mask_on_a_plain_cpu_is_a_clear_error():
                           timeout=300)
     assert proc.returncode != 0
     assert "TRITON_INTERPRET" in proc.stderr and "active drivers" not in proc.stderr, \
+        proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a plain CPU: no CUDA device")
+def test_interpreter_set_after_import_until_the_first_kernel_call():
+    """What the README says of TRITON_INTERPRET: set after `import ptuning_fast` it still
+    counts (the kernels are imported at their first call); set after a kernel module was
+    imported, Triton has decided, and the call is refused by name, not crashed inside Triton."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    call = ("ids = torch.randint(0, 50, (2, 7)); w, p = torch.randn(50, 32), torch.randn(5, 32)\n"
+            "out = pf.prompt_embedding(ids, w, p, backend='triton')\n"
+            "assert torch.equal(out, pf.reference.prompt_embedding(ids, w, p))\nprint('ran')\n")
+    late = "import os, torch, ptuning_fast as pf\nos.environ['TRITON_INTERPRET'] = '1'\n" + call
+    proc = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
+    too_late = ("import os, torch, ptuning_fast as pf\n"
+                "import ptuning_fast.kernels.prompt_embedding\n"
+                "os.environ['TRITON_INTERPRET'] = '1'\n" + call)
+    proc = subprocess.run([sys.executable, "-c", too_late], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode != 0 and "ValueError" in proc.stderr
+    assert "TRITON_INTERPRET=1" in proc.stderr and "active drivers" not in proc.stderr, \
         proc.stderr[-2000:]
