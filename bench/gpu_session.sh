@@ -50,10 +50,14 @@ if [[ $DRY_RUN == 1 ]]; then
   ATTENTION_ARGS=(--ops prefix_attention --providers fused,torch)
   BENCH_ARGS="--quick $BENCH_ARGS"
   LAYER_DEVICE=cpu
+  TEST_WORKERS=1
 else
   MODEL_OPS=train_step,generate,prompt_embedding,decode
   ATTENTION_ARGS=(--ops prefix_attention)
   LAYER_DEVICE=cuda
+  # pytest-xdist workers (in the GPU image): each compiles its own kernels, in parallel on the
+  # machine's 16 cores, where one process would spend most of the step in Triton's compiler.
+  TEST_WORKERS=8
 fi
 
 # say LOG LINE: LINE on stdout, in session.log and in LOG.
@@ -124,7 +128,7 @@ PYEOF
 gpu_tests() {
   local cap=$1
   step tests "$cap" "$OUT/tests.log" $PY -m pytest tests -m gpu -q -ra -p no:cacheprovider \
-    --durations=15 --junitxml="$OUT/tests.xml"
+    -n "$TEST_WORKERS" --durations=15 --junitxml="$OUT/tests.xml"
   echo "== tests summary" | tee -a "$SESSION_LOG"
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)" "$OUT/tests.log" | tail -n 40 |
     tee -a "$SESSION_LOG"

@@ -143,15 +143,14 @@ def _restore(params, values):
 
 @gpu
 @pytest.mark.parametrize("method", ["prefix_proj", "prompt"])
-def test_gpu_train_step_in_a_cuda_graph(method, monkeypatch):
+def test_gpu_train_step_in_a_cuda_graph(method):
     """forward, backward and an SGD step captured once (PyTorch's whole-network recipe: warm-up
     on a side stream, gradients allocated inside the capture), replayed on two batches copied
     into the static inputs: each replay's loss and gradients are the eager step's on that
     batch from the same parameters, and the parameters move by -lr x gradient. Without
-    checkpointing (its RNG bookkeeping is not the subject here). The fixed tiles
-    (PTUNING_FAST_AUTOTUNE=0): nothing is timed inside a capture, so eager and captured launches
-    use the same configs."""
-    monkeypatch.setenv("PTUNING_FAST_AUTOTUNE", "0")
+    checkpointing (its RNG bookkeeping is not the subject here). Nothing is timed inside a
+    capture: the captured launches take the autotuner's recorded pick, or the fixed tile where
+    none is recorded, so replay and eager agree within the bf16 tolerance, not bitwise."""
     model, _ = model_pair(method, BF16, CUDA, checkpointing=False)
     params = list(model.trainable_parameters().values())
     lr = 1e-2
