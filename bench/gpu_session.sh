@@ -125,10 +125,12 @@ PYEOF
   unset 'FAILED[-1]'                 # the copy works: pip's failure is not the session's
 }
 
+# The GPU image's transformers / triton are older than this machine's: a test module that fails
+# to import there must not stop the others (--continue-on-collection-errors).
 gpu_tests() {
   local cap=$1
   step tests "$cap" "$OUT/tests.log" $PY -m pytest tests -m gpu -q -ra -p no:cacheprovider \
-    -n "$TEST_WORKERS" --durations=15 --junitxml="$OUT/tests.xml"
+    -n "$TEST_WORKERS" --durations=15 --junitxml="$OUT/tests.xml" --continue-on-collection-errors
   echo "== tests summary" | tee -a "$SESSION_LOG"
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)" "$OUT/tests.log" | tail -n 40 |
     tee -a "$SESSION_LOG"

@@ -15,7 +15,7 @@ from test_prefix_attention_decode import check_against_reference, decode
 import ptuning_fast as pf
 from ptuning_fast import reference
 from ptuning_fast.kernels import prefix_attention_decode as decode_kernels
-from ptuning_fast.kernels.launch import device_target
+from ptuning_fast.kernels.launch import A100, H100, device_target
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 
@@ -115,3 +115,22 @@ def test_gpu_decode_step_in_a_cuda_graph(dtype):
             assert_error_within(captured, reference.prefix_attention(q, k, v, pk, pv, **kw),
                                 exact(q, k, v, pk, pv, **kw), name=f"step {t}")
 
+
+
+# --------------------------------------------- the GPU cases, checked here before a GPU runs them
+@pytest.mark.parametrize("target", [H100, A100], ids=["H100", "A100"])
+def test_gpu_decode_cases_take_the_tiles_they_name(target):
+    """The decode cases reach the decode kernel (few queries), the 32k caches split across
+    programs, and the keys-major cases are keys-major on the GPUs the sessions are lent, so the
+    keys-major test's flip to row-major compares two tiles."""
+    for case in DECODE_CASES + KEYS_MAJOR_CASES:
+        assert decode_kernels.supports(case.Lq), case
+        plan = decode_kernels.decode_plan(case.B, case.Hq, case.Hkv, case.Lq, case.Lk, case.P,
+                                          case.D, torch.bfloat16, target)
+        if case.Lk >= 32768:
+            assert plan.num_splits > 1, case
+        if case in KEYS_MAJOR_CASES:
+            assert plan.keys_major, case
+    assert any(not decode_kernels.decode_plan(c.B, c.Hq, c.Hkv, c.Lq, c.Lk, c.P, c.D,
+                                              torch.bfloat16, target).keys_major
+               for c in DECODE_CASES), "a row-major decode case"

@@ -178,3 +178,14 @@ def test_gpu_fp32_highest_meets_ieee_tolerance():
                                 **make_terms(with_terms, "bcs", torch.float32))
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# --------------------------------------------- the GPU cases, checked here before a GPU runs them
+@pytest.mark.parametrize("case, spec", GPU_TERM_CASES, ids=[f"{c}-{s}" for c, s in GPU_TERM_CASES])
+def test_gpu_term_cases_are_valid_inputs(case, spec):
+    """Every GPU term case is an input the reference accepts and computes (finite): a malformed
+    case (packing with Lq != Lk, a bias of the wrong width) fails here, not in GPU minutes."""
+    (q, k, v, pk, pv), mask, index = make_inputs(case, torch.float32, requires_grad=False)
+    out = reference.prefix_attention(q, k, v, pk, pv, causal=case.causal, attention_mask=mask,
+                                     prefix_index=index, **make_terms(case, spec, torch.float32))
+    assert out.shape == q.shape and torch.isfinite(out).all()
