@@ -50,7 +50,7 @@ if [[ $DRY_RUN == 1 ]]; then
   ATTENTION_ARGS=(--ops prefix_attention --providers fused,torch)
   BENCH_ARGS="--quick $BENCH_ARGS"
   LAYER_DEVICE=cpu
-  TEST_WORKERS=1
+  TEST_WORKERS=0                    # pytest-xdist in-process: its options, no worker to start
 else
   MODEL_OPS=train_step,generate,prompt_embedding,decode
   ATTENTION_ARGS=(--ops prefix_attention)

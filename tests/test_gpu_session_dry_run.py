@@ -44,8 +44,11 @@ needs_shell = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("tim
 
 
 def _session(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PY": sys.executable}
-    env.pop("TRITON_INTERPRET", None)           # the script's own processes decide
+    # The script's own processes decide on the interpreter; an outer pytest-xdist worker's
+    # variables are not the inner pytest's.
+    env = {k: v for k, v in os.environ.items()
+           if k != "TRITON_INTERPRET" and not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env.update(DRY_RUN="1", OUT=str(out), PY=sys.executable)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
