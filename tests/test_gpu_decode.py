@@ -1,5 +1,5 @@
-"""The decode kernel on a GPU (bf16 and fp16, which the interpreter cannot run in bf16, with the
-GPU's tiles and SM-count split rule): against the reference under FlashAttention's rule, with
+"""The decode kernel on a GPU (bf16, which the interpreter cannot run, and fp16, with the GPU's
+tiles and SM-count split rule): against the reference under FlashAttention's rule, with
 caches up to 32k, shared / per-row / per-task prefixes and padding; its keys-major and
 row-major tiles on the same inputs; a CUDA graph of a static-cache decoding step.
 
