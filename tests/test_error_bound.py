@@ -34,3 +34,28 @@ def test_rule_twice_the_same_precision_error_plus_ulps():
     assert not nan.ok and "non-finite" in nan.describe("out")
     with pytest.raises(ValueError, match="kind"):
         error_bound.check_error(exact, low, exact, kind="bwd")
+
+
+def test_relative_rule_for_results_far_below_one():
+    # Gradients of ~1e-3: the floor's magnitude of 1 lets a 30% error through; measured relative
+    # to the largest element, the same error fails and a rounding-sized one passes.
+    exact = torch.tensor([1e-3, -5e-4, 2e-4], dtype=torch.float64)
+    low = (exact * (1 + 2 ** -8)).to(torch.bfloat16)
+    wrong = (exact * 1.3).float()
+    conftest.assert_error_within(wrong, low, exact, kind="grad", dtype=torch.bfloat16)
+    with pytest.raises(AssertionError, match="allowed"):
+        conftest.assert_error_within(wrong, low, exact, kind="grad", dtype=torch.bfloat16,
+                                     relative=True)
+    conftest.assert_error_within(exact.to(torch.bfloat16).float(), low, exact, kind="grad",
+                                 dtype=torch.bfloat16, relative=True)
+
+
+@pytest.mark.parametrize("on_gpu, precision, row", [
+    (False, "high", conftest.FP32_IEEE), (False, "highest", conftest.FP32_IEEE),
+    (True, "high", conftest.FP32_TF32), (True, "medium", conftest.FP32_TF32),
+    (True, "highest", conftest.FP32_IEEE)])
+def test_fp32_tolerance_follows_the_dots(on_gpu, precision, row):
+    # tf32 dots only on a GPU, and never under "highest" (the launchers compile ieee dots then).
+    assert conftest.fp32_tolerances(on_gpu, precision) is row
+    assert row["fwd"] <= row["grad"]
+    assert conftest.FP32_IEEE["fwd"] < conftest.FP32_TF32["fwd"]

@@ -18,6 +18,19 @@ GPU_ONLY = {
     "test_prefix_attention_dropout.py::test_gpu_matches_reference_with_kernel_mask",
     "test_prompt_embedding.py::test_gpu_llama_sized",
     "test_torch_backend.py::test_auto_on_cuda_takes_the_kernels_and_falls_back_for_float64",
+    "test_gpu_decode.py::test_gpu_decode_matches_reference",
+    "test_gpu_decode.py::test_gpu_keys_major_and_row_major_tiles_agree",
+    "test_gpu_decode.py::test_gpu_decode_step_in_a_cuda_graph",
+    "test_gpu_terms.py::test_gpu_terms_match_reference_bf16",
+    "test_gpu_terms.py::test_gpu_backward_is_bitwise_deterministic",
+    "test_gpu_terms.py::test_gpu_tma_forward_equals_pointer_loads",
+    "test_gpu_terms.py::test_gpu_autotune_pick_per_key_equals_fixed_tile",
+    "test_gpu_terms.py::test_gpu_fp32_highest_meets_ieee_tolerance",
+    "test_gpu_training.py::test_gpu_bf16_train_step_matches_reference",
+    "test_gpu_training.py::test_gpu_train_step_is_bitwise_deterministic",
+    "test_gpu_training.py::test_gpu_train_step_has_no_host_sync",
+    "test_gpu_training.py::test_gpu_train_step_in_a_cuda_graph",
+    "test_gpu_training.py::test_gpu_static_cache_generation_in_cuda_graphs",
 }
 
 

@@ -177,3 +177,34 @@ def test_links_stay_in_the_repo(doc):
         resolved = (doc.parent / path).resolve()
         assert resolved.is_relative_to(ROOT), f"{doc.name}: {target} points out of the repo"
         assert resolved.exists(), f"{doc.name}: {target} does not resolve to a file in the repo"
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's GPU status against bench/results
+
+def gpu_result_files() -> list[str]:
+    """Timed results files in bench/results whose device is a GPU (the static report's files
+    time nothing and carry no device)."""
+    import json
+
+    from ptuning_fast.benchmarks import report
+    found = []
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        data = json.loads(path.read_text())
+        if "records" in data and not report.is_cpu(data):
+            found.append(path.name)
+    return found
+
+
+def test_gpu_status_says_what_has_run():
+    """Until a GPU's results are in bench/results the README says nothing has run on one; once
+    they are, the section must name each such file (and stop saying so)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## GPU status", 1)[1].split("\n## ", 1)[0]
+    runs = gpu_result_files()
+    if not runs:
+        assert "Nothing has run on a GPU yet" in section
+        assert "Every figure in [bench/results](bench/results) is a CPU figure" in section
+    else:
+        assert "Nothing has run on a GPU yet" not in section
+        assert all(name in section for name in runs), f"name {runs} in the GPU status"

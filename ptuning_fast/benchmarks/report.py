@@ -131,6 +131,17 @@ def skipped_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets_section(head: dict, records: list[dict]) -> str:
+    """The targets of docs/design.md judged on a run's records: the GPU targets, or without a
+    GPU the CPU ones."""
+    from . import targets
+    rows_by_op = {op: _rows(op, records) for op in OP_ORDER}
+    if not is_cpu(head):
+        return "## Targets (docs/design.md)\n\n" + targets.table(rows_by_op)
+    return ("## Targets without Triton (docs/design.md)\n\n"
+            + targets.table(rows_by_op, targets.CPU_TARGETS, "target (CPU, fp32)"))
+
+
 def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None = None) -> str:
     out = [f"# ptuning_fast benchmarks: {head['device']}, {head['created']}", "",
            f"torch {head['torch']}, triton {head['triton']}, transformers {head['transformers']}. "
@@ -145,13 +156,7 @@ def markdown(head: dict, records: list[dict], plot_names: dict[str, str] | None 
                 "comparable within a run. The op cases run one after another (the same case has moved by up to 2x "
                 "between runs here): read no speedup from them. None of it says anything about "
                 "GPU performance; kernel timings need a GPU."]
-    from . import targets
-    rows_by_op = {op: _rows(op, records) for op in OP_ORDER}
-    if not is_cpu(head):
-        out += ["", "## Targets (docs/design.md)", "", targets.table(rows_by_op)]
-    else:
-        out += ["", "## Targets without Triton (docs/design.md)", "",
-                targets.table(rows_by_op, targets.CPU_TARGETS, "target (CPU, fp32)")]
+    out += ["", targets_section(head, records)]
     for op in OP_ORDER:
         table = op_table(op, records)
         if table:
