@@ -91,16 +91,11 @@ _DEBERTA_PREFIX = Refusal(
     "refuses it too: \"ValueError: Model does not support past key values which are required "
     "for prefix tuning.\" (tested). P-Tuning v2's own code edits DeBERTa's attention module "
     "instead (prefix keys and values without relative-position bias).")
-_KWARGS_DROPPED = Refusal(
-    "NotImplementedError", "do not pass the forward's keyword arguments", "wrap",
-    "These decoder layers call the attention function without the forward's keyword "
-    "arguments, so a prefix handed to it would never be read: the output would be the base "
-    "model's, silently. Refused instead; their prompt is concatenated (PEFT's way).")
 # transformers >= 5.25 reports multi-query Falcon's one key head: PEFT sizes the prefix to it.
 _MULTI_QUERY_FALCON_HAS_ONE_KV_HEAD = getattr(transformers.FalconConfig(multi_query=True),
                                               "num_key_value_heads", None) == 1
 # Families whose prefix reaches the model's own attention through its KV cache.
-OWN_ATTENTION_PREFIX = ("Falcon",)
+OWN_ATTENTION_PREFIX = ("Falcon", "StableLm", "Nemotron")
 
 FAMILIES = [
     Family("Llama", "Llama", "LlamaConfig",
@@ -139,10 +134,8 @@ FAMILIES = [
            dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2), _LM),
     Family("Falcon-RW (ALiBi)", "Falcon", "FalconConfig",
            dict(_FALCON, alibi=True, multi_query=False, parallel_attn=False, bias=True), _LM),
-    Family("StableLM", "StableLm", "StableLmConfig", dict(_DECODER, num_key_value_heads=2), _LM,
-           {"prefix": _KWARGS_DROPPED}),
-    Family("Nemotron", "Nemotron", "NemotronConfig", dict(_DECODER, num_key_value_heads=2), _LM,
-           {"prefix": _KWARGS_DROPPED}),
+    Family("StableLM", "StableLm", "StableLmConfig", dict(_DECODER, num_key_value_heads=2), _LM),
+    Family("Nemotron", "Nemotron", "NemotronConfig", dict(_DECODER, num_key_value_heads=2), _LM),
     Family("GPT-OSS", "GptOss", "GptOssConfig",
            dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
@@ -214,9 +207,9 @@ _NOTES = {
                       "generate() drops the prefix with transformers 5.24 (it passes its cache "
                       "as `past_key_values` beside generate()'s `cache`, which the model uses): "
                       "its tokens are the base model's without prefix.",
-    "own_attention": "Falcon's layers do not hand the forward's keyword arguments to their "
-                     "attention (before transformers 5.25 they computed it in their own code, "
-                     "not through AttentionInterface): the prefix reaches it through the KV "
+    "own_attention": "Falcon's, StableLM's and Nemotron's layers do not hand the forward's "
+                     "keyword arguments to their attention (Falcon before transformers 5.25 "
+                     "computed it in its own code): the prefix reaches it through the KV "
                      "cache it is "
                      "given (PEFT's way), so the model's own eager or SDPA attention computes "
                      "and ptuning_fast's kernels and `backend=` are not used there. The cache "

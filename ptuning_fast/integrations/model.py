@@ -26,7 +26,8 @@ from . import shared_prompt as shared_pass
 from .packed_inputs import packed_segments_of, refuse_packed, refuse_packed_prompt
 from .peft_surface import BaseModelState, PeftSurfaceMixin
 from .support import (ignored_in_front, numbers_positions_from_mask, ones_in_front,
-                      prefix_in_cache, refuse_unsupported, supports_shared_prompt, task_type_of)
+                      prefix_in_cache, refuse_unsupported, supports_shared_prompt, task_type_of,
+                      unverified_model)
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -218,9 +219,12 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             and supports_shared_prompt(base_model, task_type)
         self._shared_prompt_generate = shared_prompt is True
         self._base_has_dropout = self._shared_prompt and shared_pass.has_dropout(base_model)
+        unverified = unverified_model(base_model, config.method, task_type, shared_prompt)
+        if unverified:
+            warnings.warn(unverified, stacklevel=3)
         if self.uses_own_attention:
             base_model.set_attn_implementation(attention.register())
-        elif self._prefix_in_cache and backend != "auto":
+        elif self._prefix_in_cache and backend != "auto" and not unverified:
             warnings.warn(f"backend={backend!r} is not used: {type(base_model).__name__} computes "
                           "attention in its own code, so its prefix goes through the KV cache and "
                           "the model's own attention computes it", stacklevel=3)

@@ -65,15 +65,34 @@ def supports_shared_prompt(model: nn.Module, task_type: str) -> bool:
         return False
     if not uses_attention_interface(model) or not hasattr(model, "set_attn_implementation"):
         return False
-    if getattr(text_config(model), "model_type", None) in _DROPS_ATTENTION_KWARGS:
+    if model_type_of(model) not in SHARED_PROMPT_VERIFIED:
         return False
     return not getattr(text_config(model), "num_kv_shared_layers", 0)
 
 
-# Models that call the registered attention function but whose decoder layers do not pass the
-# forward's keyword arguments down to it (transformers 5.25: Falcon, StableLM, Nemotron), so the
-# shared prompt pass cannot reach their attention: their prompt is concatenated (PEFT's way).
-_DROPS_ATTENTION_KWARGS = ("falcon", "stablelm", "nemotron")
+def model_type_of(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+# Where a fast path is taken, it was shown to compute PEFT's function: each model type below is
+# tested against PEFT's algorithm (the prompt concatenated, or the prefix in the model's own KV
+# cache) by the model matrix (tests/model_matrix.py) or the zoo sweep (tests/model_zoo.py),
+# logits, loss and every gradient. A layer may drop the forward's keyword arguments (StableLM),
+# transform V after the cache (DiffLlama), chunk its attention (Llama 4) or keep state outside
+# attention (hybrid SSMs): none of that can be read off a model, so any other type gets PEFT's
+# own way, exact by construction (`wrap` warns): the prefix through the model's KV cache and its
+# own attention, the prompt concatenated.
+# Prefix tuning of decoders and encoders through ptuning_fast's attention function. (T5's and
+# BART's encoder-decoders have their own verified path, seq2seq.py; BartForCausalLM is not it.)
+PREFIX_ATTENTION_VERIFIED = frozenset({
+    "bert", "gemma", "gemma2", "gemma3_text", "gemma4_text", "gpt2", "gpt_neox", "gpt_oss",
+    "llama", "mistral", "opt", "phi3", "qwen2", "qwen3", "roberta",
+})
+# Prompt Tuning / P-Tuning's shared prompt pass (integrations/shared_prompt.py).
+SHARED_PROMPT_VERIFIED = frozenset({
+    "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "gpt_oss", "llama", "mistral", "opt",
+    "phi3", "qwen2", "qwen3",
+})
 
 
 # Encoder-decoders whose prefix tuning is implemented (integrations/seq2seq.py).
@@ -119,19 +138,40 @@ _PREFIX_IN_CACHE_ATTENTION = ("eager", "sdpa")
 _NO_PREFIX_PATH = ("deberta", "deberta-v2")
 
 
+def unverified_model(model: nn.Module, method: str, task_type: str, shared_prompt) -> str | None:
+    """The warning for a model type whose fast path is not verified, where `wrap` takes PEFT's
+    own way instead of it; None where nothing changes."""
+    name, model_type = type(model).__name__, model_type_of(model)
+    if method == "prefix_tuning":
+        if model_type in PREFIX_IN_CACHE_MODEL_TYPES or not prefix_in_cache(model):
+            return None
+        way = ("its prefix goes through the model's own KV cache and attention, as PEFT's "
+               "does: exact, without ptuning_fast's attention kernels")
+    else:
+        if shared_prompt is False or task_type != "CAUSAL_LM" or is_encoder_decoder(model) \
+                or not uses_attention_interface(model) or model_type in SHARED_PROMPT_VERIFIED:
+            return None
+        way = "its prompt is concatenated in front of every row, as PEFT does (no shared pass)"
+    return (f"{name}: model type {model_type!r} is not among those whose fast {method} path "
+            f"ptuning_fast has verified against PEFT, so {way}")
+
+
 def prefix_in_cache(model: nn.Module) -> bool:
-    """Whether `model`'s prefix reaches its layers through a `PrefixedCache`."""
-    return getattr(getattr(model, "config", None), "model_type", None) \
-        in PREFIX_IN_CACHE_MODEL_TYPES
+    """Whether `model`'s prefix reaches its layers through a `PrefixedCache`: Falcon's, and
+    every decoder's whose attention path is not verified (PREFIX_ATTENTION_VERIFIED)."""
+    model_type = model_type_of(model)
+    return model_type in PREFIX_IN_CACHE_MODEL_TYPES or not is_encoder_decoder(model) \
+        and model_type not in PREFIX_ATTENTION_VERIFIED
 
 
 def refuse_prefix_in_cache(model: nn.Module) -> None:
-    """NotImplementedError for the Falcon variants whose prefix tuning has no PEFT function to
-    be equal to."""
+    """NotImplementedError where a prefix in the model's KV cache has no PEFT function to be
+    equal to, or would not reach the layers."""
     config = model.config
     # transformers >= 5.25 reports these layers' one key head (num_key_value_heads = 1), so
     # PEFT sizes the prefix with one head too and computes a function: the cache path's.
-    if config.multi_query and not config.new_decoder_architecture \
+    if model_type_of(model) == "falcon" and config.multi_query \
+            and not config.new_decoder_architecture \
             and getattr(config, "num_key_value_heads", None) != 1:
         raise NotImplementedError(
             f"{type(model).__name__}: prefix tuning on Falcon with multi-query attention "
@@ -169,6 +209,17 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             f"generating model such as T5ForConditionalGeneration), not "
             f"{task_type_of(base_model)}")
     if method != "prefix_tuning":
+        embeddings = base_model.get_input_embeddings()
+        width = getattr(embeddings, "embedding_dim", None)
+        hidden = getattr(text_config(base_model), "hidden_size", width)
+        if width is not None and width != hidden:
+            # ELECTRA, ALBERT: PEFT sizes the prompt by hidden_size, which cannot be put in
+            # front of narrower word embeddings; PEFT's forward fails there.
+            raise NotImplementedError(
+                f"{name}: Prompt Tuning and P-Tuning put the prompt in front of the word "
+                f"embeddings, which are {width} wide on this model, but PEFT sizes it by "
+                f"hidden_size={hidden} (and fails): there is no PEFT function to match. "
+                "Prefix tuning works on it")
         return
     model_type = getattr(base_model.config, "model_type", "")
     if is_encoder_decoder(base_model) and model_type not in PREFIX_SEQ2SEQ_MODEL_TYPES:
@@ -182,15 +233,6 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             f"{name}: prefix tuning on a model whose last {shared_kv} "
             "layers reuse earlier layers' keys and values (num_kv_shared_layers) is not "
             "supported: those layers would need the prefix of the layer they read from")
-    if prefix_in_cache(base_model):
-        refuse_prefix_in_cache(base_model)
-        return
-    if model_type in _DROPS_ATTENTION_KWARGS:
-        raise NotImplementedError(
-            f"{name}: prefix tuning on this model is not supported: its decoder layers do not "
-            "pass the forward's keyword arguments to the attention function, so the prefix "
-            "would never be read (the output would be the base model's). Prompt Tuning and "
-            "P-Tuning work on it")
     if model_type in _NO_PREFIX_PATH:
         raise NotImplementedError(
             f"{name}: prefix tuning on DeBERTa is not supported: its attention "
@@ -200,6 +242,9 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             "support past key values which are required for prefix tuning.\"); P-Tuning v2's "
             "own code edits that attention module, and ptuning_fast does not patch model code. "
             "Prompt Tuning and P-Tuning work on it")
+    if prefix_in_cache(base_model):
+        refuse_prefix_in_cache(base_model)
+        return
     if not uses_attention_interface(base_model):
         raise NotImplementedError(
             f"{name}: prefix tuning needs a model whose attention goes through transformers' "
