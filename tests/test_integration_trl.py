@@ -58,6 +58,8 @@ MODES = {
     # One sequence per row, padding-free: PEFT's concatenation is the right function there.
     "padding_free": ("text", {"padding_free": True, "per_device_train_batch_size": 1,
                               "max_length": None}),
+    # No loss mask: every row's first label counts.
+    "language_modeling": ("text", {}),
     # Several sequences per row (best-fit-decreasing bins of 24 tokens, then flattened).
     "packed": ("text", {"packing": True, "max_length": 24}),
 }
@@ -130,6 +132,25 @@ def test_prompt_tuning_logs_peft_losses(mode, tokenizer, tmp_path):
         assert "attention_mask" not in first and "seq_idx" in first
     else:
         assert (first["labels"] == -100).any(dim=1).all()      # every row masks some tokens
+
+
+def test_prompt_tuning_without_a_loss_mask_divides_by_every_predicted_label(tokenizer, tmp_path):
+    """Language modeling data, padded: the trainer counts labels for the loss's divisor
+    (num_items_in_batch) as for a causal LM, leaving out each row's first label, which nothing
+    predicts there; behind a prompt the last prompt position predicts it, and the fused LM head
+    sums its term. Ours counts it (`PTuningModel.loss_type`); PEFT's divisor leaves it out, so
+    its logged loss is larger. Same summed loss at the first step, same parameters."""
+    base = tiny_llama(0)
+    ours = pf.wrap(copy.deepcopy(base), CONFIGS["prompt"]())
+    twin = peft_twin(ours, base)
+    ours_step = train(ours, "language_modeling", tokenizer, tmp_path / "ours").steps[0]
+    peft_step = train(twin, "language_modeling", tokenizer, tmp_path / "peft").steps[0]
+    labels = ours_step["batch"]["labels"]
+    assert ours_step["num_items_in_batch"] == (labels != -100).sum()
+    assert peft_step["num_items_in_batch"] == (labels[:, 1:] != -100).sum()
+    assert_close(ours_step["loss"] * ours_step["num_items_in_batch"],
+                 peft_step["loss"] * peft_step["num_items_in_batch"], torch.float32,
+                 name="summed loss")
 
 
 def reference_step(model_like, config, step):
