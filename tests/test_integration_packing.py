@@ -191,6 +191,16 @@ def test_packed_prompt_methods_without_own_attention_are_refused(config):
         model(input_ids=ids, position_ids=torch.arange(5).expand(2, -1))
 
 
+def test_packed_prompt_with_an_attention_mask_is_refused():
+    """cu_seq_lens_q/k and an attention_mask: refused, as for prefix tuning (the mask is never
+    dropped)."""
+    model = pf.wrap(tiny_llama(0), pf.PromptTuningConfig(3))
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with pytest.raises(NotImplementedError, match="cu_seq_lens.*attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+              cu_seq_lens_q=torch.tensor([0, 2, 6]), cu_seq_lens_k=torch.tensor([0, 2, 6]))
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_seq_idx_that_disagrees_with_the_segments_is_refused(method):
     """seq_idx restates the packed sequences (accepted above); one that does not is named."""

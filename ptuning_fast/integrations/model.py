@@ -449,8 +449,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                                    labels=labels, **kwargs)
         if packed_inputs.is_packed_prompt(position_ids, attention_mask, past_len, kwargs):
             return self._without_prompt_logits(packed_inputs.prompt_forward(
-                self, input_ids, labels, task_ids, inputs_embeds, position_ids, token_type_ids,
-                kwargs))
+                self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
+                token_type_ids, past_len, kwargs))
         if position_ids is not None:
             warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
                           "positions are those of the [prompt; tokens] sequence", stacklevel=2)

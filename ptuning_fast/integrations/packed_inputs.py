@@ -100,8 +100,8 @@ def is_packed_prompt(position_ids, attention_mask, past_len: int, kwargs: dict) 
     return _is_packed(position_ids, attention_mask, past_len, kwargs)
 
 
-def prompt_forward(wrapper, input_ids, labels, task_ids, inputs_embeds, position_ids,
-                   token_type_ids, kwargs: dict):
+def prompt_forward(wrapper, input_ids, attention_mask, labels, task_ids, inputs_embeds,
+                   position_ids, token_type_ids, past_len: int, kwargs: dict):
     """Prompt tuning / P-Tuning on packed sequences. PEFT puts one prompt in front of the row
     and drops the position ids, so its packed sequences see each other and only the first sees
     the prompt. Here each row is [prompt; packed sequences] as one call of the base model (so a
@@ -121,7 +121,8 @@ def prompt_forward(wrapper, input_ids, labels, task_ids, inputs_embeds, position
             "attention_mask")
     ref = input_ids if input_ids is not None else inputs_embeds
     batch, P = ref.shape[0], wrapper.num_virtual_tokens
-    segments, position_ids = packed_segments_of(position_ids, None, 0, kwargs, ref)
+    segments, position_ids = packed_segments_of(position_ids, attention_mask, past_len, kwargs,
+                                                ref)
     prompt_positions = torch.arange(P, device=ref.device).expand(batch, P)
     kwargs["position_ids"] = torch.cat(
         [prompt_positions, position_ids.to(ref.device).expand(batch, -1) + P], 1)
