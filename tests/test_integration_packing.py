@@ -151,19 +151,21 @@ PROMPT_CONFIGS = {"prompt": lambda: pf.PromptTuningConfig(3),
                   "ptuning": lambda: pf.PTuningConfig(3, encoder_hidden_size=16)}
 
 
-@pytest.mark.parametrize("arch, method, flash_kwargs", [
-    *[("llama", m, f) for m in PROMPT_CONFIGS for f in (False, True)],
+@pytest.mark.parametrize("arch, method, flash_kwargs, backend", [
+    *[("llama", m, f, "auto") for m in PROMPT_CONFIGS for f in (False, True)],
+    ("llama", "prompt", True, "triton"),    # the kernels read the per-row prompt prefix views
     # attention terms in the prompt's and the sequences' calls: windows, soft-capping, sinks
-    *[(arch, "prompt", True) for arch in ("mistral", "gemma2", "gpt_oss")],
+    *[(arch, "prompt", True, "auto") for arch in ("mistral", "gemma2", "gpt_oss")],
 ])
-def test_packed_prompt_methods_equal_peft_on_one_sequence_per_row(arch, method, flash_kwargs):
+def test_packed_prompt_methods_equal_peft_on_one_sequence_per_row(arch, method, flash_kwargs,
+                                                                  backend):
     """Prompt tuning / P-Tuning on a collated (1, total) batch (with cu_seq_lens_q/k and
     seq_idx, or position ids alone): every sequence sees the prompt and only itself, so the
     logits at its tokens, the loss (over the same labels: the collator ignores each
     sequence's first) and the prompt gradients are PEFT's on the sequences one per row."""
     config = PROMPT_CONFIGS[method]()
     base = base_model(arch)
-    ours = pf.wrap(copy.deepcopy(base), config).train()
+    ours = pf.wrap(copy.deepcopy(base), config, backend=backend).train()
     twin = peft_twin(ours, base).train()
     seqs = sequences([4, 7, 1, 6])
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs,
