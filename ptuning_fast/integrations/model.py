@@ -196,7 +196,9 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     `modules_to_save` (default: PEFT's "classifier" / "score"). Everything else is frozen and
     never gets a `.grad`. Unknown attributes resolve on the base model (config, device, ...).
     PeftModel's calls (print_trainable_parameters, disable_adapter, unload, ...) and
-    nearest_tokens / ensemble come from `PeftSurfaceMixin`.
+    nearest_tokens / ensemble come from `PeftSurfaceMixin`. A forward patch assigned to the
+    wrapper that wraps its forward (TRL's fused LM head) goes to the base model, behind the
+    wrapper's forward, where it sits under a PeftModel (`_retarget_forward_patch`).
     `prompt_logits=False` drops the P prompt positions from token-level logits (prompt tuning /
     P-Tuning; PEFT keeps them, hence the default).
     `shared_prompt` (prompt tuning / P-Tuning on causal decoders): compute the prompt positions
@@ -447,7 +449,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids,
                                    labels=labels, **kwargs)
-        if packed_inputs.is_packed_prompt(position_ids, attention_mask, past_len, kwargs):
+        if packed_inputs.is_packed(position_ids, attention_mask, past_len, kwargs):
             return self._without_prompt_logits(packed_inputs.prompt_forward(
                 self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                 token_type_ids, past_len, kwargs))

@@ -1,6 +1,7 @@
-"""Packed sequences (padding-free batches) at the model wrapper: what transformers' collators
-give (position ids restarting inside a row, or FlashAttention's `cu_seq_lens_q/k`) turned once
-per forward into the segments every layer's prefix attention reads.
+"""Packed sequences (padding-free batches) at the model wrapper: what transformers' and TRL's
+collators give (position ids restarting inside a row, FlashAttention's `cu_seq_lens_q/k`, and
+`seq_idx`, checked against them) turned once per forward into the segments every layer's prefix
+attention reads; and prompt tuning / P-Tuning on packed rows (`prompt_forward`).
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def check_seq_idx(seq_idx, segments, batch: int, length: int) -> None:
     torch._assert_async((starts == expected).all(), message)
 
 
-def _is_packed(position_ids, attention_mask, past_len: int, kwargs: dict) -> bool:
+def is_packed(position_ids, attention_mask, past_len: int, kwargs: dict) -> bool:
     """Whether a forward's inputs are packed sequences (one host sync, on this rare path)."""
     if any(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k")):
         return True
@@ -89,15 +90,10 @@ def _is_packed(position_ids, attention_mask, past_len: int, kwargs: dict) -> boo
 
 def refuse_packed(position_ids, attention_mask, past_len: int, kwargs: dict, what: str) -> None:
     """NotImplementedError for packed sequences where `what` cannot keep them apart."""
-    if _is_packed(position_ids, attention_mask, past_len, kwargs):
+    if is_packed(position_ids, attention_mask, past_len, kwargs):
         raise NotImplementedError(
             f"packed sequences (position_ids restarting inside a row, or cu_seq_lens_q/k) are "
             f"not supported with {what}. Pass one sequence per row with an attention_mask")
-
-
-def is_packed_prompt(position_ids, attention_mask, past_len: int, kwargs: dict) -> bool:
-    """Whether a prompt tuning / P-Tuning forward gets packed sequences."""
-    return _is_packed(position_ids, attention_mask, past_len, kwargs)
 
 
 def prompt_forward(wrapper, input_ids, attention_mask, labels, task_ids, inputs_embeds,
