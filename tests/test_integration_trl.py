@@ -18,7 +18,7 @@ import torch
 
 import ptuning_fast as pf
 from conftest import assert_close
-from models import peft_twin, tiny_llama
+from models import VOCAB, peft_twin, tiny_llama
 from tiny_tokenizer import WORDS, tiny_tokenizer
 
 pytest.importorskip("peft")
@@ -229,7 +229,7 @@ def test_fused_lm_head_added_to_the_wrapper_scores_the_prompted_sequence():
     transformers model."""
     from trl.trainer.utils import add_fused_lm_head
     model = pf.wrap(tiny_llama(0), pf.PromptTuningConfig(4))
-    ids = torch.randint(3, 60, (2, 6))
+    ids = torch.randint(3, VOCAB, (2, 6))
     labels = ids.clone()
     labels[1, :2] = -100
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_fused_lm_head_added_to_the_wrapper_scores_the_prompted_sequence():
         after = model(input_ids=ids).logits
         fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
     assert_close(after, before, torch.float32, name="logits")
-    P = 4
+    P = model.num_virtual_tokens
     log_probs = before[:, P - 1:-1].log_softmax(-1).gather(-1, ids[..., None])[..., 0]
     want = torch.cat([torch.zeros(2, P), log_probs.masked_fill(labels == -100, 0)], 1)[:, 1:]
     assert_close(fused.log_probs, want, torch.float32, name="log_probs")
