@@ -2,7 +2,7 @@
 sees the prefix and only itself, its positions shifted by P, so a packed batch gives the
 logits, loss and prefix gradients that its sequences give one per row (PEFT's prefix tuning,
 which sees one long sequence, is the reference only on the unpacked rows). Prompt tuning and
-P-Tuning refuse packed batches."""
+P-Tuning likewise: every packed sequence sees the prompt and only itself."""
 import copy
 
 import pytest
@@ -147,19 +147,81 @@ def test_bad_cu_seq_lens_are_named():
               cu_seq_lens_q=torch.tensor([0, 2, 6]), cu_seq_lens_k=torch.tensor([0, 2, 6]))
 
 
+PROMPT_CONFIGS = {"prompt": lambda: pf.PromptTuningConfig(3),
+                  "ptuning": lambda: pf.PTuningConfig(3, encoder_hidden_size=16)}
+
+
+@pytest.mark.parametrize("arch, method, flash_kwargs, backend", [
+    *[("llama", m, f, "auto") for m in PROMPT_CONFIGS for f in (False, True)],
+    ("llama", "prompt", True, "triton"),    # the kernels read the per-row prompt prefix views
+    # attention terms in the prompt's and the sequences' calls: windows, soft-capping, sinks
+    *[(arch, "prompt", True, "auto") for arch in ("mistral", "gemma2", "gpt_oss")],
+])
+def test_packed_prompt_methods_equal_peft_on_one_sequence_per_row(arch, method, flash_kwargs,
+                                                                  backend):
+    """Prompt tuning / P-Tuning on a collated (1, total) batch (with cu_seq_lens_q/k and
+    seq_idx, or position ids alone): every sequence sees the prompt and only itself, so the
+    logits at its tokens, the loss (over the same labels: the collator ignores each
+    sequence's first) and the prompt gradients are PEFT's on the sequences one per row."""
+    config = PROMPT_CONFIGS[method]()
+    base = base_model(arch)
+    ours = pf.wrap(copy.deepcopy(base), config, backend=backend).train()
+    twin = peft_twin(ours, base).train()
+    seqs = sequences([4, 7, 1, 6])
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs,
+                                       return_seq_idx=flash_kwargs)(
+        [{"input_ids": s.tolist()} for s in seqs])
+    packed_out, packed_grads = step(ours, **batch)
+    ids, mask, labels = one_per_row(seqs)
+    labels[:, 0] = -100
+    rows_out, rows_grads = step(twin, input_ids=ids, attention_mask=mask, labels=labels)
+    P = config.num_virtual_tokens
+    assert packed_out.logits.shape[1] == P + batch["input_ids"].shape[1]     # PEFT's shape
+    packed_out.logits, rows_out.logits = packed_out.logits[:, P:], rows_out.logits[:, P:]
+    assert_same(packed_out, packed_grads, rows_out, rows_grads, seqs,
+                lambda n: n.replace("prompt_encoder.", "prompt_encoder.default.", 1))
+
+
 @pytest.mark.parametrize("config", [pf.PromptTuningConfig(3), pf.PTuningConfig(3)],
                          ids=["prompt", "ptuning"])
-@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
-def test_prompt_methods_refuse_packed_batches(config, flash_kwargs):
-    model = pf.wrap(tiny_llama(0), config)
-    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(
+def test_packed_prompt_methods_without_own_attention_are_refused(config):
+    """shared_prompt=False leaves the model's own attention, which cannot give each packed
+    sequence the prompt: refused by name (PEFT's concatenation lets the sequences see each
+    other)."""
+    model = pf.wrap(tiny_llama(0), config, shared_prompt=False)
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
         [{"input_ids": s.tolist()} for s in sequences([4, 3])])
-    with pytest.raises(NotImplementedError, match="packed sequences.*prompt tuning"):
+    with pytest.raises(NotImplementedError, match="packed sequences.*P-Tuning.*shared_prompt"):
         model(**batch)
     # One sequence per row with explicit positions still runs (positions ignored, as in PEFT).
     ids = torch.randint(3, VOCAB, (2, 5))
     with pytest.warns(UserWarning, match="position_ids are ignored"):
         model(input_ids=ids, position_ids=torch.arange(5).expand(2, -1))
+
+
+def test_packed_prompt_with_an_attention_mask_is_refused():
+    """cu_seq_lens_q/k and an attention_mask: refused, as for prefix tuning (the mask is never
+    dropped)."""
+    model = pf.wrap(tiny_llama(0), pf.PromptTuningConfig(3))
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with pytest.raises(NotImplementedError, match="cu_seq_lens.*attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+              cu_seq_lens_q=torch.tensor([0, 2, 6]), cu_seq_lens_k=torch.tensor([0, 2, 6]))
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_seq_idx_that_disagrees_with_the_segments_is_refused(method):
+    """seq_idx restates the packed sequences (accepted above); one that does not is named."""
+    config = pf.PrefixTuningConfig(3) if method == "prefix" else pf.PromptTuningConfig(3)
+    model = pf.wrap(tiny_llama(0), config)
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)(
+        [{"input_ids": s.tolist()} for s in sequences([4, 3])])
+    batch["seq_idx"] = torch.tensor([[0, 0, 0, 1, 1, 1, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="`seq_idx` disagrees"):
+        model(**batch)
+    batch["seq_idx"] = torch.zeros(1, 5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="`seq_idx` must be an integer tensor of shape \\(1, 7\\)"):
+        model(**batch)
 
 
 def test_packed_batch_under_gradient_checkpointing():

@@ -69,6 +69,12 @@ class PrefixBinding:
     # Shared prompt pass (integrations/shared_prompt.py): keeps (key, value) per layer as each
     # layer's attention got them; None: nothing kept.
     captured: "CapturedKV | None" = None
+    # Packed prompt tuning / P-Tuning (integrations/packed_inputs.py): the first `row_prompt`
+    # positions of every row are its prompt, which every packed sequence of the row attends to
+    # as a prefix; the `segments` cover the tokens after it. 0: no prompt in the row.
+    row_prompt: int = 0
+    # The `seq_idx` (B, L) the wrapper checked against the segments: the one the layers may pass.
+    seq_idx: torch.Tensor | None = None
 
     def layer_index(self, module) -> int | None:
         """The prefix layer `module` attends to, or None for no prefix."""
@@ -177,9 +183,12 @@ def _model_name(module, binding) -> str:
 
 def _refuse_unknown_kwargs(module, binding, kwargs) -> None:
     """A keyword argument that may change the attention (T5's position_bias, GPT-OSS's sinks
-    `s_aux`, packed-sequence lengths, ...) is refused, never dropped. None means "not used"."""
+    `s_aux`, packed-sequence lengths, ...) is refused, never dropped. None means "not used".
+    `seq_idx` (padding-free collators' sequence number per token) only restates the packed
+    segments: accepted where it is the one the wrapper checked against them."""
     unknown = sorted(n for n, v in kwargs.items()
-                     if v is not None and n not in HARMLESS_KWARGS and n not in HANDLED_KWARGS)
+                     if v is not None and n not in HARMLESS_KWARGS and n not in HANDLED_KWARGS
+                     and not (n == "seq_idx" and binding is not None and v is binding.seq_idx))
     if unknown:
         given = ", ".join(f"`{n}`={_short(kwargs[n])}" for n in unknown)
         raise NotImplementedError(
@@ -237,6 +246,10 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     # transformers lets a call override the module's causality (decoders used as encoders).
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True)) if causal is None else causal
+    if binding is not None and binding.row_prompt:
+        out = _row_prompt_attention(module, binding, query, key, value, attention_mask, kwargs,
+                                    causal=causal, scale=scaling, dropout=float(dropout or 0.0))
+        return out.transpose(1, 2).contiguous(), None
     terms = attention_terms.attention_terms(
         module, binding, kwargs, causal=causal,
         prefix_len=0 if prefix_k is None else prefix_k.shape[-2], key_len=key.shape[2],
@@ -248,6 +261,35 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                                      prefix_index=prefix_index, backend=backend,
                                      dropout_p=float(dropout or 0.0), **terms)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _row_prompt_attention(module, binding, query, key, value, attention_mask, kwargs, *,
+                          causal, scale, dropout):
+    """Packed prompt tuning: each row is [prompt (P); packed sequences]. The prompt positions
+    attend causally among themselves; every sequence attends to the prompt's keys and values as
+    a per-row prefix, then to itself only (the binding's segments) — what each sequence sees in
+    its own row behind the prompt. (B, Hq, P + L, D)."""
+    P = binding.row_prompt
+    name = _model_name(module, binding)
+    if attention_mask is not None or query.shape[2] != key.shape[2] or not causal:
+        raise NotImplementedError(
+            f"{name}: packed prompt tuning runs causal self-attention without an attention "
+            f"mask or a cache; got a mask: {attention_mask is not None}, {query.shape[2]} "
+            f"queries over {key.shape[2]} keys, causal={causal}")
+    prompt_q, prompt_k, prompt_v = query[:, :, :P], key[:, :, :P], value[:, :, :P]
+    terms = attention_terms.attention_terms(module, binding, kwargs, causal=True, prefix_len=P,
+                                            key_len=key.shape[2] - P,
+                                            query_len=query.shape[2] - P, name=name)
+    if terms["bias"] is not None:
+        raise NotImplementedError(f"{name} passes `position_bias`: packed prompt tuning "
+                                  "supports decoder-only models without a position bias")
+    alone = dict(terms, segments=None, window_size=attention_terms.window_size(
+        kwargs.get("sliding_window"), causal=True, keys=P, name=name))
+    common = dict(causal=True, scale=scale, backend=binding.backend, dropout_p=dropout)
+    prompt_out = ops.layer_prefix_attention(prompt_q, prompt_k, prompt_v, **common, **alone)
+    tokens_out = ops.layer_prefix_attention(query[:, :, P:], key[:, :, P:], value[:, :, P:],
+                                            prompt_k, prompt_v, **common, **terms)
+    return torch.cat([prompt_out, tokens_out], dim=2)
 
 
 def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_offset=0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 import warnings
 
 import torch
@@ -23,7 +24,8 @@ from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
 from . import attention, seq2seq
 from . import shared_prompt as shared_pass
-from .packed_inputs import packed_segments_of, refuse_packed, refuse_packed_prompt
+from . import packed_inputs
+from .packed_inputs import packed_segments_of, refuse_packed
 from .peft_surface import BaseModelState, PeftSurfaceMixin
 from .support import (ignored_in_front, numbers_positions_from_mask, ones_in_front,
                       prefix_in_cache, refuse_unsupported, supports_shared_prompt, task_type_of,
@@ -144,6 +146,50 @@ def _refuse_static_generation(kwargs: dict, base_model, *, static_ok: bool) -> N
     (_check_static_cache if static_ok else _refuse_static_cache)(_cache_in(kwargs))
 
 
+def _retarget_forward_patch(wrapper: "PTuningModel", patched) -> bool:
+    """Libraries patch a transformers model's forward in place: `model.forward =
+    MethodType(new_forward, model)`, `new_forward` calling the `model.forward` it captured and
+    reading the model's backbone and LM head (TRL's `add_fused_lm_head`). For a PeftModel they
+    patch `get_base_model()`, and PEFT's forward hands the extra arguments (`fused_lm_head`)
+    and its own labels (P -100s in front) through to it. They recognise PeftModel by class, so
+    on this wrapper the patch lands on the wrapper itself, where the backbone is not at
+    `base_model` and the prompt would be skipped. Such a patch — bound to the wrapper, wrapping
+    the wrapper's current forward — is applied where PEFT has it instead: on the base model,
+    wrapping the base model's forward, with this wrapper's forward in front (prompt, labels,
+    prefix binding), as for a PeftModel. `base_model` keeps its meaning (PEFT's). Patches that
+    do not wrap the wrapper's bound forward (accelerate's autocast wraps the function and stays
+    on the wrapper) are set as usual. Returns whether `patched` went to the base model."""
+    if not isinstance(patched, types.MethodType) or patched.__self__ is not wrapper \
+            or "base_model" not in wrapper._modules:
+        return False
+    function, current = patched.__func__, wrapper.forward
+    cells = function.__closure__ or ()
+
+    def holds_current(cell) -> bool:
+        try:
+            content = cell.cell_contents
+        except ValueError:          # a closure variable not assigned yet
+            return False
+        return isinstance(content, types.MethodType) and content == current
+
+    hits = [holds_current(cell) for cell in cells]
+    if not any(hits):
+        return False
+    base = wrapper.base_model
+    closure = tuple(types.CellType(base.forward) if hit else cell
+                    for hit, cell in zip(hits, cells))
+    moved = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                               function.__defaults__, closure)
+    moved.__kwdefaults__ = function.__kwdefaults__
+    moved.__dict__.update(function.__dict__)
+    moved.__qualname__ = function.__qualname__
+    if moved.__dict__.get("__wrapped__") is type(wrapper).forward:
+        # generate() validates its kwargs against the signature a patch says it wraps.
+        moved.__wrapped__ = type(base).forward
+    base.forward = types.MethodType(moved, base)
+    return True
+
+
 class PTuningModel(PeftSurfaceMixin, nn.Module):
     """A frozen transformers model with Prompt Tuning, P-Tuning or Prefix Tuning (P-Tuning v2).
 
@@ -151,7 +197,9 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     `modules_to_save` (default: PEFT's "classifier" / "score"). Everything else is frozen and
     never gets a `.grad`. Unknown attributes resolve on the base model (config, device, ...).
     PeftModel's calls (print_trainable_parameters, disable_adapter, unload, ...) and
-    nearest_tokens / ensemble come from `PeftSurfaceMixin`.
+    nearest_tokens / ensemble come from `PeftSurfaceMixin`. A forward patch assigned to the
+    wrapper that wraps its forward (TRL's fused LM head) goes to the base model, behind the
+    wrapper's forward, where it sits under a PeftModel (`_retarget_forward_patch`).
     `prompt_logits=False` drops the P prompt positions from token-level logits (prompt tuning /
     P-Tuning; PEFT keeps them, hence the default).
     `shared_prompt` (prompt tuning / P-Tuning on causal decoders): compute the prompt positions
@@ -261,6 +309,11 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             return None
         return getattr(self.base_model, "loss_type", None)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "forward" and _retarget_forward_patch(self, value):
+            return
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -291,9 +344,11 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         check_index_range("task_ids", task_ids, T, f"the config's num_tasks={T}")
         return task_ids.long()
 
-    def _binding(self, task_ids, segments=None, prefixes=None) -> attention.PrefixBinding:
+    def _binding(self, task_ids, segments=None, prefixes=None,
+                 seq_idx=None) -> attention.PrefixBinding:
         """What the attention function reads: prefix tuning's prefixes, or `prefixes` given (the
-        shared prompt pass's), for the rows' `task_ids`."""
+        shared prompt pass's), for the rows' `task_ids`; packed sequences' `segments` and the
+        `seq_idx` checked against them."""
         current = getattr(self.base_model.config, "_attn_implementation", None)
         if current != attention.ATTN_IMPLEMENTATION and not self._prefix_in_cache:
             # Another attention function would silently ignore the prefix.
@@ -304,7 +359,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
                                        type(self.base_model).__name__, self._prefix_layers,
-                                       segments)
+                                       segments, seq_idx=seq_idx)
 
     def _prefix_position_ids(self, input_ids, ref, start: int, attention_mask=None):
         """Positions of the real tokens as PEFT's prefilled cache of `start` entries makes them:
@@ -393,11 +448,15 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                 position_ids = position_ids + P
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
-            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids, segments)
+            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids, segments,
+                                                           seq_idx=kwargs.get("seq_idx"))
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids,
                                    labels=labels, **kwargs)
-        refuse_packed_prompt(position_ids, attention_mask, past_len, kwargs)
+        if packed_inputs.is_packed(position_ids, attention_mask, past_len, kwargs):
+            return self._without_prompt_logits(packed_inputs.prompt_forward(
+                self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
+                token_type_ids, past_len, kwargs))
         if position_ids is not None:
             warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
                           "positions are those of the [prompt; tokens] sequence", stacklevel=2)
@@ -417,11 +476,14 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         if labels is not None and self.task_type in ("CAUSAL_LM", "TOKEN_CLS"):
             labels = ignored_in_front(labels, P)
         embeds = self._embed_with_prompt(input_ids, inputs_embeds, task_ids)
-        out = self.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                              labels=labels, **kwargs)
+        return self._without_prompt_logits(self.base_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs))
+
+    def _without_prompt_logits(self, out):
+        """`prompt_logits=False`: token-level logits without the P prompt positions."""
         if not self.prompt_logits and self.task_type in ("CAUSAL_LM", "TOKEN_CLS") \
                 and getattr(out, "logits", None) is not None:
-            out.logits = out.logits[:, P:]
+            out.logits = out.logits[:, self.num_virtual_tokens:]
         return out
 
     # ----------------------------------------------------------------------------------------

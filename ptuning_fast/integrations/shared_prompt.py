@@ -65,6 +65,11 @@ def applies(wrapper, batch: int, past_len: int, kwargs: dict) -> bool:
         return False
     if wrapper.ptuning_config.num_tasks >= batch:
         return False
+    if "forward" in vars(wrapper.base_model):
+        # A forward patched onto the base model (TRL's fused LM head; see the wrapper's
+        # `_retarget_forward_patch`) expects PEFT's one call with the labels; the two passes
+        # would hand it two, the first without labels.
+        return False
     if wrapper.base_model.training and wrapper._base_has_dropout:
         return False
     if kwargs.get("return_dict") is False:
