@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation   # the allocator's ContextVar: see _ensure_descriptor_allocator
 
 from .attention_terms import (
     LOG2E,  # noqa: F401  (re-exported: the decode kernel reads it from here)
@@ -485,17 +486,20 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
-_ALLOCATOR_SET = False
+def _descriptor_buffer(size: int, alignment: int, stream) -> torch.Tensor:
+    """Scratch memory for descriptors made inside a kernel, from torch's caching allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _ensure_descriptor_allocator() -> None:
-    """Descriptors made inside a kernel live in a scratch buffer that Triton asks the host to
-    allocate; give it torch's caching allocator (once per process)."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(
-            size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    """Gives Triton `_descriptor_buffer` to allocate the descriptors' scratch memory, at every
+    TMA launch: `triton.set_allocator` stores it in a ContextVar, so another thread or context
+    (autograd's device thread recomputing a checkpointed layer, DataParallel's replicas, an
+    asyncio task) starts without one ("no allocator was set"). An allocator the caller set
+    in this context is kept; only the null default is replaced (one ContextVar read)."""
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_buffer)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,12 +4,19 @@ torch's per-backend TF32 API, the TMA allocator in another thread, the autotuner
 graph capture, the dropout seed's host copy, grid axes past 65,535, and the per-task prefix
 gradient's splits and partials.
 """
+import contextvars
+import threading
+
 import pytest
 import torch
+import triton
 from conftest import DEVICE, assert_close, gpu
 from test_prefix_attention import Case, check_against_reference, exact, fused, make_inputs
 
+from triton.runtime import _allocation
+
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
+from ptuning_fast.kernels import tiles
 
 # --------------------------------------------------------------------------------------------
 # 1. torch's per-backend fp32 precision API (torch >= 2.9)
@@ -89,3 +96,50 @@ def test_gpu_new_tf32_api(fp32_precision_restored):
                                                    prefix_index=index), atol=1e-2, rtol=1e-2)
     _set_matmul("ieee")
     check_against_reference(case, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The TMA path's allocator lives in a ContextVar: every thread and context needs its own
+
+def _in_new_thread(fn):
+    """fn()'s result, run in a thread of its own (which starts with an empty context)."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(fn()))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
+def test_tma_allocator_is_set_in_a_second_thread():
+    fwd_kernels._ensure_descriptor_allocator()            # a first TMA launch, this thread
+
+    def second_thread_launch():
+        fwd_kernels._ensure_descriptor_allocator()
+        return _allocation._allocator.get()
+    assert not isinstance(_in_new_thread(second_thread_launch), _allocation.NullAllocator)
+
+
+def test_tma_launch_keeps_the_callers_allocator():
+    def own(size, alignment, stream):
+        raise AssertionError("never called on CPU")
+
+    def launch_with_own_allocator():
+        triton.set_allocator(own)
+        fwd_kernels._ensure_descriptor_allocator()
+        return _allocation._allocator.get()
+    assert contextvars.copy_context().run(launch_with_own_allocator) is own
+
+
+@gpu
+def test_gpu_tma_forward_from_a_second_thread():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    case = Case(2, 4, 2, 100, 130, 64, 19, "task", "right")
+    (q, k, v, pk, pv), mask, index = make_inputs(case, torch.bfloat16, requires_grad=False)
+    assert fwd_kernels.tma_ready(pk, pv, k, v)
+
+    def forward(tma):
+        return fwd_kernels.prefix_attention_fwd(
+            q, k, v, pk, pv, mask, index, config=tiles.TileConfig(64, 64, 4, 2, tma=tma))[0]
+    pointer = forward(False)
+    assert torch.equal(_in_new_thread(lambda: forward(True)), pointer)
