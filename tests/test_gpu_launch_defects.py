@@ -15,6 +15,7 @@ from test_prefix_attention import Case, check_against_reference, exact, fused, m
 
 from triton.runtime import _allocation
 
+from ptuning_fast.kernels import autotune
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels import tiles
 
@@ -143,3 +144,39 @@ def test_gpu_tma_forward_from_a_second_thread():
             q, k, v, pk, pv, mask, index, config=tiles.TileConfig(64, 64, 4, 2, tma=tma))[0]
     pointer = forward(False)
     assert torch.equal(_in_new_thread(lambda: forward(True)), pointer)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. CUDA graph capture takes the tuned tile (test_autotune.py shows it with a fake timer)
+
+def _capture(fn):
+    """fn()'s output as a CUDA graph replays it (captured after a warm-up on a side stream,
+    as torch.cuda.graphs asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
+@gpu
+def test_gpu_graph_replays_the_eager_tile(monkeypatch):
+    monkeypatch.delenv("PTUNING_FAST_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_BEST", {})
+    case = Case(2, 8, 2, 256, 256, 64, 16)
+    inputs, mask, index = make_inputs(case, torch.bfloat16, requires_grad=False)
+    fused(*inputs)                                       # tunes the key
+    assert autotune._BEST
+    # Whatever won the timing, make the key's choice one that is not the first candidate:
+    # the first is what a bypassed tuner runs.
+    for key in autotune._BEST:
+        kernel, arch, dtype, _, dropout, _ = key
+        autotune._BEST[key] = tiles.candidates(kernel, arch, dtype, case.D, dropout)[-1]
+    eager = fused(*inputs)
+    assert torch.equal(_capture(lambda: fused(*inputs)), eager)
