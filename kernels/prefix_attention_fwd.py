@@ -46,7 +46,15 @@ from .attention_terms import (
 )
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import cdiv, contiguous_last, dense_index, interpreting, on_device, on_input_device
+from .launch import (
+    as_seed_tensor,
+    cdiv,
+    contiguous_last,
+    dense_index,
+    interpreting,
+    on_device,
+    on_input_device,
+)
 from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
 
 @triton.jit
@@ -532,13 +540,6 @@ def seed_arg(dropout_p, dropout_seed, like):
     if dropout_p > 0 and dropout_seed is None:
         raise ValueError("dropout_p > 0 needs a dropout_seed")
     return dropout_seed if dropout_p > 0 else like
-
-
-def as_seed_tensor(seed, device) -> torch.Tensor:
-    """An int seed (or 0-d integer tensor) as the 0-d int64 tensor on `device` the kernels read."""
-    if isinstance(seed, torch.Tensor):
-        return seed.to(device=device, dtype=torch.int64).reshape(())
-    return torch.tensor(int(seed), dtype=torch.int64, device=device)
 
 
 def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):

@@ -9,15 +9,18 @@ import threading
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 import triton
 from conftest import DEVICE, assert_close, gpu
 from test_prefix_attention import Case, check_against_reference, exact, fused, make_inputs
-
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import _allocation
 
-from ptuning_fast.kernels import autotune
+import ptuning_fast as pf
+from ptuning_fast import ops
+from ptuning_fast.kernels import autotune, tiles
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
-from ptuning_fast.kernels import tiles
+from ptuning_fast.kernels.launch import as_seed_tensor
 
 # --------------------------------------------------------------------------------------------
 # 1. torch's per-backend fp32 precision API (torch >= 2.9)
@@ -180,3 +183,54 @@ def test_gpu_graph_replays_the_eager_tile(monkeypatch):
         autotune._BEST[key] = tiles.candidates(kernel, arch, dtype, case.D, dropout)[-1]
     eager = fused(*inputs)
     assert torch.equal(_capture(lambda: fused(*inputs)), eager)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. An int dropout_seed becomes a device tensor without a host-to-device copy
+
+class _DeviceOps(TorchDispatchMode):
+    """Records every op torch dispatches: (name, devices of its tensor inputs, its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t.device.type for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)]
+        self.ops.append((str(func), inputs, out))
+        return out
+
+
+@pytest.mark.parametrize("make", [ops._dropout_seed_tensor, as_seed_tensor],
+                         ids=["ops", "kernels"])
+def test_int_seed_is_made_on_the_device(make):
+    # `torch.tensor(seed, device=...)` copies from pageable host memory (blocking, and not
+    # capturable) outside the dispatcher's view; a fill on the device is an op taking no host
+    # tensor. The meta device stands in for a GPU.
+    seed = 0x5EED_1234_ABCD
+    with _DeviceOps() as seen:
+        made = make(seed, torch.device("meta"))
+    assert made.shape == () and made.dtype == torch.int64 and made.device.type == "meta"
+    assert any(out is made for _, _, out in seen.ops), "the seed came from outside torch's ops"
+    assert all("cpu" not in inputs for _, inputs, _ in seen.ops), seen.ops
+    for value in (seed, -2 ** 63, 2 ** 63 - 1, ops.SEED_BOUND - 1):
+        assert make(value, torch.device(DEVICE)).item() == value
+
+
+@gpu
+def test_gpu_int_seed_dropout_never_syncs_and_is_captured():
+    case = Case(2, 4, 2, 64, 64, 64, 16)
+    inputs, mask, index = make_inputs(case, torch.float16, requires_grad=False)
+
+    def forward():
+        return pf.prefix_attention(*inputs, backend="triton", dropout_p=0.2, dropout_seed=1234)
+    eager = forward()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert torch.equal(forward(), eager)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.equal(_capture(forward), eager)
