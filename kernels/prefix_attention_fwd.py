@@ -520,9 +520,14 @@ def _dropout_mask_kernel(
     stride_keep_bh, stride_keep_l,       # Keep viewed as (B * Hq, Lq, P + Lk), last dim dense
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    col_block = tl.program_id(0)
-    q_block = tl.program_id(1)
-    batch_head = tl.program_id(2).to(tl.int64)      # b * Hq + h
+    # One grid axis, (b * Hq + h, query block, column block) from the slowest: B * Hq passes
+    # the 65,535 programs of axes 1 and 2 (CUDA's limit) at B = 2048, Hq = 32.
+    col_blocks = tl.cdiv(num_cols, BLOCK_N)
+    q_blocks = tl.cdiv(q_len, BLOCK_M)
+    program = tl.program_id(0)
+    col_block = program % col_blocks
+    q_block = program // col_blocks % q_blocks
+    batch_head = (program // col_blocks // q_blocks).to(tl.int64)      # b * Hq + h
     q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     rng_rows = (batch_head * q_len + q_pos) * num_cols
@@ -553,7 +558,7 @@ def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):
     keep = torch.empty(B, Hq, Lq, P + Lk, dtype=torch.int8, device=device)
     if keep.numel() > 0:
         block_m, block_n = MASK_BLOCK
-        grid = (cdiv(P + Lk, block_n), cdiv(Lq, block_m), B * Hq)
+        grid = (cdiv(P + Lk, block_n) * cdiv(Lq, block_m) * B * Hq,)
         with on_device(device):
             _dropout_mask_kernel[grid](
                 keep, as_seed_tensor(seed, device), Lq, P + Lk, float(p),

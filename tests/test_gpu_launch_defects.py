@@ -5,22 +5,26 @@ graph capture, the dropout seed's host copy, grid axes past 65,535, and the per-
 gradient's splits and partials.
 """
 import contextvars
+import inspect
+import math
 import threading
 
 import pytest
 import torch
 import torch.utils._pytree as pytree
 import triton
-from conftest import DEVICE, assert_close, gpu
+from conftest import DEVICE, assert_close, assert_error_within, gpu
 from test_prefix_attention import Case, check_against_reference, exact, fused, make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import _allocation
 
 import ptuning_fast as pf
-from ptuning_fast import ops
-from ptuning_fast.kernels import autotune, tiles
+from ptuning_fast import ops, reference
+from ptuning_fast.kernels import autotune, split_reduce, tiles
+from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
-from ptuning_fast.kernels.launch import as_seed_tensor
+from ptuning_fast.kernels import prompt_embedding as embedding_kernels
+from ptuning_fast.kernels.launch import H100, as_seed_tensor, pretend_target
 
 # --------------------------------------------------------------------------------------------
 # 1. torch's per-backend fp32 precision API (torch >= 2.9)
@@ -234,3 +238,184 @@ def test_gpu_int_seed_dropout_never_syncs_and_is_captured():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert torch.equal(_capture(forward), eager)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Grid axes 1 and 2 hold at most 65,535 programs on CUDA (axis 0: 2**31 - 1)
+
+AXIS_LIMITS = (2 ** 31 - 1, 65_535, 65_535)
+
+
+class _GridSpy:
+    """Stands in for a @triton.jit kernel: records each launch's grid and bound arguments,
+    runs nothing (the shapes here would take the interpreter hours)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=3, **kwargs):
+            bound = inspect.signature(self.kernel.fn).bind_partial(*args, **kwargs).arguments
+            self.launches.append((tuple(grid) + (1,) * (3 - len(grid)), bound))
+        return launch
+
+
+def _spy(monkeypatch, module, name):
+    spy = _GridSpy(getattr(module, name))
+    monkeypatch.setattr(module, name, spy)
+    return spy
+
+
+def _assert_grids_fit(spy):
+    assert spy.launches
+    for grid, _ in spy.launches:
+        assert all(0 < n <= limit for n, limit in zip(grid, AXIS_LIMITS)), grid
+
+
+def test_dropout_mask_grid_fits_at_2048_rows_of_32_heads(monkeypatch):
+    spy = _spy(monkeypatch, fwd_kernels, "_dropout_mask_kernel")
+    fwd_kernels.dropout_keep_mask(1234, 2048, 32, 1, 0, 1, 0.1, DEVICE)
+    _assert_grids_fit(spy)
+
+
+def test_prompt_gradient_grid_fits_past_65535_tasks(monkeypatch):
+    prompt_spy = _spy(monkeypatch, embedding_kernels, "_prompt_grad_kernel")
+    sum_spy = _spy(monkeypatch, split_reduce, "_sum_splits_kernel")
+    tasks, B, P, d = 70_000, 4, 3, 16
+    index = torch.tensor([5, 69_999, 5, 0], device=DEVICE)
+    with pretend_target(H100):
+        embedding_kernels.prompt_grad(torch.empty(B, P + 2, d, device=DEVICE), index, tasks, P,
+                                      torch.float32)
+    _assert_grids_fit(prompt_spy)
+    _assert_grids_fit(sum_spy)
+
+
+def test_prefix_gradient_grid_fits_past_65535_tasks(monkeypatch):
+    # The old grid put splits x task slots on axis 2: a 70,000-task table passed the limit.
+    # (Other grids put B on axis 2; a batch of 65,536 sequences is out of scope.)
+    prefix_spy = _spy(monkeypatch, bwd_kernels, "_prefix_dkdv_kernel")
+    sum_spy = _spy(monkeypatch, split_reduce, "_sum_splits_kernel")
+    _spy(monkeypatch, bwd_kernels, "_delta_kernel")
+    B, H, Lq, D, P = 4, 1, 16, 16, 16
+    lead = (70_000,)
+    index = torch.tensor([3, 69_999, 3, 0], device=DEVICE)
+    q = torch.empty(B, H, Lq, D, dtype=torch.float16, device=DEVICE)
+    pk = torch.empty(*lead, H, P, D, dtype=torch.float16, device=DEVICE)
+    lse = torch.empty(B, H, Lq, device=DEVICE)
+    with pretend_target(H100):
+        bwd_kernels.prefix_attention_bwd(q, q, q, q, pk, pk, None, index, q, lse,
+                                         needs=(False, False, False, True, True))
+    _assert_grids_fit(prefix_spy)
+    _assert_grids_fit(sum_spy)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Per-task prefix gradient: splits and partials for the tasks in use, not the table
+
+ISSUE_SHAPE = dict(B=8, Hq=32, Hkv=8, L=32768, P=128, D=128)      # bf16 on an H100
+
+
+def _prefix_grad_launch(monkeypatch, lead, index):
+    """(grid, bound arguments) of the prefix dK/dV launch at the issue's shape on a pretended
+    H100, nothing run (torch.empty: no page of the 2 GiB inputs is touched)."""
+    spy = _spy(monkeypatch, bwd_kernels, "_prefix_dkdv_kernel")
+    _spy(monkeypatch, split_reduce, "_sum_splits_kernel")
+    _spy(monkeypatch, bwd_kernels, "_delta_kernel")
+    s = ISSUE_SHAPE
+    q = torch.empty(s["B"], s["Hq"], s["L"], s["D"], dtype=torch.bfloat16)
+    kv = torch.empty(s["B"], s["Hkv"], s["L"], s["D"], dtype=torch.bfloat16)
+    pk = torch.empty(*lead, s["Hkv"], s["P"], s["D"], dtype=torch.bfloat16)
+    lse = torch.empty(s["B"], s["Hq"], s["L"])
+    with pretend_target(H100):
+        bwd_kernels.prefix_attention_bwd(q, q, kv, kv, pk, pk, None, index, q, lse,
+                                         needs=(False, False, False, True, True))
+    (launch,) = spy.launches
+    monkeypatch.undo()
+    return launch
+
+
+@pytest.mark.parametrize("tasks", [1, 33, 1000])
+@pytest.mark.parametrize("rows", ["one_task", "spread"])
+def test_task_prefix_gradient_splits_follow_the_batch(monkeypatch, tasks, rows):
+    B, Hkv, P, D = (ISSUE_SHAPE[k] for k in ("B", "Hkv", "P", "D"))
+    shared_grid, shared = _prefix_grad_launch(monkeypatch, (), None)
+    index = torch.zeros(B, dtype=torch.int64) if rows == "one_task" else torch.arange(B) % tasks
+    grid, bound = _prefix_grad_launch(monkeypatch, (tasks,), index)
+    tiles = -(-P // shared["BLOCK_N"]) * Hkv                 # one prefix's output tiles
+    shared_splits = math.prod(shared_grid) // tiles
+    most = shared_splits + min(tasks, B) - 1
+    # Each program walks as many items as a shared prefix's do, whatever the table's size...
+    assert bound["items_per_split"] == shared["items_per_split"]
+    # ... the splits are the batch's work cut as for a shared prefix, plus one per other task
+    # in use at the most ...
+    assert shared_splits <= math.prod(grid) // tiles <= most
+    # ... and the fp32 partials hold one tile per split, not per split and task of the table.
+    for name in ("PartialK", "PartialV"):
+        assert bound[name].numel() <= most * Hkv * P * D
+
+
+def _task_table_inputs(tasks, index, Lq=21, Lk=30, D=32, P=7, dtype=torch.float32):
+    B = index.numel()
+    q = torch.randn(B, 4, Lq, D, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(B, 2, Lk, D, dtype=dtype, device=DEVICE) for _ in range(2))
+    pk, pv = (torch.randn(tasks, 2, P, D, dtype=dtype, device=DEVICE) for _ in range(2))
+    return [t.requires_grad_(True) for t in (q, k, v, pk, pv)], index.to(DEVICE)
+
+
+def _grads(fn, inputs, index, grad_out):
+    out = fn(*inputs, prefix_index=index)
+    return torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+
+@pytest.mark.parametrize("index", [[7, 2, 7], [4, 4, 4], [8, 0, 3]], ids=str)
+def test_task_table_larger_than_the_batch_matches_reference(index):
+    # 9 tasks, 3 rows: the plan's splits follow the tasks in use; every other task's gradient
+    # is exactly zero, and two backward passes give the same bits.
+    inputs, index = _task_table_inputs(9, torch.tensor(index))
+    grad_out = torch.randn(3, 4, 21, 32, dtype=torch.float64, device=DEVICE)
+    got = _grads(fused, inputs, index, grad_out)
+    want = _grads(exact, inputs, index, grad_out)
+    for name, g, w in zip(("q", "k", "v", "prefix_k", "prefix_v"), got, want):
+        assert_close(g, w, torch.float32, "grad", name=f"d{name}")
+    unused = [t for t in range(9) if t not in index.tolist()]
+    assert not got[3][unused].any() and not got[4][unused].any()
+    again = _grads(fused, inputs, index, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def _check_prefix_grads(inputs, index, grad_out):
+    """16-bit prefix gradients by FlashAttention's rule: the kernels' error against float64
+    at most ~2x the same-precision reference's."""
+    got = _grads(fused, inputs, index, grad_out)
+    want = _grads(exact, inputs, index, grad_out)
+    low = _grads(reference.prefix_attention, inputs, index, grad_out)
+    for name, i in (("prefix_k", 3), ("prefix_v", 4)):
+        assert_error_within(got[i], low[i], want[i], name=f"d{name}", kind="grad")
+
+
+@gpu
+@pytest.mark.parametrize("tasks", [1, 33, 1000])
+def test_gpu_task_table_gradient(tasks):
+    index = torch.randint(0, tasks, (8,))
+    inputs, index = _task_table_inputs(tasks, index, Lq=300, Lk=300, D=64, P=64,
+                                       dtype=torch.bfloat16)
+    grad_out = torch.randn(8, 4, 300, 64, dtype=torch.float64, device=DEVICE)
+    _check_prefix_grads(inputs, index, grad_out)
+    got = _grads(fused, inputs, index, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, _grads(fused, inputs, index, grad_out)))
+
+
+@gpu
+def test_gpu_grids_past_65535():
+    keep = fwd_kernels.dropout_keep_mask(1234, 2048, 32, 2, 3, 29, 0.25, DEVICE)
+    # Every (row, head) block written: the last one's keep rate is Bernoulli(0.75) too.
+    rates = keep.float().mean(dim=(2, 3)).flatten()
+    assert abs(rates.mean().item() - 0.75) < 0.01 and 0.3 < rates[-1].item() < 1.0
+    tasks, index = 70_000, torch.tensor([5, 69_999, 5, 0], device=DEVICE)
+    grad_out = torch.randn(4, 3 + 2, 16, device=DEVICE)
+    grad = embedding_kernels.prompt_grad(grad_out, index, tasks, 3, torch.float32)
+    want = torch.zeros_like(grad).index_add_(0, index, grad_out[:, :3])
+    assert torch.equal(grad, want)
+    inputs, index = _task_table_inputs(tasks, index.cpu(), D=16, P=16, dtype=torch.float16)
+    grad_out = torch.randn(4, 4, 21, 16, dtype=torch.float64, device=DEVICE)
+    _check_prefix_grads(inputs, index, grad_out)
