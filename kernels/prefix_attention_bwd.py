@@ -15,9 +15,10 @@ the backward is bitwise deterministic and uses no float atomics):
 - `_delta_kernel`: Delta per (batch row, query head, query block).
 - `_dkdv_kernel`: dK, dV of one (batch row, kv head, key block); loops over the query heads of
   the group and the query blocks that can see the keys (causal: the earlier ones are skipped).
-- `_prefix_dkdv_kernel`: dPrefixK, dPrefixV of one (prefix slot, kv head, prefix block), where a
-  slot is the shared prefix, one row's prefix, or one task's prefix; loops over the batch rows
-  that read the slot, the query heads of the group and all query blocks.
+- `_prefix_dkdv_kernel`: an fp32 partial of dPrefixK, dPrefixV of one (prefix slot, kv head,
+  prefix block), where a slot is the shared prefix, one row's prefix, or one task's prefix;
+  loops over one split of the (row, query head, query block) items of the rows that read the
+  slot. `split_reduce.sum_splits` adds each slot's partials in split order.
 - `_dq_kernel` (in prefix_attention_bwd_dq.py): dQ of one (batch row, query head, query
   block), over the prefix and the visible sequence keys.
 Only the kernels whose gradients autograd asks for are launched.
@@ -39,7 +40,7 @@ from .attention_terms import (
 from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
 from .launch import cdiv, contiguous_last, dense_index, num_splits, on_input_device
-from .split_reduce import plan_task_splits, sum_splits
+from .split_reduce import plan_task_splits, sum_splits, task_split
 from .tiles import CANDIDATES, prefix_tile, spec_configs
 from .prefix_attention_fwd import (
     TileConfig,
@@ -303,10 +304,8 @@ def _prefix_dkdv_kernel(
     kv_head = tl.program_id(1).to(tl.int64)
     q_blocks = tl.cdiv(q_len, BLOCK_M)
     if HAS_INDEX:
-        slot = tl.load(SplitTask + split)
-        first = (split - tl.load(TaskSplits + slot)) * items_per_split
-        first_row = tl.load(TaskRows + slot)
-        slot_rows = tl.load(TaskRows + slot + 1) - first_row
+        slot, first, first_row, slot_rows = task_split(split, TaskRows, TaskSplits, SplitTask,
+                                                       items_per_split)
     else:
         slot = split // splits_per_slot
         first = (split % splits_per_slot) * items_per_split

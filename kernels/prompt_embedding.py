@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .compile_specs import CompileSpec
 from .launch import cdiv, contiguous_last, dense_index, next_power_of_2, num_splits, on_input_device
-from .split_reduce import plan_task_splits, sum_splits
+from .split_reduce import plan_task_splits, sum_splits, task_split
 
 
 @triton.jit
@@ -76,10 +76,8 @@ def _prompt_grad_kernel(
     row_block = tl.program_id(0) % tiles // col_blocks
     col_block = tl.program_id(0) % col_blocks
     if HAS_INDEX:
-        task = tl.load(SplitTask + split)
-        first = (split - tl.load(TaskSplits + task)) * rows_per_split
-        first_row = tl.load(TaskRows + task)
-        task_rows = tl.load(TaskRows + task + 1) - first_row
+        _, first, first_row, task_rows = task_split(split, TaskRows, TaskSplits, SplitTask,
+                                                    rows_per_split)
     else:
         first = split * rows_per_split
         first_row = 0

@@ -53,6 +53,16 @@ def _sum_splits_kernel(
     tl.store(Out + row * row_numel + offs, (acc * scale).to(Out.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def task_split(split, TaskRows, TaskSplits, SplitTask, items_per_split):
+    """Split `split` of a per-task plan (`TaskSplits`): its task, its first item in the task's
+    items, and the task's rows as (first position in Order, count)."""
+    task = tl.load(SplitTask + split)
+    first = (split - tl.load(TaskSplits + task)) * items_per_split
+    first_row = tl.load(TaskRows + task)
+    return task, first, first_row, tl.load(TaskRows + task + 1) - first_row
+
+
 def block_size(numel: int, device: torch.device, rows: int = 1) -> int:
     """The largest block that still gives WAVES waves of programs on the target over `rows`
     rows of `numel` elements (a prefix's gradient can be only a few thousand elements:
