@@ -296,12 +296,11 @@ def _prefix_dkdv_kernel(
     HAS_BIAS: tl.constexpr = False, IS_PACKED: tl.constexpr = False,
     HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
-    # Axis 0 is split * key blocks + key block: the split count grows with the work and would
-    # pass the 65,535 programs of axes 1 and 2 (CUDA's limit); axis 1 is the kv head.
-    key_blocks = tl.cdiv(prefix_len, BLOCK_N)
-    key_block = tl.program_id(0) % key_blocks
-    split = tl.program_id(0) // key_blocks
-    kv_head = tl.program_id(1).to(tl.int64)
+    # The split is axis 0: the split count grows with the work and would pass the 65,535
+    # programs of axes 1 and 2 (CUDA's limit).
+    split = tl.program_id(0)
+    key_block = tl.program_id(1)
+    kv_head = tl.program_id(2).to(tl.int64)
     q_blocks = tl.cdiv(q_len, BLOCK_M)
     if HAS_INDEX:
         slot, first, first_row, slot_rows = task_split(split, TaskRows, TaskSplits, SplitTask,
@@ -329,7 +328,7 @@ def _prefix_dkdv_kernel(
     else:
         seed = 0
         rng_cols = key_pos
-    num_heads = tl.num_programs(1) * group_size
+    num_heads = tl.num_programs(2) * group_size
 
     # The slot's items are (row, query head, query block) in that order; this split owns
     # [first, last). It walks them as runs of consecutive query blocks of one (row, head), so
@@ -372,7 +371,7 @@ def _prefix_dkdv_kernel(
 
     # Partial tile (split, kv head, keys, :) of the dense fp32 buffers; the dK scale is
     # applied once, by the reduction.
-    tile = ((split.to(tl.int64) * tl.num_programs(1) + kv_head) * prefix_len
+    tile = ((tl.program_id(0).to(tl.int64) * tl.num_programs(2) + kv_head) * prefix_len
             + keys) * head_dim + offs_d[None, :]
     tl.store(PartialK + tile, dk, mask=tile_mask)
     tl.store(PartialV + tile, dv, mask=tile_mask)
@@ -505,7 +504,7 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
         plan_pointers = (q,) * 4
     partial_k = torch.empty((splits, Hkv, P, D), dtype=torch.float32, device=q.device)
     partial_v = torch.empty_like(partial_k)
-    _prefix_dkdv_kernel[(splits * key_blocks, Hkv)](
+    _prefix_dkdv_kernel[(splits, key_blocks, Hkv)](
         partial_k, partial_v, q, pk, pv, grad_out, lse, delta, *plan_pointers, seed,
         *terms.pointers(q, sinks=False),
         Lq, Lk, P, D, group, qk_scale, float(dropout_p), softcap_scale, rows_step,

@@ -56,11 +56,13 @@ def _sum_splits_kernel(
 @triton.jit
 def task_split(split, TaskRows, TaskSplits, SplitTask, items_per_split):
     """Split `split` of a per-task plan (`TaskSplits`): its task, its first item in the task's
-    items, and the task's rows as (first position in Order, count)."""
-    task = tl.load(SplitTask + split)
-    first = (split - tl.load(TaskSplits + task)) * items_per_split
-    first_row = tl.load(TaskRows + task)
-    return task, first, first_row, tl.load(TaskRows + task + 1) - first_row
+    items, and the task's rows as (first position in Order, count). int32, as a kernel's own
+    program ids and counts are (the plan is int64 as torch makes it): with int64 loop bounds
+    ptxas spilled more in the fp32 prefix dK/dV configs (sm_90, D = 256: 524 B, 500 B so)."""
+    task = tl.load(SplitTask + split).to(tl.int32)
+    first = (split - tl.load(TaskSplits + task).to(tl.int32)) * items_per_split
+    first_row = tl.load(TaskRows + task).to(tl.int32)
+    return task, first, first_row, tl.load(TaskRows + task + 1).to(tl.int32) - first_row
 
 
 def block_size(numel: int, device: torch.device, rows: int = 1) -> int:
