@@ -18,6 +18,12 @@ GPU_ONLY = {
     "test_prefix_attention_dropout.py::test_gpu_matches_reference_with_kernel_mask",
     "test_prompt_embedding.py::test_gpu_llama_sized",
     "test_torch_backend.py::test_auto_on_cuda_takes_the_kernels_and_falls_back_for_float64",
+    "test_gpu_launch_defects.py::test_gpu_new_tf32_api",
+    "test_gpu_launch_defects.py::test_gpu_tma_forward_from_a_second_thread",
+    "test_gpu_launch_defects.py::test_gpu_graph_replays_the_eager_tile",
+    "test_gpu_launch_defects.py::test_gpu_int_seed_dropout_never_syncs_and_is_captured",
+    "test_gpu_launch_defects.py::test_gpu_grids_past_65535",
+    "test_gpu_launch_defects.py::test_gpu_task_table_gradient",
 }
 
 
