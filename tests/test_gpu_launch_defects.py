@@ -38,11 +38,13 @@ def fp32_precision_restored():
     writes the per-backend one), then the generic level (which overwrites the levels under it),
     then CUDA matmul's own."""
     legacy = torch.get_float32_matmul_precision()
-    generic, matmul = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    if NEW_API:
+        generic, matmul = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
     yield
     torch.set_float32_matmul_precision(legacy)
-    torch.backends.fp32_precision = generic
-    torch.backends.cuda.matmul.fp32_precision = matmul
+    if NEW_API:
+        torch.backends.fp32_precision = generic
+        torch.backends.cuda.matmul.fp32_precision = matmul
 
 
 def _set_matmul(value):
