@@ -127,6 +127,16 @@ def dense_index(index: torch.Tensor | None) -> torch.Tensor | None:
     return None if index is None else index.to(torch.int64).contiguous()
 
 
+def as_seed_tensor(seed, device) -> torch.Tensor:
+    """An int seed (or 0-d integer tensor) as the 0-d int64 tensor on `device` the kernels read.
+    An int becomes a fill on the device (the value travels as a kernel argument), not
+    `torch.tensor(seed, device=...)`: that copies from pageable host memory, a blocking copy
+    on every call that a CUDA graph cannot capture."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(())
+    return torch.full((), int(seed), dtype=torch.int64, device=device)
+
+
 # Programs per SM that a split reduction aims at: two full waves hide the tail of the last one.
 WAVES = 2
 # Splits under the interpreter: more than one, so tests cover the partials and their reduction.

@@ -22,6 +22,7 @@ class Launch:
     phase: str | None                # the caller's label (e.g. "fwd", "bwd")
     grid: tuple[int, int, int]
     spec: Specialized
+    partial_bytes: int = 0           # fp32 split partials it writes or sums (arguments Partial*)
 
     @property
     def programs(self) -> int:
@@ -52,8 +53,10 @@ class LaunchRecorder:
 
     def record(self, fn, args, grid, kwargs) -> None:
         spec, bound = jit_specialize(fn, args, kwargs, self.arch)
+        partials = sum(v.numel() * v.element_size() for k, v in bound.items()
+                       if k.startswith("Partial") and hasattr(v, "numel"))
         self.launches.append(Launch(fn.__name__, fn.__module__, self._phase,
-                                    _grid3(grid, bound), spec))
+                                    _grid3(grid, bound), spec, partials))
 
 
 @contextlib.contextmanager

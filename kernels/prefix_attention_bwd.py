@@ -15,9 +15,10 @@ the backward is bitwise deterministic and uses no float atomics):
 - `_delta_kernel`: Delta per (batch row, query head, query block).
 - `_dkdv_kernel`: dK, dV of one (batch row, kv head, key block); loops over the query heads of
   the group and the query blocks that can see the keys (causal: the earlier ones are skipped).
-- `_prefix_dkdv_kernel`: dPrefixK, dPrefixV of one (prefix slot, kv head, prefix block), where a
-  slot is the shared prefix, one row's prefix, or one task's prefix; loops over the batch rows
-  that read the slot, the query heads of the group and all query blocks.
+- `_prefix_dkdv_kernel`: an fp32 partial of dPrefixK, dPrefixV of one (prefix slot, kv head,
+  prefix block), where a slot is the shared prefix, one row's prefix, or one task's prefix;
+  loops over one split of the (row, query head, query block) items of the rows that read the
+  slot. `split_reduce.sum_splits` adds each slot's partials in split order.
 - `_dq_kernel` (in prefix_attention_bwd_dq.py): dQ of one (batch row, query head, query
   block), over the prefix and the visible sequence keys.
 Only the kernels whose gradients autograd asks for are launched.
@@ -40,7 +41,7 @@ from .attention_terms import (
 from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec
 from .launch import cdiv, contiguous_last, dense_index, num_splits, on_input_device
-from .split_reduce import sum_splits
+from .split_reduce import plan_task_splits, sum_splits, task_split
 from .tiles import CANDIDATES, prefix_tile, spec_configs
 from .prefix_attention_fwd import (
     TileConfig,
@@ -275,12 +276,15 @@ def _dkdv_kernel(
 
 @triton.jit
 def _prefix_dkdv_kernel(
-    PartialK, PartialV,          # fp32 (num_splits, slots, Hkv, P, D), dense: one tile per program
-    Q, PK, PV, DO, Lse, Delta, PrefixIndex, Seed,
+    PartialK, PartialV,          # fp32 (splits, Hkv, P, D), dense: one tile per program
+    Q, PK, PV, DO, Lse, Delta,
+    Order, TaskRows, TaskSplits, SplitTask,   # per-task plan (split_reduce.TaskSplits), read
+                                              # only with HAS_INDEX
+    Seed,
     Bias, SegStart, SegEnd,      # attention terms (attention_terms.py), read when flagged
     q_len, key_len, prefix_len, head_dim, group_size, qk_scale, dropout_p, softcap_scale,
-    rows_step, rows_per_slot,    # slot s reads rows [s * rows_step, + rows_per_slot)
-    num_splits, items_per_split, # a slot's (row, query head, query block) items, split evenly
+    rows_step, rows_per_slot,    # without HAS_INDEX, slot s reads rows [s * rows_step, + rows_per_slot)
+    splits_per_slot, items_per_split,   # a slot's (row, query head, query block) items, split evenly
     stride_q_b, stride_q_h, stride_q_l,
     stride_pk_s, stride_pk_h, stride_pk_l,
     stride_pv_s, stride_pv_h, stride_pv_l,
@@ -289,20 +293,27 @@ def _prefix_dkdv_kernel(
     window_left, window_right, prefix_left,
     stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_c,
     stride_seg_b,
-    HAS_INDEX: tl.constexpr,     # per-task slots: row b belongs to slot PrefixIndex[b]
+    HAS_INDEX: tl.constexpr,     # per-task slots: the plan says which task and rows a split has
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr = False, IS_PACKED: tl.constexpr = False,
     HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
-    key_block = tl.program_id(0)
-    kv_head = tl.program_id(1).to(tl.int64)
-    # Axis 2 is split * slots + slot, so the partials are (num_splits, slots, ...) and the
-    # reduction reads one dense (num_splits, numel) buffer.
-    num_slots = tl.num_programs(2) // num_splits
-    slot = tl.program_id(2) % num_slots
-    split = tl.program_id(2) // num_slots
+    # The split is axis 0: the split count grows with the work and would pass the 65,535
+    # programs of axes 1 and 2 (CUDA's limit).
+    split = tl.program_id(0)
+    key_block = tl.program_id(1)
+    kv_head = tl.program_id(2).to(tl.int64)
+    q_blocks = tl.cdiv(q_len, BLOCK_M)
+    if HAS_INDEX:
+        slot, first, first_row, slot_rows = task_split(split, TaskRows, TaskSplits, SplitTask,
+                                                       items_per_split)
+    else:
+        slot = split // splits_per_slot
+        first = (split % splits_per_slot) * items_per_split
+        first_row = (slot * rows_step).to(tl.int64)
+        slot_rows = rows_per_slot
     key_pos = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = (key_pos < prefix_len)[:, None] & (offs_d < head_dim)[None, :]
@@ -321,7 +332,7 @@ def _prefix_dkdv_kernel(
     else:
         seed = 0
         rng_cols = key_pos
-    num_heads = tl.num_programs(1) * group_size
+    num_heads = tl.num_programs(2) * group_size
 
     # The slot's items are (row, query head, query block) in that order; this split owns
     # [first, last). It walks them as runs of consecutive query blocks of one (row, head), so
@@ -335,19 +346,17 @@ def _prefix_dkdv_kernel(
         q_stop = tl.maximum(last_key - prefix_len - key_shift + prefix_left + 1, 0)
     else:
         q_stop = q_len
-    q_blocks = tl.cdiv(q_len, BLOCK_M)
-    total = rows_per_slot * group_size * q_blocks
-    first = split * items_per_split
+    total = slot_rows * group_size * q_blocks
     last = tl.minimum(first + items_per_split, total)
-    first_row = (slot * rows_step).to(tl.int64)
     for pair in range(first // q_blocks, tl.cdiv(last, q_blocks)):
-        batch = first_row + pair // group_size
+        if HAS_INDEX:
+            batch = tl.load(Order + first_row + pair // group_size)
+        else:
+            batch = first_row + pair // group_size
         q_head = (kv_head * group_size + pair % group_size).to(tl.int64)
         start = tl.maximum(first - pair * q_blocks, 0) * BLOCK_M
         end = tl.minimum(tl.minimum(last - pair * q_blocks, q_blocks) * BLOCK_M, q_len)
         end = tl.minimum(end, q_stop)
-        if HAS_INDEX:
-            end = tl.where(tl.load(PrefixIndex + batch) == slot, end, 0)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, key_ok,
             Q + batch * stride_q_b + q_head * stride_q_h,
@@ -364,9 +373,9 @@ def _prefix_dkdv_kernel(
             False, 2 if HAS_WINDOW else 0, False, HAS_WINDOW, IS_PACKED, False, HAS_BIAS,
             SOFTCAP, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
 
-    # Partial tile (split, slot, kv head, keys, :) of the dense fp32 buffers; the dK scale is
+    # Partial tile (split, kv head, keys, :) of the dense fp32 buffers; the dK scale is
     # applied once, by the reduction.
-    tile = ((tl.program_id(2).to(tl.int64) * tl.num_programs(1) + kv_head) * prefix_len
+    tile = ((tl.program_id(0).to(tl.int64) * tl.num_programs(2) + kv_head) * prefix_len
             + keys) * head_dim + offs_d[None, :]
     tl.store(PartialK + tile, dk, mask=tile_mask)
     tl.store(PartialV + tile, dv, mask=tile_mask)
@@ -461,10 +470,13 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     """(dprefix_k, dprefix_v), dense, in prefix_k's shape and dtype.
 
     A slot is the shared prefix (read by every row), one row's prefix, or one task's prefix
-    (read by the rows whose prefix_index names it). Each slot's (row, query head, query block)
-    items are cut into `splits` ranges, one program per (prefix block, kv head, slot, split)
-    writing fp32 partials that `sum_splits` adds in split order: enough programs to fill the
-    GPU however few prefix tiles there are, and bitwise deterministic (no atomics).
+    (read by the rows whose prefix_index names it). The slots' (row, query head, query block)
+    items are cut into splits, one program per (split, prefix block, kv head) writing an fp32
+    partial that `sum_splits` adds, per slot, in split order: enough programs to fill the GPU
+    however few prefix tiles there are, and bitwise deterministic (no atomics). Per task, the
+    splits are sized for the batch's work, as for a shared prefix, and follow the tasks the
+    batch uses (`split_reduce.plan_task_splits`): a table of T tasks costs neither more
+    partials nor fewer programs for the tasks in use.
     """
     B, Hq, Lq, D = q.shape
     Hkv, P = pk.shape[1], pk.shape[2]
@@ -476,31 +488,40 @@ def _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed
     shape4 = (slots, Hkv, P, D)
     dpk = torch.empty(shape4, dtype=prefix_k.dtype, device=q.device)
     dpv = torch.empty(shape4, dtype=prefix_k.dtype, device=q.device)
-    work = rows_per_slot * group * cdiv(Lq, cfg.block_m)
+    items_per_row = group * cdiv(Lq, cfg.block_m)        # (query head, query block) pairs
+    work = rows_per_slot * items_per_row
     if dpk.numel() == 0 or work == 0:
         return dpk.zero_().view(prefix_k.shape), dpv.zero_().view(prefix_k.shape)
     cfg = prefix_tile(P, cfg)
     block_n = cfg.block_n
     qk_scale, softcap_scale = terms.qk_scales(scale)
-    tiles = cdiv(P, block_n) * Hkv * slots
+    key_blocks = cdiv(P, block_n)
+    # Per task, the batch's work is what the splits share, among the prefix tiles of one task.
+    tiles = key_blocks * Hkv * (1 if index is not None else slots)
     per_split = cdiv(work, num_splits(q.device, tiles, work, cfg.num_warps))
-    splits = cdiv(work, per_split)               # no split is left without work
-    partial_k = torch.empty((splits, *shape4), dtype=torch.float32, device=q.device)
+    if index is not None:
+        plan = plan_task_splits(index, slots, items_per_row, per_split)
+        splits, splits_per_slot, plan_pointers = plan.bound, 0, plan.pointers()
+    else:
+        splits_per_slot = cdiv(work, per_split)      # no split is left without work
+        splits, plan = splits_per_slot * slots, None
+        plan_pointers = (q,) * 4
+    partial_k = torch.empty((splits, Hkv, P, D), dtype=torch.float32, device=q.device)
     partial_v = torch.empty_like(partial_k)
-    _prefix_dkdv_kernel[(cdiv(P, block_n), Hkv, splits * slots)](
-        partial_k, partial_v, q, pk, pv, grad_out, lse, delta,
-        index if index is not None else q, seed, *terms.pointers(q, sinks=False),
+    _prefix_dkdv_kernel[(splits, key_blocks, Hkv)](
+        partial_k, partial_v, q, pk, pv, grad_out, lse, delta, *plan_pointers, seed,
+        *terms.pointers(q, sinks=False),
         Lq, Lk, P, D, group, qk_scale, float(dropout_p), softcap_scale, rows_step,
-        rows_per_slot,
-        splits, per_split,
+        rows_per_slot, splits_per_slot, per_split,
         *strides3(q), *strides3(pk), *strides3(pv), *strides3(grad_out),
         lse.stride(0), lse.stride(1), *terms.ints(),
         **terms.flags(sinks=False),
         HAS_INDEX=index is not None, HAS_DROPOUT=dropout_p > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    sum_splits(partial_k, dpk, scale)
-    sum_splits(partial_v, dpv)
+    split_start = None if plan is None else plan.task_splits
+    sum_splits(partial_k, dpk, scale, split_start)
+    sum_splits(partial_v, dpv, 1.0, split_start)
     return dpk.view(prefix_k.shape), dpv.view(prefix_k.shape)
 
 
@@ -515,7 +536,8 @@ def compile_specs():
     for i, dtype, elem, precision, block_d, causal, has_mask, has_dropout in spec_variants():
         sixteen = dtype != torch.float32
         floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32",
-                      Mask="*i8", PrefixIndex="*i64", Seed="*i64", dropout_p="fp32",
+                      Mask="*i8", Seed="*i64", dropout_p="fp32",
+                      Order="*i64", TaskRows="*i64", TaskSplits="*i64", SplitTask="*i64",
                       PartialK="*fp32", PartialV="*fp32")
         jobs = [("dkdv", _dkdv_kernel, cfg, archs,
                  dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
@@ -541,7 +563,8 @@ def compile_specs():
                               cfg.num_warps, cfg.num_stages, archs,
                               ints=spec_ints(constexprs))
     floats = dict(scale="fp32", qk_scale="fp32", Lse="*fp32", Delta="*fp32", Mask="*i8",
-                  PrefixIndex="*i64", Seed="*i64", dropout_p="fp32", PartialK="*fp32",
+                  Seed="*i64", dropout_p="fp32", PartialK="*fp32",
+                  Order="*i64", TaskRows="*i64", TaskSplits="*i64", SplitTask="*i64",
                   PartialV="*fp32")
     yield from term_compile_specs(
         "dkdv", _dkdv_kernel, "dkdv", ("DK", "DV", "Q", "K", "V", "DO"), floats,

@@ -20,9 +20,10 @@ The log-sum-exp (base 2, in units of the scaled scores, fp32) is saved for the b
 row that sees no key stores LSE = +inf, which makes every probability the backward recomputes
 exactly 0, and outputs zeros.
 
-fp32 inputs: the dots follow torch's matmul setting — tf32 when
-`torch.get_float32_matmul_precision()` is "high" or "medium", exact fp32 ("ieee") when it is
-"highest" (torch's default). Call `torch.set_float32_matmul_precision("highest")` for ieee dots.
+fp32 inputs: the dots follow torch's CUDA matmul setting (`fp32_matmul_precision`) — tf32
+when `torch.backends.cuda.matmul.fp32_precision` (or `torch.backends.fp32_precision`) is
+"tf32" or, with neither set, `torch.get_float32_matmul_precision()` is "high" or "medium";
+exact fp32 ("ieee") otherwise (torch's default).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation   # the allocator's ContextVar: see _ensure_descriptor_allocator
 
 from .launch import define_kernels
 from .attention_terms import (
@@ -45,7 +47,15 @@ from .attention_terms import (
 )
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec
-from .launch import cdiv, contiguous_last, dense_index, interpreting, on_device, on_input_device
+from .launch import (
+    as_seed_tensor,
+    cdiv,
+    contiguous_last,
+    dense_index,
+    interpreting,
+    on_device,
+    on_input_device,
+)
 from .tiles import TileConfig, head_block, spec_configs  # noqa: F401  (re-exported)
 
 
@@ -330,9 +340,23 @@ def _prefix_attention_fwd_kernel(
 def input_precision(dtype: torch.dtype) -> str:
     """tf32 for fp32 dots only when torch would use it for fp32 matmuls (see module docstring);
     16-bit dots ignore the setting, so they share the default's compiled kernels."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and fp32_matmul_precision() == "ieee":
         return "ieee"
     return "tf32"
+
+
+def fp32_matmul_precision() -> str:
+    """"ieee" or "tf32": what torch's CUDA fp32 matmuls use now. The per-backend setting of
+    torch >= 2.9 (`torch.backends.cuda.matmul.fp32_precision`, "none" = inherit from
+    `torch.backends.fp32_precision`) decides first: once it is set, the legacy getter
+    `torch.get_float32_matmul_precision()` raises ("mix of the legacy and new APIs"). The
+    legacy setting decides only where neither level is set (a legacy set also writes the
+    per-backend one) or on a torch without the new API."""
+    for level in (torch.backends.cuda.matmul, torch.backends):
+        value = getattr(level, "fp32_precision", "none")
+        if value in ("ieee", "tf32"):
+            return value
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def mask_as_int8(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -474,17 +498,20 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
-_ALLOCATOR_SET = False
+def _descriptor_buffer(size: int, alignment: int, stream) -> torch.Tensor:
+    """Scratch memory for descriptors made inside a kernel, from torch's caching allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _ensure_descriptor_allocator() -> None:
-    """Descriptors made inside a kernel live in a scratch buffer that Triton asks the host to
-    allocate; give it torch's caching allocator (once per process)."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(
-            size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    """Gives Triton `_descriptor_buffer` to allocate the descriptors' scratch memory, at every
+    TMA launch: `triton.set_allocator` stores it in a ContextVar, so another thread or context
+    (autograd's device thread recomputing a checkpointed layer, DataParallel's replicas, an
+    asyncio task) starts without one ("no allocator was set"). An allocator the caller set
+    in this context is kept; only the null default is replaced (one ContextVar read)."""
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_buffer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,9 +524,14 @@ def _dropout_mask_kernel(
     stride_keep_bh, stride_keep_l,       # Keep viewed as (B * Hq, Lq, P + Lk), last dim dense
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    col_block = tl.program_id(0)
-    q_block = tl.program_id(1)
-    batch_head = tl.program_id(2).to(tl.int64)      # b * Hq + h
+    # One grid axis, (b * Hq + h, query block, column block) from the slowest: B * Hq passes
+    # the 65,535 programs of axes 1 and 2 (CUDA's limit) at B = 2048, Hq = 32.
+    col_blocks = tl.cdiv(num_cols, BLOCK_N)
+    q_blocks = tl.cdiv(q_len, BLOCK_M)
+    program = tl.program_id(0)
+    col_block = program % col_blocks
+    q_block = program // col_blocks % q_blocks
+    batch_head = (program // col_blocks // q_blocks).to(tl.int64)      # b * Hq + h
     q_pos = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     rng_rows = (batch_head * q_len + q_pos) * num_cols
@@ -519,13 +551,6 @@ def seed_arg(dropout_p, dropout_seed, like):
     return dropout_seed if dropout_p > 0 else like
 
 
-def as_seed_tensor(seed, device) -> torch.Tensor:
-    """An int seed (or 0-d integer tensor) as the 0-d int64 tensor on `device` the kernels read."""
-    if isinstance(seed, torch.Tensor):
-        return seed.to(device=device, dtype=torch.int64).reshape(())
-    return torch.tensor(int(seed), dtype=torch.int64, device=device)
-
-
 def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):
     """Bool (B, Hq, Lq, P + Lk): True where the attention kernels keep probability
     (b, h, i, c) (c numbers [prefix; sequence] keys) for this seed (int or 0-d int tensor)
@@ -537,7 +562,7 @@ def dropout_keep_mask(seed, B, Hq, Lq, P, Lk, p, device):
     keep = torch.empty(B, Hq, Lq, P + Lk, dtype=torch.int8, device=device)
     if keep.numel() > 0:
         block_m, block_n = MASK_BLOCK
-        grid = (cdiv(P + Lk, block_n), cdiv(Lq, block_m), B * Hq)
+        grid = (cdiv(P + Lk, block_n) * cdiv(Lq, block_m) * B * Hq,)
         with on_device(device):
             _dropout_mask_kernel[grid](
                 keep, as_seed_tensor(seed, device), Lq, P + Lk, float(p),

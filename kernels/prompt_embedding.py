@@ -14,7 +14,7 @@ import triton.language as tl
 from .launch import define_kernels
 from .compile_specs import CompileSpec
 from .launch import cdiv, contiguous_last, dense_index, next_power_of_2, num_splits, on_input_device
-from .split_reduce import sum_splits
+from .split_reduce import plan_task_splits, sum_splits, task_split
 
 
 define_kernels()     # before the first @triton.jit: see launch.interpreting
@@ -64,36 +64,42 @@ def _prompt_embedding_fwd_kernel(
 
 @triton.jit
 def _prompt_grad_kernel(
-    Partials, GradOut, PromptIndex,  # Partials: fp32 (num_splits, T, P, d), dense
+    Partials, GradOut,           # Partials: fp32 (splits, P, d), dense
+    Order, TaskRows, TaskSplits, SplitTask,   # per-task plan (split_reduce.TaskSplits), read
+                                              # only with HAS_INDEX
     batch, num_prompt, width, rows_per_split,
     stride_go_b, stride_go_r,
     HAS_INDEX: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row_block = tl.program_id(0)
-    num_tasks = tl.num_programs(1)
-    task = tl.program_id(1)
-    col_block = tl.program_id(2) % tl.cdiv(width, BLOCK_D)
-    split = tl.program_id(2) // tl.cdiv(width, BLOCK_D)
+    # One axis: split * tiles + tile. Splits (and before them tasks) would pass the 65,535
+    # programs of axes 1 and 2 (CUDA's limit).
+    col_blocks = tl.cdiv(width, BLOCK_D)
+    tiles = tl.cdiv(num_prompt, BLOCK_R) * col_blocks
+    split = tl.program_id(0) // tiles
+    row_block = tl.program_id(0) % tiles // col_blocks
+    col_block = tl.program_id(0) % col_blocks
+    if HAS_INDEX:
+        _, first, first_row, task_rows = task_split(split, TaskRows, TaskSplits, SplitTask,
+                                                    rows_per_split)
+    else:
+        first = split * rows_per_split
+        first_row = 0
+        task_rows = batch
     rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < num_prompt)[:, None] & (cols < width)[None, :]
     tile = rows[:, None].to(tl.int64) * stride_go_r + cols[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    # This split's batch rows, in order; `sum_splits` then adds the splits in order:
-    # deterministic, no atomics.
-    first = split * rows_per_split
-    row_ptr = GradOut + first.to(tl.int64) * stride_go_b + tile
-    for b in range(first, tl.minimum(first + rows_per_split, batch)):
+    # This split's batch rows of its task, in row order; `sum_splits` then adds the task's
+    # splits in order: deterministic, no atomics.
+    for i in range(first, tl.minimum(first + rows_per_split, task_rows)):
         if HAS_INDEX:
-            uses_task = tl.load(PromptIndex + b) == task
+            b = tl.load(Order + first_row + i)
         else:
-            uses_task = True
-        if uses_task:
-            acc += tl.load(row_ptr, mask=mask, other=0.0).to(tl.float32)
-        row_ptr += stride_go_b
-    out = ((split * num_tasks + task).to(tl.int64) * num_prompt + rows[:, None]) * width \
-        + cols[None, :]
+            b = tl.cast(i, tl.int64)
+        acc += tl.load(GradOut + b * stride_go_b + tile, mask=mask, other=0.0).to(tl.float32)
+    out = (split.to(tl.int64) * num_prompt + rows[:, None]) * width + cols[None, :]
     tl.store(Partials + out, acc, mask=mask)
 
 
@@ -157,7 +163,12 @@ def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_t
 
     The batch rows are cut into splits (enough programs to fill the GPU: a prompt is only
     P x d, far fewer tiles than SMs), each split's sum an fp32 partial, added in split order.
+    Per task, the splits follow the tasks the batch uses (`split_reduce.plan_task_splits`): a
+    table of T prompts costs no partials for the tasks no row uses.
     """
+    if prompt_index is None and num_tasks != 1:
+        raise ValueError(f"prompt_grad: `num_tasks` = {num_tasks} prompts need a `prompt_index`; "
+                         "without one every row uses the one prompt (num_tasks = 1)")
     grad_out = contiguous_last(grad_out)
     prompt_index = dense_index(prompt_index)
     B, _, d = grad_out.shape
@@ -167,20 +178,22 @@ def prompt_grad(grad_out: torch.Tensor, prompt_index: torch.Tensor | None, num_t
     if B == 0:
         return grad.zero_()
     block_r, block_d = _grad_tile(d)
-    tiles = (cdiv(num_prompt, block_r), num_tasks, cdiv(d, block_d))
-    programs = tiles[0] * tiles[1] * tiles[2]
-    rows_per_split = cdiv(B, num_splits(grad_out.device, programs, B, NUM_WARPS))
-    splits = cdiv(B, rows_per_split)
-    partials = torch.empty(splits, num_tasks, num_prompt, d, dtype=torch.float32,
-                           device=grad_out.device)
-    _prompt_grad_kernel[(tiles[0], tiles[1], tiles[2] * splits)](
-        partials, grad_out, prompt_index if prompt_index is not None else grad_out,
+    tiles = cdiv(num_prompt, block_r) * cdiv(d, block_d)
+    rows_per_split = cdiv(B, num_splits(grad_out.device, tiles, B, NUM_WARPS))
+    if prompt_index is not None:
+        plan = plan_task_splits(prompt_index, num_tasks, 1, rows_per_split)
+        splits, plan_pointers, split_start = plan.bound, plan.pointers(), plan.task_splits
+    else:
+        splits, plan_pointers, split_start = cdiv(B, rows_per_split), (grad_out,) * 4, None
+    partials = torch.empty(splits, num_prompt, d, dtype=torch.float32, device=grad_out.device)
+    _prompt_grad_kernel[(splits * tiles,)](
+        partials, grad_out, *plan_pointers,
         B, num_prompt, d, rows_per_split,
         grad_out.stride(0), grad_out.stride(1),
         HAS_INDEX=prompt_index is not None,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
-    return sum_splits(partials, grad)
+    return sum_splits(partials, grad, split_start=split_start)
 
 
 def compile_specs():
@@ -208,7 +221,8 @@ def compile_specs():
                 yield CompileSpec(
                     f"prompt_grad[{dtype},prompt={prompt_dtype},{grad_r}x{grad_d},index={has_index}]",
                     _prompt_grad_kernel,
-                    {"Partials": "*fp32", "GradOut": f"*{dtype}", "PromptIndex": "*i64",
+                    {"Partials": "*fp32", "GradOut": f"*{dtype}", "Order": "*i64",
+                     "TaskRows": "*i64", "TaskSplits": "*i64", "SplitTask": "*i64",
                      **{n: "i32" for n in ("batch", "num_prompt", "width", "rows_per_split",
                                            "stride_go_b", "stride_go_r")}},
                     dict(HAS_INDEX=has_index, BLOCK_R=grad_r, BLOCK_D=grad_d), NUM_WARPS)

@@ -17,7 +17,7 @@ import torch
 from . import reference, torch_path
 from .fused import support as triton_support
 from .fused.support import kernels_can_run
-from .kernels.launch import interpreting
+from .kernels.launch import as_seed_tensor, interpreting
 from .packing import packed_segments
 from .validation import (
     Reasons,
@@ -298,11 +298,11 @@ SEED_BOUND = 2 ** 62
 
 
 def _dropout_seed_tensor(dropout_seed, device) -> torch.Tensor:
-    """0-d int64 seed on `device`: the given int, or one drawn from torch's generator there
-    (on the device itself: no host sync)."""
+    """0-d int64 seed on `device`: the given int, or one drawn from torch's generator there;
+    either is made on the device itself (no host sync, capturable in a CUDA graph)."""
     if dropout_seed is None:
         return torch.randint(0, SEED_BOUND, (), device=device, dtype=torch.int64)
-    return torch.tensor(dropout_seed, dtype=torch.int64, device=device)
+    return as_seed_tensor(dropout_seed, device)
 
 
 def _reference_dropout_mask(seed, q_shape, P, Lk, dropout_p) -> torch.Tensor:

@@ -63,3 +63,35 @@ def test_every_table_covers_both_archs_dtypes_and_head_blocks():
                               for d in (32, 64, 128, 256)}, kernel
         assert all(table.values()), kernel
     assert tiles.arch_family(86) == 80 and tiles.arch_family(100) == 90
+
+
+def test_graph_capture_takes_the_tuned_choice_and_times_nothing(monkeypatch):
+    # Issue 26: while capturing, the tuner was bypassed and the graph replayed the first
+    # candidate, bitwise different from eager calls with the same key.
+    monkeypatch.setattr(autotune, "_BEST", {})
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    cands = tiles.candidates("fwd", 90, torch.bfloat16, 128)
+    assert len(cands) > 1
+    timed = []
+
+    def timer(fn):                   # the last candidate is the fastest
+        timed.append(1)
+        return 10.0 - len(timed)
+
+    calls, launch = _recorder()
+    with pretend_target(H100):
+        eager = autotune.launch_tuned("fwd", CUDA, torch.bfloat16, 128, ("a",), launch, timer)
+        assert eager == cands[-1] != cands[0]
+        capturing[0] = True
+        calls.clear()
+        assert autotune.launch_tuned("fwd", CUDA, torch.bfloat16, 128, ("a",), launch,
+                                     timer=lambda fn: 1 / 0) == eager
+        assert calls == [eager]
+        # A key first seen during capture: no timing, and the choice it gets stays its own.
+        fresh = autotune.launch_tuned("fwd", CUDA, torch.bfloat16, 128, ("b",), launch,
+                                      timer=lambda fn: 1 / 0)
+        capturing[0] = False
+        assert autotune.launch_tuned("fwd", CUDA, torch.bfloat16, 128, ("b",), launch,
+                                     timer=lambda fn: 1 / 0) == fresh

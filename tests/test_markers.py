@@ -31,6 +31,12 @@ GPU_ONLY = {
     "test_gpu_training.py::test_gpu_train_step_has_no_host_sync",
     "test_gpu_training.py::test_gpu_train_step_in_a_cuda_graph",
     "test_gpu_training.py::test_gpu_static_cache_generation_in_cuda_graphs",
+    "test_gpu_launch_defects.py::test_gpu_new_tf32_api",
+    "test_gpu_launch_defects.py::test_gpu_tma_forward_from_a_second_thread",
+    "test_gpu_launch_defects.py::test_gpu_graph_replays_the_eager_tile",
+    "test_gpu_launch_defects.py::test_gpu_int_seed_dropout_never_syncs_and_is_captured",
+    "test_gpu_launch_defects.py::test_gpu_grids_past_65535",
+    "test_gpu_launch_defects.py::test_gpu_task_table_gradient",
 }
 
 

@@ -18,6 +18,7 @@ SHAPES = [
     (4, 9, 30, 100, 3, 3),
     (5, 4, 20, 1100, 2, 2),      # d > 1024: several column blocks per row
     (2, 3, 20, 48, 300, None),   # P larger than one row block
+    (3, 5, 20, 40, 4, 9),        # more prompts than rows: most get a zero gradient
 ]
 
 

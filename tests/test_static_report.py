@@ -98,6 +98,25 @@ def test_backward_kernels_fill_the_h100(report):
         "\n".join(short)
 
 
+def test_task_table_prefix_gradient_follows_the_batch(report):
+    # Issue 26: the per-task prefix gradient's splits and fp32 partials were sized for all T
+    # task slots (at T = 1000: 16,000 programs, 1000 MiB of partials; at T >= 33 one split).
+    # Now they follow the batch: T = 1's, plus one split per other task in use at the most.
+    at = static_report.TASK_TABLE_AT
+    rows = {int(r["shape"].rsplit("T=", 1)[1]): r for r in report["rows"]
+            if r["arch"] == 90 and r["kernel"] == "_prefix_dkdv_kernel"
+            and r["prefix"] == "per_task" and all(r["case"][k] == v for k, v in at.items())}
+    assert set(rows) == set(static_report.TASK_TABLE_SIZES)
+    split_bytes = 2 * at["Hkv"] * at["P"] * at["D"] * 4          # a K and a V fp32 tile set
+    one = rows[1]
+    one_splits = one["partial_bytes"] // split_bytes
+    for tasks, r in rows.items():
+        splits = r["partial_bytes"] // split_bytes
+        assert r["partial_bytes"] == splits * split_bytes
+        assert one_splits <= splits <= one_splits + min(tasks, at["B"]) - 1, (tasks, splits)
+        assert r["programs"] * one_splits == one["programs"] * splits, (tasks, r["grid"])
+
+
 def test_decode_launches_are_reported(report):
     # The decode shapes run the decode launcher (split + merge), never the prefill kernel.
     for arch in static_report.ARCHS:

@@ -46,6 +46,7 @@ class Work:
     op: str
     case: Case
     prefix: str = "shared"           # shared | per_row | per_task (attention ops)
+    tasks: int = TASKS               # per_task: the table's size (row b uses task b % tasks)
 
     def shape(self) -> str:
         c = self.case
@@ -55,6 +56,8 @@ class Work:
             text = f"B={c.B} Hq={c.Hq} Hkv={c.Hkv} Lq={c.Lq} Lk={c.Lk} P={c.P} D={c.D}"
         if c.terms:
             text += f" terms={c.terms}"
+        if self.prefix == "per_task":
+            return f"{c.dtype} {text} per_task T={self.tasks}"
         return f"{c.dtype} {text}" + ("" if self.prefix == "shared" else f" {self.prefix}")
 
 
@@ -74,6 +77,18 @@ def prefix_variant_work(quick: bool) -> list[Work]:
     if not cases:
         return []
     return [Work("prefix_attention", cases[0], prefix) for prefix in ("per_row", "per_task")]
+
+
+# Issue 26's per-task shape (an H100, bf16): a table of T task prefixes at B = 8 rows, Lq = Lk
+# = 32768, P = 128, Hkv = 8 (GQA 4:1), D = 128. The prefix gradient's splits and partials
+# must follow the tasks the batch uses (at most min(T, B)), not T.
+TASK_TABLE_AT = dict(B=8, Hq=32, Hkv=8, Lq=32768, Lk=32768, P=128, D=128)
+TASK_TABLE_SIZES = (1, 33, 1000)
+
+
+def task_table_work(quick: bool) -> list[Work]:
+    case = Case("prefix_attention", "fwd_bwd", "fused", "bf16", causal=True, **TASK_TABLE_AT)
+    return [Work("prefix_attention", case, "per_task", tasks) for tasks in TASK_TABLE_SIZES]
 
 
 def terms_work(quick: bool) -> list[Work]:
@@ -114,9 +129,9 @@ def _attention_inputs(work: Work):
     c, dtype = work.case, torch_dtype(work.case.dtype)
     q = torch.empty(c.B, c.Hq, c.Lq, c.D, dtype=dtype)
     k, v = (torch.empty(c.B, c.Hkv, c.Lk, c.D, dtype=dtype) for _ in range(2))
-    lead = {"shared": (), "per_row": (c.B,), "per_task": (TASKS,)}[work.prefix]
+    lead = {"shared": (), "per_row": (c.B,), "per_task": (work.tasks,)}[work.prefix]
     pk, pv = (torch.empty(*lead, c.Hkv, c.P, c.D, dtype=dtype) for _ in range(2))
-    index = torch.arange(c.B) % TASKS if work.prefix == "per_task" else None
+    index = torch.arange(c.B) % work.tasks if work.prefix == "per_task" else None
     return q, k, v, pk, pv, index
 
 
@@ -185,6 +200,7 @@ class Workload:
 WORKLOADS = (
     Workload(attention_work, drive_attention),
     Workload(prefix_variant_work, drive_attention),
+    Workload(task_table_work, drive_attention),
     Workload(terms_work, drive_terms),
     Workload(embedding_work, drive_embedding),
     Workload(decode_work, drive_decode),
@@ -243,6 +259,7 @@ def capture_all(arch: int, quick: bool) -> tuple[list[dict], dict, list[dict]]:
                              "prefix": work.prefix, "case": work.case.fields(),
                              "kernel": launch.kernel, "phase": launch.phase, "arch": arch,
                              "grid": list(launch.grid), "programs": launch.programs,
+                             "partial_bytes": launch.partial_bytes,
                              "binary": key, **decode_tile_rows(launch, work.case),
                              "unaligned_args": launch.spec.unspecialized(),
                              "args_equal_to_1": launch.spec.equal_to_one()})
@@ -314,7 +331,8 @@ def merge(parts: list[dict]) -> dict:
 
 
 COLUMNS = ("kernel", "phase", "shape", "arch", "grid", "programs", "waves", "regs",
-           "spill st/ld B", "smem KB", "blocks/SM (limit)", "wgmma/cp.async/TMA", "useful rows")
+           "spill st/ld B", "smem KB", "blocks/SM (limit)", "wgmma/cp.async/TMA", "useful rows",
+           "partials MiB")
 
 
 def _useful_rows(r: dict) -> str:
@@ -327,13 +345,15 @@ def _useful_rows(r: dict) -> str:
 def _cells(r: dict) -> list[str]:
     head = [r["kernel"].strip("_"), r["phase"] or "", r["shape"], f"sm_{r['arch']}",
             "x".join(map(str, r["grid"])), str(r["programs"])]
+    partials = f"{r['partial_bytes'] / 2 ** 20:.1f}" if r["partial_bytes"] else "-"
     if not r["ok"]:
-        return head + ["compile error: " + r["error"].splitlines()[0][:60]] + [""] * 6
+        return head + ["compile error: " + r["error"].splitlines()[0][:60]] + [""] * 6 \
+            + [partials]
     return head + [
         "-" if r["waves"] is None else f"{r['waves']:.2f}", str(r["regs"]),
         f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", f"{r['shared'] / 1024:.0f}",
         f"{r['blocks_per_sm']} ({r['limiter']})", f"{r['wgmma']}/{r['cp_async']}/{r['tma']}",
-        _useful_rows(r)]
+        _useful_rows(r), partials]
 
 
 def markdown(report: dict) -> str:
@@ -345,7 +365,9 @@ def markdown(report: dict) -> str:
              "block), 2048 threads and 32 blocks per SM; instruction counts are static PTX "
              "counts. useful rows (decode split kernel): the packed query rows of a kv head "
              "(Hq / Hkv x Lq) / the query rows its tiles hold; K: keys-major tile, the queries "
-             "as the MMA's columns (8 at the least), else its rows (16 at the least).", "",
+             "as the MMA's columns (8 at the least), else its rows (16 at the least). "
+             "partials MiB: the fp32 split partials a launch writes (a split kernel) or sums "
+             "(sum_splits).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     order = {a: i for i, a in enumerate(ARCHS)}
     for r in sorted(report["rows"], key=lambda r: order[r["arch"]]):   # stable: launch order
