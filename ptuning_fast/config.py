@@ -335,8 +335,13 @@ class ModelDims:
             # them): layer 0's stand for them (the projection's input width).
             kv_heads, head_dim = layer_shapes[0]
         else:
-            kv_heads = getattr(config, "num_key_value_heads", None)
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            try:
+                kv_heads = getattr(config, "num_key_value_heads", None)
+                head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            except RuntimeError as err:   # transformers: a per-layer size read globally
+                raise ValueError(f"model config {type(config).__name__}: its layers' sizes "
+                                 f"cannot be read as one ({err}); ptuning_fast sizes prompts "
+                                 "and prefixes from them") from None
         return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                    num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim,
                    uses_kv_heads=kv_heads is not None, num_transformer_submodules=submodules,

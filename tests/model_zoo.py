@@ -139,10 +139,10 @@ def check(base, method: str) -> tuple[str, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ours = pf.wrap(base, CONFIGS[method]())
-    except (NotImplementedError, ValueError, TypeError) as err:
-        if name in str(err):
+    except Exception as err:  # noqa: BLE001 — a refusal must be one of these, by name
+        if isinstance(err, (NotImplementedError, ValueError, TypeError)) and name in str(err):
             return "refused", f"{type(err).__name__}: {err}"[:300]
-        return "ERROR", f"wrap refused without naming {name}: {type(err).__name__}: {err}"[:300]
+        return "ERROR", f"wrap failed without naming {name}: {type(err).__name__}: {err}"[:300]
     with torch.no_grad():
         for p in ours.prompt_encoder.parameters():
             p.normal_(0, 0.5)

@@ -220,7 +220,10 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
         refuse_unsupported(base_model, config.method)
-        dims = ModelDims.from_model_config(base_model.config)
+        try:
+            dims = ModelDims.from_model_config(base_model.config)
+        except ValueError as err:
+            raise ValueError(f"{type(base_model).__name__}: {err}") from None
         task_type = task_type_of(base_model)
         config.check_model(dims, task_type)
         modules_to_save = heads_to_train(config, modules_to_save, base_model, task_type)
