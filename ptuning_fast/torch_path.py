@@ -202,11 +202,16 @@ def _merged_applies(q, k, v, prefix_k, prefix_v, causal, window_size, segments, 
                     sinks, dropout_p) -> bool:
     """CPU, a prefix, no gradient, nothing beside the padding mask (a window, bias, cap, sinks
     or dropout take the general path), not float64 (SDPA computes it exactly, the flash kernel
-    to ~1e-7); then a long cache for one query, or a long causal prefill (Lq == Lk)."""
+    to ~1e-7); then a long cache for one query, or a long causal prefill (Lq == Lk).
+
+    Never an empty tensor: `_merged` calls the CPU flash kernel itself, without SDPA's guard
+    for empty inputs, and that kernel divides by its numbers of queries and keys (SIGFPE, the
+    process dies) — so no P = 0 prefix, no Lk = 0, no B = 0."""
     B, Hkv, Lk, D = k.shape
     Lq = q.shape[2]
     if not (q.device.type == "cpu" and prefix_k is not None and q.dtype != torch.float64
-            and Lk > 0 and window_size[0] < 0 and segments is None and bias is None
+            and q.numel() and k.numel() and prefix_k.numel()
+            and window_size[0] < 0 and segments is None and bias is None
             and not softcap and sinks is None and not dropout_p
             and not (torch.is_grad_enabled()
                      and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)))):
