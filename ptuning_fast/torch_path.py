@@ -155,6 +155,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
         if attention_mask is not None:
             attention_mask = attention_mask[:, drop_s:]
         P, Lk = P - drop_p, Lk - drop_s
+    if attention_mask is not None:
+        k, v = _padding_unread(k, v, attention_mask)
     if _merged_applies(q, k, v, prefix_k, prefix_v, causal, window_size, segments, bias,
                        softcap, sinks, dropout_p):
         return _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale)
@@ -175,6 +177,11 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
         # One additive float mask: the bias where visible, -inf where hidden.
         bias = bias.to(q.dtype)
         mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+        # A bias of -inf on every key a query sees hides them all: the same zeros (the explicit
+        # path's softmax of a row of -inf would be NaN).
+        seen = (mask != float("-inf")).any(dim=-1, keepdim=True)
+        mask = mask.masked_fill(~seen, 0.0)
+        any_visible = seen if any_visible is None else any_visible & seen
     if softcap > 0 or sinks is not None or dropout_p > 0:
         keep = dropout_mask if dropout_p > 0 else None
         out = _explicit_attention(q, k, v, mask, scale, softcap=softcap, sinks=sinks,
@@ -259,6 +266,24 @@ def _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale):
     if seen is not None:
         l2 = l2.masked_fill(~seen.view(B, 1, Lq), float("-inf"))
     return torch.lerp(o2, o1, torch.sigmoid(l1 - l2).unsqueeze(-1).to(o1.dtype))
+
+
+def _padding_unread(k, v, attention_mask):
+    """k, v (B, Hkv, Lk, D) as SDPA may read them: zeros where `attention_mask` (B, Lk) hides
+    a key, if any of those entries is not finite. Padding is never read (the reference's rule),
+    but SDPA adds its mask to the logits (NaN + -inf is NaN) and weighs the values by exact
+    zeros (0 * NaN is NaN). On CPU only the hidden entries are read to decide (far less than
+    copying the cache, which the merged decoding path exists to avoid); on another device that
+    check would wait for it, and when compiling it would break the graph: there the copy is
+    always made."""
+    hidden = ~attention_mask.bool()
+    if k.device.type == "cpu" and not torch.compiler.is_compiling():
+        rows, cols = hidden.nonzero(as_tuple=True)
+        if bool(torch.isfinite(k[rows, :, cols]).all()) and \
+                bool(torch.isfinite(v[rows, :, cols]).all()):
+            return k, v
+    hidden = hidden.view(k.shape[0], 1, k.shape[2], 1)
+    return k.masked_fill(hidden, 0), v.masked_fill(hidden, 0)
 
 
 def _additive(visible, dtype):
