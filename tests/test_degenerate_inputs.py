@@ -144,7 +144,8 @@ def _check(out, grads, want, want_grads, low, low_grads, inputs, dtype, label):
 def test_padded_positions_are_never_read(case, backend, dtype, poison):
     """Keys that `attention_mask` hides are never read (FlashAttention removes them before it
     attends): NaN or inf in k and v there gives the output and every gradient of the same
-    inputs with finite values there, and zero dk, dv at those positions."""
+    inputs with finite values there, and zero dk, dv at those positions; without gradients
+    too (the torch path then zeroes them only when the output shows it must)."""
     inputs, mask, index = make_inputs(case, dtype)
     q, k, v, pk, pv = inputs
     bad = [q, _poisoned(k, mask, poison), _poisoned(v, mask, poison), pk, pv]
@@ -154,6 +155,9 @@ def test_padded_positions_are_never_read(case, backend, dtype, poison):
     want, want_grads = run(exact, inputs, mask, index, case, grad_out)
     low, low_grads = run(reference.prefix_attention, inputs, mask, index, case, grad_out)
     _check(out, grads, want, want_grads, low, low_grads, inputs, dtype, backend)
+    with torch.no_grad():
+        plain = fn(*bad, causal=case.causal, attention_mask=mask, prefix_index=index)
+    _check(plain, [], want, [], low, [], [], dtype, f"{backend} without gradients")
     hidden = ~mask.bool()
     for name, g in (("dk", grads[1]), ("dv", grads[2])):
         at_padding = g.transpose(1, 2)[hidden]
