@@ -37,21 +37,23 @@ def _merged_shapes():
 
 # Runs in a fresh interpreter: builds q, k, v and a prefix of each layout, runs the
 # backend without gradients (where the merged path applies) and with every gradient, and
-# saves it all for the parent to check against the reference.
+# saves it all for the parent to check against the reference. Without CUDA the kernels run
+# under the interpreter: TRITON_INTERPRET comes from this process's environment (conftest).
 _CHILD = textwrap.dedent("""
     import sys, torch
     import ptuning_fast as pf
-    backend, path = sys.argv[1], sys.argv[2]
-    B, Hq, Hkv, Lq, Lk, D, P = map(int, sys.argv[3:10])
+    backend, path, device = sys.argv[1:4]
+    B, Hq, Hkv, Lq, Lk, D, P = map(int, sys.argv[4:11])
     results = {}
-    for layout in sys.argv[10:]:
-        q, k, v = (torch.randn(B, h, n, D) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    for layout in sys.argv[11:]:
+        q, k, v = (torch.randn(B, h, n, D, device=device)
+                   for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
         lead = {"none": None, "shared": (), "row": (B,), "task": (3,)}[layout]
         pk = pv = index = None
         if lead is not None:
-            pk, pv = (torch.randn(*lead, Hkv, P, D) for _ in range(2))
+            pk, pv = (torch.randn(*lead, Hkv, P, D, device=device) for _ in range(2))
         if layout == "task":
-            index = torch.randint(0, 3, (B,))
+            index = torch.randint(0, 3, (B,), device=device)
         inputs = [q, k, v, pk, pv]
         with torch.no_grad():
             plain = pf.prefix_attention(*inputs, prefix_index=index, backend=backend)
@@ -79,7 +81,7 @@ def test_empty_prefix_or_batch_on_every_backend(tmp_path, backend, shape):
     rows there, with a prefix)."""
     path = tmp_path / "results.pt"
     dims = _merged_shapes()[shape]
-    done = subprocess.run([sys.executable, "-c", _CHILD, backend, str(path),
+    done = subprocess.run([sys.executable, "-c", _CHILD, backend, str(path), DEVICE,
                            *map(str, dims), *PREFIX_LAYOUTS],
                           capture_output=True, text=True, timeout=600)
     died = f" ({signal.Signals(-done.returncode).name})" if done.returncode < 0 else ""
