@@ -186,11 +186,19 @@ def _dkdv_kernel(
     key_pos = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = (key_pos < key_len)[:, None] & (offs_d < head_dim)[None, :]
+    if HAS_MASK:
+        key_visible = tl.load(Mask + batch * stride_mask_b + key_pos * stride_mask_l,
+                              mask=key_pos < key_len, other=0) != 0
+    else:
+        key_visible = key_pos < key_len
     keys = key_pos[:, None].to(tl.int64)
+    # A padded key is never read (zeros, as one past the end): NaN or inf there (0 * NaN in
+    # dO V^T) must not reach a gradient; its dk, dv are stored as zeros.
+    read_mask = key_visible[:, None] & (offs_d < head_dim)[None, :]
     k = tl.load(K + batch * stride_k_b + kv_head.to(tl.int64) * stride_k_h + keys * stride_k_l
-                + offs_d[None, :], mask=tile_mask, other=0.0)
+                + offs_d[None, :], mask=read_mask, other=0.0)
     v = tl.load(V + batch * stride_v_b + kv_head.to(tl.int64) * stride_v_h + keys * stride_v_l
-                + offs_d[None, :], mask=tile_mask, other=0.0)
+                + offs_d[None, :], mask=read_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if HAS_DROPOUT:
@@ -203,12 +211,9 @@ def _dkdv_kernel(
     key_shift = key_len - q_len
     key_start = key_block * BLOCK_N
     if HAS_MASK:
-        key_visible = tl.load(Mask + batch * stride_mask_b + key_pos * stride_mask_l,
-                              mask=key_pos < key_len, other=0) != 0
         # A fully padded key block has zero gradients: skip its queries altogether.
         end = tl.where(tl.max(key_visible.to(tl.int32), 0) > 0, q_len, 0)
     else:
-        key_visible = key_pos < key_len
         end = q_len
     seg_start = SegStart + batch * stride_seg_b
     seg_end = SegEnd + batch * stride_seg_b

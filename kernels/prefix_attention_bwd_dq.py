@@ -62,6 +62,10 @@ def _dq_blocks(
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < key_len
+        if HAS_MASK:
+            # A padded key is never read, as one past the end: NaN or inf there (0 * NaN in
+            # dS K and dO V^T) must not reach dq.
+            key_ok = key_ok & (tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0) != 0)
         t_mask = d_ok[:, None] & key_ok[None, :]
         cols = keys[None, :].to(tl.int64)
         kt = tl.load(K + cols * stride_k_l + offs_d[:, None], mask=t_mask, other=0.0)
@@ -72,16 +76,14 @@ def _dq_blocks(
             s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
         # Hidden keys go to -inf before exp2: with large logits s - LSE could overflow there.
-        if CHECK_KEYS:
-            visible = key_ok[None, :]
-            if CHECK_HI:
-                visible = visible & (keys[None, :] <= key_hi[:, None])
-            if CHECK_LO:
-                visible = visible & (keys[None, :] >= key_lo[:, None])
+        if CHECK_KEYS or HAS_MASK:
+            visible = key_ok[None, :]               # padding too, with HAS_MASK
+            if CHECK_KEYS:
+                if CHECK_HI:
+                    visible = visible & (keys[None, :] <= key_hi[:, None])
+                if CHECK_LO:
+                    visible = visible & (keys[None, :] >= key_lo[:, None])
             s = tl.where(visible, s, float("-inf"))
-        if HAS_MASK:
-            pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
-            s = tl.where((pad != 0)[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:

@@ -123,6 +123,10 @@ def _decode_blocks(
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < key_len
+        if HAS_MASK:
+            # A padded key is never read, as one past the end: NaN or inf there (0 * NaN in
+            # p V) must not reach the output.
+            key_ok = key_ok & (tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0) != 0)
         # Each operand loaded in the orientation its dot takes (a tl.trans of a loaded tile
         # cost ptxas registers: sm_80 V^T loaded to registers, not through cp.async).
         kv_mask = key_ok[:, None] & d_ok[None, :]
@@ -139,9 +143,6 @@ def _decode_blocks(
         visible = key_ok[None, :]
         if IS_CAUSAL:
             visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
-        if HAS_MASK:
-            pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
-            visible = visible & (pad != 0)[None, :]
         s = tl.where(visible, s, float("-inf"))
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         if KEYS_MAJOR:

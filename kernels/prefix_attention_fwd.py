@@ -122,7 +122,11 @@ def _attend_blocks(
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < key_len
-        if CHECK_KEYS:
+        if HAS_MASK:
+            # A padded key is never read, as one past the end: NaN or inf there (0 * NaN in
+            # p V) must not reach the output.
+            key_ok = key_ok & (tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0) != 0)
+        if CHECK_KEYS or HAS_MASK:
             kt_mask = d_ok[:, None] & key_ok[None, :]
             v_mask = key_ok[:, None] & d_ok[None, :]
         else:
@@ -130,7 +134,8 @@ def _attend_blocks(
             v_mask = d_ok[None, :]
         if USE_TMA:
             # The descriptor's bounds give the zeros a masked load would (keys >= key_len,
-            # columns >= head_dim).
+            # columns >= head_dim); padded keys are hidden from the logits below, their
+            # values zeroed after the load.
             kt = tl.trans(K.load([start_n, 0]))
         else:
             kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
@@ -141,17 +146,12 @@ def _attend_blocks(
             s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
         if CHECK_KEYS or HAS_MASK:
+            visible = key_ok[None, :]
             if CHECK_KEYS:
-                visible = key_ok[None, :]
                 if CHECK_HI:
                     visible = visible & (keys[None, :] <= key_hi[:, None])
                 if CHECK_LO:
                     visible = visible & (keys[None, :] >= key_lo[:, None])
-            else:
-                visible = keys[None, :] >= 0
-            if HAS_MASK:
-                pad = tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0)
-                visible = visible & (pad != 0)[None, :]
             s = tl.where(visible, s, float("-inf"))
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         if HAS_DROPOUT:
@@ -159,6 +159,8 @@ def _attend_blocks(
             p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         if USE_TMA:
             v = V.load([start_n, 0])
+            if HAS_MASK:
+                v = tl.where(key_ok[:, None], v, 0.0)
         else:
             v = tl.load(V + keys[:, None].to(tl.int64) * stride_v_l + offs_d[None, :],
                         mask=v_mask, other=0.0)

@@ -133,6 +133,11 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     masking is bottom-right aligned. Returns (B, Hq, Lq, D) in q's dtype. Semantics: see
     docs/design.md and `ptuning_fast.reference.prefix_attention`.
 
+    Degenerate rows, on every backend (FlashAttention's rules): a query that sees no key (every
+    key masked without a prefix, or a `bias` of -inf on each key it could see) outputs zeros
+    and passes zero gradient, never NaN. Keys that `attention_mask` hides are never read: NaN
+    or inf in k or v there changes neither the output nor any gradient (their dk, dv are 0).
+
     dropout_p in [0, 1): attention-probability dropout, as torch's SDPA / FlashAttention (each
     probability, prefix and sequence columns alike, kept with probability 1 - p and scaled by
     1 / (1 - p)). dropout_seed (int) fixes the mask; None draws one from torch's generator on

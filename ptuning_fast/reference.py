@@ -97,7 +97,9 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Hkv, P, D) shared, (B, Hkv, P, D) per row,
     or (T, Hkv, P, D) with prefix_index (B,). Returns (B, Hq, Lq, D) in q's dtype (float64 with
-    `upcast`). A query row with no visible key returns zeros (and passes zero gradient).
+    `upcast`). A query row with no visible key (hidden by the mask, causality, the window, or
+    a -inf bias on each) returns zeros (and passes zero gradient). Keys that
+    `attention_mask` hides are never read: NaN or inf there changes nothing.
     Scores are computed in the inputs' dtype and softmax in float32, as transformers' eager
     attention does. `backend` is accepted for signature parity and ignored.
 
@@ -131,6 +133,11 @@ def attend(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
     P = 0
+    if attention_mask is not None:
+        # Padding is never read, as FlashAttention removes it before attending: whatever k and
+        # v hold there (NaN, inf) reaches neither the output (0 * NaN is NaN) nor a gradient.
+        kept = attention_mask.bool().view(B, 1, Lk, 1)
+        k, v = k.masked_fill(~kept, 0), v.masked_fill(~kept, 0)
     if prefix_k is not None and prefix_k.shape[-2] > 0:
         P = prefix_k.shape[-2]
         k = torch.cat([_per_row_prefix(prefix_k, prefix_index, B), k], dim=2)
@@ -150,6 +157,10 @@ def attend(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask
     allowed = visible_keys(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
                            device=q.device, window_size=window_size,
                            prefix_in_window=prefix_in_window, segments=segments)
+    # A key whose logit is -inf (a bias hiding it) is hidden too, so a row that a bias hides
+    # entirely sees no key (zeros, as FlashAttention gives a row of -inf logits). A NaN logit
+    # stays visible: it makes its row NaN.
+    allowed = allowed & (scores != float("-inf"))
     any_visible = allowed.any(dim=-1, keepdim=True)
     # Masked keys get -inf; a row with no visible key gets finite zeros instead (softmax of an
     # all -inf row is NaN, and NaN * 0 would still poison the backward), then is zeroed below.

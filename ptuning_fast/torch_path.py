@@ -155,35 +155,59 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
         if attention_mask is not None:
             attention_mask = attention_mask[:, drop_s:]
         P, Lk = P - drop_p, Lk - drop_s
-    if _merged_applies(q, k, v, prefix_k, prefix_v, causal, window_size, segments, bias,
-                       softcap, sinks, dropout_p):
-        return _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale)
-    if P:
-        k = torch.cat([_per_row(prefix_k, prefix_index, B), k], dim=2)
-        v = torch.cat([_per_row(prefix_v, prefix_index, B), v], dim=2)
-    mask = visible_mask(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
-                        device=q.device, window_size=window_size,
-                        prefix_in_window=prefix_in_window, segments=segments)
-    any_visible = None
-    if mask is not None and (P == 0 or window_size[0] >= 0 and prefix_in_window):
-        # A query may see no key at all (the prefix is hidden only by a window over it): give
-        # it every key (finite softmax, no NaN forward or backward) and zero its output, which
-        # also zeroes its gradients — the reference's zeros.
-        any_visible = mask.any(dim=-1, keepdim=True)
-        mask = mask | ~any_visible
-    if bias is not None:
-        # One additive float mask: the bias where visible, -inf where hidden.
-        bias = bias.to(q.dtype)
-        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
-    if softcap > 0 or sinks is not None or dropout_p > 0:
-        keep = dropout_mask if dropout_p > 0 else None
-        out = _explicit_attention(q, k, v, mask, scale, softcap=softcap, sinks=sinks,
-                                  dropout_p=dropout_p, keep=keep)
-    else:
-        out = _sdpa(q, k, v, mask, scale)
-    if any_visible is not None:
-        out = out * any_visible
-    return out
+
+    def attend(k, v):
+        if _merged_applies(q, k, v, prefix_k, prefix_v, causal, window_size, segments, bias,
+                           softcap, sinks, dropout_p):
+            return _merged(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale)
+        if P:
+            k = torch.cat([_per_row(prefix_k, prefix_index, B), k], dim=2)
+            v = torch.cat([_per_row(prefix_v, prefix_index, B), v], dim=2)
+        mask = visible_mask(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
+                            device=q.device, window_size=window_size,
+                            prefix_in_window=prefix_in_window, segments=segments)
+        any_visible = None
+        if mask is not None and (P == 0 or window_size[0] >= 0 and prefix_in_window):
+            # A query may see no key at all (the prefix is hidden only by a window over it):
+            # give it every key (finite softmax, no NaN forward or backward) and zero its
+            # output, which also zeroes its gradients — the reference's zeros.
+            any_visible = mask.any(dim=-1, keepdim=True)
+            mask = mask | ~any_visible
+        if bias is not None:
+            # One additive float mask: the bias where visible, -inf where hidden.
+            mask = bias.to(q.dtype) if mask is None else torch.where(mask, bias.to(q.dtype),
+                                                                     float("-inf"))
+            # A bias of -inf on every key a query sees hides them all: the same zeros (the
+            # explicit path's softmax of a row of -inf would be NaN).
+            seen = (mask != float("-inf")).any(dim=-1, keepdim=True)
+            mask = mask.masked_fill(~seen, 0.0)
+            any_visible = seen if any_visible is None else any_visible & seen
+        if softcap > 0 or sinks is not None or dropout_p > 0:
+            keep = dropout_mask if dropout_p > 0 else None
+            out = _explicit_attention(q, k, v, mask, scale, softcap=softcap, sinks=sinks,
+                                      dropout_p=dropout_p, keep=keep)
+        else:
+            out = _sdpa(q, k, v, mask, scale)
+        if any_visible is not None:
+            out = out * any_visible
+        return out
+
+    if attention_mask is None:
+        return attend(k, v)
+    # Padding is never read (the reference's rule), but SDPA adds its mask to the logits
+    # (NaN + -inf is NaN) and weighs the values by exact zeros (0 * NaN is NaN): padded keys
+    # that are not finite must be zeroed first. Without gradients on CPU the output tells:
+    # such a key makes it NaN, and nothing else it holds can change it (a decoding step's
+    # merged path exists to copy no cache). Elsewhere the check would wait for the device,
+    # break a compiled graph, or miss a NaN that only a gradient would meet: zeroed always.
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (q, k, v, prefix_k, prefix_v))):
+        out = attend(k, v)
+        if bool(torch.isfinite(out).all()):
+            return out
+    hidden = ~attention_mask.bool().view(B, 1, Lk, 1)
+    return attend(k.masked_fill(hidden, 0), v.masked_fill(hidden, 0))
 
 
 # On CPU, without gradients, the prefix and the sequence are attended separately and merged
@@ -202,11 +226,16 @@ def _merged_applies(q, k, v, prefix_k, prefix_v, causal, window_size, segments, 
                     sinks, dropout_p) -> bool:
     """CPU, a prefix, no gradient, nothing beside the padding mask (a window, bias, cap, sinks
     or dropout take the general path), not float64 (SDPA computes it exactly, the flash kernel
-    to ~1e-7); then a long cache for one query, or a long causal prefill (Lq == Lk)."""
+    to ~1e-7); then a long cache for one query, or a long causal prefill (Lq == Lk).
+
+    Never an empty tensor: `_merged` calls the CPU flash kernel itself, without SDPA's guard
+    for empty inputs, and that kernel divides by its numbers of queries and keys (SIGFPE, the
+    process dies) — so no P = 0 prefix, no Lk = 0, no B = 0."""
     B, Hkv, Lk, D = k.shape
     Lq = q.shape[2]
     if not (q.device.type == "cpu" and prefix_k is not None and q.dtype != torch.float64
-            and Lk > 0 and window_size[0] < 0 and segments is None and bias is None
+            and q.numel() and k.numel() and prefix_k.numel()
+            and window_size[0] < 0 and segments is None and bias is None
             and not softcap and sinks is None and not dropout_p
             and not (torch.is_grad_enabled()
                      and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)))):

@@ -9,6 +9,7 @@ import torch
 import ptuning_fast as pf
 from conftest import assert_close
 from models import batch, tiny_llama
+from test_integration_terms import WINDOW, tiny_terms
 from tiny_tokenizer import tiny_tokenizer
 
 peft = pytest.importorskip("peft")
@@ -65,6 +66,46 @@ def test_prefix_from_text_is_the_prefill_cache(tmp_path):
         full = fresh(input_ids=torch.cat([text_ids, ids], 1)).logits[:, 5:]
         ours = mine(input_ids=ids).logits
     assert_close(ours, full, torch.float32, name="logits after the text")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+@pytest.mark.parametrize("longer", [False, True], ids=["P<W", "P>=W"])
+def test_prefix_from_text_past_the_sliding_window(tmp_path, arch, longer):
+    """A text longer than the sliding window (every layer windowed: Mistral; sliding and full
+    layers: Gemma 3), with P below and at least the window: the prefix holds the text's first
+    P tokens, so the wrapped model continues them as the base model does. (A sliding cache
+    keeps only the last W - 1 tokens: the prefix took those, silently, as PEFT's does.)"""
+    tokenizer = tiny_tokenizer(tmp_path)
+    text_ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    assert text_ids.shape[1] > WINDOW
+    P = WINDOW + 2 if longer else WINDOW - 2
+    base = tiny_terms(arch)
+    fresh = copy.deepcopy(base)
+    mine = pf.wrap(base, pf.PrefixTuningConfig(num_virtual_tokens=P), backend="reference")
+    pf.initialize_kv_prefix_from_text(mine, tokenizer, text=TEXT)
+    ids = torch.randint(3, 97, (1, 6))
+    with torch.no_grad():
+        full = fresh(input_ids=torch.cat([text_ids[:, :P], ids], 1)).logits[:, P:]
+        ours = mine(input_ids=ids).logits
+    assert_close(ours, full, torch.float32, name="logits after the text")
+
+
+def test_prefix_from_a_cache_that_slid_is_refused(tmp_path):
+    """A cache whose sliding layers dropped the text's first tokens is refused by name, with
+    what it kept and the window, never loaded."""
+    tokenizer = tiny_tokenizer(tmp_path)
+    text_ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    base = tiny_terms("mistral")
+    mine = pf.wrap(copy.deepcopy(base), pf.PrefixTuningConfig(3), backend="reference")
+    before = mine.prompt_encoder.embedding.weight.detach().clone()
+    with torch.no_grad():
+        out = base(input_ids=text_ids, use_cache=True)
+    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    kept, given = WINDOW - 1, text_ids.shape[1]
+    with pytest.raises(ValueError, match=rf"`past_key_values` layer 0 kept the last {kept} of "
+                                         rf"the {given} tokens .*sliding window of {WINDOW}"):
+        pf.initialize_kv_prefix_from_past_key_values(mine, past_key_values=cache)
+    torch.testing.assert_close(mine.prompt_encoder.embedding.weight, before, rtol=0, atol=0)
 
 
 def test_prefix_from_text_per_task_and_errors(tmp_path):

@@ -183,6 +183,9 @@ def test_merged_only_for_long_caches_and_prefills_on_cpu():
         applies = torch_path._merged_applies
         assert not applies(q, k, v, pk, pv, *rest)                       # 2.6k cached elements
         assert applies(q, long, long, pk, pv, *rest)
+        # Never an empty tensor: the flash kernel it calls divides by the key and query counts.
+        assert not applies(q, long, long, pk[:, :0], pv[:, :0], *rest)       # P = 0
+        assert not applies(q[:0], long[:0], long[:0], pk, pv, *rest)         # B = 0
         assert not applies(q.double(), long.double(), long.double(), pk.double(), pv.double(),
                            *rest)
         assert not applies(q, long, long, pk, pv, True, (8, 0), None, None, 0.0, None, 0.0)

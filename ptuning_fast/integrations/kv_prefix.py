@@ -5,16 +5,32 @@ result as PEFT's functions, so a script swaps `peft.` for `ptuning_fast.`.
 
 The cached keys carry the rotary positions 0 .. P - 1 of the prefill, and the real tokens then
 start at position P: exactly the positions PEFT gives them.
+
+A sliding-window cache layer keeps only the last W - 1 tokens of a prefill: from a text at least
+W tokens long its first positions are the wrong tokens (PEFT loads them silently). The text's
+prefill here keeps every token; a given cache that lost its first tokens is refused.
 """
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from .cache_prefix import cache_argument
 
 
 def _layers_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(key, value) per layer, each (batch, kv heads, length, head dim), from a transformers
     cache object (its `layers`), a legacy tuple of pairs, or anything iterating over pairs."""
     if hasattr(cache, "layers"):
+        for i, layer in enumerate(cache.layers):
+            seen = getattr(layer, "cumulative_length", None)
+            if isinstance(seen, int) and layer.keys is not None and layer.keys.shape[2] < seen:
+                raise ValueError(
+                    f"`past_key_values` layer {i} kept the last {layer.keys.shape[2]} of the "
+                    f"{seen} tokens it was given (a sliding window of "
+                    f"{getattr(layer, 'sliding_window', '?')}): its first positions are not the "
+                    f"text's first tokens. Prefill with a cache that keeps every token "
+                    f"(transformers.DynamicCache() without a config)")
         return [(layer.keys, layer.values) for layer in cache.layers]
     if hasattr(cache, "to_legacy_cache"):
         cache = cache.to_legacy_cache()
@@ -103,10 +119,22 @@ def initialize_kv_prefix_from_text(model, tokenizer, *, text: str, adapter_name=
     else:
         input_ids = plain()
     input_ids = input_ids.to(model.prompt_encoder.embedding.weight.device)
+    base = model.base_model
     with model.disable_adapter():
-        out = model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                               use_cache=True)
+        out = base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                   use_cache=True, **{cache_argument(base): _keeping_every_token(base)})
     cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
     return initialize_kv_prefix_from_past_key_values(
         model, past_key_values=cache, adapter_name=adapter_name,
         num_virtual_tokens=num_virtual_tokens, task_id=task_id)
+
+
+def _keeping_every_token(base_model) -> DynamicCache:
+    """The cache `base_model` builds for itself, except that its sliding-window (and chunked)
+    layers keep every token: the prefix takes the text's first tokens, which such a layer drops
+    once the text reaches its window. The attention stays windowed (transformers builds the
+    masks from the config, not from the cache), so the cached keys and values are the same."""
+    cache = DynamicCache(config=base_model.config)
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
+    return cache
