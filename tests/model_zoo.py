@@ -196,7 +196,8 @@ in the model's own KV cache): logits, loss and every trainable gradient, on a ba
 - **same, PEFT's way**: equal to PEFT's function by taking PEFT's own way (the prefix through the
   model's KV cache and its own attention; the prompt concatenated): `wrap` warns that the type's
   fast path is not verified.
-- **refused**: `wrap` raises an error naming the model class and the reason.
+- **refused**: `wrap` (or, where marked, the first forward) raises an error naming the model class
+  and the reason.
 - **no function**: PEFT's algorithm itself fails on this model (the error is given), and so does
   `wrap`'s model: there is no function to compute.
 - **not built here**: the sweep could not build a tiny model of this type from its config's

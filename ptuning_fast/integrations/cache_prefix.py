@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
-from .support import ones_in_front, refuse_attention_in_cache_model
+from .support import ones_in_front, refuse_attention_in_cache_model, text_config
 
 
 class PrefixedCache(Cache):
@@ -197,7 +197,8 @@ def forward(model, binding, input_ids, attention_mask, inputs_embeds, position_i
             f"{type(base).__name__}: a KV cache in a training forward under gradient "
             "checkpointing is not supported (the recomputed layers would write it twice)")
     use_cache = kwargs.get("use_cache")
-    use_cache = base.config.use_cache if use_cache is None else use_cache
+    if use_cache is None:   # multimodal configs keep it in their text config
+        use_cache = getattr(text_config(base), "use_cache", False)
     inner = user_cache
     if inner is None and use_cache and not checkpointed:
         inner = DynamicCache(config=base.config)

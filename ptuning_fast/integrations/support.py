@@ -128,6 +128,8 @@ def numbers_positions_from_mask(model: nn.Module) -> bool:
 # `cache.update`: their prefix goes through the cache (integrations/cache_prefix.py), the model's
 # own attention computes. Each is tested against PEFT (tests/test_falcon_prefix.py).
 PREFIX_IN_CACHE_MODEL_TYPES = ("falcon",)
+# Cache layers that hold only keys and values, where a prefix can stand in front.
+_KEY_VALUE_CACHE_LAYERS = frozenset({"DynamicLayer", "DynamicSlidingWindowLayer"})
 # Their attention implementations that call `cache.update` and take the mask the model built
 # (Falcon's flash-attention class is not tested here).
 _PREFIX_IN_CACHE_ATTENTION = ("eager", "sdpa")
@@ -182,6 +184,16 @@ def refuse_prefix_in_cache(model: nn.Module) -> None:
             "is no PEFT function to match. Supported: new_decoder_architecture=True "
             "(Falcon-40B/180B, Falcon 2) and multi_query=False (Falcon-RW, ALiBi). Prompt "
             "Tuning and P-Tuning work on it")
+    from transformers.cache_utils import DynamicCache
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    others = sorted(kinds - _KEY_VALUE_CACHE_LAYERS)
+    if others:
+        raise NotImplementedError(
+            f"{type(model).__name__}: prefix tuning on this model is not supported: its prefix "
+            f"would go through its KV cache (its fast path is not verified), and that cache "
+            f"keeps state besides keys and values ({', '.join(others)} layers: linear attention "
+            "or SSM), which a prefix of keys and values cannot give. Prompt Tuning and "
+            "P-Tuning work on it")
     params = inspect.signature(model.forward).parameters
     if "cache" not in params and "past_key_values" not in params:
         raise NotImplementedError(
