@@ -1,9 +1,11 @@
 """Every model type with a causal-LM head in the installed transformers computes PEFT's function
 under `wrap` (fast where verified, PEFT's own way elsewhere) or is refused by name: never a
 silent difference. docs/model_zoo.md records each row (tests/model_zoo.py)."""
+import copy
+
 import pytest
 
-from model_zoo import causal_lm_types, check_type, documented_rows, markdown_row
+from model_zoo import causal_lm_types, check, check_type, documented_rows, markdown_row
 
 TYPES = causal_lm_types()
 
@@ -29,3 +31,22 @@ def test_the_zoo_is_large(documented):
     assert set(documented) == set(TYPES)
     checked = [t for t, row in documented.items() if "not built here" not in row]
     assert len(checked) >= 100, len(checked)
+
+
+def test_multi_head_latent_attention_is_refused_by_name(one_torch_thread):
+    """DeepSeek-V3 (MLA, which the generic builder cannot shrink): prompt methods equal PEFT's
+    algorithm; its layers cache one latent head, not the query heads' keys, so a prefix of
+    keys and values has no function (PEFT's forward fails: "Sizes of tensors must match"), and
+    ours names the model instead of failing inside the op."""
+    import transformers
+    config = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=2,
+        num_experts_per_tok=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
+    config._attn_implementation = "eager"
+    base = transformers.DeepseekV3ForCausalLM(config).eval()
+    assert check(copy.deepcopy(base), "prompt")[0] == "equal"
+    outcome, detail = check(copy.deepcopy(base), "prefix")
+    assert outcome == "refused" and "DeepseekV3ForCausalLM" in detail, (outcome, detail)
