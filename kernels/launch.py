@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,20 +16,34 @@ import torch
 _defined_interpreted: bool | None = None
 
 
+def _interpreter_now() -> bool:
+    """What Triton would decorate a kernel as now: TRITON_INTERPRET=1, unless Triton's own
+    library (tl.cdiv, ...) was already decorated for a GPU when triton was first imported
+    (transformers' model classes import it, through torch._dynamo): kernels calling it cannot
+    be interpreted then, whatever the variable says."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(language.cdiv, InterpretedFunction)
+
+
 def define_kernels() -> None:
     """Called by each kernel module before its first @triton.jit: records the mode Triton
     decorates in."""
     global _defined_interpreted
     if _defined_interpreted is None:
-        _defined_interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        _defined_interpreted = _interpreter_now()
 
 
 def interpreting() -> bool:
-    """True when the kernels run in Triton's interpreter: TRITON_INTERPRET=1 until the first
-    kernel module is imported, the mode they were decorated in from then on."""
+    """True when the kernels run in Triton's interpreter: the mode they were decorated in once
+    a kernel module was imported; before, the mode they would be decorated in now."""
     if _defined_interpreted is not None:
         return _defined_interpreted
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _interpreter_now()
 
 
 def on_device(device: torch.device):

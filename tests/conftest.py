@@ -39,11 +39,13 @@ TOLERANCES = {
 }
 
 
-def fp32_tolerances(on_gpu=HAS_CUDA, precision=None):
-    """The fp32 row for the dots the kernels compile now (`precision`: torch's fp32 matmul
-    precision, read at the call, as the launchers read it)."""
-    precision = precision or torch.get_float32_matmul_precision()
-    return FP32_TF32 if on_gpu and precision != "highest" else FP32_IEEE
+def fp32_tolerances(on_gpu=HAS_CUDA, dots=None):
+    """The fp32 row for the dots the kernels compile now (`dots`: "ieee" or "tf32", read at the
+    call as the launchers read it: torch's per-backend setting first, then the legacy one)."""
+    if dots is None:
+        from ptuning_fast.kernels.prefix_attention_fwd import fp32_matmul_precision
+        dots = fp32_matmul_precision()
+    return FP32_TF32 if on_gpu and dots == "tf32" else FP32_IEEE
 
 
 # GPU-only tests carry the `gpu` marker (declared in pyproject.toml), so `pytest -m gpu` selects

@@ -188,21 +188,25 @@ def test_dropout_keep_mask_on_a_plain_cpu_is_a_clear_error():
 @pytest.mark.skipif(DEVICE != "cpu", reason="a plain CPU: no CUDA device")
 def test_interpreter_set_after_import_until_the_first_kernel_call():
     """What the README says of TRITON_INTERPRET: set after `import ptuning_fast` it still
-    counts (the kernels are imported at their first call); set after a kernel module was
-    imported, Triton has decided, and the call is refused by name, not crashed inside Triton."""
+    counts (the kernels are imported at their first call, and ptuning_fast imports no Triton);
+    set after a kernel module was imported, or after Triton itself was (transformers' model
+    classes import it), Triton has decided, and the call is refused by name, not crashed
+    inside Triton."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    call = ("ids = torch.randint(0, 50, (2, 7)); w, p = torch.randn(50, 32), torch.randn(5, 32)\n"
-            "out = pf.prompt_embedding(ids, w, p, backend='triton')\n"
-            "assert torch.equal(out, pf.reference.prompt_embedding(ids, w, p))\nprint('ran')\n")
+    call = ("q = torch.randn(2, 4, 9, 16); k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)\n"
+            "out = pf.prefix_attention(q, k, v, backend='triton')\n"
+            "assert (out - pf.reference.prefix_attention(q, k, v)).abs().max() < 1e-5\n"
+            "print('ran')\n")
     late = "import os, torch, ptuning_fast as pf\nos.environ['TRITON_INTERPRET'] = '1'\n" + call
     proc = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
-    too_late = ("import os, torch, ptuning_fast as pf\n"
-                "import ptuning_fast.kernels.prompt_embedding\n"
-                "os.environ['TRITON_INTERPRET'] = '1'\n" + call)
-    proc = subprocess.run([sys.executable, "-c", too_late], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode != 0 and "ValueError" in proc.stderr
-    assert "TRITON_INTERPRET=1" in proc.stderr and "active drivers" not in proc.stderr, \
-        proc.stderr[-2000:]
+    for first in ("import ptuning_fast.kernels.prefix_attention_fwd",
+                  "from transformers import LlamaForCausalLM"):
+        too_late = (f"import os, torch, ptuning_fast as pf\n{first}\n"
+                    "os.environ['TRITON_INTERPRET'] = '1'\n" + call)
+        proc = subprocess.run([sys.executable, "-c", too_late], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode != 0 and "ValueError" in proc.stderr, (first, proc.stderr[-2000:])
+        assert "TRITON_INTERPRET=1" in proc.stderr and "outside of the scope" not in \
+            proc.stderr and "active drivers" not in proc.stderr, (first, proc.stderr[-2000:])

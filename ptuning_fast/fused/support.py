@@ -37,8 +37,9 @@ def not_supported_reasons(op: str, tensors: dict, options: dict, *, auto: bool =
     device = next(iter(present.values())).device
     if not kernels_can_run(device):
         r.value(f"`backend`='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
-                f"set before the first Triton kernel call (ptuning_fast imports its kernels "
-                f"then, and Triton keeps the mode it decorated them in); got tensors on {device}")
+                f"set before Triton is first imported (transformers' model classes import it) "
+                f"and before the first kernel call: Triton keeps the mode it decorated its "
+                f"functions in; got tensors on {device}")
     elif auto and device.type != "cuda":
         r.value("'auto' does not pick Triton's interpreter (a testing tool, far slower than "
                 "PyTorch on CPU)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .cache_prefix import cache_argument
 
 
 def _layers_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -120,6 +119,9 @@ def initialize_kv_prefix_from_text(model, tokenizer, *, text: str, adapter_name=
         input_ids = plain()
     input_ids = input_ids.to(model.prompt_encoder.embedding.weight.device)
     base = model.base_model
+    # Imported here: cache_prefix imports transformers' model classes, which import Triton, and
+    # `import ptuning_fast` must not (TRITON_INTERPRET may still be set after it).
+    from .cache_prefix import cache_argument
     with model.disable_adapter():
         out = base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                    use_cache=True, **{cache_argument(base): _keeping_every_token(base)})
