@@ -78,3 +78,22 @@ def test_verify_runs_from(where, tmp_path):
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "ptuning_fast.cli"]
     out = _run([*command, "verify"], cwd)
     assert "all checks passed" in out
+
+
+def test_wheel_installs_kernels_as_ptuning_fast_kernels(tmp_path):
+    """A wheel carries kernels/ as ptuning_fast/kernels/ and no top-level `kernels`; installed
+    alone on the path, ptuning_fast.kernels imports from it and `kernels` stays Hugging Face's."""
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w",
+          str(tmp_path / "dist")], tmp_path, timeout=600)
+    wheel = next((tmp_path / "dist").glob("ptuning_fast-*.whl"))
+    import zipfile
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.split("/")[0] == "kernels"], names
+    assert "ptuning_fast/kernels/launch.py" in names
+    target = tmp_path / "site"
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+          str(wheel)], tmp_path)
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "import ptuning_fast.kernels.launch as ours\nprint(ours.__file__)\n")
+    out = _run([sys.executable, "-c", code, str(target)], tmp_path).split()
+    assert Path(out[-1]).resolve() == (target / "ptuning_fast" / "kernels" / "launch.py").resolve()
