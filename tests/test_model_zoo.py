@@ -50,3 +50,24 @@ def test_multi_head_latent_attention_is_refused_by_name(one_torch_thread):
     assert check(copy.deepcopy(base), "prompt")[0] == "equal"
     outcome, detail = check(copy.deepcopy(base), "prefix")
     assert outcome == "refused" and "DeepseekV3ForCausalLM" in detail, (outcome, detail)
+
+
+def test_linear_and_full_attention_hybrid(one_torch_thread):
+    """Qwen3-Next (linear-attention and full-attention layers, which the generic builder cannot
+    shrink): prompt methods equal PEFT's algorithm (the prompt concatenated: the shared prompt
+    pass would carry the attention layers' keys but not the linear layers' state); prefix
+    tuning is refused by name (its cache keeps linear-attention state a prefix cannot give)."""
+    import transformers
+    config = transformers.Qwen3NextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=2, num_experts_per_tok=1,
+        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
+    config._attn_implementation = "eager"
+    base = transformers.Qwen3NextForCausalLM(config).eval()
+    for method in ("prompt", "ptuning"):
+        assert check(copy.deepcopy(base), method)[0] == "equal", method
+    outcome, detail = check(copy.deepcopy(base), "prefix")
+    assert outcome == "refused" and "Qwen3NextForCausalLM" in detail, (outcome, detail)
