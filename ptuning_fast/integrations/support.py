@@ -61,11 +61,15 @@ def supports_shared_prompt(model: nn.Module, task_type: str) -> bool:
     prompt) whose every attention layer calls the registered function (which keeps the prompt's
     keys and values, then attends to them as a prefix), each layer with keys of its own (no
     `num_kv_shared_layers`)."""
+    return _shared_prompt_possible(model, task_type) \
+        and model_type_of(model) in SHARED_PROMPT_VERIFIED
+
+
+def _shared_prompt_possible(model: nn.Module, task_type: str) -> bool:
+    """What the shared pass needs of a model's structure, verified against PEFT or not."""
     if task_type != "CAUSAL_LM" or is_encoder_decoder(model):
         return False
     if not uses_attention_interface(model) or not hasattr(model, "set_attn_implementation"):
-        return False
-    if model_type_of(model) not in SHARED_PROMPT_VERIFIED:
         return False
     return not getattr(text_config(model), "num_kv_shared_layers", 0)
 
@@ -121,7 +125,7 @@ def ignored_in_front(labels, count: int):
 
 
 def numbers_positions_from_mask(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) in _POSITIONS_FROM_MASK
+    return model_type_of(model) in _POSITIONS_FROM_MASK
 
 
 # Models whose attention layers compute attention themselves but read every key through
@@ -150,8 +154,8 @@ def unverified_model(model: nn.Module, method: str, task_type: str, shared_promp
         way = ("its prefix goes through the model's own KV cache and attention, as PEFT's "
                "does: exact, without ptuning_fast's attention kernels")
     else:
-        if shared_prompt is False or task_type != "CAUSAL_LM" or is_encoder_decoder(model) \
-                or not uses_attention_interface(model) or model_type in SHARED_PROMPT_VERIFIED:
+        if shared_prompt is False or supports_shared_prompt(model, task_type) \
+                or not _shared_prompt_possible(model, task_type):
             return None
         way = "its prompt is concatenated in front of every row, as PEFT does (no shared pass)"
     return (f"{name}: model type {model_type!r} is not among those whose fast {method} path "
@@ -233,7 +237,7 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
                 f"hidden_size={hidden} (and fails): there is no PEFT function to match. "
                 "Prefix tuning works on it")
         return
-    model_type = getattr(base_model.config, "model_type", "")
+    model_type = model_type_of(base_model)
     if is_encoder_decoder(base_model) and model_type not in PREFIX_SEQ2SEQ_MODEL_TYPES:
         raise NotImplementedError(
             f"{name}: prefix tuning on this encoder-decoder model is not supported (only T5's "
