@@ -227,7 +227,12 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             f"generating model such as T5ForConditionalGeneration), not "
             f"{task_type_of(base_model)}")
     if method != "prefix_tuning":
-        embeddings = base_model.get_input_embeddings()
+        try:
+            embeddings = base_model.get_input_embeddings()
+        except NotImplementedError as err:    # CANINE: hashed characters, no embedding table
+            raise NotImplementedError(
+                f"{name}: Prompt Tuning and P-Tuning put the prompt in front of the word "
+                f"embeddings, and this model has no embedding table to take it ({err})") from None
         width = getattr(embeddings, "embedding_dim", None)
         hidden = getattr(text_config(base_model), "hidden_size", width)
         if width is not None and width != hidden:
