@@ -83,3 +83,20 @@ def test_linear_and_full_attention_hybrid(one_torch_thread):
         assert check(copy.deepcopy(base), method)[0] == "equal", method
     outcome, detail = check(copy.deepcopy(base), "prefix")
     assert outcome == "refused" and "Qwen3NextForCausalLM" in detail, (outcome, detail)
+
+
+def test_chunked_attention(one_torch_thread):
+    """Llama 4's chunked attention (chunks of 4 keys, shorter than the 3 virtual tokens + 6 ids
+    the sweep's batch spans): PEFT's chunks hide the prompt from later chunks, so all three
+    methods take PEFT's way and equal its algorithm."""
+    import transformers
+    config = transformers.Llama4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=4, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
+    config._attn_implementation = "eager"
+    base = transformers.Llama4ForCausalLM(config).eval()
+    for method in ("prompt", "ptuning", "prefix"):
+        outcome, detail = check(copy.deepcopy(base), method)
+        assert outcome == "equal" and detail.startswith("PEFT's way"), (method, outcome, detail)
