@@ -14,7 +14,7 @@ from conftest import assert_close
 from models import (VOCAB, MaterializedPrompt, batch, peft_generation_broken, peft_refusal_reason,
                     peft_refuses, peft_twin)
 from ptuning_fast import reference
-from ptuning_fast.integrations import attention
+from ptuning_fast.integrations import attention, generations
 from test_integration_peft import assert_same_training_step, peft_name
 
 pytest.importorskip("peft")
@@ -280,7 +280,7 @@ def test_t5_position_bias_over_the_prefix_equals_peft(stack, past):
     attention with the prefix as the first P entries of its cache, PEFT's layout."""
     from transformers import DynamicCache
     t5 = _t5()
-    attention.claim(t5)
+    generations.claim(t5)
     P, L, H, D = 3, 5, 4, 8
     prefix = torch.randn(2, 1, 2, H, P, D)       # (layers, tasks=1, k/v, H, P, D)
     hidden = torch.randn(2, L, 32)

@@ -22,7 +22,7 @@ from .. import ops
 from ..config import ModelDims, resolve_config
 from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
-from . import attention, seq2seq
+from . import attention, generations, seq2seq
 from . import shared_prompt as shared_pass
 from . import packed_inputs
 from .packed_inputs import packed_segments_of, refuse_packed
@@ -284,7 +284,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         for head in heads.values():
             for p in head.parameters():
                 p.requires_grad_(not config.inference_mode)    # PEFT: frozen for inference
-        attention.claim(base_model)
+        generations.claim(base_model)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -406,11 +406,11 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                                       position_ids, token_type_ids, kwargs)
         args = (input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                 token_type_ids)
-        if not attention.any_generation_open():       # training, compiled or not
+        if not generations.any_generation_open():       # training, compiled or not
             return self._forward(*args, **kwargs)
         # A forward call inside one of this model's generate() calls (a logits processor, ...)
         # brings its own prompt/prefix: the generation's step hook must not act on it too.
-        with attention.generating(self.base_model, None):
+        with generations.generating(self.base_model, None):
             return self._forward(*args, **kwargs)
 
     def _forward(self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
@@ -523,7 +523,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             return seq2seq.generate(self, args, task_ids, kwargs)
         pause_own_attention = contextlib.nullcontext()
         if self.is_prefix:
-            generation = attention.Generation(self._binding(task_ids), task_ids)
+            generation = generations.Generation(self._binding(task_ids), task_ids)
             step = self._prefix_step_hook
         elif shared:
             # The prompt's keys and values computed once per task, then generated from as a
@@ -531,13 +531,13 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             # the extra pass costs what it saves (a forward of P positions reads every weight,
             # like a decoding step) and the torch path's per-step prefix concatenation makes
             # decoding slower: 5% slower than the concatenation, bench/NOTES.md.
-            with attention.generating(self.base_model, None):
+            with generations.generating(self.base_model, None):
                 prefixes, _ = shared_pass.prompt_pass(self, kwargs.get("token_type_ids"))
-            generation = attention.Generation(self._binding(task_ids, prefixes=prefixes),
+            generation = generations.Generation(self._binding(task_ids, prefixes=prefixes),
                                               task_ids)
             step = self._shared_prompt_step_hook
         else:
-            generation = attention.Generation(None, task_ids)
+            generation = generations.Generation(None, task_ids)
             step = self._prompt_step_hook
             if self.uses_own_attention:
                 # The concatenation attends to no prefix: the base model's own attention
@@ -557,7 +557,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             hooks.append(self.base_model.register_forward_hook(
                 lambda module, args, output: unwrap_output(output)))
         try:
-            with attention.generating(self.base_model, generation), pause_own_attention:
+            with generations.generating(self.base_model, generation), pause_own_attention:
                 return self.base_model.generate(*args, **kwargs)
         finally:
             for hook in hooks:
@@ -567,7 +567,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     def _step_hook(step, generation, module, args, kwargs):
         # Every concurrent generate() of this base model (threads) registers a hook; each acts
         # only in the context where its own call is current.
-        if attention.current_generation(module) is not generation:
+        if generations.current_generation(module) is not generation:
             return None
         return step(generation, args, kwargs)
 
