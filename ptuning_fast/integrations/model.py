@@ -20,9 +20,8 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelDims, resolve_config
-from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
-from . import attention, generations, seq2seq
+from . import attention, checkpoint, generations, seq2seq
 from . import shared_prompt as shared_pass
 from . import packed_inputs
 from .packed_inputs import packed_segments_of, refuse_packed
@@ -30,47 +29,7 @@ from .peft_surface import BaseModelState, PeftSurfaceMixin
 from .support import (ignored_in_front, numbers_positions_from_mask, ones_in_front,
                       prefix_in_cache, refuse_unsupported, supports_shared_prompt, task_type_of,
                       unverified_model)
-
-_HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
-
-
-# The heads a task type may train and a checkpoint may hold (PEFT's modules_to_save defaults):
-# never the transformer itself, its embeddings or a causal LM's output projection.
-HEADS_BY_TASK = {"SEQ_CLS": _HEAD_NAMES, "TOKEN_CLS": _HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
-
-
-def heads_to_train(config, given, base_model, task_type: str) -> list[str]:
-    """`given` (wrap's modules_to_save) or the task's default heads, plus the config's
-    `modules_to_save` as PEFT adds them; PEFT's default names ("classifier", "score") that the
-    model lacks are skipped, as PEFT skips them."""
-    children = [n for n, _ in base_model.named_children()]
-    names = list(given) if given is not None \
-        else [n for n in children if n in HEADS_BY_TASK.get(task_type, ())]
-    return names + [n for n in (config.modules_to_save or []) if n not in names
-                    and (n in children or n not in _HEAD_NAMES)]
-
-
-def check_wrappable(base_model) -> None:
-    """What `PTuningModel` refuses before touching anything: a model that is already wrapped,
-    and models whose attention or inputs it cannot handle."""
-    if isinstance(base_model, PTuningModel):
-        raise TypeError(
-            "wrap() got a PTuningModel: wrapping a wrapped model would silently drop the outer "
-            "prompt/prefix. Wrap the base model once (model.base_model is the unwrapped one)")
-    if any(c.__name__ == "PeftModel" for c in type(base_model).__mro__):
-        raise TypeError(f"wrap() got a PEFT model ({type(base_model).__name__}); expected a "
-                        "plain transformers model (PeftModel.get_base_model() gives it)")
-    if not isinstance(base_model, nn.Module) or not hasattr(base_model, "config"):
-        raise TypeError(f"wrap() expects a transformers model (an nn.Module with a `config`), "
-                        f"got {type(base_model).__name__}")
-
-
-def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer=None):
-    if config.method == "prefix_tuning":
-        return PrefixEncoder.from_config(config, dims)
-    if config.method == "p_tuning":
-        return PromptEncoder.from_config(config, dims)
-    return PromptEmbedding.from_config(config, dims, word_embeddings, tokenizer)
+from .wrapping import HEADS_BY_TASK, build_prompt_module, check_wrappable, heads_to_train
 
 
 def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -215,7 +174,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         super().__init__()
         # Everything is checked and built before the caller's model is touched: a refused wrap
         # leaves it as it was (parameters' requires_grad, attention implementation).
-        check_wrappable(base_model)
+        check_wrappable(base_model, PTuningModel)
         if backend not in ops.BACKENDS:
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
@@ -656,7 +615,6 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         `overwrite=True`. Under torch.distributed only rank 0 writes (`is_main_process`
         overrides); a model sharded with FSDP2 (`fully_shard`) is gathered first, so there
         every rank must call it. Other keyword arguments (PEFT's) are accepted and ignored."""
-        from . import checkpoint
         checkpoint.save(self, save_directory, full_state=full_state, overwrite=overwrite,
                         is_main_process=is_main_process)
 
@@ -664,7 +622,6 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     def from_pretrained(cls, base_model, model_id, backend: str = "auto", *,
                         is_trainable: bool = False, **kwargs) -> "PTuningModel":
         """Loads a directory written by `save_pretrained` or by PEFT."""
-        from . import checkpoint
         return checkpoint.load(cls, base_model, model_id, backend=backend,
                                is_trainable=is_trainable, **kwargs)
 
