@@ -26,7 +26,7 @@ WINDOW = 5
 ARCHS = ("mistral", "gemma2", "gemma3", "gpt_oss")
 CONFIGS = {
     "prefix": lambda: pf.PrefixTuningConfig(3),
-    "prefix_proj": lambda: pf.PrefixTuningConfig(4, projection=True, encoder_hidden_size=24),
+    "prefix_proj": lambda: pf.PrefixTuningConfig(4, prefix_projection=True, encoder_hidden_size=24),
     "prompt": lambda: pf.PromptTuningConfig(3),
     "ptuning": lambda: pf.PTuningConfig(3, encoder_hidden_size=20),
 }
