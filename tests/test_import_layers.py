@@ -63,10 +63,9 @@ def _imports(modules: dict) -> dict[str, set[str]]:
     return graph
 
 
-def _circles(graph: dict[str, set[str]], within: str = "") -> list[list[str]]:
-    """One circle (a path back to its start) per strongly connected group of the modules whose
-    name starts with `within`."""
-    nodes = {n for n in graph if n.startswith(within)}
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle (a path back to its start) per strongly connected group of modules."""
+    nodes = set(graph)
     edges = {n: sorted(t for t in graph[n] if t in nodes) for n in nodes}
     order, low, stack, on_stack, groups = {}, {}, [], set(), []
 
@@ -143,15 +142,8 @@ def test_the_circle_finder_names_a_circle():
     assert _circles(graph) == [["a", "b", "c", "a"]]
 
 
-def test_no_import_circles_outside_kernels():
-    _refuse([c for c in _circles(GRAPH) if not c[0].startswith("ptuning_fast.kernels.")])
-
-
-@pytest.mark.xfail(strict=True, reason="kernels/prefix_attention_fwd.py and "
-                   "kernels/attention_terms.py import each other; the kernels split of issue 23 "
-                   "(branch issue-23k) removes that circle")
-def test_no_import_circles_in_kernels():
-    _refuse(_circles(GRAPH, "ptuning_fast.kernels."))
+def test_no_import_circles():
+    _refuse(_circles(GRAPH))
 
 
 def test_each_layer_imports_only_the_layers_below_it():

@@ -25,8 +25,8 @@ from ..validation import check_index_range
 from . import attention, checkpoint, generations
 from .modes import pick_mode
 from .peft_surface import BaseModelState, PeftSurfaceMixin
-from .support import (numbers_positions_from_mask, ones_in_front, refuse_unsupported,
-                      task_type_of, unverified_model)
+from .support import (numbers_positions_from_mask, ones_in_front, refuse_unsliceable_prefix,
+                      refuse_unsupported, task_type_of, unverified_model)
 from .wrapping import HEADS_BY_TASK, build_prompt_module, check_wrappable, heads_to_train
 
 
@@ -126,6 +126,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             raise ValueError(f"{type(base_model).__name__}: {err}") from None
         task_type = task_type_of(base_model)
         config.check_model(dims, task_type)
+        refuse_unsliceable_prefix(base_model, config, dims)
         modules_to_save = heads_to_train(config, modules_to_save, base_model, task_type)
         heads = {name: _submodule(base_model, name, "modules_to_save") for name in modules_to_save}
         allowed = HEADS_BY_TASK.get(task_type, ())
