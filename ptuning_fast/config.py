@@ -1,7 +1,7 @@
 """Configurations of the three soft-prompt methods, and their mapping to and from PEFT's configs.
 
 Each config has the fields of PEFT's class of the same method, with PEFT's names and defaults
-(our older short names are aliases), so a PEFT user's keyword arguments build the same model.
+(one name per field: PEFT's), so a PEFT user's keyword arguments build the same model.
 The model-dependent sizes (layers, heads, head dim) are read from the transformers model at wrap
 time by `ModelDims`, as PEFT's `_prepare_prompt_learning_config` does when they are None, so one
 config can be applied to any model; given, they are checked against it.
@@ -9,17 +9,36 @@ config can be applied to any model; given, they are checked against it.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import enum
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-PROMPT_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT", "LABELS")
+
+class TaskType(str, enum.Enum):
+    """PEFT's `TaskType` (same names and values). A config's `task_type` takes these or their
+    strings, in any case; None: inferred from the model at wrap time."""
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PromptTuningInit(str, enum.Enum):
+    """PEFT's `PromptTuningInit` (RANDOM, SAMPLE_VOCAB, TEXT) and ours, LABELS (see
+    `PromptTuningConfig`)."""
+    RANDOM = "RANDOM"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    TEXT = "TEXT"
+    LABELS = "LABELS"
+
+
+PROMPT_INITS = tuple(init.value for init in PromptTuningInit)
 ENCODERS = ("MLP", "LSTM")
 PREFIX_INITS = (None, "zero")
-# PEFT's TaskType values; None: inferred from the model at wrap time.
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
-              "FEATURE_EXTRACTION")
+TASK_TYPES = tuple(task.value for task in TaskType)
 
 
 def _is_int(value) -> bool:
@@ -144,49 +163,6 @@ class _PromptLearningConfig:
                              "leave these None to read them from the model")
 
 
-def _aliases(**aliases: str):
-    """Our short field names (`init`, `encoder`, ...) as aliases of PEFT's: accepted by the
-    constructor and readable/settable as attributes. Giving an alias and its PEFT name with
-    different values is a ValueError."""
-    def decorate(cls):
-        generated = cls.__init__
-
-        @functools.wraps(generated)
-        def __init__(self, *args, **kwargs):
-            for alias, name in aliases.items():
-                if alias not in kwargs:
-                    continue
-                value = kwargs.pop(alias)
-                if name in kwargs and _upper(kwargs[name]) != _upper(value):
-                    raise ValueError(
-                        f"{cls.__name__}: `{alias}`={value!r} and `{name}`={kwargs[name]!r} "
-                        f"disagree; `{alias}` is a short alias of PEFT's `{name}`: give one")
-                kwargs.setdefault(name, value)
-            generated(self, *args, **kwargs)
-
-        cls.__init__ = __init__
-        for alias, name in aliases.items():
-            setattr(cls, alias, property(
-                functools.partial(_read_alias, name=name),
-                functools.partial(_write_alias, name=name),
-                doc=f"Alias of `{name}` (lower-case where that is a PEFT enum value)."))
-        return cls
-    return decorate
-
-
-def _read_alias(self, name):
-    value = getattr(self, name)
-    return value.lower() if name in _LOWER_ALIASES and isinstance(value, str) else value
-
-
-def _write_alias(self, value, name):
-    setattr(self, name, _upper(value) if name in _LOWER_ALIASES else value)
-
-
-_LOWER_ALIASES = ("prompt_tuning_init", "encoder_reparameterization_type")
-
-
-@_aliases(init="prompt_tuning_init", init_text="prompt_tuning_init_text")
 @dataclass
 class PromptTuningConfig(_PromptLearningConfig):
     """Prompt Tuning (Lester et al. 2021): P trainable vectors prepended to the input embeddings.
@@ -199,7 +175,7 @@ class PromptTuningConfig(_PromptLearningConfig):
     rows are sampled from the vocabulary, as in Lester et al.). PEFT's enum values and strings
     in any case are accepted. The text may also be token ids (a list of ints for "TEXT", a list of
     lists of ints for "LABELS"); strings need a tokenizer (passed to `wrap`, or
-    `tokenizer_name_or_path`, loaded with `tokenizer_kwargs`). Aliases: `init`, `init_text`.
+    `tokenizer_name_or_path`, loaded with `tokenizer_kwargs`).
     """
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | Sequence | None = None
@@ -233,7 +209,6 @@ class PromptTuningConfig(_PromptLearningConfig):
         _raise(type(self).__name__, r)
 
 
-@_aliases(encoder="encoder_reparameterization_type")
 @dataclass
 class PTuningConfig(_PromptLearningConfig):
     """P-Tuning v1 (Liu et al. 2021), PEFT's `PromptEncoderConfig`: the prompt is the output of a
@@ -241,7 +216,7 @@ class PTuningConfig(_PromptLearningConfig):
     Linear-ReLU-Linear-ReLU-Linear (PEFT's fixed 3-layer structure: `encoder_num_layers` is
     ignored with a warning, as PEFT does); "LSTM": a bidirectional LSTM of `encoder_num_layers`
     layers (dropout `encoder_dropout` between them) followed by Linear-ReLU-Linear.
-    `encoder_hidden_size` None: the model's hidden size (PEFT's default). Alias: `encoder`."""
+    `encoder_hidden_size` None: the model's hidden size (PEFT's default)."""
     encoder_reparameterization_type: str = "MLP"
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2
@@ -269,7 +244,6 @@ class PTuningConfig(_PromptLearningConfig):
         _raise(type(self).__name__, r)
 
 
-@_aliases(projection="prefix_projection")
 @dataclass
 class PrefixTuningConfig(_PromptLearningConfig):
     """Prefix Tuning (Li & Liang 2021) / P-Tuning v2 (Liu et al. 2022): P key/value vectors per
@@ -280,8 +254,7 @@ class PrefixTuningConfig(_PromptLearningConfig):
     prefix dropout). On models whose layers differ in kv heads or head dim (Gemma 4), PEFT sizes
     one prefix for the layer with the widest heads and gives every layer the slice of it that
     fits; ours does the same (PEFT loads the checkpoint), and `per_layer_shapes=True` instead
-    gives each layer a prefix of its own shape (PEFT cannot load that checkpoint). Alias:
-    `projection`."""
+    gives each layer a prefix of its own shape (PEFT cannot load that checkpoint)."""
     init_weights: str | None = None
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
@@ -526,10 +499,15 @@ def to_dict(config) -> dict:
     return {"method": config.method, **d}
 
 
+# Our JSON form's field names before the configs took PEFT's (files saved then still load).
+_OLD_NAMES = {"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text",
+              "encoder": "encoder_reparameterization_type", "projection": "prefix_projection"}
+
+
 def from_dict(d: dict):
-    d = dict(d)
+    d = {_OLD_NAMES.get(k, k): v for k, v in d.items()}
     method = d.pop("method", None)
     if method not in _BY_METHOD:
         raise ValueError(f"unknown ptuning_fast method {method!r}; expected one of "
                          f"{sorted(_BY_METHOD)}")
-    return _BY_METHOD[method](**d)     # older files' short names are aliases
+    return _BY_METHOD[method](**d)

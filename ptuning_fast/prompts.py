@@ -202,9 +202,10 @@ class PromptEncoder(_TaskPrompts):
 
     @classmethod
     def from_config(cls, config: PTuningConfig, dims: ModelDims) -> "PromptEncoder":
-        return cls(config.num_virtual_tokens, dims.hidden_size, config.encoder,
-                   config.encoder_hidden_size, config.encoder_num_layers,
-                   config.encoder_dropout, config.num_tasks, dims.num_transformer_submodules)
+        return cls(config.num_virtual_tokens, dims.hidden_size,
+                   config.encoder_reparameterization_type, config.encoder_hidden_size,
+                   config.encoder_num_layers, config.encoder_dropout, config.num_tasks,
+                   dims.num_transformer_submodules)
 
     def _encoder_modules(self) -> list[str]:
         return ["lstm_head", "mlp_head"] if self.encoder == "lstm" else ["mlp_head"]

@@ -253,8 +253,7 @@ def check(base, method: str, head: str = "CAUSAL_LM") -> tuple[str, str]:
 def path_taken(ours) -> str:
     """"fast" where the wrapped model takes ptuning_fast's fast path (the prefix handed to its
     attention kernels; the prompt computed once per task), else "PEFT's way"."""
-    fast = not ours._prefix_in_cache if ours.is_prefix else ours._shared_prompt
-    return "fast" if fast else "PEFT's way"
+    return "fast" if ours.uses_own_attention else "PEFT's way"
 
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "model_zoo.md")

@@ -124,11 +124,12 @@ def peft_twin(pf_model, base_copy):
     P = cfg.num_virtual_tokens
     if cfg.method == "prefix_tuning":
         pc = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P,
-                                     prefix_projection=cfg.projection,
+                                     prefix_projection=cfg.prefix_projection,
                                      encoder_hidden_size=cfg.encoder_hidden_size)
     elif cfg.method == "p_tuning":
         pc = peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=P,
-                                      encoder_reparameterization_type=cfg.encoder.upper(),
+                                      encoder_reparameterization_type=(
+                                          cfg.encoder_reparameterization_type),
                                       encoder_hidden_size=pf_model.prompt_encoder.encoder_hidden_size,
                                       encoder_num_layers=cfg.encoder_num_layers,
                                       encoder_dropout=cfg.encoder_dropout)

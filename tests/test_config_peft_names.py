@@ -1,7 +1,7 @@
 """A PEFT user's script keeps working when `peft.X(...)` becomes `pf.X(...)`: every field name
 and default of PEFT's config classes is accepted, the same keyword arguments (PEFT's enums,
 strings in any case) build the same prompt module from the same random state, so the wrapped
-models give PEFT's logits; our short names stay as aliases; what we cannot honour is an error."""
+models give PEFT's logits; each field has PEFT's name only; what we cannot honour is an error."""
 import copy
 import dataclasses
 
@@ -159,37 +159,21 @@ def test_inference_mode_builds_peft_inference_module(peft_cls, ours_cls, extra):
     _assert_same_outputs(mine, twin)
 
 
-# -- aliases ------------------------------------------------------------------------------------
+# -- one name per field: PEFT's ------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls, alias, name, value, peft_value", [
-    (pf.PromptTuningConfig, "init", "prompt_tuning_init", "sample_vocab", "SAMPLE_VOCAB"),
-    (pf.PTuningConfig, "encoder", "encoder_reparameterization_type", "lstm", "LSTM"),
-    (pf.PrefixTuningConfig, "projection", "prefix_projection", True, True),
-])
-def test_short_names_are_aliases(cls, alias, name, value, peft_value):
-    a, b = cls(4, **{alias: value}), cls(4, **{name: peft_value})
-    assert a == b and getattr(a, name) == peft_value and getattr(b, alias) == value
-    assert cls(4, **{alias: value, name: peft_value}) == a      # both, agreeing: fine
-    setattr(b, alias, getattr(cls(4), alias))                   # writable, too
-    assert b == cls(4)
-
-
-@pytest.mark.parametrize("make, match", [
-    (lambda: pf.PromptTuningConfig(4, init="text", init_text="a", prompt_tuning_init="RANDOM"),
-     "`init`='text' and `prompt_tuning_init`='RANDOM' disagree"),
-    (lambda: pf.PromptTuningConfig(4, prompt_tuning_init="TEXT", init_text=[5],
-                                   prompt_tuning_init_text=[6]), "`init_text`.*disagree"),
-    (lambda: pf.PTuningConfig(4, encoder="mlp", encoder_reparameterization_type="LSTM"),
-     "`encoder`='mlp' and `encoder_reparameterization_type`='LSTM' disagree"),
-    (lambda: pf.PrefixTuningConfig(4, projection=True, prefix_projection=False),
-     "`projection`=True and `prefix_projection`=False disagree"),
-])
-def test_alias_and_peft_name_disagreeing_is_an_error(make, match):
-    with pytest.raises(ValueError, match=match):
-        make()
+@pytest.mark.parametrize("cls, short", [(pf.PromptTuningConfig, "init"),
+                                        (pf.PromptTuningConfig, "init_text"),
+                                        (pf.PTuningConfig, "encoder"),
+                                        (pf.PrefixTuningConfig, "projection")])
+def test_our_old_short_names_are_not_fields(cls, short):
+    """Each field has PEFT's name only; the short names we used before are refused by name."""
+    with pytest.raises(TypeError, match=f"'{short}'"):
+        cls(4, **{short: None})
+    assert not hasattr(cls(4), short)
 
 
 def test_old_checkpoint_dicts_with_short_names_still_load():
+    """Our JSON form written before the configs took PEFT's names."""
     from ptuning_fast.config import from_dict
     old = {"method": "prefix_tuning", "num_virtual_tokens": 3, "projection": True,
            "encoder_hidden_size": 512, "dropout": 0.0, "num_tasks": 1}

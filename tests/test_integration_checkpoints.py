@@ -17,9 +17,10 @@ peft = pytest.importorskip("peft")
 
 CONFIGS = {
     "prefix": pf.PrefixTuningConfig(3),
-    "prefix_proj": pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16),
+    "prefix_proj": pf.PrefixTuningConfig(3, prefix_projection=True, encoder_hidden_size=16),
     "prompt": pf.PromptTuningConfig(3),
-    "ptuning_lstm": pf.PTuningConfig(3, encoder="lstm", encoder_hidden_size=8),
+    "ptuning_lstm": pf.PTuningConfig(3, encoder_reparameterization_type="lstm",
+                                     encoder_hidden_size=8),
 }
 
 
@@ -107,7 +108,8 @@ def test_full_state_file_missing_raises(tmp_path):
 
 
 def test_multi_task_and_our_config_round_trip(tmp_path):
-    cfg = pf.PromptTuningConfig(3, init="text", init_text=[5, 6], num_tasks=2)
+    cfg = pf.PromptTuningConfig(3, prompt_tuning_init="text", prompt_tuning_init_text=[5, 6],
+                                num_tasks=2)
     model = pf.wrap(tiny_llama(0), cfg)
     with torch.no_grad():
         model.prompt_encoder.embedding.weight.normal_()

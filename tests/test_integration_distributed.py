@@ -13,7 +13,8 @@ from distributed import WORLD, free_port, needs_gloo, soft_prompt_model
 from models import batch
 
 STEPS = 3
-METHODS = {"prefix": lambda: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16),
+METHODS = {"prefix": lambda: pf.PrefixTuningConfig(3, prefix_projection=True,
+                                                   encoder_hidden_size=16),
            "prompt": lambda: pf.PTuningConfig(3, encoder_hidden_size=16)}
 
 

@@ -25,7 +25,8 @@ STEPS = 3
 ROWS = 4                      # per step; rank r takes rows [r * ROWS / WORLD, (r + 1) * ...)
 METHODS = {
     "prompt_tuning": lambda: pf.PromptTuningConfig(3),
-    "prefix_tuning": lambda: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16),
+    "prefix_tuning": lambda: pf.PrefixTuningConfig(3, prefix_projection=True,
+                                                   encoder_hidden_size=16),
 }
 
 
@@ -264,8 +265,9 @@ def one_rank_group():
 
 @needs_gloo
 @pytest.mark.parametrize("build, config", [
-    (tiny_llama, lambda: pf.PTuningConfig(3, encoder="lstm", encoder_hidden_size=8)),
-    (tiny_llama, lambda: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16)),
+    (tiny_llama, lambda: pf.PTuningConfig(3, encoder_reparameterization_type="lstm",
+                                          encoder_hidden_size=8)),
+    (tiny_llama, lambda: pf.PrefixTuningConfig(3, prefix_projection=True, encoder_hidden_size=16)),
     (tiny_bert, lambda: pf.PromptTuningConfig(3)),               # with a classifier head
 ], ids=["p_tuning_lstm", "prefix_projection", "bert_prompt_head"])
 def test_save_of_a_sharded_model_equals_the_unsharded_save(one_rank_group, tmp_path, build,

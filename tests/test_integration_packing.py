@@ -83,7 +83,7 @@ def test_collated_batch_equals_peft_on_one_sequence_per_row(arch, flash_kwargs):
 def test_several_packed_rows_with_per_task_prefixes(backend):
     """Two rows, each packing sequences of its own task (prefix_index per row), against every
     sequence as its own row with its row's task; projection prefixes; given as position ids."""
-    config = pf.PrefixTuningConfig(3, num_tasks=2, projection=True, encoder_hidden_size=16)
+    config = pf.PrefixTuningConfig(3, num_tasks=2, prefix_projection=True, encoder_hidden_size=16)
     model = pf.wrap(tiny_llama(0), config, backend=backend).train()
     with torch.no_grad():
         for p in model.trainable_parameters().values():

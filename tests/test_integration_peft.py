@@ -15,10 +15,11 @@ pytest.importorskip("peft")
 
 CONFIGS = {
     "prefix": pf.PrefixTuningConfig(3),
-    "prefix_proj": pf.PrefixTuningConfig(4, projection=True, encoder_hidden_size=24),
+    "prefix_proj": pf.PrefixTuningConfig(4, prefix_projection=True, encoder_hidden_size=24),
     "prompt": pf.PromptTuningConfig(3),
     "ptuning_mlp": pf.PTuningConfig(3, encoder_hidden_size=20),
-    "ptuning_lstm": pf.PTuningConfig(2, encoder="lstm", encoder_hidden_size=8),
+    "ptuning_lstm": pf.PTuningConfig(2, encoder_reparameterization_type="lstm",
+                                     encoder_hidden_size=8),
 }
 
 

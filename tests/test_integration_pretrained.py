@@ -45,8 +45,8 @@ def minilm():
         torch.manual_seed(0)    # the same random classification head every time
         base = BertForSequenceClassification.from_pretrained(
             MODEL_DIR, num_labels=2, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
-        return pf.wrap(base, pf.PrefixTuningConfig(8, projection=True, encoder_hidden_size=64),
-                       backend=backend)
+        return pf.wrap(base, pf.PrefixTuningConfig(8, prefix_projection=True,
+                                                   encoder_hidden_size=64), backend=backend)
     return tokenizer, build
 
 

@@ -14,7 +14,7 @@ from conftest import assert_close
 from models import (VOCAB, MaterializedPrompt, batch, peft_generation_broken, peft_refusal_reason,
                     peft_refuses, peft_twin)
 from ptuning_fast import reference
-from ptuning_fast.integrations import attention
+from ptuning_fast.integrations import attention, generations
 from test_integration_peft import assert_same_training_step, peft_name
 
 pytest.importorskip("peft")
@@ -26,7 +26,7 @@ WINDOW = 5
 ARCHS = ("mistral", "gemma2", "gemma3", "gpt_oss")
 CONFIGS = {
     "prefix": lambda: pf.PrefixTuningConfig(3),
-    "prefix_proj": lambda: pf.PrefixTuningConfig(4, projection=True, encoder_hidden_size=24),
+    "prefix_proj": lambda: pf.PrefixTuningConfig(4, prefix_projection=True, encoder_hidden_size=24),
     "prompt": lambda: pf.PromptTuningConfig(3),
     "ptuning": lambda: pf.PTuningConfig(3, encoder_hidden_size=20),
 }
@@ -280,7 +280,7 @@ def test_t5_position_bias_over_the_prefix_equals_peft(stack, past):
     attention with the prefix as the first P entries of its cache, PEFT's layout."""
     from transformers import DynamicCache
     t5 = _t5()
-    attention.claim(t5)
+    generations.claim(t5)
     P, L, H, D = 3, 5, 4, 8
     prefix = torch.randn(2, 1, 2, H, P, D)       # (layers, tasks=1, k/v, H, P, D)
     hidden = torch.randn(2, L, 32)

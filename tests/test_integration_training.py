@@ -10,8 +10,8 @@ from ptuning_fast.integrations import attention
 
 CONFIGS = {
     "prefix": lambda T=1: pf.PrefixTuningConfig(3, num_tasks=T),
-    "prefix_proj": lambda T=1: pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=16,
-                                                     num_tasks=T),
+    "prefix_proj": lambda T=1: pf.PrefixTuningConfig(3, prefix_projection=True,
+                                                     encoder_hidden_size=16, num_tasks=T),
     "prompt": lambda T=1: pf.PromptTuningConfig(3, num_tasks=T),
     "ptuning": lambda T=1: pf.PTuningConfig(3, encoder_hidden_size=16, num_tasks=T),
 }

@@ -1,6 +1,7 @@
 """What `wrap` refuses, and how it tells models apart: a wrapped model, encoder-decoder models and
 attention terms the prefix attention cannot compute are clear errors that leave the caller's
-model as it was; causal LMs are recognised by capability (GPT2LMHeadModel)."""
+model as it was; causal LMs are recognised by capability (GPT2LMHeadModel); the mode of each
+wrapped model is picked once, at wrap time."""
 import pytest
 import torch
 import transformers as T
@@ -10,7 +11,10 @@ from conftest import assert_close
 from models import batch, tiny_bert, tiny_gpt2, tiny_llama, wrapped_and_twin
 from ptuning_fast import reference
 from ptuning_fast.integrations import attention
+from ptuning_fast.integrations import model as model_module
+from ptuning_fast.integrations.modes import choice as modes
 from ptuning_fast.integrations.support import task_type_of
+from test_falcon_prefix import falcon
 
 peft = pytest.importorskip("peft")
 
@@ -139,3 +143,41 @@ def test_an_empty_batch_names_the_argument(config):
         model(inputs_embeds=torch.empty(0, 4, 32), task_ids=no_tasks)
     with pytest.raises(ValueError, match="`input_ids` has an empty batch"):
         model.generate(input_ids=empty, task_ids=no_tasks, max_new_tokens=2)
+
+
+def _t5():
+    torch.manual_seed(0)
+    return T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=97, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, attn_implementation="eager")).eval()
+
+
+@pytest.mark.parametrize("make, config, kwargs, mode", [
+    (tiny_llama, lambda: pf.PrefixTuningConfig(3), {}, modes.PrefixAttentionMode),
+    (tiny_llama, lambda: pf.PromptTuningConfig(3), {}, modes.SharedPromptMode),
+    (tiny_llama, lambda: pf.PromptTuningConfig(3), {"shared_prompt": False},
+     modes.ConcatenationMode),
+    (tiny_bert, lambda: pf.PTuningConfig(3), {}, modes.ConcatenationMode),
+    (falcon, lambda: pf.PrefixTuningConfig(3), {}, modes.PrefixInCacheMode),
+    (_t5, lambda: pf.PrefixTuningConfig(3), {}, modes.Seq2SeqMode),
+    (_t5, lambda: pf.PromptTuningConfig(3), {}, modes.Seq2SeqMode),
+])
+def test_the_mode_is_picked_at_wrap_time(make, config, kwargs, mode):
+    model = pf.wrap(make(), config(), **kwargs)
+    assert type(model._mode) is mode
+    assert model.uses_own_attention == (
+        model.base_model.config._attn_implementation == attention.ATTN_IMPLEMENTATION)
+
+
+def test_forward_and_generate_never_pick_a_mode_again(monkeypatch):
+    model = pf.wrap(tiny_llama(), pf.PromptTuningConfig(3), shared_prompt=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a mode was picked after wrapping")
+
+    monkeypatch.setattr(model_module, "pick_mode", refuse)
+    ids, mask, labels = batch("llama", padding="left")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                   pad_token_id=0)

@@ -26,8 +26,8 @@ def method_config(method: str, num_tasks: int = 1):
     return {
         "prompt": lambda: pf.PromptTuningConfig(P, num_tasks=num_tasks),
         "ptuning_mlp": lambda: pf.PTuningConfig(P, encoder_hidden_size=12, num_tasks=num_tasks),
-        "ptuning_lstm": lambda: pf.PTuningConfig(P, encoder="lstm", encoder_hidden_size=8,
-                                                 num_tasks=num_tasks),
+        "ptuning_lstm": lambda: pf.PTuningConfig(P, encoder_reparameterization_type="lstm",
+                                                 encoder_hidden_size=8, num_tasks=num_tasks),
         "prefix": lambda: pf.PrefixTuningConfig(P, num_tasks=num_tasks),
     }[method]()
 

@@ -59,7 +59,7 @@ def wrapped(config, **overrides):
 
 @pytest.mark.parametrize("projection", [False, True], ids=["prefix", "prefix_proj"])
 def test_each_layer_gets_a_prefix_of_its_own_shape(projection):
-    model = wrapped(own(projection=projection, encoder_hidden_size=12))
+    model = wrapped(own(prefix_projection=projection, encoder_hidden_size=12))
     layers = model.base_model.model.layers
     want = [(a.self_attn.k_proj.out_features // a.self_attn.head_dim, a.self_attn.head_dim)
             for a in layers]
@@ -73,7 +73,7 @@ def test_each_layer_gets_a_prefix_of_its_own_shape(projection):
 
 @pytest.mark.parametrize("projection", [False, True], ids=["prefix", "prefix_proj"])
 def test_training_step_matches_the_materialized_prefix(projection):
-    ours = wrapped(own(projection=projection, encoder_hidden_size=12))
+    ours = wrapped(own(prefix_projection=projection, encoder_hidden_size=12))
     other = MaterializedPrompt(ours)
     ours.train(), other.train()
     ids, mask, labels = batch()

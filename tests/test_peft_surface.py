@@ -8,7 +8,7 @@ import torch
 
 import ptuning_fast as pf
 from models import batch, tiny_bert, tiny_llama
-from ptuning_fast.integrations import attention
+from ptuning_fast.integrations import attention, generations
 
 peft = pytest.importorskip("peft")
 
@@ -114,7 +114,7 @@ def test_unload_gives_the_untouched_base_model_back(method):
     assert back is base
     assert back.config._attn_implementation == "sdpa"
     assert [p.requires_grad for p in back.parameters()] == flags
-    assert not any(m in attention._OWNER for m in back.modules())
+    assert not any(m in generations._OWNER for m in back.modules())
     assert not back._forward_pre_hooks and not back._forward_hooks
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits,

@@ -13,10 +13,11 @@ peft = pytest.importorskip("peft")
 
 METHOD_CONFIGS = {
     "prefix": pf.PrefixTuningConfig(3),
-    "prefix_proj": pf.PrefixTuningConfig(3, projection=True, encoder_hidden_size=24),
+    "prefix_proj": pf.PrefixTuningConfig(3, prefix_projection=True, encoder_hidden_size=24),
     "prompt": pf.PromptTuningConfig(3),
     "ptuning_mlp": pf.PTuningConfig(3, encoder_hidden_size=20),
-    "ptuning_lstm": pf.PTuningConfig(3, encoder="lstm", encoder_hidden_size=8),
+    "ptuning_lstm": pf.PTuningConfig(3, encoder_reparameterization_type="lstm",
+                                     encoder_hidden_size=8),
 }
 
 
@@ -95,16 +96,19 @@ def test_inits_from_vocabulary():
     emb = model.get_input_embeddings()
     dims = ModelDims.from_model_config(model.config)
     torch.manual_seed(0)
-    sv = pf.PromptEmbedding.from_config(pf.PromptTuningConfig(6, init="sample_vocab"), dims, emb)
+    sv = pf.PromptEmbedding.from_config(
+        pf.PromptTuningConfig(6, prompt_tuning_init="sample_vocab"), dims, emb)
     rows = sv.embedding.weight
     assert _rows_in_vocab(rows, emb.weight).all()
 
     text = pf.PromptEmbedding.from_config(
-        pf.PromptTuningConfig(5, init="text", init_text=[7, 8]), dims, emb)
+        pf.PromptTuningConfig(5, prompt_tuning_init="text", prompt_tuning_init_text=[7, 8]),
+        dims, emb)
     torch.testing.assert_close(text.embedding.weight, emb.weight[[7, 8, 7, 8, 7]])
 
     labels = pf.PromptEmbedding.from_config(
-        pf.PromptTuningConfig(4, init="labels", init_text=[[10, 12], [20]]), dims, emb)
+        pf.PromptTuningConfig(4, prompt_tuning_init="labels",
+                              prompt_tuning_init_text=[[10, 12], [20]]), dims, emb)
     torch.testing.assert_close(labels.embedding.weight[0], emb.weight[[10, 12]].mean(0))
     torch.testing.assert_close(labels.embedding.weight[1], emb.weight[20])
     assert _rows_in_vocab(labels.embedding.weight[2:], emb.weight).all()
@@ -117,22 +121,25 @@ def test_text_init_with_tokenizer():
 
     model = tiny_llama()
     emb = model.get_input_embeddings()
-    m = pf.wrap(model, pf.PromptTuningConfig(4, init="text", init_text="abc"),
+    m = pf.wrap(model, pf.PromptTuningConfig(4, prompt_tuning_init="text",
+                                             prompt_tuning_init_text="abc"),
                 tokenizer=CharTokenizer())
     torch.testing.assert_close(m.prompt_encoder.embedding.weight,
                                emb.weight[[ord("a") % VOCAB, ord("b") % VOCAB, ord("c") % VOCAB,
                                            ord("a") % VOCAB]])
     with pytest.raises(ValueError, match="tokenizer"):
-        pf.wrap(tiny_llama(), pf.PromptTuningConfig(4, init="text", init_text="abc"))
+        pf.wrap(tiny_llama(), pf.PromptTuningConfig(4, prompt_tuning_init="text",
+                                                    prompt_tuning_init_text="abc"))
 
 
 @pytest.mark.parametrize("make, match", [
     (lambda: pf.PromptTuningConfig(0), "num_virtual_tokens"),
-    (lambda: pf.PromptTuningConfig(4, init="vocab"), "init"),
-    (lambda: pf.PromptTuningConfig(4, init="text"), "init_text"),
-    (lambda: pf.PromptTuningConfig(2, init="labels", init_text=["a", "b", "c"]), "labels"),
-    (lambda: pf.PromptTuningConfig(4, init_text="hello"), "init_text"),
-    (lambda: pf.PTuningConfig(4, encoder="gru"), "encoder"),
+    (lambda: pf.PromptTuningConfig(4, prompt_tuning_init="vocab"), "init"),
+    (lambda: pf.PromptTuningConfig(4, prompt_tuning_init="text"), "init_text"),
+    (lambda: pf.PromptTuningConfig(2, prompt_tuning_init="labels",
+                                   prompt_tuning_init_text=["a", "b", "c"]), "labels"),
+    (lambda: pf.PromptTuningConfig(4, prompt_tuning_init_text="hello"), "init_text"),
+    (lambda: pf.PTuningConfig(4, encoder_reparameterization_type="gru"), "encoder"),
     (lambda: pf.PTuningConfig(4, encoder_dropout=1.5), "encoder_dropout"),
     (lambda: pf.PrefixTuningConfig(4, num_tasks=0), "num_tasks"),
     (lambda: pf.PrefixTuningConfig(4, dropout=-0.1), "dropout"),
@@ -173,12 +180,13 @@ def test_peft_config_conversion_round_trip():
     cases = [
         (peft.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True,
                                  encoder_hidden_size=64),
-         pf.PrefixTuningConfig(5, projection=True, encoder_hidden_size=64)),
+         pf.PrefixTuningConfig(5, prefix_projection=True, encoder_hidden_size=64)),
         (peft.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
                                   encoder_hidden_size=16, encoder_num_layers=1),
-         pf.PTuningConfig(4, encoder="lstm", encoder_hidden_size=16, encoder_num_layers=1)),
+         pf.PTuningConfig(4, encoder_reparameterization_type="lstm", encoder_hidden_size=16,
+                          encoder_num_layers=1)),
         (peft.PromptTuningConfig(num_virtual_tokens=7, prompt_tuning_init="SAMPLE_VOCAB"),
-         pf.PromptTuningConfig(7, init="sample_vocab")),
+         pf.PromptTuningConfig(7, prompt_tuning_init="sample_vocab")),
     ]
     dims = ModelDims.from_model_config(tiny_llama().config)
     for theirs, ours in cases:

@@ -89,7 +89,7 @@ def sinks(s_aux, name: str):
 # T5-style relative position biases: every attention module that takes `position_bias` ->
 # the module whose `relative_attention_bias` made it (the first layer of its stack and role),
 # or None where no layer of that stack and role has one (T5 then passes zeros). Filled by
-# `map_relative_bias_owners` when a model is wrapped; weak keys, as `attention._OWNER`.
+# `map_relative_bias_owners` when a model is wrapped; weak keys, as `generations._OWNER`.
 _BIAS_OWNER: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = \
     weakref.WeakKeyDictionary()
 

@@ -37,9 +37,9 @@ import torch
 from ..config import (ModelDims, from_dict, from_peft_config, frozen_tokens_of, to_dict,
                       to_peft_dict)
 from . import sharded
-from .model import HEADS_BY_TASK, build_prompt_module, check_wrappable
 from .peft_surface import BaseModelState
 from .support import task_type_of
+from .wrapping import HEADS_BY_TASK, build_prompt_module, check_wrappable
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -310,7 +310,7 @@ def load(cls, base_model, directory, *, backend: str = "auto", is_trainable: boo
                 "with safetensors (PEFT: save_pretrained(..., safe_serialization=True)).") \
             if pickled else ""
         raise FileNotFoundError(f"{directory!r} has no {ADAPTER_WEIGHTS}.{hint}")
-    check_wrappable(base_model)
+    check_wrappable(base_model, cls)
     adapter = _read_json(config_path)
     ours_path = os.path.join(directory, OUR_CONFIG)
     ours = _read_json(ours_path) if os.path.isfile(ours_path) else None

@@ -7,11 +7,12 @@ Same function as PEFT's PeftModel with the same weights:
 - prompt tuning / P-Tuning: the prompt is prepended to the input embeddings (fused gather, one
   prompt shared by every row), P ones to the attention mask, P zeros to token_type_ids and, for
   token-level tasks, P -100 labels. Logits keep PEFT's shape (B, P + L, V).
+How (prefix through the attention function or through the cache, shared prompt pass,
+concatenation, seq2seq) is the wrapper's mode, picked once at wrap time (`integrations/modes/`);
+the wrapper checks the inputs and keeps what every mode shares.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import types
 import warnings
 
@@ -20,57 +21,13 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelDims, resolve_config
-from ..prompts import PrefixEncoder, PromptEmbedding, PromptEncoder
 from ..validation import check_index_range
-from . import attention, seq2seq
-from . import shared_prompt as shared_pass
-from . import packed_inputs
-from .packed_inputs import packed_segments_of, refuse_packed
+from . import attention, checkpoint, generations
+from .modes import pick_mode
 from .peft_surface import BaseModelState, PeftSurfaceMixin
-from .support import (ignored_in_front, numbers_positions_from_mask, ones_in_front,
-                      prefix_in_cache, refuse_unsliceable_prefix, refuse_unsupported,
-                      supports_shared_prompt, task_type_of, unverified_model)
-
-_HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
-
-
-# The heads a task type may train and a checkpoint may hold (PEFT's modules_to_save defaults):
-# never the transformer itself, its embeddings or a causal LM's output projection.
-HEADS_BY_TASK = {"SEQ_CLS": _HEAD_NAMES, "TOKEN_CLS": _HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
-
-
-def heads_to_train(config, given, base_model, task_type: str) -> list[str]:
-    """`given` (wrap's modules_to_save) or the task's default heads, plus the config's
-    `modules_to_save` as PEFT adds them; PEFT's default names ("classifier", "score") that the
-    model lacks are skipped, as PEFT skips them."""
-    children = [n for n, _ in base_model.named_children()]
-    names = list(given) if given is not None \
-        else [n for n in children if n in HEADS_BY_TASK.get(task_type, ())]
-    return names + [n for n in (config.modules_to_save or []) if n not in names
-                    and (n in children or n not in _HEAD_NAMES)]
-
-
-def check_wrappable(base_model) -> None:
-    """What `PTuningModel` refuses before touching anything: a model that is already wrapped,
-    and models whose attention or inputs it cannot handle."""
-    if isinstance(base_model, PTuningModel):
-        raise TypeError(
-            "wrap() got a PTuningModel: wrapping a wrapped model would silently drop the outer "
-            "prompt/prefix. Wrap the base model once (model.base_model is the unwrapped one)")
-    if any(c.__name__ == "PeftModel" for c in type(base_model).__mro__):
-        raise TypeError(f"wrap() got a PEFT model ({type(base_model).__name__}); expected a "
-                        "plain transformers model (PeftModel.get_base_model() gives it)")
-    if not isinstance(base_model, nn.Module) or not hasattr(base_model, "config"):
-        raise TypeError(f"wrap() expects a transformers model (an nn.Module with a `config`), "
-                        f"got {type(base_model).__name__}")
-
-
-def build_prompt_module(config, dims: ModelDims, word_embeddings=None, tokenizer=None):
-    if config.method == "prefix_tuning":
-        return PrefixEncoder.from_config(config, dims)
-    if config.method == "p_tuning":
-        return PromptEncoder.from_config(config, dims)
-    return PromptEmbedding.from_config(config, dims, word_embeddings, tokenizer)
+from .support import (numbers_positions_from_mask, ones_in_front, refuse_unsliceable_prefix,
+                      refuse_unsupported, task_type_of, unverified_model)
+from .wrapping import HEADS_BY_TASK, build_prompt_module, check_wrappable, heads_to_train
 
 
 def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -87,63 +44,6 @@ def _refuse_empty_batch(name: str, ref) -> None:
     if isinstance(ref, torch.Tensor) and ref.dim() >= 1 and ref.shape[0] == 0:
         raise ValueError(f"`{name}` has an empty batch (shape {tuple(ref.shape)}); expected at "
                          "least one row")
-
-
-def _cache_in(kwargs: dict):
-    """The KV cache among a forward's kwargs. transformers 5.24 renamed the argument
-    `past_key_values` to `cache` (generate() passes the new name, models still take the old
-    one); read whichever is there."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-def _cache_length(kwargs) -> int:
-    """Tokens already in the KV cache among a forward's kwargs."""
-    cache = _cache_in(kwargs)
-    return cache.get_seq_length() if cache is not None else 0
-
-
-def _refuse_static_cache(past) -> None:
-    """Where the prefix goes through the KV cache (Falcon, cache_prefix.py) or for seq2seq
-    models: a static cache would need the prefix in its preallocated buffer. Refused rather
-    than silently different."""
-    if past is not None and getattr(past, "is_compileable", False):
-        raise NotImplementedError(
-            f"ptuning_fast does not support static caches here (got {type(past).__name__}): "
-            "use the default dynamic cache (no `cache_implementation`, or 'dynamic')")
-
-
-def _check_static_cache(past) -> None:
-    """A static cache of full-attention layers (`StaticLayer`) works: its keys are the whole
-    preallocated buffer, of which the mask function marks the written slots
-    (`attention.padding_mask_passthrough`). Sliding-window, indexed or linear-attention static
-    layers drop or place keys in ways that mask does not follow: refused."""
-    if past is None or not getattr(past, "is_compileable", False):
-        return
-    from transformers.cache_utils import StaticLayer
-    odd = sorted({type(layer).__name__ for layer in getattr(past, "layers", ())
-                  if type(layer) is not StaticLayer})
-    if odd:
-        raise NotImplementedError(
-            f"ptuning_fast supports static caches of full-attention layers only; this "
-            f"{type(past).__name__} has {odd} layers (sliding windows): use the default dynamic "
-            "cache (no `cache_implementation`, or 'dynamic')")
-
-
-# transformers' dynamic caches (DYNAMIC_CACHE_IMPLEMENTATIONS), and the static one.
-_GENERATION_CACHES = (None, "dynamic", "offloaded", "quantized", "static")
-
-
-def _refuse_static_generation(kwargs: dict, base_model, *, static_ok: bool) -> None:
-    config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
-    implementation = kwargs.get("cache_implementation",
-                                getattr(config, "cache_implementation", None))
-    allowed = _GENERATION_CACHES if static_ok else _GENERATION_CACHES[:-1]
-    if implementation not in allowed:
-        raise NotImplementedError(
-            f"ptuning_fast's generate does not support cache_implementation={implementation!r} "
-            f"here (the result would silently change): use one of {list(allowed[1:])} or none")
-    (_check_static_cache if static_ok else _refuse_static_cache)(_cache_in(kwargs))
 
 
 def _retarget_forward_patch(wrapper: "PTuningModel", patched) -> bool:
@@ -215,7 +115,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         super().__init__()
         # Everything is checked and built before the caller's model is touched: a refused wrap
         # leaves it as it was (parameters' requires_grad, attention implementation).
-        check_wrappable(base_model)
+        check_wrappable(base_model, PTuningModel)
         if backend not in ops.BACKENDS:
             raise ValueError(f"`backend` must be one of {ops.BACKENDS}, got {backend!r}")
         config = resolve_config(config)
@@ -240,8 +140,10 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             raise TypeError(f"prefix tuning needs a transformers model that can switch its "
                             f"attention implementation; {type(base_model).__name__} has no "
                             "set_attn_implementation")
-        prefix_layers = seq2seq.prefix_layers(base_model, dims.num_layers) \
-            if config.method == "prefix_tuning" and task_type == "SEQ_2_SEQ_LM" else None
+        if shared_prompt not in (True, False, "auto"):
+            raise ValueError(f"`shared_prompt` must be True, False or 'auto', got "
+                             f"{shared_prompt!r}")
+        mode = pick_mode(base_model, config.method, task_type, dims.num_layers, shared_prompt)
         device = next(base_model.parameters()).device
         prompt_encoder = build_prompt_module(
             config, dims, base_model.get_input_embeddings(), tokenizer).to(device)
@@ -257,26 +159,16 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         self.base_model = base_model
         self.prompt_encoder = prompt_encoder
         self.modules_to_save = list(modules_to_save)
-        self._prefix_layers = prefix_layers    # None: each attention module's own layer_idx
-        # Falcon: the prefix goes through the KV cache, the model's own attention computes
-        # (cache_prefix.py); elsewhere through the registered attention function.
-        self._prefix_in_cache = self.is_prefix and prefix_in_cache(base_model)
+        self._mode = mode
         self._base_state = base_state
         self._adapter_disabled = self._unloaded = False
-        # Prompt Tuning / P-Tuning on a causal decoder: the prompt once per task (shared_prompt).
-        if shared_prompt not in (True, False, "auto"):
-            raise ValueError(f"`shared_prompt` must be True, False or 'auto', got "
-                             f"{shared_prompt!r}")
-        self._shared_prompt = shared_prompt is not False and not self.is_prefix \
-            and supports_shared_prompt(base_model, task_type)
-        self._shared_prompt_generate = shared_prompt is True
-        self._base_has_dropout = self._shared_prompt and shared_pass.has_dropout(base_model)
         unverified = unverified_model(base_model, config.method, task_type, shared_prompt)
         if unverified:
             warnings.warn(unverified, stacklevel=3)
         if self.uses_own_attention:
             base_model.set_attn_implementation(attention.register())
-        elif self._prefix_in_cache and backend != "auto" and not unverified:
+        elif self.is_prefix and backend != "auto" and not unverified:
+            # Falcon's: the prefix goes through the KV cache (PrefixInCacheMode).
             warnings.warn(f"backend={backend!r} is not used: {type(base_model).__name__} computes "
                           "attention in its own code, so its prefix goes through the KV cache and "
                           "the model's own attention computes it", stacklevel=3)
@@ -285,7 +177,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         for head in heads.values():
             for p in head.parameters():
                 p.requires_grad_(not config.inference_mode)    # PEFT: frozen for inference
-        attention.claim(base_model)
+        generations.claim(base_model)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -296,7 +188,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     def uses_own_attention(self) -> bool:
         """Whether the base model runs ptuning_fast's attention function (prefix tuning, and
         the shared prompt pass of prompt tuning / P-Tuning on causal decoders)."""
-        return self.is_prefix and not self._prefix_in_cache or self._shared_prompt
+        return self._mode.uses_own_attention
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -354,7 +246,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         shared prompt pass's), for the rows' `task_ids`; packed sequences' `segments` and the
         `seq_idx` checked against them."""
         current = getattr(self.base_model.config, "_attn_implementation", None)
-        if current != attention.ATTN_IMPLEMENTATION and not self._prefix_in_cache:
+        if current != attention.ATTN_IMPLEMENTATION and self.uses_own_attention:
             # Another attention function would silently ignore the prefix.
             raise RuntimeError(f"the base model's attention implementation is {current!r}, not "
                                f"{attention.ATTN_IMPLEMENTATION!r}: the wrapper needs it (was "
@@ -362,7 +254,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         if prefixes is None and self.is_prefix:
             prefixes = self.prompt_encoder().to(self._model_dtype())   # once per step, not per row
         return attention.PrefixBinding(prefixes, task_ids, self.backend,
-                                       type(self.base_model).__name__, self._prefix_layers,
+                                       type(self.base_model).__name__, self._mode.prefix_layers,
                                        segments, seq_idx=seq_idx)
 
     def _prefix_position_ids(self, input_ids, ref, start: int, attention_mask=None):
@@ -407,11 +299,11 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
                                       position_ids, token_type_ids, kwargs)
         args = (input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
                 token_type_ids)
-        if not attention.any_generation_open():       # training, compiled or not
+        if not generations.any_generation_open():       # training, compiled or not
             return self._forward(*args, **kwargs)
         # A forward call inside one of this model's generate() calls (a logits processor, ...)
         # brings its own prompt/prefix: the generation's step hook must not act on it too.
-        with attention.generating(self.base_model, None):
+        with generations.generating(self.base_model, None):
             return self._forward(*args, **kwargs)
 
     def _forward(self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
@@ -425,63 +317,8 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         _refuse_empty_batch("input_ids" if input_ids is not None else "inputs_embeds", ref)
         batch = ref.shape[0]
         task_ids = self._check_task_ids(task_ids, batch)
-        if self.task_type == "SEQ_2_SEQ_LM":
-            return seq2seq.forward(self, input_ids, attention_mask, labels, task_ids,
-                                   inputs_embeds, position_ids, token_type_ids, **kwargs)
-        P = self.num_virtual_tokens
-        past = _cache_in(kwargs)
-        past_len = _cache_length(kwargs)
-        if self._prefix_in_cache:
-            from . import cache_prefix
-            _refuse_static_cache(past)
-            refuse_packed(position_ids, attention_mask, past_len, kwargs,
-                          f"prefix tuning on {type(self.base_model).__name__}")
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            return cache_prefix.forward(self, self._binding(task_ids), input_ids, attention_mask,
-                                        inputs_embeds, position_ids, labels, kwargs)
-        if self.is_prefix:
-            _check_static_cache(past)
-            # Every packed sequence sees the prefix, its positions shifted by P as in its own row.
-            segments, position_ids = packed_segments_of(position_ids, attention_mask, past_len,
-                                                        kwargs, ref)
-            if position_ids is None:
-                position_ids = self._prefix_position_ids(input_ids, ref, P + past_len,
-                                                         attention_mask)
-            else:
-                position_ids = position_ids + P
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            kwargs[attention.PREFIX_KWARG] = self._binding(task_ids, segments,
-                                                           seq_idx=kwargs.get("seq_idx"))
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                   inputs_embeds=inputs_embeds, position_ids=position_ids,
-                                   labels=labels, **kwargs)
-        if packed_inputs.is_packed(position_ids, attention_mask, past_len, kwargs):
-            return self._without_prompt_logits(packed_inputs.prompt_forward(
-                self, input_ids, attention_mask, labels, task_ids, inputs_embeds, position_ids,
-                token_type_ids, past_len, kwargs))
-        if position_ids is not None:
-            warnings.warn("position_ids are ignored with prompt tuning / P-Tuning (as in PEFT): "
-                          "positions are those of the [prompt; tokens] sequence", stacklevel=2)
-        if shared_pass.applies(self, batch, past_len, kwargs):
-            return shared_pass.forward(self, input_ids, attention_mask, labels, task_ids,
-                                         inputs_embeds, token_type_ids, **kwargs)
-        attention_mask = ones_in_front(attention_mask, P)
-        if past_len:
-            # Decoding with a cache that already holds the prompt: only the mask needs it.
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                   attention_mask=attention_mask, labels=labels, **kwargs)
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = torch.cat(
-                [token_type_ids.new_zeros(batch, P), token_type_ids], 1)
-        if labels is not None and self.task_type in ("CAUSAL_LM", "TOKEN_CLS"):
-            labels = ignored_in_front(labels, P)
-        embeds = self._embed_with_prompt(input_ids, inputs_embeds, task_ids)
-        return self._without_prompt_logits(self.base_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs))
+        return self._mode.forward(self, input_ids, attention_mask, labels, task_ids,
+                                  inputs_embeds, position_ids, token_type_ids, kwargs)
 
     def _without_prompt_logits(self, out):
         """`prompt_logits=False`: token-level logits without the P prompt positions."""
@@ -495,11 +332,12 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
     def generate(self, *args, task_ids=None, **kwargs):
         """`base_model.generate` with the prompt/prefix (greedy, sampling, beam search, ...).
 
-        The prefix reaches the attention function through a `Generation` made current for this
-        base model only (generate() rejects unknown kwargs); a forward pre-hook on the base
-        model, acting for this call only, shifts positions (prefix) or swaps the prompt into the
-        first step's embeddings (prompt tuning). Other threads, nested calls and other wrapped
-        models each see their own.
+        The wrapper's mode (`integrations/modes/`) runs it: the prefix reaches the attention
+        function through a `Generation` made current for this base model only (generate()
+        rejects unknown kwargs); a forward pre-hook on the base model, acting for this call
+        only, shifts positions (prefix) or swaps the prompt into the first step's embeddings
+        (prompt tuning). Other threads, nested calls and other wrapped models each see their
+        own.
         """
         self._check_not_unloaded()
         if self._adapter_disabled:
@@ -512,110 +350,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             raise ValueError("PTuningModel.generate needs `input_ids`")
         _refuse_empty_batch("input_ids", input_ids)
         task_ids = self._check_task_ids(task_ids, input_ids.shape[0])
-        # A static cache works where the prefix (or the shared prompt) reaches our attention
-        # function beside the cache: not through the cache (Falcon), not for encoder-decoders,
-        # not for the concatenation (transformers then builds 4D masks of its own).
-        shared = not self.is_prefix and (self._shared_prompt_generate
-                                         or input_ids.device.type == "cuda") \
-            and shared_pass.applies(self, input_ids.shape[0], 0, {})
-        _refuse_static_generation(kwargs, self.base_model, static_ok=shared or (
-            self.is_prefix and not self._prefix_in_cache and self.task_type == "CAUSAL_LM"))
-        if self.task_type == "SEQ_2_SEQ_LM":
-            return seq2seq.generate(self, args, task_ids, kwargs)
-        pause_own_attention = contextlib.nullcontext()
-        if self.is_prefix:
-            generation = attention.Generation(self._binding(task_ids), task_ids)
-            step = self._prefix_step_hook
-        elif shared:
-            # The prompt's keys and values computed once per task, then generated from as a
-            # prefix (the cache holds real tokens only) by the decode kernel. Not on CPU: there
-            # the extra pass costs what it saves (a forward of P positions reads every weight,
-            # like a decoding step) and the torch path's per-step prefix concatenation makes
-            # decoding slower: 5% slower than the concatenation, bench/NOTES.md.
-            with attention.generating(self.base_model, None):
-                prefixes, _ = shared_pass.prompt_pass(self, kwargs.get("token_type_ids"))
-            generation = attention.Generation(self._binding(task_ids, prefixes=prefixes),
-                                              task_ids)
-            step = self._shared_prompt_step_hook
-        else:
-            generation = attention.Generation(None, task_ids)
-            step = self._prompt_step_hook
-            if self.uses_own_attention:
-                # The concatenation attends to no prefix: the base model's own attention
-                # computes it, as under PEFT, without our function's per-call checks and
-                # dispatch (~70 us a layer call in CPU decoding: 5% of a generation there).
-                pause_own_attention = self._base_state.base_attention()
-        # The hook is never traced: transformers' compiled decoding compiles `__call__`, hooks
-        # included, and Dynamo would guard on the registry of wrapped modules (a weak dict that
-        # changes as models come and go: it once crashed building that guard) and on this
-        # call's objects; it runs as Python before the compiled forward. (Disabled here, not
-        # with a decorator: that would import torch._dynamo, and with it Triton, when
-        # ptuning_fast is imported, before a caller can set TRITON_INTERPRET.)
-        step_hook = torch.compiler.disable(functools.partial(self._step_hook, step, generation))
-        hooks = [self.base_model.register_forward_pre_hook(step_hook, with_kwargs=True)]
-        if self._prefix_in_cache:     # generate() keeps its own cache of real tokens
-            from .cache_prefix import unwrap_output
-            hooks.append(self.base_model.register_forward_hook(
-                lambda module, args, output: unwrap_output(output)))
-        try:
-            with attention.generating(self.base_model, generation), pause_own_attention:
-                return self.base_model.generate(*args, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    @staticmethod
-    def _step_hook(step, generation, module, args, kwargs):
-        # Every concurrent generate() of this base model (threads) registers a hook; each acts
-        # only in the context where its own call is current.
-        if attention.current_generation(module) is not generation:
-            return None
-        return step(generation, args, kwargs)
-
-    def _prefix_step_hook(self, generation, args, kwargs):
-        (_refuse_static_cache if self._prefix_in_cache else _check_static_cache)(
-            _cache_in(kwargs))
-        P = self.num_virtual_tokens
-        ids = kwargs.get("input_ids")
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + P
-        elif ref is not None:
-            start = P + _cache_length(kwargs)
-            kwargs["position_ids"] = self._prefix_position_ids(ids, ref, start,
-                                                               kwargs.get("attention_mask"))
-        if self._prefix_in_cache:
-            from .cache_prefix import generation_step
-            kwargs = generation_step(self.base_model, generation.binding, kwargs)
-        else:
-            # The binding as a forward argument as well: a compiled forward (torch.compile of
-            # the model's forward, a static cache's decoding step) then reads no context
-            # variable, which Dynamo cannot trace.
-            kwargs[attention.PREFIX_KWARG] = generation.binding
-        return args, kwargs
-
-    def _shared_prompt_step_hook(self, generation, args, kwargs):
-        # PEFT's prompt generation numbers the [prompt; tokens] sequence itself (its position
-        # ids from generate(), mask-based, are dropped): the prefix steps' numbering from P.
-        kwargs.pop("position_ids", None)
-        return self._prefix_step_hook(generation, args, kwargs)
-
-    def _prompt_step_hook(self, generation, args, kwargs):
-        _refuse_static_cache(_cache_in(kwargs))
-        P = self.num_virtual_tokens
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        ref = embeds if embeds is not None else ids
-        if _cache_length(kwargs) == 0 and ref is not None:
-            task_ids = generation.task_ids
-            if task_ids is not None and task_ids.shape[0] != ref.shape[0]:
-                task_ids = task_ids.repeat_interleave(ref.shape[0] // task_ids.shape[0])
-            kwargs["inputs_embeds"] = self._embed_with_prompt(
-                ids if embeds is None else None, embeds, task_ids)
-            kwargs["input_ids"] = None
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = ones_in_front(kwargs["attention_mask"], P)
-        kwargs.pop("position_ids", None)    # PEFT: positions of the [prompt; tokens] sequence
-        return args, kwargs
+        return self._mode.generate(self, args, input_ids, task_ids, kwargs)
 
     # ----------------------------------------------------------------------------------------
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
@@ -657,15 +392,19 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
         `overwrite=True`. Under torch.distributed only rank 0 writes (`is_main_process`
         overrides); a model sharded with FSDP2 (`fully_shard`) is gathered first, so there
         every rank must call it. Other keyword arguments (PEFT's) are accepted and ignored."""
-        from . import checkpoint
         checkpoint.save(self, save_directory, full_state=full_state, overwrite=overwrite,
                         is_main_process=is_main_process)
 
     @classmethod
     def from_pretrained(cls, base_model, model_id, backend: str = "auto", *,
-                        is_trainable: bool = False, **kwargs) -> "PTuningModel":
-        """Loads a directory written by `save_pretrained` or by PEFT."""
-        from . import checkpoint
+                        is_trainable: bool = False, adapter_name: str = "default",
+                        **kwargs) -> "PTuningModel":
+        """Loads a directory written by `save_pretrained` or by PEFT (also as
+        `ptuning_fast.PeftModel.from_pretrained`; PEFT's `adapter_name` must be its default:
+        the wrapper holds one prompt module)."""
+        if adapter_name != "default":
+            raise ValueError(f"`adapter_name` must be 'default' (ptuning_fast wraps a model with "
+                             f"one prompt module), got {adapter_name!r}")
         return checkpoint.load(cls, base_model, model_id, backend=backend,
                                is_trainable=is_trainable, **kwargs)
 

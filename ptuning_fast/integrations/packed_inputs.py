@@ -112,8 +112,8 @@ def prompt_forward(wrapper, input_ids, attention_mask, labels, task_ids, inputs_
             "packed sequences (position_ids restarting inside a row, or cu_seq_lens_q/k) with "
             "prompt tuning / P-Tuning need ptuning_fast's attention function: a decoder-only "
             "causal LM whose attention goes through transformers' AttentionInterface, wrapped "
-            f"with shared_prompt=True or 'auto' ({type(wrapper.base_model).__name__} with "
-            f"shared_prompt={wrapper._shared_prompt}). Pass one sequence per row with an "
+            f"with shared_prompt=True or 'auto' ({type(wrapper.base_model).__name__} was "
+            "wrapped for PEFT's concatenation). Pass one sequence per row with an "
             "attention_mask")
     ref = input_ids if input_ids is not None else inputs_embeds
     batch, P = ref.shape[0], wrapper.num_virtual_tokens

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import attention
+from . import generations
 
 
 class BaseModelState:
@@ -137,7 +137,7 @@ class PeftSurfaceMixin:
         self._check_not_unloaded()
         base = self.base_model
         self._base_state.restore(training=False)
-        attention.release(base)
+        generations.release(base)
         self._unloaded = True
         return base
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-from . import attention
+from . import attention, generations
 from .support import ones_in_front
 
 
@@ -97,8 +97,8 @@ def generate(model, args, task_ids, kwargs):
     hook is needed); returns the decoder's tokens, as PEFT's generate does."""
     kwargs = dict(kwargs)
     if model.is_prefix:
-        generation = attention.Generation(model._binding(task_ids), task_ids)
-        with attention.generating(model.base_model, generation), \
+        generation = generations.Generation(model._binding(task_ids), task_ids)
+        with generations.generating(model.base_model, generation), \
                 decoder_positions_shifted(model.base_model, model.num_virtual_tokens):
             return model.base_model.generate(*args, **kwargs)
     if args:

@@ -54,9 +54,11 @@ def has_dropout(model: nn.Module) -> bool:
     return False
 
 
-def applies(wrapper, batch: int, past_len: int, kwargs: dict) -> bool:
-    """Whether `wrapper`'s forward of `batch` rows takes the two passes (see the module doc)."""
-    if not wrapper._shared_prompt or past_len:
+def applies(wrapper, batch: int, past_len: int, kwargs: dict, *,
+            base_has_dropout: bool) -> bool:
+    """Whether the forward of `batch` rows of `wrapper` (of a model that `supports_shared_prompt`)
+    takes the two passes (see the module doc). `base_has_dropout`: `has_dropout(base model)`."""
+    if past_len:
         return False
     if getattr(wrapper.base_model.config, "_attn_implementation", None) \
             != attention.ATTN_IMPLEMENTATION:
@@ -70,7 +72,7 @@ def applies(wrapper, batch: int, past_len: int, kwargs: dict) -> bool:
         # `_retarget_forward_patch`) expects PEFT's one call with the labels; the two passes
         # would hand it two, the first without labels.
         return False
-    if wrapper.base_model.training and wrapper._base_has_dropout:
+    if wrapper.base_model.training and base_has_dropout:
         return False
     if kwargs.get("return_dict") is False:
         return False
