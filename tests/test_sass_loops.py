@@ -9,7 +9,8 @@ import textwrap
 from ptuning_fast.benchmarks.sass_loops import hot_loops, mma_flop, parse
 
 # An outer loop (.L_x_1) around an inner one holding HGMMA (.L_x_2), a loop with no MMA
-# (.L_x_3) and a forward branch (.L_x_4): only .L_x_2 is a hot loop.
+# (.L_x_3), a forward branch (.L_x_4), and an mbarrier wait's retry loop put out of line after
+# EXIT (.L_x_5), which branches back into the body (.L_x_6): only .L_x_2 is a hot loop.
 LISTING = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
 .L_x_1:
@@ -18,28 +19,34 @@ LISTING = """
         /*0020*/                   WARPGROUP.ARRIVE ;
         /*0030*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR24], RZ, !UPT ;
         /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, R120, gdesc[UR12].tnspB, R24, gsb0 ;
-        /*0050*/                   FMUL R3, R3, R4 ;
-        /*0060*/              @P0 BRA `(.L_x_4) ;
-        /*0070*/                   MUFU.EX2 R5, R5 ;
+        /*0050*/              @!P4 BRA `(.L_x_5) ;
+.L_x_6:
+        /*0060*/                   FMUL R3, R3, R4 ;
+        /*0070*/              @P0 BRA `(.L_x_4) ;
+        /*0080*/                   MUFU.EX2 R5, R5 ;
 .L_x_4:
-        /*0080*/              @!P1 BRA `(.L_x_2) ;
-        /*0090*/              @!P2 BRA `(.L_x_1) ;
+        /*0090*/              @!P1 BRA `(.L_x_2) ;
+        /*00a0*/              @!P2 BRA `(.L_x_1) ;
 .L_x_3:
-        /*00a0*/                   IADD3 R6, R6, 0x1, RZ ;
-        /*00b0*/              @!P3 BRA `(.L_x_3) ;
-        /*00c0*/                   EXIT ;
+        /*00b0*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*00c0*/              @!P3 BRA `(.L_x_3) ;
+        /*00d0*/                   EXIT ;
+.L_x_5:
+        /*00e0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P4, [R7+URZ], R8 ;
+        /*00f0*/              @!P4 BRA `(.L_x_5) ;
+        /*0100*/                   BRA `(.L_x_6) ;
 """
 
 
 def test_hot_loops_of_a_fixed_listing():
     instructions, labels = parse(LISTING)
-    assert len(instructions) == 13 and labels[".L_x_2"] == 2
+    assert len(instructions) == 17 and labels[".L_x_2"] == 2 and labels[".L_x_6"] == 6
     (loop,) = hot_loops(LISTING)
-    assert (loop.start, loop.end) == (0x20, 0x80)
-    assert (loop.instructions, loop.mma, loop.other) == (7, 2, 5)
+    assert (loop.start, loop.end) == (0x20, 0x90)
+    assert (loop.instructions, loop.mma, loop.other) == (8, 2, 6)
     # A warpgroup's 64 x N x 16 HGMMA is 2 * 64 * N * 16 FLOP, a quarter of it per warp.
     assert loop.mma_flop == (2 * 64 * 64 * 16 + 2 * 64 * 128 * 16) // 4
-    assert loop.per_kflop(2000.0) == 2.5
+    assert loop.per_kflop(2000.0) == 3.0
 
 
 def test_mma_flop_of_ampere_and_other_instructions():

@@ -1,7 +1,9 @@
 """The hot loops of a compiled kernel, read from its SASS (the machine code ptxas emitted).
 
 A loop is a backward branch: `BRA` to a label at or before it; its body runs from that label to
-the branch, both included. A *hot* loop holds tensor-core instructions (HGMMA on sm_90, HMMA on
+the branch, both included, and holds no EXIT. (ptxas puts the retry loop of a failed mbarrier
+wait out of line, after the kernel's EXIT, and branches back into the body from there: such a
+branch spans the kernel's end and is no loop.) A *hot* loop holds tensor-core instructions (HGMMA on sm_90, HMMA on
 sm_80) and no other such loop: the innermost loops that stream key or query blocks.
 
 The figure reported per loop is the instruction economy of bench/NOTES.md ("The forward's hot
@@ -23,6 +25,7 @@ from pathlib import Path
 
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_\w+):")
+_EXIT = re.compile(r"^(@!?U?P\w+\s+)?EXIT\b")
 _BRANCH_TO = re.compile(r"\bBRA\b[^`]*`\((\.L_\w+)\)")
 # Hopper: HGMMA.64xNxK per warpgroup (4 warps); Ampere: HMMA.16816 / 1688 (m16 n8 kK) per warp.
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
@@ -84,7 +87,9 @@ def hot_loops(sass: str) -> list[Loop]:
         if target and labels.get(target.group(1), i + 1) <= i:
             spans.append((labels[target.group(1)], i))
     flops = [mma_flop(text) for _, text in instructions]
-    with_mma = [(a, b) for a, b in spans if any(flops[a:b + 1])]
+    exits = [i for i, (_, text) in enumerate(instructions) if _EXIT.search(text)]
+    with_mma = [(a, b) for a, b in spans if any(flops[a:b + 1])
+                and not any(a <= e <= b for e in exits)]
     loops = []
     for first, last in with_mma:
         if any(first <= a and b <= last and (a, b) != (first, last) for a, b in with_mma):
