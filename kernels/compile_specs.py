@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import re
 import struct
@@ -57,6 +58,16 @@ class CompileSpec:
                 args[name] = self.ints.get(name, REPRESENTATIVE_INT)
         return dict(args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
+
+
+def spec_signature(fn, constexprs: dict, types: dict) -> dict:
+    """Triton types for every runtime argument of `fn`: `types` names pointers and floats;
+    every other runtime argument is an i32 size or stride. A constexpr parameter the spec
+    leaves out keeps its default (it must never be compiled as a runtime int)."""
+    params = inspect.signature(fn.fn).parameters
+    constexpr = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+    return {name: types.get(name, "i32") for name in params
+            if name not in constexprs and name not in constexpr}
 
 @dataclass(frozen=True)
 class Specialized:

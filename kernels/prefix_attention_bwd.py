@@ -5,7 +5,7 @@ dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta) with Delta = rowsum(dO * O), dQ 
 dK = scale dS^T Q. It holds column by column, so the prefix columns get their gradients from the
 same formula as the sequence columns (checked against the float64 reference in the tests).
 
-With dropout (keep-mask M regenerated from the forward's seed, see prefix_attention_fwd.py):
+With dropout (keep-mask M regenerated from the forward's seed, see attention_dropout.py):
 dV = (P * M / (1 - p))^T dO and dP = (dO V^T) * M / (1 - p); dS = P * (dP - Delta) keeps the
 undropped P, and Delta = rowsum(dO * O) still equals rowsum(P * dP) because O is the dropped
 output.
@@ -29,33 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import define_kernels
-from .attention_terms import (
-    NO_TERMS,
-    load_bias,
-    logits,
-    query_bounds,
-    softcap_grad,
-    term_compile_specs,
-)
+from .attention_dropout import dropout_keep, seed_arg
+from .attention_inputs import AttentionInputs, input_precision, strides3
+from .attention_specs import spec_ints, spec_variants, term_compile_specs
+from .attention_terms import NO_TERMS, load_bias, logits, query_bounds, softcap_grad
 from .autotune import fixed_config, launch_tuned, length_bucket
-from .compile_specs import CompileSpec
-from .launch import cdiv, contiguous_last, dense_index, num_splits, on_input_device
+from .compile_specs import CompileSpec, spec_signature
+from .launch import cdiv, contiguous_last, define_kernels, num_splits, on_input_device
 from .split_reduce import plan_task_splits, sum_splits, task_split
-from .tiles import CANDIDATES, prefix_tile, spec_configs
-from .prefix_attention_fwd import (
-    TileConfig,
-    dropout_keep,
-    head_block,
-    input_precision,
-    mask_as_int8,
-    prefix_views,
-    seed_arg,
-    spec_ints,
-    spec_signature,
-    spec_variants,
-    strides3,
-)
+from .tiles import CANDIDATES, TileConfig, head_block, prefix_tile, spec_configs
 from .prefix_attention_bwd_dq import prefix_attention_dq
 
 
@@ -122,7 +104,7 @@ def _dkdv_blocks(
         lse = tl.load(Lse + q_pos, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + q_pos, mask=row_ok, other=0.0)
         st, t = logits(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), qk_scale,
-                       softcap_scale, SOFTCAP)
+                       softcap_scale, SOFTCAP=SOFTCAP)
         if HAS_BIAS:
             st += load_bias(Bias, q_pos[None, :], col0 + key_pos[:, None], row_ok[None, :],
                             key_ok[:, None], stride_bias_l, stride_bias_c)
@@ -131,7 +113,8 @@ def _dkdv_blocks(
         if BOUNDS != 0:
             seq_lo, seq_hi, pre_lo = query_bounds(
                 q_pos, row_ok, SegStart, SegEnd, key_len, key_shift, window_left, window_right,
-                prefix_left, prefix_len, IS_CAUSAL, HAS_WINDOW, IS_PACKED)
+                prefix_left, prefix_len, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
+                IS_PACKED=IS_PACKED)
             if BOUNDS == 1:
                 inside = (key_pos[:, None] >= seq_lo[None, :]) \
                     & (key_pos[:, None] <= seq_hi[None, :])
@@ -152,7 +135,7 @@ def _dkdv_blocks(
         else:
             dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        dst = softcap_grad(pt * (dpt - delta[None, :]), t, SOFTCAP)
+        dst = softcap_grad(pt * (dpt - delta[None, :]), t, SOFTCAP=SOFTCAP)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
     return dk, dv
 
@@ -260,17 +243,21 @@ def _dkdv_kernel(
             q_len, key_len, prefix_len, head_dim, key_pos, key_ok, prefix_len, key_shift,
             window_left, window_right, prefix_left, qk_scale, softcap_scale,
             seed, dropout_p, rng_row0, rng_cols, prefix_len + key_len,
-            IS_CAUSAL and not (HAS_WINDOW or IS_PACKED), 1 if HAS_WINDOW or IS_PACKED else 0,
-            IS_CAUSAL, HAS_WINDOW, IS_PACKED, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
-            BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            CAUSAL_MASK=IS_CAUSAL and not (HAS_WINDOW or IS_PACKED),
+            BOUNDS=1 if HAS_WINDOW or IS_PACKED else 0, IS_CAUSAL=IS_CAUSAL,
+            HAS_WINDOW=HAS_WINDOW, IS_PACKED=IS_PACKED, HAS_MASK=HAS_MASK, HAS_BIAS=HAS_BIAS,
+            SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            INPUT_PRECISION=INPUT_PRECISION)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, key_visible, q_ptr, do_ptr, lse_ptr, delta_ptr, bias, seg_start,
             seg_end, full_start, end, stride_q_l, stride_do_l, stride_bias_l, stride_bias_c,
             q_len, key_len, prefix_len, head_dim, key_pos, key_ok, prefix_len, key_shift,
             window_left, window_right, prefix_left, qk_scale, softcap_scale,
             seed, dropout_p, rng_row0, rng_cols, prefix_len + key_len,
-            False, 0, IS_CAUSAL, HAS_WINDOW, IS_PACKED, HAS_MASK, HAS_BIAS, SOFTCAP,
-            HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            CAUSAL_MASK=False, BOUNDS=0, IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW,
+            IS_PACKED=IS_PACKED, HAS_MASK=HAS_MASK, HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP,
+            HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            INPUT_PRECISION=INPUT_PRECISION)
 
     dk = dk * scale
     tl.store(DK + batch * stride_dk_b + kv_head.to(tl.int64) * stride_dk_h + keys * stride_dk_l
@@ -375,8 +362,10 @@ def _prefix_dkdv_kernel(
             window_left, window_right, prefix_left, qk_scale, softcap_scale,
             seed, dropout_p, (batch * num_heads + q_head) * q_len, rng_cols,
             prefix_len + key_len,
-            False, 2 if HAS_WINDOW else 0, False, HAS_WINDOW, IS_PACKED, False, HAS_BIAS,
-            SOFTCAP, HAS_DROPOUT, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+            CAUSAL_MASK=False, BOUNDS=2 if HAS_WINDOW else 0, IS_CAUSAL=False,
+            HAS_WINDOW=HAS_WINDOW, IS_PACKED=IS_PACKED, HAS_MASK=False, HAS_BIAS=HAS_BIAS,
+            SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            INPUT_PRECISION=INPUT_PRECISION)
 
     # Partial tile (split, kv head, keys, :) of the dense fp32 buffers; the dK scale is
     # applied once, by the reduction.
@@ -406,22 +395,17 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
     as do dprefix_k and dprefix_v: asking for either of a pair computes both.
     """
     grad_out, out = contiguous_last(grad_out), contiguous_last(out)
-    q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
+    x = AttentionInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale)
+    q, k, v, pk, pv, P, mask, index = x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.prefix_len, \
+        x.mask, x.index
     lse = lse.contiguous()
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    scale = D ** -0.5 if scale is None else float(scale)
     terms = terms.prepare()
-    qk_scale, softcap_scale = terms.qk_scales(scale)
-    shared = prefix_k is not None and prefix_k.dim() == 3
-    pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
-    mask = mask_as_int8(attention_mask)
-    index = dense_index(prefix_index) if P > 0 else None
+    qk_scale, softcap_scale = terms.qk_scales(x.scale)
     block_d = head_block(D)
     precision = input_precision(q.dtype)
-    mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
-    mask_arg = mask if mask is not None else q
     seed = seed_arg(dropout_p, dropout_seed, q)
     dropout = dict(HAS_DROPOUT=dropout_p > 0)
     dq = dk = dv = dpk = dpv = None
@@ -434,8 +418,7 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4)
 
     if needs[0]:
-        dq = prefix_attention_dq(q, k, v, pk, pv, shared, grad_out, lse, delta, mask, index,
-                                 causal=causal, scale=scale, dropout_p=dropout_p,
+        dq = prefix_attention_dq(x, grad_out, lse, delta, causal=causal, dropout_p=dropout_p,
                                  seed=dropout_seed, terms=terms)
 
     if needs[1] or needs[2]:
@@ -443,11 +426,11 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
 
         def launch_dkdv(cfg: TileConfig) -> None:
             _dkdv_kernel[(cdiv(Lk, cfg.block_n), Hkv, B)](
-                dk, dv, q, k, v, grad_out, lse, delta, mask_arg, seed,
+                dk, dv, q, k, v, grad_out, lse, delta, x.mask_pointer(), seed,
                 *terms.pointers(q, sinks=False),
-                Lq, Lk, P, D, group, scale, qk_scale, float(dropout_p), softcap_scale,
+                Lq, Lk, P, D, group, x.scale, qk_scale, float(dropout_p), softcap_scale,
                 *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
-                *strides3(dk), *strides3(dv), lse.stride(0), lse.stride(1), *mask_strides,
+                *strides3(dk), *strides3(dv), lse.stride(0), lse.stride(1), *x.mask_strides(),
                 *terms.ints(), **terms.flags(sinks=False),
                 IS_CAUSAL=causal, HAS_MASK=mask is not None, **dropout,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
@@ -463,8 +446,8 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
         # The fixed dK/dV tile: the prefix kernel's work is short and its split is sized from
         # the tile, so it is not timed.
         cfg = fixed_config("dkdv", q.device, q.dtype, D, terms=terms.any)
-        dpk, dpv = _prefix_grads(q, pk, pv, prefix_k, shared, index, grad_out, lse, delta, seed,
-                                 Lk, scale, dropout_p, cfg, block_d, precision, terms)
+        dpk, dpv = _prefix_grads(q, pk, pv, prefix_k, x.shared, index, grad_out, lse, delta,
+                                 seed, Lk, x.scale, dropout_p, cfg, block_d, precision, terms)
 
     return (dq, dk if needs[1] else None, dv if needs[2] else None,
             dpk if needs[3] else None, dpv if needs[4] else None)

@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import define_kernels
+from .attention_blocks import hide_keys, sequence_key_range
+from .attention_dropout import dropout_keep, seed_arg
+from .attention_inputs import AttentionInputs, input_precision, strides3
+from .attention_specs import spec_ints, spec_variants, term_compile_specs
 from .attention_terms import (
     NO_TERMS,
     block_ranges,
@@ -19,25 +22,11 @@ from .attention_terms import (
     logits,
     query_bounds,
     softcap_grad,
-    term_compile_specs,
 )
 from .autotune import launch_tuned, length_bucket
-from .compile_specs import CompileSpec
-from .launch import cdiv
-from .prefix_attention_fwd import (
-    TileConfig,
-    dropout_keep,
-    head_block,
-    input_precision,
-    prefix_batch_stride,
-    seed_arg,
-    sequence_key_range,
-    spec_ints,
-    spec_signature,
-    spec_variants,
-    strides3,
-)
-from .tiles import spec_configs
+from .compile_specs import CompileSpec, spec_signature
+from .launch import cdiv, define_kernels
+from .tiles import TileConfig, head_block, spec_configs
 
 
 define_kernels()     # before the first @triton.jit: see launch.interpreting
@@ -45,13 +34,16 @@ define_kernels()     # before the first @triton.jit: see launch.interpreting
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse, delta,
-    K, V, Mask, Bias,            # K, V already at (row, kv head); Mask at the row (or unused);
-                                 # Bias at (row, head)
-    start, end,
-    stride_k_l, stride_v_l, stride_mask_l, stride_bias_l, stride_bias_c,
-    key_len, head_dim, key_lo, key_hi, q_pos, q_ok, qk_scale, softcap_scale,
-    seed, dropout_p, rng_rows, col0,       # as in the forward's _attend_blocks
+    dq, q, do, lse, delta,       # this program's dq accumulator and query rows' tiles
+    q_pos, q_ok, head_dim, qk_scale, softcap_scale,
+    Bias, stride_bias_l, stride_bias_c,  # Bias at (row, head)
+    seed, dropout_p, rng_rows,   # as in the forward's _attend_blocks
+    # One key range [start, end) of one K/V pair (start a multiple of BLOCK_N):
+    K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
+    stride_k_l, stride_v_l, stride_mask_l,
+    start, end, key_len,
+    key_lo, key_hi,              # per-query visible interval (attention_terms.py)
+    col0,                        # the range's first column in [prefix; sequence]
     CHECK_KEYS: tl.constexpr, CHECK_LO: tl.constexpr, CHECK_HI: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -71,19 +63,13 @@ def _dq_blocks(
         kt = tl.load(K + cols * stride_k_l + offs_d[:, None], mask=t_mask, other=0.0)
         vt = tl.load(V + cols * stride_v_l + offs_d[:, None], mask=t_mask, other=0.0)
         s, t = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
-                      SOFTCAP)
+                      SOFTCAP=SOFTCAP)
         if HAS_BIAS:
             s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
         # Hidden keys go to -inf before exp2: with large logits s - LSE could overflow there.
-        if CHECK_KEYS or HAS_MASK:
-            visible = key_ok[None, :]               # padding too, with HAS_MASK
-            if CHECK_KEYS:
-                if CHECK_HI:
-                    visible = visible & (keys[None, :] <= key_hi[:, None])
-                if CHECK_LO:
-                    visible = visible & (keys[None, :] >= key_lo[:, None])
-            s = tl.where(visible, s, float("-inf"))
+        s = hide_keys(s, keys, key_ok, key_lo, key_hi, CHECK_KEYS=CHECK_KEYS, CHECK_LO=CHECK_LO,
+                      CHECK_HI=CHECK_HI, HAS_MASK=HAS_MASK)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
@@ -91,7 +77,7 @@ def _dq_blocks(
             cols = (col0 + keys).to(tl.int64)
             keep = dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = softcap_grad(p * (dp - delta[:, None]), t, SOFTCAP)
+        ds = softcap_grad(p * (dp - delta[:, None]), t, SOFTCAP=SOFTCAP)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
     return dq
 
@@ -153,105 +139,117 @@ def _dq_kernel(
     key_shift = key_len - q_len
     seq_lo, seq_hi, pre_lo = query_bounds(
         q_pos, row_ok, SegStart + batch * stride_seg_b, SegEnd + batch * stride_seg_b, key_len,
-        key_shift, window_left, window_right, prefix_left, prefix_len, IS_CAUSAL, HAS_WINDOW,
-        IS_PACKED)
+        key_shift, window_left, window_right, prefix_left, prefix_len,
+        IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, IS_PACKED=IS_PACKED)
     bias = Bias + batch * stride_bias_b + q_head * stride_bias_h
 
     # The forward's key ranges: a window's prefix edge, then the sequence's interval blocks.
+    # Every _dq_blocks call shares the query rows, the bias and the dropout rows; each names
+    # its key range, its K/V pair and which masks the range needs.
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
     if HAS_WINDOW:
         # Prefix keys below every query's window are skipped; the rest get the window's mask.
-        prefix_start, _, _, _ = block_ranges(pre_lo, pre_lo, row_ok, prefix_len, BLOCK_N)
+        prefix_start, _, _, _ = block_ranges(pre_lo, pre_lo, row_ok, prefix_len, BLOCK_N=BLOCK_N)
         prefix_full = prefix_start
     else:
         prefix_start = 0
         prefix_full = prefix_len // BLOCK_N * BLOCK_N
-    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, bias, prefix_start, prefix_full,
-                    stride_pk_l, stride_pv_l, 0, stride_bias_l, stride_bias_c, prefix_len,
-                    head_dim, pre_lo, pre_lo, q_pos, row_ok, qk_scale, softcap_scale,
-                    seed, dropout_p, rng_rows, 0,
-                    False, False, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N,
-                    BLOCK_D, INPUT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, pk, pv, Mask, bias, prefix_full, prefix_len,
-                    stride_pk_l, stride_pv_l, 0, stride_bias_l, stride_bias_c, prefix_len,
-                    head_dim, pre_lo, pre_lo, q_pos, row_ok, qk_scale, softcap_scale,
-                    seed, dropout_p, rng_rows, 0,
-                    True, HAS_WINDOW, False, False, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N,
-                    BLOCK_D, INPUT_PRECISION)
+    dq = _dq_blocks(                          # whole prefix blocks (none with a window)
+        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
+        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
+        K=pk, V=pv, Mask=Mask, stride_k_l=stride_pk_l, stride_v_l=stride_pv_l, stride_mask_l=0,
+        start=prefix_start, end=prefix_full, key_len=prefix_len, key_lo=pre_lo, key_hi=pre_lo,
+        col0=0, CHECK_KEYS=False, CHECK_LO=False, CHECK_HI=False, HAS_MASK=False,
+        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
+    dq = _dq_blocks(                          # the rest of the prefix, bounds-checked
+        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
+        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
+        K=pk, V=pv, Mask=Mask, stride_k_l=stride_pk_l, stride_v_l=stride_pv_l, stride_mask_l=0,
+        start=prefix_full, end=prefix_len, key_len=prefix_len, key_lo=pre_lo, key_hi=pre_lo,
+        col0=0, CHECK_KEYS=True, CHECK_LO=HAS_WINDOW, CHECK_HI=False, HAS_MASK=False,
+        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
 
     if HAS_WINDOW or IS_PACKED:
-        start, full_start, full_end, end = block_ranges(seq_lo, seq_hi, row_ok, key_len, BLOCK_N)
+        start, full_start, full_end, end = block_ranges(seq_lo, seq_hi, row_ok, key_len,
+                                                        BLOCK_N=BLOCK_N)
     else:
-        full_end, end = sequence_key_range(q_block * BLOCK_M, key_shift, key_len, IS_CAUSAL,
-                                           BLOCK_M, BLOCK_N)
+        full_end, end = sequence_key_range(q_block * BLOCK_M, key_shift, key_len,
+                                           IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
         start = 0
         full_start = 0
     k = K + batch * stride_k_b + kv_head * stride_k_h
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
-    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, bias, start, full_start,
-                    stride_k_l, stride_v_l, stride_mask_l, stride_bias_l, stride_bias_c,
-                    key_len, head_dim, seq_lo, seq_hi, q_pos, row_ok, qk_scale, softcap_scale,
-                    seed, dropout_p, rng_rows, prefix_len,
-                    True, HAS_WINDOW or IS_PACKED, IS_CAUSAL or HAS_WINDOW or IS_PACKED,
-                    HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, bias, full_start, full_end,
-                    stride_k_l, stride_v_l, stride_mask_l, stride_bias_l, stride_bias_c,
-                    key_len, head_dim, seq_lo, seq_hi, q_pos, row_ok, qk_scale, softcap_scale,
-                    seed, dropout_p, rng_rows, prefix_len,
-                    False, False, False, HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT,
-                    BLOCK_N, BLOCK_D, INPUT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k, v, mask, bias, full_end, end,
-                    stride_k_l, stride_v_l, stride_mask_l, stride_bias_l, stride_bias_c,
-                    key_len, head_dim, seq_lo, seq_hi, q_pos, row_ok, qk_scale, softcap_scale,
-                    seed, dropout_p, rng_rows, prefix_len,
-                    True, HAS_WINDOW or IS_PACKED, IS_CAUSAL or HAS_WINDOW or IS_PACKED,
-                    HAS_MASK, HAS_BIAS, SOFTCAP, HAS_DROPOUT, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    dq = _dq_blocks(                          # edge blocks below the common interval
+        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
+        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
+        K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
+        stride_mask_l=stride_mask_l, start=start, end=full_start, key_len=key_len,
+        key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
+        CHECK_KEYS=True, CHECK_LO=HAS_WINDOW or IS_PACKED,
+        CHECK_HI=IS_CAUSAL or HAS_WINDOW or IS_PACKED, HAS_MASK=HAS_MASK,
+        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
+    dq = _dq_blocks(                          # blocks every query sees whole
+        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
+        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
+        K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
+        stride_mask_l=stride_mask_l, start=full_start, end=full_end, key_len=key_len,
+        key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
+        CHECK_KEYS=False, CHECK_LO=False, CHECK_HI=False, HAS_MASK=HAS_MASK,
+        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
+    dq = _dq_blocks(                          # edge blocks above it (the causal diagonal)
+        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
+        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
+        K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
+        stride_mask_l=stride_mask_l, start=full_end, end=end, key_len=key_len,
+        key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
+        CHECK_KEYS=True, CHECK_LO=HAS_WINDOW or IS_PACKED,
+        CHECK_HI=IS_CAUSAL or HAS_WINDOW or IS_PACKED, HAS_MASK=HAS_MASK,
+        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
 
     dq = dq * scale
     tl.store(DQ + batch * stride_dq_b + q_head * stride_dq_h + rows * stride_dq_l
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
-def prefix_attention_dq(q, k, v, prefix_k4, prefix_v4, shared, grad_out, lse, delta, mask, index,
-                        *, causal, scale, dropout_p=0.0, seed=None, terms=NO_TERMS):
-    """dq (q's shape and dtype). Arguments as prepared by `prefix_attention_bwd`: last dims
-    contiguous; prefix_k4/v4 4-D (shared: a 1-row view read with batch stride 0); mask int8
-    (B, Lk) or None; index int64 (B,) or None; lse and delta (B, Hq, Lq) fp32, one layout;
-    seed: the forward's 0-d int64 seed tensor when dropout_p > 0; terms: prepared
-    `attention_terms.Terms`."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    dq = torch.empty_like(q)
+def prefix_attention_dq(x: AttentionInputs, grad_out, lse, delta, *, causal, dropout_p=0.0,
+                        seed=None, terms=NO_TERMS):
+    """dq (q's shape and dtype). x: the backward's prepared inputs; grad_out with a contiguous
+    last dim; lse and delta (B, Hq, Lq) fp32, one layout; seed: the forward's 0-d int64 seed
+    tensor when dropout_p > 0; terms: prepared `attention_terms.Terms`."""
+    B, Hq, Lq, D = x.q.shape
+    Hkv, Lk = x.k.shape[1], x.k.shape[2]
+    dq = torch.empty_like(x.q)
     if dq.numel() == 0:
         return dq
-    qk_scale, softcap_scale = terms.qk_scales(scale)
+    qk_scale, softcap_scale = terms.qk_scales(x.scale)
 
     def launch(cfg: TileConfig) -> None:
         _dq_kernel[(cdiv(Lq, cfg.block_m), Hq, B)](
-            dq, q, k, v, prefix_k4, prefix_v4, grad_out, lse, delta,
-            mask if mask is not None else q, index if index is not None else q,
-            seed_arg(dropout_p, seed, q), *terms.pointers(q, sinks=False),
-            Lq, Lk, prefix_k4.shape[2], D, Hq // Hkv, scale, qk_scale, float(dropout_p),
+            dq, x.q, x.k, x.v, x.prefix_k, x.prefix_v, grad_out, lse, delta, x.mask_pointer(),
+            x.q if x.index is None else x.index, seed_arg(dropout_p, seed, x.q),
+            *terms.pointers(x.q, sinks=False),
+            Lq, Lk, x.prefix_len, D, Hq // Hkv, x.scale, qk_scale, float(dropout_p),
             softcap_scale,
-            *strides3(q), *strides3(k), *strides3(v),
-            prefix_batch_stride(prefix_k4, shared), prefix_k4.stride(1), prefix_k4.stride(2),
-            prefix_batch_stride(prefix_v4, shared), prefix_v4.stride(1), prefix_v4.stride(2),
-            *strides3(grad_out), *strides3(dq), lse.stride(0), lse.stride(1),
-            *((mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)),
+            *x.input_strides(), *strides3(grad_out), *strides3(dq), lse.stride(0),
+            lse.stride(1), *x.mask_strides(),
             *terms.ints(), **terms.flags(sinks=False),
-            IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=index is not None,
+            IS_CAUSAL=causal, HAS_MASK=x.mask is not None, HAS_INDEX=x.index is not None,
             HAS_DROPOUT=dropout_p > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=head_block(D), INPUT_PRECISION=input_precision(q.dtype),
+            BLOCK_D=head_block(D), INPUT_PRECISION=input_precision(x.q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    launch_tuned("dq", q.device, q.dtype, D,
-                 (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
-                  length_bucket(prefix_k4.shape[2] + Lk), *terms.key()), launch,
+    launch_tuned("dq", x.q.device, x.q.dtype, D,
+                 (causal, x.mask is not None, dropout_p > 0, length_bucket(Lq),
+                  length_bucket(x.prefix_len + Lk), *terms.key()), launch,
                  dropout=dropout_p > 0, terms=terms.any)
     return dq
-
 
 
 def compile_specs():

@@ -38,27 +38,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import define_kernels
-from .compile_specs import CompileSpec
+from .attention_blocks import hide_keys, online_softmax
+from .attention_inputs import ForwardInputs, input_precision, strides3
+from .attention_specs import FLAG_COMBOS, SPEC_VARIANTS, spec_ints
+from .attention_terms import LOG2E
+from .compile_specs import CompileSpec, spec_signature
 from .launch import (
     INTERPRETER_SPLITS,
     WAVES,
     Target,
     cdiv,
+    define_kernels,
     device_target,
     next_power_of_2,
     on_input_device,
-)
-from .prefix_attention_fwd import (
-    FLAG_COMBOS,
-    LOG2E,
-    ForwardInputs,
-    SPEC_VARIANTS,
-    input_precision,
-    online_softmax,
-    spec_ints,
-    spec_signature,
-    strides3,
 )
 from .tiles import head_block
 
@@ -139,11 +132,9 @@ def _decode_blocks(
             kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
                          mask=kv_mask_t, other=0.0)
             s = tl.dot(q, kt, input_precision=INPUT_PRECISION)
-        s = s * qk_scale
-        visible = key_ok[None, :]
-        if IS_CAUSAL:
-            visible = visible & (keys[None, :] <= q_pos[:, None] + key_shift)
-        s = tl.where(visible, s, float("-inf"))
+        # Every block bounds-checked: the interval's upper end is the causal bound.
+        s = hide_keys(s * qk_scale, keys, key_ok, q_pos, q_pos + key_shift, CHECK_KEYS=True,
+                      CHECK_LO=False, CHECK_HI=IS_CAUSAL, HAS_MASK=HAS_MASK)
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         if KEYS_MAJOR:
             vt = tl.load(V + keys[None, :].to(tl.int64) * stride_v_l + offs_d[:, None],
@@ -197,7 +188,7 @@ def _decode_split_kernel(
     else:
         prefix_row = batch
 
-    q_head, q_pos, row_ok = _packed_rows(row_block, kv_head, group_size, q_len, BLOCK_M)
+    q_head, q_pos, row_ok = _packed_rows(row_block, kv_head, group_size, q_len, BLOCK_M=BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     q = tl.load(Q + batch * stride_q_b + q_head[:, None] * stride_q_h
@@ -227,9 +218,11 @@ def _decode_split_kernel(
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
     acc, m_i, l_i = _decode_blocks(
-        acc, m_i, l_i, q, pk, pv, Mask, p_start, p_end,
-        stride_pk_l, stride_pv_l, 0, prefix_len, head_dim, 0, q_pos, qk_scale,
-        False, False, KEYS_MAJOR, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        acc, m_i, l_i, q, K=pk, V=pv, Mask=Mask, start=p_start, end=p_end,
+        stride_k_l=stride_pk_l, stride_v_l=stride_pv_l, stride_mask_l=0, key_len=prefix_len,
+        head_dim=head_dim, key_shift=0, q_pos=q_pos, qk_scale=qk_scale,
+        IS_CAUSAL=False, HAS_MASK=False, KEYS_MAJOR=KEYS_MAJOR, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
     # Sequence keys: padding mask and bottom-right causal mask (query i sees j <= i + Lk - Lq).
     # (Their pointers are formed here, not above: live across the prefix loop they cost ptxas
     # registers, and a 4-byte spill at 16 rows on sm_90.)
@@ -238,9 +231,11 @@ def _decode_split_kernel(
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
     acc, m_i, l_i = _decode_blocks(
-        acc, m_i, l_i, q, k, v, mask, s_start, s_end,
-        stride_k_l, stride_v_l, stride_mask_l, key_len, head_dim, key_shift, q_pos, qk_scale,
-        IS_CAUSAL, HAS_MASK, KEYS_MAJOR, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        acc, m_i, l_i, q, K=k, V=v, Mask=mask, start=s_start, end=s_end,
+        stride_k_l=stride_k_l, stride_v_l=stride_v_l, stride_mask_l=stride_mask_l,
+        key_len=key_len, head_dim=head_dim, key_shift=key_shift, q_pos=q_pos, qk_scale=qk_scale,
+        IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK, KEYS_MAJOR=KEYS_MAJOR, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
     if KEYS_MAJOR:
         acc = tl.trans(acc)
 
@@ -256,7 +251,7 @@ def _decode_split_kernel(
     else:
         _store_rows(Out, Lse, acc, m_i, l_i, batch, q_head, q_pos, row_ok,
                     stride_o_b, stride_o_h, stride_o_l, stride_lse_b, stride_lse_h,
-                    head_dim, BLOCK_D)
+                    head_dim, BLOCK_D=BLOCK_D)
 
 
 @triton.jit
@@ -274,7 +269,7 @@ def _decode_merge_kernel(
     kv_head = (tl.program_id(0) // row_blocks).to(tl.int64)
     row_block = tl.program_id(0) % row_blocks
     batch = tl.program_id(1).to(tl.int64)
-    q_head, q_pos, row_ok = _packed_rows(row_block, kv_head, group_size, q_len, BLOCK_M)
+    q_head, q_pos, row_ok = _packed_rows(row_block, kv_head, group_size, q_len, BLOCK_M=BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     tile_ok = row_ok[:, None] & (offs_d < head_dim)[None, :]
     pos = q_pos.to(tl.int64)
@@ -300,7 +295,7 @@ def _decode_merge_kernel(
         m_i = m_new
     _store_rows(Out, Lse, acc, m_i, l_i, batch, q_head, q_pos, row_ok,
                 stride_o_b, stride_o_h, stride_o_l, stride_lse_b, stride_lse_h,
-                head_dim, BLOCK_D)
+                head_dim, BLOCK_D=BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------

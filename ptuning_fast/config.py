@@ -277,19 +277,25 @@ class PrefixTuningConfig(_PromptLearningConfig):
     `encoder_hidden_size`; None: the model's prefix width, PEFT's default) of P embeddings;
     `init_weights="zero"` starts the prefix at zero (the projection's last layer, or the
     prefix itself), as PEFT. Ours: `dropout` applies to the prefix in training (P-Tuning v2's
-    prefix dropout). Alias: `projection`."""
+    prefix dropout). On models whose layers differ in kv heads or head dim (Gemma 4), PEFT sizes
+    one prefix for the layer with the widest heads and gives every layer the slice of it that
+    fits; ours does the same (PEFT loads the checkpoint), and `per_layer_shapes=True` instead
+    gives each layer a prefix of its own shape (PEFT cannot load that checkpoint). Alias:
+    `projection`."""
     init_weights: str | None = None
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
     dropout: float = 0.0
+    per_layer_shapes: bool = False
 
     method = "prefix_tuning"
     PEFT_TYPE = "PREFIX_TUNING"
 
     def __post_init__(self):
         r = self._check_base()
-        if not isinstance(self.prefix_projection, bool):
-            r.append(f"`prefix_projection` must be a bool, got {self.prefix_projection!r}")
+        for name in ("prefix_projection", "per_layer_shapes"):
+            if not isinstance(getattr(self, name), bool):
+                r.append(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if self.init_weights not in PREFIX_INITS:
             r.append(f"`init_weights` must be None (random) or 'zero', got {self.init_weights!r}")
         _check_optional_size(r, "encoder_hidden_size", self.encoder_hidden_size,
@@ -315,7 +321,8 @@ class ModelDims:
     # sets of rows, the encoder input's first), else 1.
     num_transformer_submodules: int = 1
     # (kv heads, head dim) of each layer when layers differ (Gemma 4's per_layer_config), else
-    # None: every layer has (num_kv_heads, head_dim).
+    # None: every layer has (num_kv_heads, head_dim). Where they differ, (num_kv_heads,
+    # head_dim) are PEFT's prefix shape: the layer with the widest head dim's.
     layer_kv_shapes: tuple | None = None
 
     @classmethod
@@ -331,9 +338,7 @@ class ModelDims:
                              "ptuning_fast needs them to size prompts and prefixes")
         heads = config.num_attention_heads
         if layer_shapes is not None:
-            # The global kv heads / head dim are ambiguous there (transformers refuses to read
-            # them): layer 0's stand for them (the projection's input width).
-            kv_heads, head_dim = layer_shapes[0]
+            kv_heads, head_dim = _peft_prefix_shape(config)
         else:
             try:
                 kv_heads = getattr(config, "num_key_value_heads", None)
@@ -347,18 +352,41 @@ class ModelDims:
                    uses_kv_heads=kv_heads is not None, num_transformer_submodules=submodules,
                    layer_kv_shapes=layer_shapes)
 
-    @property
-    def prefix_width(self) -> int:
-        """Columns of the prefix encoder's output: 2 * Hkv * D summed over the layers."""
-        if self.layer_kv_shapes is None:
+    def prefix_width(self, per_layer_shapes: bool = False) -> int:
+        """Columns of the prefix encoder's output: 2 * Hkv * D summed over the layers, each
+        layer's own (Hkv, D) with `per_layer_shapes`, else PEFT's one shape."""
+        if self.layer_kv_shapes is None or not per_layer_shapes:
             return self.num_layers * 2 * self.num_kv_heads * self.head_dim
         return sum(2 * heads * dim for heads, dim in self.layer_kv_shapes)
+
 
     @property
     def prefix_token_dim(self) -> int:
         """PEFT's `token_dim` for prefix tuning: kv heads x head dim on models that declare
         num_key_value_heads (PEFT #1901), else the hidden size."""
         return self.num_kv_heads * self.head_dim if self.uses_kv_heads else self.hidden_size
+
+
+def layers_wider_than(layer_shapes, heads: int, dim: int) -> list[int]:
+    """Layers of `layer_shapes` ((kv heads, head dim) each) with more than `heads` kv heads or
+    heads wider than `dim`: PEFT's one prefix shape cannot be sliced for them."""
+    return [i for i, (h, d) in enumerate(layer_shapes or ()) if h > heads or d > dim]
+
+
+def _peft_prefix_shape(config) -> tuple[int, int]:
+    """(kv heads, head dim) PEFT 0.21 sizes one prefix by on a model whose layers differ:
+    the config's own, replaced by each per-layer override (in the config's order) whose head dim
+    is wider than the one held, with that layer's kv heads (its base's if not overridden).
+    transformers refuses to read the global sizes there, so they come from the config's dict,
+    as PEFT reads them."""
+    fields = config.to_dict()
+    heads = fields["num_key_value_heads"]
+    dim = fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
+    for override in (fields.get("per_layer_config") or {}).values():
+        if override.get("head_dim", dim) > dim:
+            dim = override["head_dim"]
+            heads = override.get("num_key_value_heads", fields["num_key_value_heads"])
+    return int(heads), int(dim)
 
 
 def _layer_kv_shapes(config) -> tuple | None:

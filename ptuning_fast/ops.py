@@ -315,7 +315,7 @@ def _reference_dropout_mask(seed, q_shape, P, Lk, dropout_p) -> torch.Tensor:
     B, Hq, Lq, _ = q_shape
     device = seed.device
     if kernels_can_run(device):
-        from .kernels.prefix_attention_fwd import dropout_keep_mask
+        from .kernels.attention_dropout import dropout_keep_mask
         return dropout_keep_mask(seed, B, Hq, Lq, P, Lk, dropout_p, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed) % 2 ** 63)

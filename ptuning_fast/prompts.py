@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ModelDims, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+from .config import (ModelDims, PrefixTuningConfig, PromptTuningConfig, PTuningConfig,
+                     layers_wider_than)
 
 
 class _TaskPrompts(nn.Module):
@@ -263,21 +264,29 @@ class PrefixEncoder(_TaskPrompts):
     where column ((layer * 2 + kv) * Hkv + head) * D + d is one element; with projection,
     `embedding` (T * P, token_dim) feeds `transform` = Linear-Tanh-Linear. forward() ->
     LayerPrefixes. Works for grouped-query models (Hkv < Hq) and any head_dim.
-    `layer_shapes` ((Hkv_i, D_i) per layer, for models whose layers differ) gives each layer a
-    prefix of its own shape: layer i's 2 * Hkv_i * D_i columns follow layer i - 1's, laid out as
-    above within the layer (the same columns as PEFT's layout when every layer has one shape).
+    `layer_shapes` ((Hkv_i, D_i) per layer, for models whose layers differ): layer i reads the
+    first Hkv_i heads and D_i dims of its (Hkv, D) prefix, PEFT's layout and slicing; with
+    `per_layer_shapes`, each layer has a prefix of its own shape instead: layer i's
+    2 * Hkv_i * D_i columns follow layer i - 1's, laid out as above within the layer.
     """
 
     def __init__(self, num_virtual_tokens: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, token_dim: int | None = None, projection: bool = False,
                  encoder_hidden_size: int | None = None, dropout: float = 0.0,
                  num_tasks: int = 1, init_weights: str | None = None,
-                 layer_shapes: tuple | None = None):
+                 layer_shapes: tuple | None = None, per_layer_shapes: bool = False):
         if layer_shapes is not None and len(layer_shapes) != num_layers:
             raise ValueError(f"`layer_shapes` must give (kv heads, head dim) for each of the "
                              f"{num_layers} layers, got {len(layer_shapes)}")
-        flat = num_layers * 2 * num_kv_heads * head_dim if layer_shapes is None \
-            else sum(2 * h * d for h, d in layer_shapes)
+        if not per_layer_shapes:
+            wider = layers_wider_than(layer_shapes, num_kv_heads, head_dim)
+            if wider:
+                raise ValueError(f"layers {wider} have more kv heads or wider heads than the "
+                                 f"prefix ({num_kv_heads} heads of {head_dim}): it cannot be "
+                                 "sliced for them; use per_layer_shapes=True")
+        self.per_layer_shapes = per_layer_shapes and layer_shapes is not None
+        flat = sum(2 * h * d for h, d in layer_shapes) if self.per_layer_shapes \
+            else num_layers * 2 * num_kv_heads * head_dim
         token_dim = token_dim or num_kv_heads * head_dim
         super().__init__(num_virtual_tokens, num_tasks, token_dim if projection else flat)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -302,7 +311,7 @@ class PrefixEncoder(_TaskPrompts):
         return cls(config.num_virtual_tokens, dims.num_layers, dims.num_kv_heads, dims.head_dim,
                    dims.prefix_token_dim, config.prefix_projection,
                    config.encoder_hidden_size, config.dropout, config.num_tasks,
-                   config.init_weights, dims.layer_kv_shapes)
+                   config.init_weights, dims.layer_kv_shapes, config.per_layer_shapes)
 
     def _encoder_modules(self) -> list[str]:
         return ["transform"] if self.projection else []
@@ -313,10 +322,15 @@ class PrefixEncoder(_TaskPrompts):
     def forward(self) -> LayerPrefixes:
         flat = self.dropout(self.raw())                      # (T, P, sum of 2 * Hkv * D)
         T, P = self.num_tasks, self.num_virtual_tokens
-        if self.layer_shapes is None:
+        if not self.per_layer_shapes:
             kv = flat.view(T, P, self.num_layers, 2, self.num_kv_heads, self.head_dim)
             kv = kv.permute(2, 3, 0, 4, 1, 5)                # (L, 2, T, Hkv, P, D), a view
-            return LayerPrefixes(kv[:, :, 0] if T == 1 else kv, T)
+            kv = kv[:, :, 0] if T == 1 else kv
+            if self.layer_shapes is None:
+                return LayerPrefixes(kv, T)
+            return LayerPrefixes(None, T, tuple(layer[..., :heads, :, :dim]   # PEFT's slices
+                                                for layer, (heads, dim) in
+                                                zip(kv.unbind(0), self.layer_shapes)))
         layers, start = [], 0
         for heads, dim in self.layer_shapes:
             width = 2 * heads * dim

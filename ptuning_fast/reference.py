@@ -105,7 +105,7 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
 
     Dropout (dropout_p > 0) needs the explicit keep-mask `dropout_mask`, bool (B, Hq, Lq, P + Lk)
     over the concatenated [prefix; sequence] keys: probabilities become probs * mask / (1 - p)
-    (as torch's SDPA and FlashAttention drop them). `ptuning_fast.kernels.prefix_attention_fwd.
+    (as torch's SDPA and FlashAttention drop them). `ptuning_fast.kernels.attention_dropout.
     dropout_keep_mask` gives the mask the Triton kernels draw for a seed.
     """
     check_prefix_attention(q, k, v, prefix_k, prefix_v, attention_mask, scale, prefix_index,

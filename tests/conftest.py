@@ -43,7 +43,7 @@ def fp32_tolerances(on_gpu=HAS_CUDA, dots=None):
     """The fp32 row for the dots the kernels compile now (`dots`: "ieee" or "tf32", read at the
     call as the launchers read it: torch's per-backend setting first, then the legacy one)."""
     if dots is None:
-        from ptuning_fast.kernels.prefix_attention_fwd import fp32_matmul_precision
+        from ptuning_fast.kernels.attention_inputs import fp32_matmul_precision
         dots = fp32_matmul_precision()
     return FP32_TF32 if on_gpu and dots == "tf32" else FP32_IEEE
 

@@ -1,8 +1,10 @@
-"""The model zoo: every model type of the installed transformers that has a causal-LM head,
-built tiny from its config class's defaults, wrapped for each method and held to PEFT's
-algorithm run without PEFT (tests/test_model_zoo.py).
+"""The model zoo: every model type of the installed transformers that has a causal-LM,
+sequence-classification, token-classification or seq2seq-LM head, built tiny from its config
+class's defaults, wrapped for each method and held to PEFT's algorithm run without PEFT
+(tests/test_model_zoo.py).
 
-`python -m tests.model_zoo` prints the outcome of every type and method (slow: minutes).
+`python -m tests.model_zoo [--head HEAD] [TYPE ...]` prints the outcome of every type and method
+(slow: minutes per head); `--markdown` writes docs/model_zoo.md.
 """
 from __future__ import annotations
 
@@ -37,8 +39,20 @@ TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 MAX_PARAMETERS = 12_000_000
 
 
-def causal_lm_types() -> list[str]:
-    return sorted(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+# head (PEFT's task type) -> (transformers' auto mapping of model type to class, title)
+HEADS = {
+    "CAUSAL_LM": (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal LM"),
+    "SEQ_CLS": (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                "sequence classification"),
+    "TOKEN_CLS": (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+                  "token classification"),
+    "SEQ_2_SEQ_LM": (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "seq2seq LM"),
+}
+LABELS = 3          # classes of the classification heads
+
+
+def model_types(head: str = "CAUSAL_LM") -> list[str]:
+    return sorted(HEADS[head][0])
 
 
 def _shrink(config) -> None:
@@ -57,9 +71,9 @@ def _shrink(config) -> None:
             _shrink(inner)
 
 
-def build(model_type: str, seed: int = 0):
-    """A tiny random causal LM of `model_type` (eager attention, eval mode). Raises with the
-    reason where the type cannot be built that way."""
+def build(model_type: str, head: str = "CAUSAL_LM", seed: int = 0):
+    """A tiny random model of `model_type` with `head` (eager attention, eval mode). Raises
+    with the reason where the type cannot be built that way."""
     config_class = configuration_auto.CONFIG_MAPPING[model_type]
     defaults = config_class().to_dict()
     # Through the constructor first, so fields derived from the sizes follow them.
@@ -73,7 +87,14 @@ def build(model_type: str, seed: int = 0):
         config = config_class()
     _shrink(config)
     config._attn_implementation = "eager"
-    cls = getattr(transformers, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    if head in ("SEQ_CLS", "TOKEN_CLS"):
+        config.num_labels = LABELS
+    if head == "SEQ_CLS" and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = TOKENS["pad_token_id"]     # it finds each row's last token by it
+    if getattr(config, "is_encoder_decoder", False) \
+            and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = TOKENS["pad_token_id"]     # T5's convention
+    cls = getattr(transformers, HEADS[head][0][model_type])
     with torch.device("meta"):
         count = sum(p.numel() for p in cls(config).parameters())
     if count > MAX_PARAMETERS:
@@ -81,16 +102,47 @@ def build(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():
-        model(**inputs())           # it runs at all
+        model(**inputs(head))           # it runs at all
     return model
 
 
-def inputs(rows: int = 2, length: int = 6, seed: int = 1):
+def inputs(head: str = "CAUSAL_LM", rows: int = 2, length: int = 6, seed: int = 1):
+    """Ids with left padding in one row (pad id 0 there); a sequence classifier's rows end in
+    EOS (encoder-decoder classifiers pool there); a seq2seq model also gets its decoder's
+    targets, which it needs to run."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (rows, length), generator=g)
+    if head == "SEQ_CLS":
+        ids[:, -1] = TOKENS["eos_token_id"]
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0                                    # left padding in one row
-    return {"input_ids": ids, "attention_mask": mask}
+    mask[0, :2] = 0
+    batch = {"input_ids": ids.masked_fill(mask == 0, TOKENS["pad_token_id"]),
+             "attention_mask": mask}
+    if head == "SEQ_2_SEQ_LM":
+        batch["labels"] = torch.randint(3, VOCAB, (rows, 4), generator=g)
+    return batch
+
+
+def targets(head: str, batch: dict):
+    """The labels a training step of `head` takes."""
+    g = torch.Generator().manual_seed(2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if head == "SEQ_CLS":
+        return torch.randint(0, LABELS, (ids.shape[0],), generator=g)
+    if head == "TOKEN_CLS":
+        return torch.randint(0, LABELS, ids.shape, generator=g).masked_fill(mask == 0, -100)
+    if head == "SEQ_2_SEQ_LM":
+        return batch["labels"]
+    return ids.masked_fill(mask == 0, -100)
+
+
+def token_loss(logits, labels):
+    """Cross-entropy of a token classifier over the real tokens (the last L of P + L logits):
+    PEFT does not pad token-classification labels for a prompt, so its base model cannot take
+    them; both sides compute the loss here."""
+    logits = logits[:, -labels.shape[1]:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1))
 
 
 CONFIGS = {
@@ -100,41 +152,55 @@ CONFIGS = {
 }
 
 
-def _peft_algorithm(ours, batch, labels):
+def _peft_algorithm(ours, head, batch, labels):
     """PEFT's function without PEFT, on copies: the prompt concatenated in front of the
-    embeddings (prompt tuning, P-Tuning) or each layer's prefix in the model's own KV cache
-    (prefix tuning), the model's own eager attention computing. Returns (output, parameters)."""
-    from models import MaterializedPrompt
+    (encoder's) embeddings (prompt tuning, P-Tuning), or each layer's prefix in the model's own
+    KV cache (prefix tuning; an encoder-decoder's in its decoder's self-attention cache, as
+    PEFT's get_prompt lays it out), the model's own eager attention computing. Returns
+    (logits, loss, parameters)."""
+    from models import MaterializedPrompt, cache_kwarg, seq2seq_prefix_cache
     twin = MaterializedPrompt(ours)
-    if ours.ptuning_config.method == "prefix_tuning":
-        return twin(**batch, labels=labels), twin.trainable_parameters()
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ours.ptuning_config.method == "prefix_tuning":
+        if head == "SEQ_2_SEQ_LM":
+            cache = seq2seq_prefix_cache(twin, twin.base_model, ids.shape[0])
+            out = twin.base_model(input_ids=ids, attention_mask=mask, labels=labels,
+                                  use_cache=True, **{cache_kwarg(twin.base_model): cache})
+        else:
+            out = twin(input_ids=ids, attention_mask=mask, labels=labels)
+        return out.logits, out.loss, twin.trainable_parameters()
     prompt = twin.prompt_encoder()
     embeds = twin.base_model.get_input_embeddings()(ids)
     rows = prompt.to(embeds.dtype).expand(ids.shape[0], *prompt.shape)
-    out = twin.base_model(inputs_embeds=torch.cat([rows, embeds], 1),
-                          attention_mask=torch.cat([mask.new_ones(ids.shape[0], P), mask], 1),
-                          labels=torch.cat([labels.new_full((ids.shape[0], P), -100), labels], 1))
-    return out, twin.trainable_parameters()
+    given = {"inputs_embeds": torch.cat([rows, embeds], 1),
+             "attention_mask": torch.cat([mask.new_ones(ids.shape[0], P), mask], 1)}
+    if head == "CAUSAL_LM":
+        given["labels"] = torch.cat([labels.new_full((ids.shape[0], P), -100), labels], 1)
+    elif head != "TOKEN_CLS":
+        given["labels"] = labels
+    out = twin.base_model(**given)
+    loss = token_loss(out.logits, labels) if head == "TOKEN_CLS" else out.loss
+    return out.logits, loss, twin.trainable_parameters()
 
 
-def check_type(model_type: str) -> dict[str, tuple[str, str]]:
-    """{method: (outcome, detail)} for one model type; the base model is built once."""
+def check_type(model_type: str, head: str = "CAUSAL_LM") -> dict[str, tuple[str, str]]:
+    """{method: (outcome, detail)} for one model type and head; the base model is built once."""
     try:
-        base = build(model_type)
+        base = build(model_type, head)
     except Exception as err:  # noqa: BLE001 — any reason a type cannot be built is listed
         reason = f"{type(err).__name__}: {err}".splitlines()[0][:160]
         return {method: ("unbuildable", reason) for method in CONFIGS}
-    return {method: check(copy.deepcopy(base), method) for method in CONFIGS}
+    return {method: check(copy.deepcopy(base), method, head) for method in CONFIGS}
 
 
-def check(base, method: str) -> tuple[str, str]:
+def check(base, method: str, head: str = "CAUSAL_LM") -> tuple[str, str]:
     """(outcome, detail) of `method` on `base`: "equal" (logits, loss and every trainable
-    gradient equal PEFT's algorithm, and the soft prompt changes the output), "refused" (wrap
+    gradient equal PEFT's algorithm, and the soft prompt changes the output; the detail starts
+    with the path taken), "refused" (wrap
     raised an error naming the model), "DIFFERS" or "ERROR" (failures)."""
     name = type(base).__name__
     with torch.no_grad():
-        plain = base(**inputs()).logits
+        plain = base(**inputs(head)).logits
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -146,11 +212,12 @@ def check(base, method: str) -> tuple[str, str]:
     with torch.no_grad():
         for p in ours.prompt_encoder.parameters():
             p.normal_(0, 0.5)
-    batch = inputs()
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch = inputs(head)
+    labels = targets(head, batch)
+    batch.pop("labels", None)
     try:
-        theirs, params = _peft_algorithm(ours, batch, labels)
-        theirs.loss.backward()
+        their_logits, their_loss, params = _peft_algorithm(ours, head, batch, labels)
+        their_loss.backward()
     except Exception as err:  # noqa: BLE001 — no PEFT function to be equal to
         peft_error = f"{type(err).__name__}: {err}".splitlines()[0][:160]
     else:
@@ -167,28 +234,42 @@ def check(base, method: str) -> tuple[str, str]:
     if peft_error is not None:
         return "ERROR", f"ours runs where PEFT's algorithm fails: {peft_error}"
     logits = mine.logits[:, -plain.shape[1]:]
-    if torch.allclose(logits, plain, atol=1e-4):
+    if logits.shape == plain.shape and torch.allclose(logits, plain, atol=1e-4):
         return "DIFFERS", "the soft prompt does not change the output"
-    errors = {"logits": (mine.logits - theirs.logits).abs().max().item(),
-              "loss": (mine.loss - theirs.loss).abs().item()}
+    if mine.logits.shape != their_logits.shape:
+        return "DIFFERS", f"logits of shape {tuple(mine.logits.shape)}, PEFT's " \
+                          f"{tuple(their_logits.shape)}"
+    errors = {"logits": (mine.logits - their_logits).abs().max().item(),
+              "loss": (mine.loss - their_loss).abs().item()}
     for n, p in ours.trainable_parameters().items():
         errors[n] = (p.grad - params[n].grad).abs().max().item() / \
             max(params[n].grad.abs().max().item(), 1e-6)
     worst = max(errors, key=errors.get)
     if errors[worst] > 1e-4:
         return "DIFFERS", f"{worst} off by {errors[worst]:.2e}"
-    return "equal", f"worst {worst} {errors[worst]:.1e}"
+    return "equal", f"{path_taken(ours)}; worst {worst} {errors[worst]:.1e}"
+
+
+def path_taken(ours) -> str:
+    """"fast" where the wrapped model takes ptuning_fast's fast path (the prefix handed to its
+    attention kernels; the prompt computed once per task), else "PEFT's way"."""
+    fast = not ours._prefix_in_cache if ours.is_prefix else ours._shared_prompt
+    return "fast" if fast else "PEFT's way"
 
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "model_zoo.md")
-HEADER = f"""# The model zoo: every causal LM of transformers {transformers.__version__}
+HEADER = f"""# The model zoo: every causal LM, classifier and seq2seq LM of transformers {transformers.__version__}
 
 Generated by `python -m tests.model_zoo --markdown > docs/model_zoo.md`; tests/test_model_zoo.py
-runs every row again and fails where this file no longer says what happens. Each model type with a
-causal-LM head in that transformers is built tiny from its config class's defaults (hidden size
-64, 2 layers, 4 heads), wrapped for each method ({P} virtual tokens) and compared with PEFT's
-algorithm run without PEFT (the prompt concatenated in front of the embeddings; each layer's prefix
-in the model's own KV cache): logits, loss and every trainable gradient, on a batch with padding.
+runs every row again and fails where this file no longer says what happens. Each model type with
+a causal-LM, sequence-classification, token-classification or seq2seq-LM head in that
+transformers is built tiny from its config class's defaults (hidden size 64, 2 layers, 4 heads, 3
+labels), wrapped for each method ({P} virtual tokens) and compared with PEFT's algorithm run
+without PEFT (the prompt concatenated in front of the (encoder's) embeddings; each layer's prefix
+in the model's own KV cache, an encoder-decoder's in its decoder's self-attention cache as PEFT
+lays it out): logits, loss and every trainable gradient, on a batch with padding. A token
+classifier's loss is taken over the real tokens on both sides (PEFT does not pad its labels for a
+prompt).
 
 - **same, fast**: equal to PEFT's function through ptuning_fast's fast path (the prefix handed to
   its attention kernels; the prompt computed once per task), a model type verified here or in the
@@ -202,18 +283,16 @@ in the model's own KV cache): logits, loss and every trainable gradient, on a ba
   `wrap`'s model: there is no function to compute.
 - **not built here**: the sweep could not build a tiny model of this type from its config's
   defaults (the reason is given); nothing is claimed for it.
-
+"""
+TABLE = """
 | model type | Prompt Tuning | P-Tuning | Prefix Tuning |
 |---|---|---|---|
 """
 
 
 def _cell(model_type: str, method: str, outcome: str, detail: str) -> str:
-    from ptuning_fast.integrations import support
     if outcome == "equal":
-        verified = support.PREFIX_ATTENTION_VERIFIED if method == "prefix" \
-            else support.SHARED_PROMPT_VERIFIED
-        return "same, fast" if model_type in verified else "same, PEFT's way"
+        return "same, " + detail.split(";")[0]
     if outcome == "refused":
         return f"refused ({detail.split(':')[0]})"
     if outcome == "no function":
@@ -230,22 +309,62 @@ def markdown_row(model_type: str, outcomes: dict) -> str:
     return f"| `{model_type}` | " + " | ".join(cells) + " |"
 
 
-def documented_rows() -> dict[str, str]:
+def documented_rows() -> dict[tuple[str, str], str]:
+    """{(head, model type): its row} of docs/model_zoo.md."""
+    titles = {f"## {title} ({head})": head for head, (_, title) in HEADS.items()}
+    rows, head = {}, None
     with open(DOC) as f:
-        return {line.split("`")[1]: line.rstrip("\n") for line in f if line.startswith("| `")}
+        for line in f:
+            head = titles.get(line.strip(), head)
+            if line.startswith("| `"):
+                rows[head, line.split("`")[1]] = line.rstrip("\n")
+    return rows
+
+
+OUTCOMES = ("same, fast", "same, PEFT's way", "refused", "no function")
+
+
+def summary(rows: dict[tuple[str, str], str]) -> str:
+    """The README's table: per head, the model types and how many cells (type x method) of the
+    built ones end in each outcome, counted from docs/model_zoo.md's rows."""
+    lines = ["| head | model types | built | " + " | ".join(OUTCOMES) + " |",
+             "|---|---|---|" + "---|" * len(OUTCOMES)]
+    for head, (_, title) in HEADS.items():
+        mine = [row for (h, _), row in sorted(rows.items()) if h == head]
+        built = [row for row in mine if "not built here" not in row]
+        cells = [c.strip() for row in built for c in row.split(" | ")[1:]]
+        counts = [sum(c.strip(" |").startswith(o) for c in cells) for o in OUTCOMES]
+        lines.append(f"| {title} | {len(mine)} | {len(built)} | "
+                     + " | ".join(map(str, counts)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    import sys
-    args = sys.argv[1:]
-    if args[:1] == ["--markdown"]:
-        print(HEADER, end="")
-        for model_type in causal_lm_types():
-            print(markdown_row(model_type, check_type(model_type)), flush=True)
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m tests.model_zoo")
+    parser.add_argument("--markdown", action="store_true", help="write docs/model_zoo.md's text")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the README's table, counted from docs/model_zoo.md")
+    parser.add_argument("--head", choices=list(HEADS), action="append",
+                        help="only this head (repeatable; default: every head)")
+    parser.add_argument("types", nargs="*", help="only these model types")
+    args = parser.parse_args()
+    heads = args.head or list(HEADS)
+    if args.summary:
+        print(summary(documented_rows()), end="")
         return
-    for model_type in args or causal_lm_types():
-        for method, (outcome, detail) in check_type(model_type).items():
-            print(f"{model_type:28} {method:8} {outcome:12} {detail}", flush=True)
+    if args.markdown:
+        print(HEADER, end="")
+    for head in heads:
+        if args.markdown:
+            print(f"\n## {HEADS[head][1]} ({head})\n{TABLE}", end="")
+        for model_type in args.types or model_types(head):
+            outcomes = check_type(model_type, head)
+            if args.markdown:
+                print(markdown_row(model_type, outcomes), flush=True)
+                continue
+            for method, (outcome, detail) in outcomes.items():
+                print(f"{head:12} {model_type:28} {method:8} {outcome:12} {detail}", flush=True)
 
 
 if __name__ == "__main__":

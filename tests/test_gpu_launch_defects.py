@@ -20,7 +20,7 @@ from triton.runtime import _allocation
 
 import ptuning_fast as pf
 from ptuning_fast import ops, reference
-from ptuning_fast.kernels import autotune, split_reduce, tiles
+from ptuning_fast.kernels import attention_dropout, attention_inputs, autotune, split_reduce, tiles
 from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels import prompt_embedding as embedding_kernels
@@ -70,10 +70,10 @@ def check_decode_against_reference(case):
 @pytest.mark.parametrize("set_api", [_set_matmul, _set_generic], ids=["cuda.matmul", "generic"])
 def test_new_tf32_api_drives_the_fp32_dots(fp32_precision_restored, set_api):
     set_api("tf32")
-    assert fwd_kernels.input_precision(torch.float32) == "tf32"
-    assert fwd_kernels.input_precision(torch.float16) == "tf32"
+    assert attention_inputs.input_precision(torch.float32) == "tf32"
+    assert attention_inputs.input_precision(torch.float16) == "tf32"
     set_api("ieee")
-    assert fwd_kernels.input_precision(torch.float32) == "ieee"
+    assert attention_inputs.input_precision(torch.float32) == "ieee"
     # Every fp32 launch (forward, decode, each backward kernel) reads the setting; under the
     # interpreter the dots are exact either way, so the result is checked against the reference.
     set_api("tf32")
@@ -83,15 +83,15 @@ def test_new_tf32_api_drives_the_fp32_dots(fp32_precision_restored, set_api):
 
 def test_legacy_tf32_api_still_decides(fp32_precision_restored):
     torch.set_float32_matmul_precision("high")
-    assert fwd_kernels.input_precision(torch.float32) == "tf32"
+    assert attention_inputs.input_precision(torch.float32) == "tf32"
     torch.set_float32_matmul_precision("highest")
-    assert fwd_kernels.input_precision(torch.float32) == "ieee"
+    assert attention_inputs.input_precision(torch.float32) == "ieee"
     if NEW_API:      # neither per-backend level set: the legacy value is the one left
         torch.backends.fp32_precision = "none"
         torch.backends.cuda.matmul.fp32_precision = "none"
         torch.set_float32_matmul_precision("medium")
         torch.backends.cuda.matmul.fp32_precision = "none"
-        assert fwd_kernels.input_precision(torch.float32) == "tf32"
+        assert attention_inputs.input_precision(torch.float32) == "tf32"
 
 
 @gpu
@@ -276,7 +276,7 @@ def _assert_grids_fit(spy):
 
 def test_dropout_mask_grid_fits_at_2048_rows_of_32_heads(monkeypatch):
     spy = _spy(monkeypatch, fwd_kernels, "_dropout_mask_kernel")
-    fwd_kernels.dropout_keep_mask(1234, 2048, 32, 1, 0, 1, 0.1, DEVICE)
+    attention_dropout.dropout_keep_mask(1234, 2048, 32, 1, 0, 1, 0.1, DEVICE)
     _assert_grids_fit(spy)
 
 
@@ -409,7 +409,7 @@ def test_gpu_task_table_gradient(tasks):
 
 @gpu
 def test_gpu_grids_past_65535():
-    keep = fwd_kernels.dropout_keep_mask(1234, 2048, 32, 2, 3, 29, 0.25, DEVICE)
+    keep = attention_dropout.dropout_keep_mask(1234, 2048, 32, 2, 3, 29, 0.25, DEVICE)
     # Every (row, head) block written: the last one's keep rate is Bernoulli(0.75) too.
     rates = keep.float().mean(dim=(2, 3)).flatten()
     assert abs(rates.mean().item() - 0.75) < 0.01 and 0.3 < rates[-1].item() < 1.0

@@ -15,7 +15,7 @@ from test_prefix_attention import (NAMES, Case, check_against_reference, exact, 
 from test_prefix_attention_terms import make_terms
 
 from ptuning_fast import reference
-from ptuning_fast.kernels import autotune, tiles
+from ptuning_fast.kernels import attention_inputs, autotune, tiles
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels.launch import device_target
 
@@ -169,7 +169,7 @@ def test_gpu_fp32_highest_meets_ieee_tolerance():
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert fwd_kernels.input_precision(torch.float32) == "ieee"
+        assert attention_inputs.input_precision(torch.float32) == "ieee"
         assert tolerance(torch.float32) == FP32_IEEE["fwd"]
         assert tolerance(torch.float32, "grad") == FP32_IEEE["grad"]
         check_against_reference(Case(2, 8, 2, 300, 333, 128, 64, "task", "left"), torch.float32)

@@ -14,7 +14,7 @@ import triton
 from conftest import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ptuning_fast.kernels import launch
+from ptuning_fast.kernels import attention_dropout, launch
 from ptuning_fast.kernels import prefix_attention_bwd as bwd
 from ptuning_fast.kernels import prefix_attention_decode as decode
 from ptuning_fast.kernels import prefix_attention_fwd as fwd
@@ -72,9 +72,9 @@ def test_every_kernel_entry_point_launches_on_its_inputs_device(entry):
                     reason="runs the mask kernel under the interpreter")
 def test_the_dropout_mask_launches_on_its_device(monkeypatch):
     asked = []
-    monkeypatch.setattr(fwd, "on_device",
+    monkeypatch.setattr(attention_dropout, "on_device",
                         lambda d: asked.append(d) or contextlib.nullcontext())
-    keep = fwd.dropout_keep_mask(7, 1, 2, 3, 1, 4, 0.5, "cpu")
+    keep = attention_dropout.dropout_keep_mask(7, 1, 2, 3, 1, 4, 0.5, "cpu")
     assert keep.shape == (1, 2, 3, 5) and asked == [torch.device("cpu")]
 
 

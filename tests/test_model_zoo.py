@@ -1,13 +1,16 @@
-"""Every model type with a causal-LM head in the installed transformers computes PEFT's function
-under `wrap` (fast where verified, PEFT's own way elsewhere) or is refused by name: never a
-silent difference. docs/model_zoo.md records each row (tests/model_zoo.py)."""
+"""Every model type with a causal-LM, sequence-classification, token-classification or
+seq2seq-LM head in the installed transformers computes PEFT's function under `wrap` (fast where
+verified, PEFT's own way elsewhere) or is refused by name: never a silent difference.
+docs/model_zoo.md records each row (tests/model_zoo.py)."""
 import copy
+import os
 
 import pytest
 
-from model_zoo import causal_lm_types, check, check_type, documented_rows, markdown_row
+from model_zoo import (HEADS, check, check_type, documented_rows, markdown_row, model_types,
+                       summary)
 
-TYPES = causal_lm_types()
+CASES = [(head, t) for head in HEADS for t in model_types(head)]
 
 
 @pytest.fixture(scope="module")
@@ -15,22 +18,31 @@ def documented():
     return documented_rows()
 
 
-@pytest.mark.parametrize("model_type", TYPES)
-def test_computes_pefts_function_or_is_refused(model_type, documented, one_torch_thread):
-    outcomes = check_type(model_type)
+@pytest.mark.parametrize("head, model_type", CASES, ids=[f"{h}-{t}" for h, t in CASES])
+def test_computes_pefts_function_or_is_refused(head, model_type, documented, one_torch_thread):
+    outcomes = check_type(model_type, head)
     failures = {m: o for m, o in outcomes.items() if o[0] not in ("equal", "refused",
                                                                   "no function", "unbuildable")}
     assert not failures, failures
-    assert documented.get(model_type) == markdown_row(model_type, outcomes), \
+    assert documented.get((head, model_type)) == markdown_row(model_type, outcomes), \
         "docs/model_zoo.md is stale: regenerate it with `python -m tests.model_zoo --markdown`"
 
 
 def test_the_zoo_is_large(documented):
-    """At least 100 model types built and held to PEFT's function (or refused) by all three
-    methods; every type of this transformers has a row."""
-    assert set(documented) == set(TYPES)
-    checked = [t for t, row in documented.items() if "not built here" not in row]
-    assert len(checked) >= 100, len(checked)
+    """At least 100 causal-LM model types built and held to PEFT's function (or refused) by all
+    three methods, and at least 50 of each classifier; every type and head of this transformers
+    has a row."""
+    assert set(documented) == set(CASES)
+    built = {head: sum("not built here" not in row for (h, _), row in documented.items()
+                       if h == head) for head in HEADS}
+    assert built["CAUSAL_LM"] >= 100 and built["SEQ_CLS"] >= 50 and built["TOKEN_CLS"] >= 50 \
+        and built["SEQ_2_SEQ_LM"] >= 15, built
+
+
+def test_readme_counts_are_the_zoos(documented):
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        assert summary(documented) in f.read(), \
+            "README.md's zoo counts are stale: `python -m tests.model_zoo --summary`"
 
 
 def test_multi_head_latent_attention_is_refused_by_name(one_torch_thread):

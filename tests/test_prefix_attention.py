@@ -14,6 +14,7 @@ from conftest import DEVICE, HAS_CUDA, assert_close, assert_error_within, gpu, p
 
 import ptuning_fast as pf
 from ptuning_fast import reference
+from ptuning_fast.kernels import attention_inputs, attention_specs
 from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
 from ptuning_fast.kernels import prefix_attention_bwd_dq as dq_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
@@ -316,9 +317,9 @@ def test_input_precision_follows_torch_setting():
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert fwd_kernels.input_precision(torch.float32) == "ieee"
+        assert attention_inputs.input_precision(torch.float32) == "ieee"
         torch.set_float32_matmul_precision("high")
-        assert fwd_kernels.input_precision(torch.float32) == "tf32"
+        assert attention_inputs.input_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -359,8 +360,7 @@ def test_bad_inputs_name_the_argument():
 def test_compile_specs_cover_every_gpu_config():
     # Every tile candidate a launcher can pick on a GPU appears in compile_specs() (which the
     # compile test builds for sm_80/sm_90) on the archs that list it, for each kernel using it.
-    specs = [s for m in (fwd_kernels, bwd_kernels, dq_kernels) for s in m.compile_specs()
-             if "BLOCK_D" in s.constexprs]             # not the dropout-mask kernel
+    specs = [s for m in (fwd_kernels, bwd_kernels, dq_kernels) for s in m.compile_specs()]
     # The dropout-free kernels alone cover every config (dropout variants come on top).
     built = {(s.name.split("[")[0], arch, "bf16" in s.name or "fp16" in s.name,
               s.constexprs["BLOCK_D"], s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"),
@@ -380,8 +380,8 @@ def test_compile_specs_cover_every_gpu_config():
         assert (arch, sixteen_bit, block_d) in {p[:3] for p in prefix}
     assert {p[3] for p in prefix} >= {16, 64}
     for D in (1, 16, 32, 48, 64, 80, 96, 128, 160, 256):
-        assert fwd_kernels.head_block(D) in {32, 64, 128, 256}
-    for flags in fwd_kernels.FLAG_COMBOS:
+        assert tiles.head_block(D) in {32, 64, 128, 256}
+    for flags in attention_specs.FLAG_COMBOS:
         assert any((s.constexprs.get("IS_CAUSAL"), s.constexprs.get("HAS_MASK")) == flags
                    for s in specs if "fwd" in s.name)
     # Dropout-free, every config above; with dropout, some of them for each kernel.

@@ -13,7 +13,7 @@ import ptuning_fast as pf
 from ptuning_fast import reference
 from ptuning_fast.benchmarks import attention as bench_attention
 from ptuning_fast.benchmarks import flops, providers
-from ptuning_fast.kernels import launch
+from ptuning_fast.kernels import attention_specs, launch
 from ptuning_fast.kernels import prefix_attention_decode as decode_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 
@@ -294,7 +294,7 @@ def test_compile_specs_cover_every_gpu_tile():
                     tile.num_stages, sixteen_bit) in split
     flags = {(s.constexprs["IS_CAUSAL"], s.constexprs["HAS_MASK"], s.constexprs["IS_SPLIT"])
              for s in specs if s.fn is decode_kernels._decode_split_kernel}
-    assert {f[:2] for f in flags} == set(fwd_kernels.FLAG_COMBOS)
+    assert {f[:2] for f in flags} == set(attention_specs.FLAG_COMBOS)
     assert {f[2] for f in flags} == {True, False}
     merged = {(s.constexprs["BLOCK_D"], s.name.split("[")[1].split(",")[0])
               for s in specs if s.fn is decode_kernels._decode_merge_kernel}

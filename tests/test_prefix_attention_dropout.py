@@ -14,7 +14,8 @@ import ptuning_fast as pf
 from ptuning_fast import reference
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels import tiles
-from ptuning_fast.kernels.prefix_attention_fwd import TileConfig, dropout_keep_mask
+from ptuning_fast.kernels.attention_dropout import dropout_keep_mask
+from ptuning_fast.kernels.tiles import TileConfig
 
 SEED = 0x5EED_1234_ABCD
 

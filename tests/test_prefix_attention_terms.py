@@ -12,7 +12,7 @@ from test_prefix_attention import (NAMES, Case, check_against_reference, exact, 
 import ptuning_fast as pf
 from ptuning_fast import reference
 from ptuning_fast.kernels.launch import Target, pretend_target
-from ptuning_fast.kernels.prefix_attention_fwd import dropout_keep_mask
+from ptuning_fast.kernels.attention_dropout import dropout_keep_mask
 
 
 def make_terms(case, spec, dtype):

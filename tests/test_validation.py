@@ -176,7 +176,7 @@ def test_bf16_under_the_interpreter_is_refused():
 def test_dropout_keep_mask_on_a_plain_cpu_is_a_clear_error():
     # Without the interpreter, Triton's own error says "0 active drivers ([])".
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from ptuning_fast.kernels.prefix_attention_fwd import dropout_keep_mask\n"
+    code = ("from ptuning_fast.kernels.attention_dropout import dropout_keep_mask\n"
             "dropout_keep_mask(1, 1, 1, 2, 0, 4, 0.5, 'cpu')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)

@@ -160,7 +160,7 @@ def prefix_attention_fused(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
     Returns (B, Hq, Lq, D) in q's dtype, laid out as (B, Lq, Hq, D) in memory, so that
     `out.transpose(1, 2).reshape(B, Lq, Hq * D)` needs no copy. fp16/bf16/fp32, D <= 256.
     fp32 dots use tf32 where torch's own CUDA fp32 matmuls would and exact fp32 otherwise
-    (torch's default): see `kernels.prefix_attention_fwd.fp32_matmul_precision`.
+    (torch's default): see `kernels.attention_inputs.fp32_matmul_precision`.
     dropout_p > 0 needs dropout_seed: a 0-d int64 tensor on q's device (see the module doc).
     Lq <= 16 without dropout, attention terms and gradients runs the split-key decode kernel.
     Attention terms (bias, window_size, prefix_in_window, softcap, sinks, packed `segments`):

@@ -89,7 +89,8 @@ def save(model, directory, *, full_state: bool = False, overwrite: bool = False,
             f"task's prompt ({config.num_tasks} x {config.num_virtual_tokens} rows) and PEFT, "
             "which has no per-task prompts, cannot load it; load it with "
             "ptuning_fast.PTuningModel.from_pretrained", stacklevel=3)
-    if model.dims.layer_kv_shapes is not None and config.method == "prefix_tuning":
+    if config.method == "prefix_tuning" and config.per_layer_shapes \
+            and model.dims.layer_kv_shapes is not None:
         warnings.warn(
             f"saving prefixes of each layer's own shape {model.dims.layer_kv_shapes}: PEFT, "
             "which sizes one prefix for all layers, cannot load them; load them with "
@@ -205,7 +206,8 @@ def _prompt_shape(config, dims: ModelDims) -> tuple[int, int]:
     """Shape of "prompt_embeddings" (the encoder's output) for `config` on a model of `dims`:
     P rows per task (S * P for prompts on encoder-decoders, PEFT's layout)."""
     if config.method == "prefix_tuning":
-        return config.num_tasks * config.num_virtual_tokens, dims.prefix_width
+        return config.num_tasks * config.num_virtual_tokens, \
+            dims.prefix_width(config.per_layer_shapes)
     rows = config.num_virtual_tokens * dims.num_transformer_submodules
     return config.num_tasks * rows, dims.hidden_size
 

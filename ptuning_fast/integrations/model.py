@@ -28,8 +28,8 @@ from . import packed_inputs
 from .packed_inputs import packed_segments_of, refuse_packed
 from .peft_surface import BaseModelState, PeftSurfaceMixin
 from .support import (ignored_in_front, numbers_positions_from_mask, ones_in_front,
-                      prefix_in_cache, refuse_unsupported, supports_shared_prompt, task_type_of,
-                      unverified_model)
+                      prefix_in_cache, refuse_unsliceable_prefix, refuse_unsupported,
+                      supports_shared_prompt, task_type_of, unverified_model)
 
 _HEAD_NAMES = ("classifier", "score")   # PEFT's default modules_to_save for classification
 
@@ -226,6 +226,7 @@ class PTuningModel(PeftSurfaceMixin, nn.Module):
             raise ValueError(f"{type(base_model).__name__}: {err}") from None
         task_type = task_type_of(base_model)
         config.check_model(dims, task_type)
+        refuse_unsliceable_prefix(base_model, config, dims)
         modules_to_save = heads_to_train(config, modules_to_save, base_model, task_type)
         heads = {name: _submodule(base_model, name, "modules_to_save") for name in modules_to_save}
         allowed = HEADS_BY_TASK.get(task_type, ())

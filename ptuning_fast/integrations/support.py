@@ -10,6 +10,8 @@ import inspect
 import torch
 from torch import nn
 
+from ..config import layers_wider_than
+
 # transformers' class-name suffixes of the heads PEFT has a task type for.
 _TASK_BY_SUFFIX = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                    ("ForTokenClassification", "TOKEN_CLS"),
@@ -225,7 +227,12 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             f"generating model such as T5ForConditionalGeneration), not "
             f"{task_type_of(base_model)}")
     if method != "prefix_tuning":
-        embeddings = base_model.get_input_embeddings()
+        try:
+            embeddings = base_model.get_input_embeddings()
+        except NotImplementedError as err:    # CANINE: hashed characters, no embedding table
+            raise NotImplementedError(
+                f"{name}: Prompt Tuning and P-Tuning put the prompt in front of the word "
+                f"embeddings, and this model has no embedding table to take it ({err})") from None
         width = getattr(embeddings, "embedding_dim", None)
         hidden = getattr(text_config(base_model), "hidden_size", width)
         if width is not None and width != hidden:
@@ -267,3 +274,22 @@ def refuse_unsupported(base_model: nn.Module, method: str) -> None:
             "AttentionInterface (the prefix reaches each layer through it); this model's "
             "modeling code calls its own attention, which would silently ignore the prefix. "
             "Prompt Tuning and P-Tuning work on it")
+
+
+def refuse_unsliceable_prefix(base_model: nn.Module, config, dims) -> None:
+    """NotImplementedError where PEFT's one prefix shape, sliced per layer, cannot serve every
+    layer of a model whose layers differ (PEFT skips those layers, while the attention mask it
+    builds counts the prefix for them too)."""
+    if config.method != "prefix_tuning" or config.per_layer_shapes:
+        return
+    wider = layers_wider_than(dims.layer_kv_shapes, dims.num_kv_heads, dims.head_dim)
+    if wider:
+        shapes = [dims.layer_kv_shapes[i] for i in wider]
+        raise NotImplementedError(
+            f"{type(base_model).__name__}: PEFT sizes one prefix for this model "
+            f"({dims.num_kv_heads} kv heads of dim {dims.head_dim}, its widest heads) and "
+            f"slices it for each layer, but layers {wider} have (kv heads, head dim) {shapes}: "
+            "PEFT skips them, leaving their caches without the P entries its attention mask "
+            "counts, so there is no PEFT function to match. "
+            "PrefixTuningConfig(per_layer_shapes=True) gives each layer "
+            "a prefix of its own shape (a checkpoint PEFT cannot load)")
