@@ -15,9 +15,9 @@ define_kernels()     # before the first @triton.jit: see launch.interpreting
 @triton.jit
 def online_softmax(s, m_i, l_i, scale):
     """One block of the online softmax in base 2, for the scores s * scale (rows x keys;
-    scale >= 0) and the running (max, normalizer) of each row: (p, alpha, m_new, l_new), with
+    scale > 0) and the running (max, normalizer) of each row: (p, alpha, m_new, l_new), with
     acc to be rescaled by alpha. The scale is applied inside exp2's argument (one FFMA a score,
-    as Triton's fused-attention tutorial does; the row max commutes with a scale >= 0) instead
+    as Triton's fused-attention tutorial does; the row max commutes with a scale > 0) instead
     of a multiply of every score before the max; pass 1.0 for scores scaled already.
     A row that has seen only masked keys keeps m = -inf; shifting by 0 instead keeps its
     probabilities exactly 0 rather than NaN (-inf - -inf)."""

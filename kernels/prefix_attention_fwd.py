@@ -92,7 +92,7 @@ def _attend_blocks(
             s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
             exp2_scale = 1.0
-        else:          # scaled inside exp2's argument (online_softmax; the launcher made it >= 0)
+        else:          # scaled inside exp2's argument (online_softmax; the launcher made it > 0)
             s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), 1.0, softcap_scale,
                           SOFTCAP=SOFTCAP)
             exp2_scale = qk_scale
@@ -334,10 +334,12 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
         return out, lse
     terms = terms.prepare()
     qk_scale, softcap_scale = terms.qk_scales(x.scale)
-    if qk_scale < 0 and terms.bias is None:
-        # The loops scale inside exp2's argument (online_softmax), which needs a scale >= 0:
-        # a negative scale's sign goes into q instead (negation is exact, so are the scores).
-        x.q, qk_scale = x.q.neg(), -qk_scale
+    if qk_scale <= 0 and terms.bias is None:
+        # The loops scale inside exp2's argument (online_softmax), which needs a scale > 0
+        # (the row max must commute with it; a hidden key's -inf times 0 is NaN): a negative
+        # scale's sign goes into q (negation is exact, so are the scores), a zero scale makes
+        # q zero with scale 1 (every score exactly 0, as before).
+        x.q, qk_scale = (x.q.neg(), -qk_scale) if qk_scale < 0 else (torch.zeros_like(x.q), 1.0)
     tma = tma_ready(x.prefix_k, x.prefix_v, x.k, x.v)
 
     def launch(cfg: TileConfig) -> None:

@@ -230,10 +230,11 @@ def test_output_layout_and_poisoned_out():
     assert torch.equal(poisoned, out)
 
 
-@pytest.mark.parametrize("scale", [0.05, -0.3])
+@pytest.mark.parametrize("scale", [0.05, -0.3, 0.0])
 def test_scale_argument(scale):
-    # The forward scales inside exp2's argument, which needs a scale >= 0: a negative one's sign
-    # goes into q, and the backward's recomputed probabilities must still match its LSE.
+    # The forward scales inside exp2's argument, which needs a scale > 0: a negative one's sign
+    # goes into q, and the backward's recomputed probabilities must still match its LSE; at 0
+    # a hidden key's -inf times the scale would be NaN (causal: every row hides keys).
     # Logits of a few hundred (base 2): a row max taken on the wrong side overflows exp2.
     case = Case(1, 2, 2, 9, 9, 32, 4)
     inputs, _, _ = make_inputs(case, torch.float32, requires_grad=False)
