@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .compile_specs import CompileSpec, spec_signature
-from .tiles import CANDIDATES, terms_tile
+from .tiles import terms_config
 
 # (causal, padding mask) combinations, rotated over the specs so that every dtype and every head
 # block meets each combination's code without compiling the full cross product (~2 s a spec).
@@ -67,15 +67,14 @@ def term_compile_specs(kind, fn, tile_kernel, tensors, types, base_constexprs, *
                        takes_sinks=False, tile=lambda cfg: cfg):
     """CompileSpecs of `fn` for every TERM_VARIANTS entry on sm_80 and sm_90.
 
-    tile_kernel: the kernels/tiles.py table whose fixed 16-bit config (as `terms_tile` adapts
-    it) is used, mapped through `tile`; tensors: the pointer arguments in the element type;
+    tile_kernel: the kernels/tiles.py table whose 16-bit terms tile (`terms_config`) is used,
+    mapped through `tile`; tensors: the pointer arguments in the element type;
     types: the other non-int arguments' types; base_constexprs(causal, cfg): the kernel's own
     flags."""
     for label, flags, causal, block_d, elem in TERM_VARIANTS:
         flags = {n: f for n, f in flags.items() if takes_sinks or n != "HAS_SINKS"}
         for arch in (80, 90):
-            fixed = CANDIDATES[tile_kernel][(arch, True, block_d)][0]
-            cfg = tile(terms_tile(tile_kernel, arch, fixed, block_d))
+            cfg = tile(terms_config(tile_kernel, arch, True, block_d))
             constexprs = dict(base_constexprs(causal, cfg), **flags, BLOCK_M=cfg.block_m,
                               BLOCK_N=cfg.block_n, BLOCK_D=block_d, INPUT_PRECISION="tf32")
             arg_types = dict(types, **TERM_TYPES)

@@ -47,13 +47,15 @@ def _time_ms(fn: Callable[[], None]) -> float:
 def launch_tuned(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                  key: tuple, launch: Callable[[tiles.TileConfig], None],
                  timer: Callable[[Callable[[], None]], float] = _time_ms,
-                 dropout: bool = False, terms: bool = False) -> tiles.TileConfig:
+                 dropout: bool = False, terms: bool = False,
+                 tma: bool = False) -> tiles.TileConfig:
     """Runs `launch(config)` once with the chosen config (after timing the candidates, the
     first time `key` is seen on a GPU) and returns that config. `launch` must be repeatable:
-    it overwrites its outputs, never accumulates into them."""
+    it overwrites its outputs, never accumulates into them. tma: the launch's tensors allow
+    tensor descriptors, so the TMA candidates are among its choices (`key` must say so too)."""
     target = device_target(device)
     cands = tiles.candidates(kernel, None if target is None else target.arch, dtype, head_dim,
-                             dropout, terms)
+                             dropout, terms, tma)
     cfg = cands[0]
     if len(cands) > 1 and enabled(device) and target is not None:
         full_key = (kernel, target.arch, dtype, tiles.head_block(head_dim), dropout, key)

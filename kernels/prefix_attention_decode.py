@@ -135,7 +135,7 @@ def _decode_blocks(
         # Every block bounds-checked: the interval's upper end is the causal bound.
         s = hide_keys(s * qk_scale, keys, key_ok, q_pos, q_pos + key_shift, CHECK_KEYS=True,
                       CHECK_LO=False, CHECK_HI=IS_CAUSAL, HAS_MASK=HAS_MASK)
-        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, 1.0)
         if KEYS_MAJOR:
             vt = tl.load(V + keys[None, :].to(tl.int64) * stride_v_l + offs_d[:, None],
                          mask=kv_mask_t, other=0.0)

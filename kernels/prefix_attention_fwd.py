@@ -60,6 +60,7 @@ def _attend_blocks(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
+    HI_INSIDE: tl.constexpr = False,   # key_hi < key_len for every stored row (hide_keys)
 ):
     """Online-softmax update of (acc, m_i, l_i) with the keys [start, end) of one K/V pair."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,14 +86,19 @@ def _attend_blocks(
         else:
             kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
                          mask=kt_mask, other=0.0)
-        s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
-                      SOFTCAP=SOFTCAP)
-        if HAS_BIAS:
+        if HAS_BIAS:   # the bias adds to scaled logits: scale first
+            s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale,
+                          softcap_scale, SOFTCAP=SOFTCAP)
             s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
+            exp2_scale = 1.0
+        else:          # scaled inside exp2's argument (online_softmax; the launcher made it > 0)
+            s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), 1.0, softcap_scale,
+                          SOFTCAP=SOFTCAP)
+            exp2_scale = qk_scale
         s = hide_keys(s, keys, key_ok, key_lo, key_hi, CHECK_KEYS=CHECK_KEYS, CHECK_LO=CHECK_LO,
-                      CHECK_HI=CHECK_HI, HAS_MASK=HAS_MASK)
-        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
+                      CHECK_HI=CHECK_HI, HAS_MASK=HAS_MASK, HI_INSIDE=HI_INSIDE)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, exp2_scale)
         if HAS_DROPOUT:
             cols = (col0 + keys).to(tl.int64)
             p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
@@ -281,7 +287,11 @@ def _prefix_attention_fwd_kernel(
             key_lo=q_pos, key_hi=q_pos + key_shift, col0=prefix_len,
             CHECK_KEYS=True, CHECK_LO=False, CHECK_HI=IS_CAUSAL, HAS_MASK=HAS_MASK,
             HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
+            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA,
+            # q_pos < q_len gives q_pos + key_shift < key_len. Through descriptors the bounds
+            # vector is needed nowhere else; pointer loads need it for their masks anyway
+            # (and ptxas spilled 28 B at sm_80 D = 64 without it: bench/NOTES.md).
+            HI_INSIDE=USE_TMA)
 
     # A row with no visible key (possible only without a prefix or sinks) has l = 0: output
     # zeros and LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
@@ -324,6 +334,13 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
         return out, lse
     terms = terms.prepare()
     qk_scale, softcap_scale = terms.qk_scales(x.scale)
+    if qk_scale <= 0 and terms.bias is None:
+        # The loops scale inside exp2's argument (online_softmax), which needs a scale > 0
+        # (the row max must commute with it; a hidden key's -inf times 0 is NaN): a negative
+        # scale's sign goes into q (negation is exact, so are the scores), a zero scale makes
+        # q zero with scale 1 (every score exactly 0, as before).
+        x.q, qk_scale = (x.q.neg(), -qk_scale) if qk_scale < 0 else (torch.zeros_like(x.q), 1.0)
+    tma = tma_ready(x.prefix_k, x.prefix_v, x.k, x.v)
 
     def launch(cfg: TileConfig) -> None:
         grid = (cdiv(Lq, cfg.block_m), Hq, B)
@@ -335,7 +352,7 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
             HAS_DROPOUT=dropout_p > 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(D),
             INPUT_PRECISION=input_precision(q.dtype),
-            USE_TMA=cfg.tma and tma_ready(x.prefix_k, x.prefix_v, x.k, x.v),
+            USE_TMA=cfg.tma and tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -344,15 +361,16 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     else:
         launch_tuned("fwd", q.device, q.dtype, D,
                      (causal, mask is not None, dropout_p > 0, length_bucket(Lq),
-                      length_bucket(P + Lk), *terms.key()), launch, dropout=dropout_p > 0,
-                     terms=terms.any)
+                      length_bucket(P + Lk), tma, *terms.key()), launch,
+                     dropout=dropout_p > 0, terms=terms.any, tma=tma)
     return out, lse
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether K, V and the prefixes can be read through tensor descriptors: a Triton that has
     them, every tensor non-empty, its address and its row / head / batch strides multiples of
-    16 bytes (TMA's rule). Otherwise the TMA config runs its pointer loads (same tiles)."""
+    16 bytes (TMA's rule). Otherwise the launch takes a pointer-load tile (tiles.candidates);
+    a TMA config passed explicitly runs its pointer loads (same tile)."""
     if not hasattr(tl, "make_tensor_descriptor"):
         return False
     for t in tensors:

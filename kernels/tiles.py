@@ -48,7 +48,11 @@ CANDIDATES: dict[str, dict[tuple[int, bool, int], list[TileConfig]]] = {
     "fwd": {
         (90, True, 32): [T(128, 64, 4, 3)],
         (90, True, 64): [T(128, 64, 4, 3), T(128, 128, 8, 3), T(128, 64, 4, 3, tma=True)],
-        (90, True, 128): [T(128, 64, 8, 3), T(128, 128, 8, 3), T(128, 64, 8, 3, tma=True)],
+        # TMA first where the tensors allow it (see candidates); 128 keys spill through
+        # pointer loads, and with dropout's Philox registers (bench/NOTES.md, "The forward's
+        # hot loop, from SASS").
+        (90, True, 128): [T(128, 128, 8, 3, tma=True, dropout_ok=False), T(128, 64, 8, 3),
+                          T(128, 64, 8, 3, tma=True)],
         (90, True, 256): [T(64, 64, 8, 2)],
         (90, False, 32): [T(64, 64, 4, 3)],
         (90, False, 64): [T(64, 32, 4, 3)],
@@ -66,7 +70,9 @@ CANDIDATES: dict[str, dict[tuple[int, bool, int], list[TileConfig]]] = {
     "dkdv": {
         (90, True, 32): [T(32, 128, 4, 3)],
         (90, True, 64): [T(32, 128, 8, 3)],
-        (90, True, 128): [T(16, 64, 8, 3), T(32, 64, 8, 3, dropout_ok=False)],
+        # 128 keys: each warpgroup owns 64 of them; with 64 keys both warpgroups repeat the
+        # 16-query dots (1.5x the tensor-core work, bench/NOTES.md "The forward's hot loop").
+        (90, True, 128): [T(16, 64, 8, 3), T(16, 128, 8, 2, dropout_ok=False)],
         (90, True, 256): [T(16, 32, 8, 2)],
         (90, False, 32): [T(32, 64, 8, 2)],
         (90, False, 64): [T(16, 32, 4, 2)],
@@ -115,22 +121,33 @@ def arch_family(arch: int) -> int:
 
 
 def tma_enabled() -> bool:
-    """The TMA candidates are compiled and tested (interpreter, sm_90 PTX) but no GPU has timed
-    them yet: they join the timed candidates only with PTUNING_FAST_TMA=1."""
-    return os.environ.get("PTUNING_FAST_TMA", "0") == "1"
+    """The TMA candidates (sm_90 forward: K/V tiles through tensor descriptors) are chosen
+    wherever a launch's tensors allow them, unless PTUNING_FAST_TMA=0."""
+    return os.environ.get("PTUNING_FAST_TMA", "1") != "0"
 
 
 def candidates(kernel: str, arch: int | None, dtype: torch.dtype, head_dim: int,
-               dropout: bool = False, terms: bool = False) -> list[TileConfig]:
-    """The configs a launch of `kernel` may use; arch None = the interpreter. The first entry
-    of every table serves dropout too; a launch with attention terms (bias, window, softcap,
-    sinks, packing) gets `terms_tile` of it alone (not timed)."""
+               dropout: bool = False, terms: bool = False, tma: bool = False) -> list[TileConfig]:
+    """The configs a launch of `kernel` may use; arch None = the interpreter. tma: the launch's
+    tensors allow tensor descriptors; without it (or with PTUNING_FAST_TMA=0) the TMA entries
+    are left out and the first pointer-load entry is the fixed choice. The first entry that
+    remains serves dropout too; a launch with attention terms (bias, window, softcap, sinks,
+    packing) gets `terms_config` alone (not timed)."""
     if arch is None:
         return [INTERPRETER[kernel]]
     cands = CANDIDATES[kernel][(arch_family(arch), dtype != torch.float32, head_block(head_dim))]
     if terms:
-        return [terms_tile(kernel, arch_family(arch), cands[0], head_block(head_dim))]
-    return [c for c in cands if (not c.tma or tma_enabled()) and (c.dropout_ok or not dropout)]
+        return [terms_config(kernel, arch_family(arch), dtype != torch.float32,
+                             head_block(head_dim))]
+    return [c for c in cands if (not c.tma or (tma and tma_enabled()))
+            and (c.dropout_ok or not dropout)]
+
+
+def terms_config(kernel: str, arch: int, sixteen_bit: bool, block_d: int) -> TileConfig:
+    """The tile of every launch with attention terms on arch family `arch`: `terms_tile` of
+    the table's first pointer-load entry (the terms read K/V by pointers)."""
+    first = next(c for c in CANDIDATES[kernel][(arch, sixteen_bit, block_d)] if not c.tma)
+    return terms_tile(kernel, arch, first, block_d)
 
 
 def terms_tile(kernel: str, arch: int, cfg: TileConfig, block_d: int) -> TileConfig:

@@ -275,7 +275,7 @@ def _assert_grids_fit(spy):
 
 
 def test_dropout_mask_grid_fits_at_2048_rows_of_32_heads(monkeypatch):
-    spy = _spy(monkeypatch, fwd_kernels, "_dropout_mask_kernel")
+    spy = _spy(monkeypatch, attention_dropout, "_dropout_mask_kernel")
     attention_dropout.dropout_keep_mask(1234, 2048, 32, 1, 0, 1, 0.1, DEVICE)
     _assert_grids_fit(spy)
 

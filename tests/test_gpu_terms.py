@@ -76,16 +76,16 @@ def _hopper():
     Case(2, 4, 1, 130, 700, 128, 256, "row", "random", False),
 ], ids=str)
 def test_gpu_tma_forward_equals_pointer_loads(case, dtype, monkeypatch):
-    """The TMA candidate (PTUNING_FAST_TMA=1) reads the same K/V tiles through tensor
-    descriptors (their bounds give the zeros of masked loads): bit for bit the pointer path's
-    output and LSE at the same tile."""
+    """The TMA candidate (sm_90's default where the strides allow descriptors) reads the same
+    K/V tiles through tensor descriptors (their bounds give the zeros of masked loads): bit for
+    bit the pointer path's output and LSE at the same tile."""
     _hopper()
-    monkeypatch.setenv("PTUNING_FAST_TMA", "1")
     (q, k, v, pk, pv), mask, index = make_inputs(case, dtype, requires_grad=False)
     assert fwd_kernels.tma_ready(pk, pv, k, v)
     target = device_target(q.device)
-    with_tma = [c for c in tiles.candidates("fwd", target.arch, dtype, case.D) if c.tma]
-    assert with_tma, "PTUNING_FAST_TMA=1 lists a TMA candidate at this head dim"
+    with_tma = [c for c in tiles.candidates("fwd", target.arch, dtype, case.D, tma=True)
+                if c.tma]
+    assert with_tma, "no TMA candidate at this head dim"
     outs = {}
     for tma in (False, True):
         cfg = tiles.TileConfig(with_tma[0].block_m, with_tma[0].block_n, with_tma[0].num_warps,
@@ -119,7 +119,8 @@ def test_gpu_autotune_pick_per_key_equals_fixed_tile(D, tma, monkeypatch):
     function: both within the rule against float64."""
     if tma:
         _hopper()
-        monkeypatch.setenv("PTUNING_FAST_TMA", "1")
+    else:
+        monkeypatch.setenv("PTUNING_FAST_TMA", "0")      # pointer loads only
     monkeypatch.delenv("PTUNING_FAST_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune, "_BEST", {})
     timed = _timed_launches(monkeypatch)
@@ -129,13 +130,16 @@ def test_gpu_autotune_pick_per_key_equals_fixed_tile(D, tma, monkeypatch):
     grad_out = torch.randn(case.B, case.Hq, case.Lq, D, device=device)
     tuned, tuned_grads = run(fused, inputs, mask, index, case, grad_out)
     arch = device_target(device).arch
-    several = {k for k in ("fwd", "dq", "dkdv") if len(tiles.candidates(k, arch, BF16, D)) > 1}
+    def candidates(kernel):          # the forward's inputs allow descriptors (TMA on or off)
+        return tiles.candidates(kernel, arch, BF16, D, tma=kernel == "fwd")
+
+    several = {k for k in ("fwd", "dq", "dkdv") if len(candidates(k)) > 1}
     picked = {key[0]: cfg for key, cfg in autotune._BEST.items()}
     assert set(picked) == several, f"recorded {sorted(picked)}, timed kernels {sorted(several)}"
     assert len(autotune._BEST) == len(several)           # one key per kernel for this call
     for kernel, cfg in picked.items():
-        assert cfg in tiles.candidates(kernel, arch, BF16, D), (kernel, cfg)
-    assert len(timed) == sum(len(tiles.candidates(k, arch, BF16, D)) for k in several)
+        assert cfg in candidates(kernel), (kernel, cfg)
+    assert len(timed) == sum(len(candidates(k)) for k in several)
 
     before = len(timed)
     again, again_grads = run(fused, inputs, mask, index, case, grad_out)

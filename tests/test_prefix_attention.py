@@ -230,11 +230,23 @@ def test_output_layout_and_poisoned_out():
     assert torch.equal(poisoned, out)
 
 
-def test_scale_argument():
+@pytest.mark.parametrize("scale", [0.05, -0.3, 0.0])
+def test_scale_argument(scale):
+    # The forward scales inside exp2's argument, which needs a scale > 0: a negative one's sign
+    # goes into q, and the backward's recomputed probabilities must still match its LSE; at 0
+    # a hidden key's -inf times the scale would be NaN (causal: every row hides keys).
+    # Logits of a few hundred (base 2): a row max taken on the wrong side overflows exp2.
     case = Case(1, 2, 2, 9, 9, 32, 4)
-    (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32, requires_grad=False)
-    got = fused(q, k, v, pk, pv, scale=0.05)
-    assert_close(got, exact(q, k, v, pk, pv, scale=0.05), torch.float32)
+    inputs, _, _ = make_inputs(case, torch.float32, requires_grad=False)
+    inputs[0] = (inputs[0] * 10.0).requires_grad_(True)
+    for t in inputs[1:]:
+        t.requires_grad_(True)
+    grad_out = torch.randn(1, 2, 9, 32, dtype=torch.float64, device=DEVICE)
+    got, grads = run(fused, inputs, None, None, case, grad_out, scale=scale)
+    want, want_grads = run(exact, inputs, None, None, case, grad_out, scale=scale)
+    assert_close(got, want, torch.float32)
+    for g, w in zip(grads, want_grads):
+        assert_close(g, w, torch.float32, kind="grad", name="gradient")
 
 
 def test_empty_prefix_tensor_gets_empty_grad():
@@ -427,7 +439,7 @@ def _gpu_config_cases():
 
 
 def _nth_candidate(kernel, arch, dtype, D, i, candidates=tiles.candidates):
-    cands = candidates(kernel, arch, dtype, D)
+    cands = candidates(kernel, arch, dtype, D, tma=True)   # TMA tiles too (descriptors run here)
     return cands[min(i, len(cands) - 1)]
 
 
@@ -438,9 +450,10 @@ def test_gpu_tile_configs_under_interpreter(monkeypatch, arch, dtype, D, i):
     # the tiles it would on a GPU of that arch (BLOCK_M up to 128, BLOCK_M != BLOCK_N) and sizes
     # its splits for that GPU's SMs, so the block bounds and split ranges are checked.
     original = tiles.candidates
-    monkeypatch.setattr(tiles, "candidates", lambda kernel, a, dt, d, drop=False, terms=False: (
-        [_nth_candidate(kernel, a, dt, d, i, original)] if a is not None
-        else original(kernel, a, dt, d)))
+    monkeypatch.setattr(tiles, "candidates",
+                        lambda kernel, a, dt, d, drop=False, terms=False, tma=False: (
+                            [_nth_candidate(kernel, a, dt, d, i, original)] if a is not None
+                            else original(kernel, a, dt, d)))
     case = Case(1, 2, 1, 70, 150, D, 70, "shared", "left")
     with pretend_target(Target(arch, 132 if arch == 90 else 108)):
         check_against_reference(case, dtype)

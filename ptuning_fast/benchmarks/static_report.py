@@ -5,8 +5,9 @@ For each benchmark shape (the lists of attention.py and embedding.py, not a copy
 launchers run on CPU tensors inside `launch.pretend_target(H100 | A100)` with every launch
 captured instead of run (kernels/launch_capture.py). Each distinct binary is compiled once for
 sm_90 / sm_80, specialized as Triton's JIT would specialize that launch; the log of Triton's
-ptxas run gives registers and spills, the PTX wgmma / cp.async / TMA, and occupancy.py the
-programs an SM holds and the waves of the grid.
+ptxas run gives registers and spills, the PTX wgmma / cp.async / TMA, the SASS each hot loop's
+instruction economy (sass_loops.py), and occupancy.py the programs an SM holds and the waves of
+the grid.
 
 Processes: one per (arch, shard) captures everything (cheap) and compiles its share of the
 binaries (Triton's compiler is single-threaded); the parent merges them and writes the report.
@@ -89,6 +90,17 @@ TASK_TABLE_SIZES = (1, 33, 1000)
 def task_table_work(quick: bool) -> list[Work]:
     case = Case("prefix_attention", "fwd_bwd", "fused", "bf16", causal=True, **TASK_TABLE_AT)
     return [Work("prefix_attention", case, "per_task", tasks) for tasks in TASK_TABLE_SIZES]
+
+
+# Issue 24's shape (an H100, bf16, causal): its forward's hot-loop economy is held to targets
+# by tests/test_static_report.py. Lengths only specialize on divisibility, so this compiles to
+# the grid's D = 128 binaries: capturing it costs no compile.
+HOT_LOOP_AT = dict(B=4, Hq=32, Hkv=8, Lq=4096, Lk=4096, P=64, D=128)
+
+
+def hot_loop_work(quick: bool) -> list[Work]:
+    return [Work("prefix_attention", Case("prefix_attention", "fwd_bwd", "fused", "bf16",
+                                          causal=True, **HOT_LOOP_AT))]
 
 
 def terms_work(quick: bool) -> list[Work]:
@@ -201,6 +213,7 @@ WORKLOADS = (
     Workload(attention_work, drive_attention),
     Workload(prefix_variant_work, drive_attention),
     Workload(task_table_work, drive_attention),
+    Workload(hot_loop_work, drive_attention),
     Workload(terms_work, drive_terms),
     Workload(embedding_work, drive_embedding),
     Workload(decode_work, drive_decode),
@@ -266,6 +279,33 @@ def capture_all(arch: int, quick: bool) -> tuple[list[dict], dict, list[dict]]:
     return rows, specs, skipped
 
 
+# tl.dot calls per iteration of each kernel's hot loops: an iteration of a program does
+# dots x 2 x BLOCK_M x BLOCK_N x BLOCK_D FLOP on the tensor cores (forward and decode: scores and
+# p V; dQ: scores, dP and dS K; dK/dV and prefix dK/dV: scores, dP, dV and dK).
+LOOP_DOTS = {"_prefix_attention_fwd_kernel": 2, "_decode_split_kernel": 2, "_dq_kernel": 3,
+             "_dkdv_kernel": 4, "_prefix_dkdv_kernel": 4}
+
+
+def loop_figures(spec, arch: int) -> dict:
+    """For a kernel of LOOP_DOTS: its hot loops in code order (sass_loops.py), each with its
+    non-MMA instructions per 1k FLOP of a program iteration's tile (per warp: FLOP / warps),
+    and the FLOP its MMA instructions do (equal to the tile's where the loop is one full
+    iteration). Empty for any other kernel."""
+    from ..kernels.compile_specs import compile_specialized
+    from .sass_loops import disassemble, hot_loops
+    if spec.name not in LOOP_DOTS:
+        return {}
+    tile = LOOP_DOTS[spec.name] * 2 * constexpr(spec, "BLOCK_M") * constexpr(spec, "BLOCK_N") \
+        * constexpr(spec, "BLOCK_D")
+    per_warp = tile / spec.options["num_warps"]
+    cubin = compile_specialized(spec, arch).asm["cubin"]    # Triton's cache: compiled already
+    return {"loop_flop": tile, "loops": [
+        {"instructions": loop.instructions, "mma": loop.mma,
+         "mma_flop": loop.mma_flop * spec.options["num_warps"],
+         "per_kflop": round(loop.per_kflop(per_warp), 3)}
+        for loop in hot_loops(disassemble(cubin))]}
+
+
 def measure(arch: int, quick: bool, shard: int, shards: int) -> dict:
     """Captures everything; compiles binaries shard, shard + shards, ... (in key order)."""
     import warnings
@@ -280,7 +320,8 @@ def measure(arch: int, quick: bool, shard: int, shards: int) -> dict:
     for i, key in enumerate(mine):
         start = time.perf_counter()
         try:
-            binaries[key] = {"ok": True, **compile_and_measure(specs[key], arch)}
+            binaries[key] = {"ok": True, **compile_and_measure(specs[key], arch),
+                             **loop_figures(specs[key], arch)}
         except Exception as e:  # noqa: BLE001 — reported in the row, and by the tests
             binaries[key] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
         print(f"sm_{arch} [{i + 1}/{len(mine)}] {specs[key].name}: "
@@ -331,8 +372,8 @@ def merge(parts: list[dict]) -> dict:
 
 
 COLUMNS = ("kernel", "phase", "shape", "arch", "grid", "programs", "waves", "regs",
-           "spill st/ld B", "smem KB", "blocks/SM (limit)", "wgmma/cp.async/TMA", "useful rows",
-           "partials MiB")
+           "spill st/ld B", "smem KB", "blocks/SM (limit)", "wgmma/cp.async/TMA",
+           "loops: non-MMA / kFLOP", "useful rows", "partials MiB")
 
 
 def _useful_rows(r: dict) -> str:
@@ -342,18 +383,31 @@ def _useful_rows(r: dict) -> str:
     return f"{r['query_rows']}/{r['tile_rows']}" + (" K" if r["keys_major"] else "")
 
 
+def _loop_cell(r: dict) -> str:
+    """'0.81 1.05': each hot loop's non-MMA instructions per 1k FLOP, in code order; '(1.5x)'
+    after a loop whose MMA instructions do another multiple of the tile's FLOP (padded or
+    repeated tensor-core work, or a peeled or unrolled copy of the loop)."""
+    if not r.get("loops"):
+        return "-"
+    cells = []
+    for loop in r["loops"]:
+        ratio = loop["mma_flop"] / r["loop_flop"]
+        cells.append(f"{loop['per_kflop']:.2f}" + ("" if ratio == 1 else f" ({ratio:.3g}x)"))
+    return ", ".join(cells)
+
+
 def _cells(r: dict) -> list[str]:
     head = [r["kernel"].strip("_"), r["phase"] or "", r["shape"], f"sm_{r['arch']}",
             "x".join(map(str, r["grid"])), str(r["programs"])]
     partials = f"{r['partial_bytes'] / 2 ** 20:.1f}" if r["partial_bytes"] else "-"
     if not r["ok"]:
-        return head + ["compile error: " + r["error"].splitlines()[0][:60]] + [""] * 6 \
+        return head + ["compile error: " + r["error"].splitlines()[0][:60]] + [""] * 7 \
             + [partials]
     return head + [
         "-" if r["waves"] is None else f"{r['waves']:.2f}", str(r["regs"]),
         f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", f"{r['shared'] / 1024:.0f}",
         f"{r['blocks_per_sm']} ({r['limiter']})", f"{r['wgmma']}/{r['cp_async']}/{r['tma']}",
-        _useful_rows(r), partials]
+        _loop_cell(r), _useful_rows(r), partials]
 
 
 def markdown(report: dict) -> str:
@@ -362,8 +416,12 @@ def markdown(report: dict) -> str:
              "benchmark shapes, compiled as a launch specializes them (no GPU ran). "
              f"{report['binaries']} distinct binaries. waves = programs / (SMs x resident "
              "programs per SM); blocks/SM from registers, shared memory (+1 KB reserved per "
-             "block), 2048 threads and 32 blocks per SM; instruction counts are static PTX "
-             "counts. useful rows (decode split kernel): the packed query rows of a kv head "
+             "block), 2048 threads and 32 blocks per SM; wgmma/cp.async/TMA are static PTX "
+             "counts. loops: each hot loop of the SASS (innermost backward branch holding "
+             "HGMMA/HMMA), in code order: its non-MMA instructions per 1000 FLOP of one "
+             "iteration's tile (per warp); (2x): its MMA instructions do twice the tile's FLOP "
+             "(padded or repeated tensor-core work, or an unrolled copy). "
+             "useful rows (decode split kernel): the packed query rows of a kv head "
              "(Hq / Hkv x Lq) / the query rows its tiles hold; K: keys-major tile, the queries "
              "as the MMA's columns (8 at the least), else its rows (16 at the least). "
              "partials MiB: the fp32 split partials a launch writes (a split kernel) or sums "
