@@ -57,8 +57,11 @@ class AttentionSpec:
 
     @classmethod
     def from_flat(cls, values) -> "AttentionSpec":
-        """Inverse of `flat`: a pair whose parts are all None is None (absent segments)."""
+        """Inverse of `flat`: a pair whose parts are all None is None (absent segments).
+        Missing trailing values take their defaults (the dispatcher leaves out trailing
+        arguments equal to their schema defaults)."""
         values, kwargs = list(values), {}
+        values += [_flat_default(p) for p in FLAT_PARAMS[len(values):]]
         for f in fields(cls):
             n = len(f.metadata["schema"])
             part, values = values[:n], values[n:]
@@ -69,22 +72,25 @@ class AttentionSpec:
         return cls(**kwargs)
 
 
-def _schema_default(value) -> str:
-    return "None" if value is None else repr(value)
-
-
-def _schema() -> str:
-    params = []
+def _flat_defaults() -> dict:
+    """Flat parameter ("type name") -> its default: the field's, element-wise for a pair."""
+    defaults = {}
     for f in fields(AttentionSpec):
         names = f.metadata["schema"]
-        defaults = (f.default,) if len(names) == 1 else (
+        values = (f.default,) if len(names) == 1 else (
             (None,) * len(names) if f.default is None else f.default)
-        params += [f"{p}={_schema_default(d)}" for p, d in zip(names, defaults)]
-    return ", ".join(params)
+        defaults.update(zip(names, values))
+    return defaults
+
+
+def _flat_default(param: str):
+    return _FLAT_DEFAULTS[param]
 
 
 # The one list of prefix attention's options: a backend refuses any other option in use.
 ATTENTION_OPTIONS = tuple(f.name for f in fields(AttentionSpec))
+_FLAT_DEFAULTS = _flat_defaults()
+# Every flat parameter ("type name"), in order.
+FLAT_PARAMS = tuple(_FLAT_DEFAULTS)
 # The spec's part of the custom ops' schemas, e.g. "Tensor? attention_mask=None, ...".
-SCHEMA = _schema()
-NUM_FLAT = sum(len(f.metadata["schema"]) for f in fields(AttentionSpec))
+SCHEMA = ", ".join(f"{p}={'None' if d is None else repr(d)}" for p, d in _FLAT_DEFAULTS.items())

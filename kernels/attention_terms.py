@@ -132,13 +132,20 @@ def load_bias(Bias, rows, cols, rows_ok, cols_ok, stride_rows, stride_cols):
 @dataclass
 class Terms:
     """What the kernels read for the attention terms: pointers (q stands in for absent
-    tensors), int bounds, the soft-cap scale and the constexpr flags."""
+    tensors), int bounds, the soft-cap scale and the constexpr flags. Made from an
+    `AttentionSpec` by `Terms.of` (kernels/attention_options.py holds the options' meaning)."""
     bias: torch.Tensor | None = None           # broadcast (B or 1, Hq or 1, Lq, P + Lk)
     sinks: torch.Tensor | None = None          # fp32 (Hq,)
     segments: tuple | None = None              # int32 (B, L) start, end
     window: tuple[int, int] = (-1, -1)
     prefix_in_window: bool = True
     softcap: float = 0.0
+
+    @classmethod
+    def of(cls, spec) -> "Terms":
+        """The terms of an `attention_options.AttentionSpec` (the record every caller builds)."""
+        return cls(spec.bias, spec.sinks, spec.segments, tuple(spec.window_size),
+                   spec.prefix_in_window, float(spec.softcap))
 
     @property
     def has_window(self) -> bool:

@@ -21,15 +21,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels.attention_options import ATTENTION_OPTIONS, AttentionSpec
 from .validation import Reasons, refuse_unknown_options
 
 NAME = "torch"
 
-# Options each op computes here. Any other keyword in use is a reason to refuse: a feature
-# added to the op elsewhere is never silently dropped.
-ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p",
-                               "bias", "window_size", "prefix_in_window", "softcap", "sinks",
-                               "segments"})
+# Options each op computes here: every option of prefix attention's spec. Any other keyword in
+# use is a reason to refuse: a feature added to the op elsewhere is never silently dropped.
 EMBEDDING_OPTIONS = frozenset({"prompt_index"})
 
 
@@ -123,21 +121,23 @@ def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
     return mask
 
 
-def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
-                     attention_mask=None, scale=None, prefix_index=None, dropout_p=0.0,
-                     dropout_mask=None, bias=None, window_size=(-1, -1), prefix_in_window=True,
-                     softcap=0.0, sinks=None, segments=None):
+def prefix_attention(q, k, v, prefix_k=None, prefix_v=None,
+                     spec: AttentionSpec = AttentionSpec(), *, dropout_mask=None):
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] -> (B, Hq, Lq, D), q's dtype.
 
-    Shapes and semantics (every term): `ptuning_fast.reference.attend`. dropout_p > 0 needs
-    the keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that `ptuning_fast.ops` draws for the
-    seed, the same one the reference backend applies. `bias` (broadcastable, B and Hq may be 1)
-    and `sinks` (Hq,) get no gradient (ops refuses them requiring one).
+    Shapes and semantics (every term of `spec`): `ptuning_fast.reference.attend`.
+    spec.dropout_p > 0 needs the keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that
+    `ptuning_fast.dropout_seeds` draws for the seed, the same one the reference backend
+    applies. `bias` (broadcastable, B and Hq may be 1) and `sinks` (Hq,) get no gradient (ops
+    refuses them requiring one).
     """
+    causal, attention_mask, scale = spec.causal, spec.attention_mask, spec.scale
+    prefix_index, dropout_p, bias, sinks = spec.prefix_index, spec.dropout_p, spec.bias, spec.sinks
+    prefix_in_window, softcap, segments = spec.prefix_in_window, spec.softcap, spec.segments
+    window_size = spec.window_size
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
-    window_size = tuple(window_size)
     drop_p, drop_s = _unreached(Lq, Lk, P, window_size[0], prefix_in_window, segments)
     if drop_p == P and P and torch.is_grad_enabled() and (prefix_k.requires_grad
                                                          or prefix_v.requires_grad):
