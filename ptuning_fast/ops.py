@@ -10,7 +10,7 @@ import torch
 from . import dispatch, reference, torch_path
 from .dispatch import AUTO_ORDER, BACKENDS, choose_backend, not_supported_reasons  # noqa: F401
 from .dropout_seeds import dropout_seed_tensor
-from .kernels.attention_options import AttentionSpec
+from .kernels.attention_options import ATTENTION_OPTIONS, AttentionSpec
 from .packing import packed_segments
 from .validation import (
     check_attention_terms,
@@ -100,13 +100,7 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
                           position_ids=position_ids, cu_seqlens=cu_seqlens)
     check_cu_seqlens_values(cu_seqlens, q.shape[0], q.shape[2])
     segments = packed_segments(position_ids, cu_seqlens, batch=q.shape[0], length=q.shape[2])
-    spec = attention_spec(q, causal=causal, attention_mask=attention_mask, scale=scale,
-                          prefix_index=prefix_index, dropout_p=dropout_p,
-                          dropout_seed=dropout_seed, bias=bias, window_size=window_size,
-                          prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks,
-                          segments=segments)
-    chosen = dispatch.choose_attention(backend, q, k, v, prefix_k, prefix_v, spec)
-    return dispatch.run_attention(chosen, q, k, v, prefix_k, prefix_v, spec)
+    return _attend(backend, q, k, v, prefix_k, prefix_v, locals())
 
 
 def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
@@ -126,11 +120,13 @@ def layer_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True
         check_segments(segments, q, k)
     check_attention_terms(q, k, prefix_k, bias=bias, window_size=window_size,
                           prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks)
-    spec = attention_spec(q, causal=causal, attention_mask=attention_mask, scale=scale,
-                          prefix_index=prefix_index, dropout_p=dropout_p,
-                          dropout_seed=dropout_seed, bias=bias, window_size=window_size,
-                          prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks,
-                          segments=segments)
+    return _attend(backend, q, k, v, prefix_k, prefix_v, locals())
+
+
+def _attend(backend, q, k, v, prefix_k, prefix_v, arguments: dict):
+    """Builds the spec from a public function's checked `arguments` (its locals: every
+    AttentionSpec field is one of its keywords, `segments` computed), chooses, runs."""
+    spec = attention_spec(q, **{name: arguments[name] for name in ATTENTION_OPTIONS})
     chosen = dispatch.choose_attention(backend, q, k, v, prefix_k, prefix_v, spec)
     return dispatch.run_attention(chosen, q, k, v, prefix_k, prefix_v, spec)
 
