@@ -5,9 +5,8 @@ chooses ("auto" | "triton" | "torch" | "reference"; see there).
 """
 from __future__ import annotations
 
-import torch
-
 from . import dispatch, reference, torch_path
+# Dispatch's public names, where callers of ops have always found them.
 from .dispatch import AUTO_ORDER, BACKENDS, choose_backend, not_supported_reasons  # noqa: F401
 from .dropout_seeds import dropout_seed_tensor
 from .kernels.attention_options import ATTENTION_OPTIONS, AttentionSpec

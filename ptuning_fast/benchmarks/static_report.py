@@ -158,7 +158,7 @@ def drive_terms(rec, work: Work) -> None:
     q, k, v, pk, pv, index = _attention_inputs(work)
     kw = terms.term_kwargs(c.terms, c, "cpu", make=torch.empty)
     segments = packed_segments(kw.get("position_ids"), batch=c.B, length=c.Lk)
-    launch_terms = Terms.of(AttentionSpec(bias=kw.get("bias"), sinks=kw.get("sinks"),
+    launch_terms = Terms(AttentionSpec(bias=kw.get("bias"), sinks=kw.get("sinks"),
                                           segments=segments,
                                           window_size=kw.get("window_size", (-1, -1)),
                                           softcap=kw.get("softcap", 0.0)))

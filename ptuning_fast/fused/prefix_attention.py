@@ -33,7 +33,7 @@ def _launch_kwargs(spec: AttentionSpec) -> dict:
     """The launchers' keyword arguments for `spec`."""
     return dict(attention_mask=spec.attention_mask, prefix_index=spec.prefix_index,
                 causal=spec.causal, scale=spec.scale, dropout_p=spec.dropout_p,
-                dropout_seed=spec.dropout_seed, terms=Terms.of(spec))
+                dropout_seed=spec.dropout_seed, terms=Terms(spec))
 
 
 def _forward(q, k, v, prefix_k, prefix_v, *spec):
@@ -130,7 +130,7 @@ def _takes_decode_path(q, k, v, prefix_k, prefix_v, spec: AttentionSpec) -> bool
     """Few queries, no dropout, no attention terms (the decode kernel computes none of them),
     and no gradient that autograd could ask for: the decode op has no backward (it keeps no
     LSE for one)."""
-    if spec.dropout_p > 0 or Terms.of(spec).any or not decode_kernels.supports(q.shape[2]):
+    if spec.dropout_p > 0 or Terms(spec).any or not decode_kernels.supports(q.shape[2]):
         return False
     return not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)))
