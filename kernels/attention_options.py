@@ -87,7 +87,9 @@ def _flat_default(param: str):
     return _FLAT_DEFAULTS[param]
 
 
-# The one list of prefix attention's options: a backend refuses any other option in use.
+# The one list of prefix attention's options: a backend refuses any other option in use. Every
+# backend computes all of them today; one that cannot compute a field added here must leave
+# it out of the list its not_supported_reasons checks, so that it refuses it, never drops it.
 ATTENTION_OPTIONS = tuple(f.name for f in fields(AttentionSpec))
 _FLAT_DEFAULTS = _flat_defaults()
 # Every flat parameter ("type name"), in order.
