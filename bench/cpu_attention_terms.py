@@ -22,6 +22,7 @@ import torch
 from cpu_attention_alternatives import alternating_cpu_medians, attention_inputs
 
 from ptuning_fast import reference, torch_path
+from ptuning_fast.kernels.attention_options import AttentionSpec
 
 TERMS = {
     "plain": lambda Hq: {},
@@ -34,11 +35,11 @@ TERMS = {
 
 def measure(terms_name, B, Hq, Hkv, Lq, Lk, D, P, backward: bool, rounds: int = 100):
     inputs = attention_inputs(B, Hq, Hkv, Lq, Lk, D, P, backward)
-    terms = TERMS[terms_name](Hq)
-    fns = {"reference": lambda: reference.attend(*inputs, **terms),
-           "torch": lambda: torch_path.prefix_attention(*inputs, **terms)}
+    spec = AttentionSpec(**TERMS[terms_name](Hq))
+    fns = {"reference": lambda: reference.attend(*inputs, spec),
+           "torch": lambda: torch_path.prefix_attention(*inputs, spec)}
     with torch.no_grad():
-        exact = reference.attend(*(t.double() for t in inputs), **terms)
+        exact = reference.attend(*(t.double() for t in inputs), spec)
         errors = {n: (fn().double() - exact).abs().max().item() for n, fn in fns.items()}
     grad = torch.randn(B, Hq, Lq, D)
     if backward:

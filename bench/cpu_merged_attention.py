@@ -13,6 +13,7 @@ import torch
 from cpu_attention_alternatives import alternating_cpu_medians
 
 from ptuning_fast import torch_path
+from ptuning_fast.kernels.attention_options import AttentionSpec
 
 # B, Hq, Hkv, Lq, Lk, P, D, padded
 DECODES = [(4, 8, 2, 1, 256, 16, 32, False), (4, 8, 2, 1, 1024, 16, 32, False),
@@ -33,7 +34,8 @@ def measure(B, Hq, Hkv, Lq, Lk, P, D, padded, rounds):
             mask[b, :b * Lk // 8] = 0
 
     def call():
-        return torch_path.prefix_attention(q, k, v, pk, pv, causal=True, attention_mask=mask)
+        return torch_path.prefix_attention(q, k, v, pk, pv,
+                                           AttentionSpec(attention_mask=mask))
 
     def with_thresholds(threshold):
         """`call` with both merge thresholds at `threshold` (0: always merged)."""

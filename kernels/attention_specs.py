@@ -9,7 +9,8 @@ from .compile_specs import CompileSpec, spec_signature
 from .tiles import terms_config
 
 # (causal, padding mask) combinations, rotated over the specs so that every dtype and every head
-# block meets each combination's code without compiling the full cross product (~2 s a spec).
+# block meets each combination's code without compiling the full cross product (each spec's
+# compile time: `ptuning-fast bench --static` prints it).
 FLAG_COMBOS = ((True, True), (True, False), (False, True), (False, False))
 
 # (torch dtype, Triton element type, dot input precision, BLOCK_D) per spec variant: every

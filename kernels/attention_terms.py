@@ -22,12 +22,13 @@ LSE already holds them and the backward needs nothing more.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from .attention_options import AttentionSpec
 from .launch import define_kernels
 
 LOG2E = 1.4426950408889634
@@ -129,67 +130,69 @@ def load_bias(Bias, rows, cols, rows_ok, cols_ok, stride_rows, stride_cols):
 # --------------------------------------------------------------------------------------------
 # Launch side
 
-@dataclass
+@dataclass(frozen=True)
 class Terms:
-    """What the kernels read for the attention terms: pointers (q stands in for absent
-    tensors), int bounds, the soft-cap scale and the constexpr flags."""
-    bias: torch.Tensor | None = None           # broadcast (B or 1, Hq or 1, Lq, P + Lk)
-    sinks: torch.Tensor | None = None          # fp32 (Hq,)
-    segments: tuple | None = None              # int32 (B, L) start, end
-    window: tuple[int, int] = (-1, -1)
-    prefix_in_window: bool = True
-    softcap: float = 0.0
+    """What the kernels read for an `AttentionSpec`'s attention terms (kernels/
+    attention_options.py holds their meaning): pointers (q stands in for absent tensors), int
+    bounds, the soft-cap scale and the constexpr flags."""
+    spec: AttentionSpec = AttentionSpec()
 
     @property
     def has_window(self) -> bool:
-        return self.window[0] >= 0 or self.window[1] >= 0
+        return self.spec.window_size[0] >= 0 or self.spec.window_size[1] >= 0
 
     @property
     def any(self) -> bool:
-        return (self.bias is not None or self.sinks is not None or self.segments is not None
-                or self.has_window or self.softcap > 0)
+        s = self.spec
+        return (s.bias is not None or s.sinks is not None or s.segments is not None
+                or self.has_window or s.softcap > 0)
 
     def prepare(self) -> "Terms":
-        sinks = None if self.sinks is None else self.sinks.float().contiguous()
-        segments = None if self.segments is None else tuple(
-            s.to(torch.int32).contiguous() for s in self.segments)
-        return Terms(self.bias, sinks, segments, tuple(self.window), self.prefix_in_window,
-                     float(self.softcap))
+        """Sinks as contiguous fp32 (Hq,), segments as contiguous int32 (B, L) start, end."""
+        s = self.spec
+        sinks = None if s.sinks is None else s.sinks.float().contiguous()
+        segments = None if s.segments is None else tuple(
+            t.to(torch.int32).contiguous() for t in s.segments)
+        return Terms(replace(s, sinks=sinks, segments=segments,
+                             window_size=tuple(s.window_size), softcap=float(s.softcap)))
 
     def qk_scales(self, scale: float) -> tuple[float, float]:
         """(qk_scale, softcap_scale) as `logits` takes them."""
-        if self.softcap > 0:
-            return self.softcap * LOG2E, scale / self.softcap
+        if self.spec.softcap > 0:
+            return self.spec.softcap * LOG2E, scale / self.spec.softcap
         return scale * LOG2E, 1.0
 
     def pointers(self, like: torch.Tensor, sinks: bool = True) -> tuple:
         """Bias, Sinks, SegStart, SegEnd; without `sinks` for the backward kernels (the
         forward's LSE holds the sinks already)."""
-        start, end = self.segments if self.segments is not None else (like, like)
-        bias = like if self.bias is None else self.bias
+        s = self.spec
+        start, end = s.segments if s.segments is not None else (like, like)
+        bias = like if s.bias is None else s.bias
         if not sinks:
             return bias, start, end
-        return bias, like if self.sinks is None else self.sinks, start, end
+        return bias, like if s.sinks is None else s.sinks, start, end
 
     def ints(self) -> tuple:
         """window_left, window_right, prefix_left, stride_bias_b, _h, _l, _c, stride_seg_b."""
-        left, right = (w if w >= 0 else UNBOUNDED for w in self.window)
-        prefix_left = left if self.prefix_in_window else UNBOUNDED
-        if self.bias is None:
+        s = self.spec
+        left, right = (w if w >= 0 else UNBOUNDED for w in s.window_size)
+        prefix_left = left if s.prefix_in_window else UNBOUNDED
+        if s.bias is None:
             bias_strides = (0, 0, 0, 0)
         else:
-            b = self.bias
+            b = s.bias
             bias_strides = tuple(0 if b.shape[i] == 1 else b.stride(i) for i in range(2)) \
                 + (b.stride(2), b.stride(3))
-        seg_b = 0 if self.segments is None else self.segments[0].stride(0)
+        seg_b = 0 if s.segments is None else s.segments[0].stride(0)
         return (left, right, prefix_left, *bias_strides, seg_b)
 
     def flags(self, sinks: bool = True) -> dict:
         """The kernels' constexpr flags; without HAS_SINKS for the backward kernels."""
-        flags = dict(HAS_BIAS=self.bias is not None, IS_PACKED=self.segments is not None,
-                     HAS_WINDOW=self.has_window, SOFTCAP=self.softcap > 0)
+        s = self.spec
+        flags = dict(HAS_BIAS=s.bias is not None, IS_PACKED=s.segments is not None,
+                     HAS_WINDOW=self.has_window, SOFTCAP=s.softcap > 0)
         if sinks:
-            flags["HAS_SINKS"] = self.sinks is not None
+            flags["HAS_SINKS"] = s.sinks is not None
         return flags
 
     def key(self) -> tuple:

@@ -74,8 +74,8 @@ def on_input_device(launcher):
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the host side of a launch. `triton.cdiv` is a constexpr-function object
-    there, ~1.6 us a call; a decode launch's plan made ~20 of them (37 us of host time a layer
-    call, bench/NOTES.md "Per-call host cost")."""
+    there, costly on the host, and a decode launch's plan made many of them (bench/NOTES.md,
+    "Per-call host cost", gives the figures and how they were taken)."""
     return -(-a // b)
 
 

@@ -232,7 +232,8 @@ class LayerPrefixes:
     num_tasks: int
     per_layer: tuple[torch.Tensor, ...] | None = None
     # Every layer's (key, value) views, split on the first `layer()` call: one unbind per
-    # forward instead of three indexing ops in each layer's attention call (~9 us each on CPU).
+    # forward instead of three indexing ops in each layer's attention call (the layer's prefix
+    # is a measured share of a decoding call: bench/NOTES.md, "Per-call cost in generation").
     _layers: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def _any(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.attention_options import AttentionSpec
 from .packing import packed_segments
 from .validation import (
     check_attention_terms,
@@ -116,19 +117,21 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, atte
     check_prefix_attention_values(prefix_k, prefix_index)
     check_cu_seqlens_values(cu_seqlens, q.shape[0], q.shape[2])
     segments = packed_segments(position_ids, cu_seqlens, batch=q.shape[0], length=q.shape[2])
-    return attend(q, k, v, prefix_k, prefix_v, causal=causal, attention_mask=attention_mask,
-                  scale=scale, prefix_index=prefix_index, upcast=upcast, dropout_p=dropout_p,
-                  dropout_mask=dropout_mask, bias=bias, window_size=tuple(window_size),
-                  prefix_in_window=prefix_in_window, softcap=softcap, sinks=sinks,
-                  segments=segments)
+    spec = AttentionSpec(attention_mask=attention_mask, prefix_index=prefix_index,
+                         causal=causal, scale=scale, dropout_p=dropout_p, bias=bias,
+                         sinks=sinks, segments=segments, window_size=tuple(window_size),
+                         prefix_in_window=prefix_in_window, softcap=softcap)
+    return attend(q, k, v, prefix_k, prefix_v, spec, upcast=upcast, dropout_mask=dropout_mask)
 
 
-def attend(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask=None,
-           scale=None, prefix_index=None, upcast=False, dropout_p=0.0, dropout_mask=None,
-           bias=None, window_size=(-1, -1), prefix_in_window=True, softcap=0.0, sinks=None,
-           segments=None):
-    """`prefix_attention` on inputs already validated (by `ptuning_fast.ops`); packed
-    sequences as `segments` (start, end) from `ptuning_fast.packing.packed_segments`."""
+def attend(q, k, v, prefix_k=None, prefix_v=None, spec: AttentionSpec = AttentionSpec(), *,
+           upcast=False, dropout_mask=None):
+    """`prefix_attention` on inputs and an `AttentionSpec` already validated (by
+    `ptuning_fast.ops`); dropout applies the keep-mask `dropout_mask` (spec.dropout_seed is
+    not read here)."""
+    attention_mask, prefix_index, causal = spec.attention_mask, spec.prefix_index, spec.causal
+    scale, dropout_p, bias, sinks = spec.scale, spec.dropout_p, spec.bias, spec.sinks
+    softcap = spec.softcap
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -155,8 +158,8 @@ def attend(q, k, v, prefix_k=None, prefix_v=None, *, causal=True, attention_mask
     if bias is not None:
         scores = scores + bias.to(compute)
     allowed = visible_keys(B, Lq, Lk, P, causal=causal, attention_mask=attention_mask,
-                           device=q.device, window_size=window_size,
-                           prefix_in_window=prefix_in_window, segments=segments)
+                           device=q.device, window_size=spec.window_size,
+                           prefix_in_window=spec.prefix_in_window, segments=spec.segments)
     # A key whose logit is -inf (a bias hiding it) is hidden too, so a row that a bias hides
     # entirely sees no key (zeros, as FlashAttention gives a row of -inf logits). A NaN logit
     # stays visible: it makes its row NaN.

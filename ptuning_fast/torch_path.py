@@ -21,15 +21,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels.attention_options import ATTENTION_OPTIONS, AttentionSpec
 from .validation import Reasons, refuse_unknown_options
 
 NAME = "torch"
 
-# Options each op computes here. Any other keyword in use is a reason to refuse: a feature
-# added to the op elsewhere is never silently dropped.
-ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p",
-                               "bias", "window_size", "prefix_in_window", "softcap", "sinks",
-                               "segments"})
+# Options each op computes here: every option of prefix attention's spec. Any other keyword in
+# use is a reason to refuse: a feature added to the op elsewhere is never silently dropped.
 EMBEDDING_OPTIONS = frozenset({"prompt_index"})
 
 
@@ -47,8 +45,9 @@ def prompt_embedding(input_ids, weight, prompt, prompt_index=None):
     """(B, L) ids, (V, d) weight, (P, d) or (T, P, d) prompt -> (B, P + L, d) in weight's dtype.
 
     One `torch.cat` of the prompt (a stride-0 view over rows, or the rows' task prompts) and the
-    embedding lookup. Measured against writing both into a preallocated output: cat is faster
-    forward and 3x faster backward (slice assignment makes autograd copy the whole gradient).
+    embedding lookup. Measured against writing both into a preallocated output (bench/NOTES.md,
+    "The torch backend"): cat is faster, the backward most (slice assignment makes autograd copy
+    the whole gradient).
     The prompt's gradient is summed over rows by the expand's backward; `weight` gets one only
     when it requires grad.
     """
@@ -123,21 +122,23 @@ def visible_mask(batch, q_len, k_len, prefix_len, *, causal, attention_mask, dev
     return mask
 
 
-def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
-                     attention_mask=None, scale=None, prefix_index=None, dropout_p=0.0,
-                     dropout_mask=None, bias=None, window_size=(-1, -1), prefix_in_window=True,
-                     softcap=0.0, sinks=None, segments=None):
+def prefix_attention(q, k, v, prefix_k=None, prefix_v=None,
+                     spec: AttentionSpec = AttentionSpec(), *, dropout_mask=None):
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] -> (B, Hq, Lq, D), q's dtype.
 
-    Shapes and semantics (every term): `ptuning_fast.reference.attend`. dropout_p > 0 needs
-    the keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that `ptuning_fast.ops` draws for the
-    seed, the same one the reference backend applies. `bias` (broadcastable, B and Hq may be 1)
-    and `sinks` (Hq,) get no gradient (ops refuses them requiring one).
+    Shapes and semantics (every term of `spec`): `ptuning_fast.reference.attend`.
+    spec.dropout_p > 0 needs the keep-mask `dropout_mask` (B, Hq, Lq, P + Lk) that
+    `ptuning_fast.dropout_seeds` draws for the seed, the same one the reference backend
+    applies. `bias` (broadcastable, B and Hq may be 1) and `sinks` (Hq,) get no gradient (ops
+    refuses them requiring one).
     """
+    causal, attention_mask, scale = spec.causal, spec.attention_mask, spec.scale
+    prefix_index, dropout_p, bias, sinks = spec.prefix_index, spec.dropout_p, spec.bias, spec.sinks
+    prefix_in_window, softcap, segments = spec.prefix_in_window, spec.softcap, spec.segments
+    window_size = spec.window_size
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
-    window_size = tuple(window_size)
     drop_p, drop_s = _unreached(Lq, Lk, P, window_size[0], prefix_in_window, segments)
     if drop_p == P and P and torch.is_grad_enabled() and (prefix_k.requires_grad
                                                          or prefix_v.requires_grad):
@@ -366,10 +367,10 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
     scale = D ** -0.5 if scale is None else float(scale)
     compute = torch.promote_types(q.dtype, torch.float32)
     # c tanh(x / c) = 2c sigmoid(2x / c) - c, and softmax ignores the constant -c (moved onto
-    # the sink's logit, the one term without it): sigmoid is 7x faster than tanh on CPU. Its
+    # the sink's logit, the one term without it): sigmoid is far cheaper than tanh on CPU. Its
     # price: logits rounded at 2c rather than at their size, an error of ~c * 2^-24 in float32,
-    # far below a 16-bit reference's rounding but up to 5x the float32 reference's error, past
-    # the float32 tolerance on some draws (bench/NOTES.md, "The torch backend"): float32 and
+    # far below a 16-bit reference's rounding but past the float32 tolerance on some draws
+    # (both measured: bench/NOTES.md, "The torch backend"): float32 and
     # float64 inputs take tanh.
     sigmoid_cap = softcap > 0 and q.dtype.itemsize == 2
     q = q * ((2 if sigmoid_cap else 1) * scale / softcap if softcap > 0 else scale)
@@ -383,14 +384,15 @@ def _explicit_attention(q, k, v, mask, scale, *, softcap=0.0, sinks=None, dropou
         scores = torch.tanh(scores) * softcap
     if mask is not None:
         if mask.dtype == torch.bool:
-            # An additive mask of the mask's own (small) shape: adding it broadcast is 4x
-            # faster than masked_fill over the scores.
+            # An additive mask of the mask's own (small) shape: adding it broadcast is faster
+            # than masked_fill over the scores (bench/NOTES.md, "The torch backend").
             mask = _additive(mask, compute)
         # In place: neither the product's nor the cap's backward reads this tensor.
         scores.add_(_grouped(mask.to(compute), Hkv))
     if sinks is not None:
-        # One softmax over [scores, sink] (fused forward and backward: 3x faster than
-        # exp(scores - logaddexp(logsumexp(scores), sink)), and finite on a row of -inf); the
+        # One softmax over [scores, sink] (fused forward and backward: faster than
+        # exp(scores - logaddexp(logsumexp(scores), sink)), bench/NOTES.md "The torch
+        # backend", and finite on a row of -inf); the
         # sink's column meets a zero value row instead of being sliced off the probabilities.
         sink = (sinks.to(compute) + sink_shift).view(1, Hkv, group, 1, 1)
         probs = torch.softmax(torch.cat([scores, sink.expand(B, Hkv, group, Lq, 1)], dim=-1),

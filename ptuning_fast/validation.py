@@ -348,3 +348,16 @@ def check_cu_seqlens_values(cu_seqlens, batch: int, length: int) -> None:
         raise ValueError(f"prefix_attention: `cu_seqlens` must start at 0, never decrease and end "
                          f"at B * L = {batch * length}, got {values[:8]}"
                          f"{' ...' if len(values) > 8 else ''}")
+
+
+def check_segments(segments, q, k) -> None:
+    """`segments` as `ptuning_fast.packing.packed_segments` makes them: (start, end) int32
+    (B, Lq) on q's device, and Lq == Lk."""
+    B, _, Lq, _ = q.shape
+    ok = k.shape[2] == Lq and isinstance(segments, tuple) and len(segments) == 2 and all(
+        isinstance(s, torch.Tensor) and s.dtype == torch.int32 and tuple(s.shape) == (B, Lq)
+        and s.device == q.device for s in segments)
+    if not ok:
+        raise ValueError(f"prefix_attention: `segments` must be ptuning_fast.packing."
+                         f"packed_segments(...)'s (start, end), int32 (B, Lq) = ({B}, {Lq}) on "
+                         f"{q.device}; got {segments!r}"[:400])

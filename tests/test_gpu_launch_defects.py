@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import _allocation
 
 import ptuning_fast as pf
-from ptuning_fast import ops, reference
+from ptuning_fast import dropout_seeds, reference
 from ptuning_fast.kernels import attention_dropout, attention_inputs, autotune, split_reduce, tiles
 from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
@@ -209,8 +209,8 @@ class _DeviceOps(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("make", [ops._dropout_seed_tensor, as_seed_tensor],
-                         ids=["ops", "kernels"])
+@pytest.mark.parametrize("make", [dropout_seeds.dropout_seed_tensor, as_seed_tensor],
+                         ids=["dropout_seeds", "kernels"])
 def test_int_seed_is_made_on_the_device(make):
     # `torch.tensor(seed, device=...)` copies from pageable host memory (blocking, and not
     # capturable) outside the dispatcher's view; a fill on the device is an op taking no host
@@ -221,7 +221,7 @@ def test_int_seed_is_made_on_the_device(make):
     assert made.shape == () and made.dtype == torch.int64 and made.device.type == "meta"
     assert any(out is made for _, _, out in seen.ops), "the seed came from outside torch's ops"
     assert all("cpu" not in inputs for _, inputs, _ in seen.ops), seen.ops
-    for value in (seed, -2 ** 63, 2 ** 63 - 1, ops.SEED_BOUND - 1):
+    for value in (seed, -2 ** 63, 2 ** 63 - 1, dropout_seeds.SEED_BOUND - 1):
         assert make(value, torch.device(DEVICE)).item() == value
 
 

@@ -7,6 +7,7 @@ from conftest import DEVICE
 
 import ptuning_fast.fused.prefix_attention as fused_attention
 import ptuning_fast.fused.prompt_embedding as fused_embedding
+from ptuning_fast.kernels.attention_options import ATTENTION_OPTIONS, FLAT_PARAMS, AttentionSpec
 
 
 def _attention_args(prefix, dropout, requires_grad=True):
@@ -36,8 +37,8 @@ def test_prefix_attention_ops(prefix, dropout):
     grad_out = torch.randn_like(q)
     for needs in ([True] * 5, [False, False, False, True, True]):   # all; the prefix's only
         torch.library.opcheck(fused_attention.prefix_attention_bwd_op,
-                              (grad_out, q, k, v, pk, pv, mask, index, out, lse, causal, scale,
-                               needs, p, seed))
+                              (grad_out, q, k, v, pk, pv, out, lse, needs, mask, index, causal,
+                               scale, p, seed))
 
 
 @pytest.mark.parametrize("prefix", ["shared", "task"])
@@ -70,3 +71,31 @@ def test_every_custom_op_is_checked():
            if isinstance(getattr(namespace, name, None), torch._ops.OpOverloadPacket)}
     assert ops == {"prefix_attention", "prefix_attention_bwd", "prefix_attention_decode",
                    "prompt_embedding", "prompt_embedding_prompt_grad"}, ops
+
+
+def test_prefix_attention_op_schema_is_the_spec():
+    """The op's parameters after q, k, v, prefix_k, prefix_v are AttentionSpec's flat fields,
+    generated from it; a spec survives flat() / from_flat()."""
+    names = [a.name for a in fused_attention.prefix_attention_op._opoverload._schema.arguments]
+    assert names == ["q", "k", "v", "prefix_k", "prefix_v"] + [p.split()[1] for p in FLAT_PARAMS]
+    segments = (torch.zeros(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32))
+    spec = AttentionSpec(causal=False, scale=0.5, segments=segments, window_size=(4, -1),
+                         prefix_in_window=False, softcap=2.0)
+    back = AttentionSpec.from_flat(spec.flat())
+    assert {n: getattr(back, n) for n in ATTENTION_OPTIONS} == spec.options()
+    assert AttentionSpec.from_flat(spec.flat()[:4]).options() == {
+        **AttentionSpec().options(), "causal": False, "scale": 0.5}
+
+
+def test_prefix_attention_op_with_every_term():
+    """Bias, sinks and packed segments travel as tensor arguments of the generated schema."""
+    B, Hq, Hkv, L, P, D = 2, 4, 2, 6, 3, 16
+    q = torch.randn(B, Hq, L, D, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, L, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    pk, pv = (torch.randn(Hkv, P, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    bias = torch.randn(1, Hq, L, P + L, device=DEVICE)
+    sinks = torch.randn(Hq, device=DEVICE)
+    start = torch.tensor([[0, 0, 0, 3, 3, 3]] * B, dtype=torch.int32, device=DEVICE)
+    spec = AttentionSpec(bias=bias, sinks=sinks, segments=(start, start + 3),
+                         window_size=(2, -1), softcap=5.0)
+    torch.library.opcheck(fused_attention.prefix_attention_op, (q, k, v, pk, pv, *spec.flat()))

@@ -12,6 +12,7 @@ from test_prefix_attention import NAMES, Case, exact, fused, make_inputs, run
 
 import ptuning_fast as pf
 from ptuning_fast import reference
+from ptuning_fast.dropout_seeds import reference_dropout_mask
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels import tiles
 from ptuning_fast.kernels.attention_dropout import dropout_keep_mask
@@ -101,7 +102,7 @@ def test_reference_backend_without_mask_kernel_uses_bernoulli(monkeypatch):
     kw = dict(attention_mask=mask, dropout_p=0.3, dropout_seed=77, backend="reference")
     first = pf.prefix_attention(*inputs, **kw)
     assert torch.equal(first, pf.prefix_attention(*inputs, **kw))
-    keep = pf.ops._reference_dropout_mask(torch.tensor(77), (64, 8, 64, 32), 16, 48, 0.3)
+    keep = reference_dropout_mask(torch.tensor(77), (64, 8, 64, 32), 16, 48, 0.3)
     assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.7) < 0.01
     assert not torch.equal(keep[:2, :4, :17, :27], kernel_mask(case, 0.3, 77))
 

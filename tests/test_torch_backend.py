@@ -75,7 +75,7 @@ def test_no_visible_key_gives_zeros_and_zero_gradient(case):
                                         (Case(2, 4, 2, 13, 13, 16, 5, "task", "right"), "bwcsp")],
                          ids=str)
 def test_dropout_applies_the_reference_backends_mask(case, spec):
-    """Same seed, same keep-mask (`ops._reference_dropout_mask`): torch and reference agree,
+    """Same seed, same keep-mask (`dropout_seeds.reference_dropout_mask`): torch and reference agree,
     alone and with the terms (the explicit-scores path with SDPA's float mask, soft-cap,
     sinks, packing)."""
     inputs, mask, index = make_inputs(case, torch.float32)

@@ -103,52 +103,15 @@ def test_prefix_attention_bad_arguments(kwargs, error, words, backend):
     (dict(backend="fast"), ValueError, ["backend", "'fast'"]),
 ])
 def test_layer_calls_after_a_good_one_are_still_checked(kwargs, error, words):
-    """A model layer's call skips the checks when an earlier call had its metadata: one that
-    differs from a good call only in an option's type (causal=1 after causal=True, scale=True
-    after 1.0), a NaN or a name must still be refused."""
+    """Every model layer's call is checked: one that differs from a good call only in an
+    option's type (causal=1 after causal=True, scale=True after 1.0), a NaN or a name is
+    refused."""
     good = dict(causal=True, scale=1.0, window_size=(1, -1), softcap=2.0, backend="auto")
     pf.ops.layer_prefix_attention(*_attention_inputs(), **good)
     with pytest.raises(error) as info:
         pf.ops.layer_prefix_attention(*_attention_inputs(), **{**good, **kwargs})
     for word in words:
         assert word in str(info.value), str(info.value)
-
-
-def test_layer_calls_are_checked_once_per_metadata(monkeypatch):
-    """A call with an earlier call's metadata runs no check and no backend choice, and
-    computes its own result; other metadata (dtype, head dim, a term given, a term's
-    requires_grad, grad mode) is checked again, and refused where it must be."""
-    calls = []
-    for name in ("check_prefix_attention", "check_attention_terms", "choose_backend"):
-        real = getattr(pf.ops, name)
-        monkeypatch.setattr(pf.ops, name, lambda *a, _real=real, _name=name, **k:
-                            calls.append(_name) or _real(*a, **k))
-    pf.ops._LAYER_CALLS.clear()
-    checked = ["check_prefix_attention", "check_attention_terms", "choose_backend"]
-
-    def run(D=8, dtype=torch.float32, **kwargs):
-        calls.clear()
-        q, k, v = _attention_inputs(D, dtype)
-        prefix = torch.randn(2, 5, D, device=DEVICE, dtype=dtype)
-        out = pf.ops.layer_prefix_attention(q, k, v, prefix, prefix, **kwargs)
-        detached = {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
-        want = pf.reference.prefix_attention(q, k, v, prefix, prefix, **detached)
-        torch.testing.assert_close(out, want)
-        return calls[:]
-
-    assert run() == checked
-    assert run() == []                                  # new values, same metadata
-    assert run(dtype=torch.float64) == checked
-    assert run(D=16) == checked
-    bias = torch.randn(1, 2, 3, 8, device=DEVICE)
-    assert run(bias=bias) == checked
-    assert run(bias=bias) == []
-    with pytest.raises(ValueError, match="`bias` requires grad"):
-        run(bias=bias.requires_grad_())
-    with torch.no_grad():
-        assert run(bias=bias) == checked               # allowed without grad mode
-    with pytest.raises(ValueError, match="`bias` requires grad"):
-        run(bias=bias)                                 # grad mode again: refused again
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])

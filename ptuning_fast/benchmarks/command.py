@@ -280,8 +280,8 @@ def main(argv: list[str]) -> int:
         records, failures, head = run_all(args, device)
     else:
         # One thread: on a small shared CPU an intra-op thread that gets descheduled stalls
-        # every parallel op at its barrier (seen here: the same op 1.3 ms or 32 ms from run to
-        # run with 2 threads under load, 2.6-2.9 ms with 1).
+        # every parallel op at its barrier (seen here, run to run under load: bench/NOTES.md's
+        # CPU timing notes at its top).
         torch.set_num_threads(1)
         try:
             records, failures, head = run_all(args, device)

@@ -35,7 +35,7 @@ PROVIDERS = ("ptuning_fast", "peft")
 PEFT_ALGORITHM = "peft_algorithm"
 # Generation, prefix tuning: ours with a static KV cache and transformers' compiled decoding
 # step (CUDA graphs on a GPU; inductor code on a CPU), a path PEFT's dynamic prefix cache has
-# not. Not in --quick on a CPU: compiling takes ~30 s there.
+# not. Not in --quick on a CPU: compiling there takes longer than the rest of a quick run.
 STATIC = "ptuning_fast_static"
 
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

@@ -161,6 +161,7 @@ def drive_attention(rec, work: Work) -> None:
 
 
 def drive_terms(rec, work: Work) -> None:
+    from ..kernels.attention_options import AttentionSpec
     from ..kernels.attention_terms import Terms
     from ..kernels.prefix_attention_bwd import prefix_attention_bwd
     from ..kernels.prefix_attention_fwd import prefix_attention_fwd
@@ -169,8 +170,10 @@ def drive_terms(rec, work: Work) -> None:
     q, k, v, pk, pv, index = _attention_inputs(work)
     kw = terms.term_kwargs(c.terms, c, "cpu", make=torch.empty)
     segments = packed_segments(kw.get("position_ids"), batch=c.B, length=c.Lk)
-    launch_terms = Terms(kw.get("bias"), kw.get("sinks"), segments,
-                         kw.get("window_size", (-1, -1)), True, kw.get("softcap", 0.0))
+    launch_terms = Terms(AttentionSpec(bias=kw.get("bias"), sinks=kw.get("sinks"),
+                                          segments=segments,
+                                          window_size=kw.get("window_size", (-1, -1)),
+                                          softcap=kw.get("softcap", 0.0)))
     with rec.phase("fwd"):
         out, lse = prefix_attention_fwd(q, k, v, pk, pv, prefix_index=index, causal=c.causal,
                                         terms=launch_terms)

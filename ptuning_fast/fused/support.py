@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.attention_options import ATTENTION_OPTIONS
 from ..kernels.launch import interpreting
 from ..validation import Reasons, describe, refuse_unknown_options
 
@@ -15,10 +16,8 @@ NAME = "triton"
 # What the kernels have GPU tile configs for (kernels/tiles.py) and compile specs.
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Options each op's kernels compute; any other keyword in use is refused, never dropped.
-ATTENTION_OPTIONS = frozenset({"causal", "attention_mask", "scale", "prefix_index", "dropout_p",
-                               "bias", "window_size", "prefix_in_window", "softcap", "sinks",
-                               "segments"})
+# Options each op's kernels compute: every option of prefix attention's spec. Any other
+# keyword in use is refused, never dropped.
 EMBEDDING_OPTIONS = frozenset({"prompt_index"})
 
 
