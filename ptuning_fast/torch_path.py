@@ -216,9 +216,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None,
 # cached key elements (B * Hkv * Lk * D; the concatenation copies the whole cache every step),
 # and a causal prefill of at least MERGED_PREFILL_MIN_QUERIES queries (the sequence part then
 # runs under `is_causal`, which lets the flash kernel skip the blocks above the diagonal; an
-# explicit mask skips none). Measured per call on the 2-core EPYC (bench/cpu_merged_attention.py,
-# bench/NOTES.md): decoding 0.82x at 65k elements, 1.3-5.6x from 262k; prefill 0.84-0.89x at
-# L = 128-256, break-even at 512, 1.49x at 1024.
+# explicit mask skips none). The thresholds are where the merged route started to win, measured
+# per call on a CPU (bench/cpu_merged_attention.py; the figures are in bench/NOTES.md).
 MERGED_DECODE_MIN_ELEMENTS = 1 << 17
 MERGED_PREFILL_MIN_QUERIES = 512
 

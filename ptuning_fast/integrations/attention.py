@@ -230,8 +230,8 @@ def padding_mask_passthrough(batch_size=None, q_length=None, kv_length=None, q_o
     see `_static_cache_mask`.
 
     On CPU a mask without padding becomes None: one check per forward, where every layer would
-    otherwise build and apply a (B, 1, 1, P + Lk) mask that hides nothing (12 of a decode step's
-    ~65 us per layer call, bench/NOTES.md). On a GPU the check would be a host sync per forward,
+    otherwise build and apply a (B, 1, 1, P + Lk) mask that hides nothing (a sizeable part of a
+    decode step's layer call: bench/NOTES.md, "Per-call host cost"). On a GPU the check would be a host sync per forward,
     and under torch.compile a data-dependent branch: there the mask stays."""
     if _is_static_cache(q_length, kv_length, q_offset, kv_offset, kwargs.get("config")):
         return _static_cache_mask(batch_size, q_length, kv_length, q_offset + q_length,
