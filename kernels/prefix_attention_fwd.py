@@ -334,7 +334,7 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
         return out, lse
     terms = terms.prepare()
     qk_scale, softcap_scale = terms.qk_scales(x.scale)
-    if qk_scale <= 0 and terms.bias is None:
+    if qk_scale <= 0 and terms.spec.bias is None:
         # The loops scale inside exp2's argument (online_softmax), which needs a scale > 0
         # (the row max must commute with it; a hidden key's -inf times 0 is NaN): a negative
         # scale's sign goes into q (negation is exact, so are the scores), a zero scale makes
