@@ -136,15 +136,6 @@ def targets(head: str, batch: dict):
     return ids.masked_fill(mask == 0, -100)
 
 
-def token_loss(logits, labels):
-    """Cross-entropy of a token classifier over the real tokens (the last L of P + L logits):
-    PEFT does not pad token-classification labels for a prompt, so its base model cannot take
-    them; both sides compute the loss here."""
-    logits = logits[:, -labels.shape[1]:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1))
-
-
 CONFIGS = {
     "prompt": lambda: pf.PromptTuningConfig(P),
     "ptuning": lambda: pf.PTuningConfig(P, encoder_hidden_size=16),
@@ -158,7 +149,7 @@ def _peft_algorithm(ours, head, batch, labels):
     KV cache (prefix tuning; an encoder-decoder's in its decoder's self-attention cache, as
     PEFT's get_prompt lays it out), the model's own eager attention computing. Returns
     (logits, loss, parameters)."""
-    from models import MaterializedPrompt, cache_kwarg, seq2seq_prefix_cache
+    from models import MaterializedPrompt, cache_kwarg, seq2seq_prefix_cache, token_cls_loss
     twin = MaterializedPrompt(ours)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if ours.ptuning_config.method == "prefix_tuning":
@@ -179,7 +170,7 @@ def _peft_algorithm(ours, head, batch, labels):
     elif head != "TOKEN_CLS":
         given["labels"] = labels
     out = twin.base_model(**given)
-    loss = token_loss(out.logits, labels) if head == "TOKEN_CLS" else out.loss
+    loss = token_cls_loss(out.logits, labels) if head == "TOKEN_CLS" else out.loss
     return out.logits, loss, twin.trainable_parameters()
 
 

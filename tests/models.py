@@ -365,3 +365,12 @@ def materialized_seq2seq_generate(pf_model, input_ids, attention_mask, task_ids=
                         **{cache_kwarg(base): seq2seq_prefix_cache(pf_model, base, rows,
                                                                    task_ids)})
     return out[:, P:]
+
+
+def token_cls_loss(logits, labels):
+    """Cross-entropy of a token classifier over the real tokens (the last L of P + L logits):
+    PEFT does not pad token-classification labels for a prompt, so its base model cannot take
+    them; tests compute that loss on both sides."""
+    logits = logits[:, -labels.shape[1]:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1))

@@ -13,7 +13,7 @@ import ptuning_fast as pf
 from conftest import assert_close
 from model_matrix import FAMILIES, PEFT_REFUSES_PREFIX, cell_id, cells, markdown
 from models import (MaterializedPrompt, materialized_seq2seq_generate, materialized_seq2seq_greedy,
-                    peft_name, peft_refuses, peft_twin)
+                    peft_name, peft_refuses, peft_twin, token_cls_loss)
 from test_integration_peft import assert_same_gradients_and_step
 
 peft = pytest.importorskip("peft")
@@ -70,13 +70,6 @@ def outputs(out) -> dict:
     if getattr(out, "start_logits", None) is not None:
         return {"start_logits": out.start_logits, "end_logits": out.end_logits}
     return {"logits": out.logits}
-
-
-def token_cls_loss(logits, labels):
-    """Cross-entropy over the real tokens: the last L of the P + L logits."""
-    logits = logits[:, -labels.shape[1]:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1))
 
 
 def run_step(model, task, method, batch):
