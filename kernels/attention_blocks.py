@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .attention_terms import block_ranges
 from .launch import define_kernels
 
 
@@ -68,3 +69,97 @@ def hide_keys(s, keys, key_ok, key_lo, key_hi, CHECK_KEYS: tl.constexpr,
         s = tl.where(visible, s, float("-inf"))
     return s
 
+
+
+# --- passes over two key ranges: the prefix's blocks, then the sequence's ---------------------
+# The forward and dQ stream a query block's keys in three passes: a masked lower edge (only
+# with a window or packing), the open blocks (no masks but padding) and a masked upper edge.
+# Each pass is one loop over both K/V sources, so the prefix blocks share the sequence's
+# software pipeline (one prologue, one drain) instead of running in loops of their own.
+# Columns number the keys of [prefix; sequence] (prefix c -> c, sequence j -> P + j): the bias
+# and dropout index them, and the upper bound is one loop-invariant column vector for both
+# sources.
+
+@triton.jit
+def key_passes(q_start, q_ok, pre_lo, seq_lo, seq_hi, prefix_len, key_len, key_shift,
+               IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, PREFIX_OPEN: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(pre_cuts, seq_cuts, hi_col) of the query block [q_start, q_start + BLOCK_M): pass n
+    (0 lower edge, 1 open, 2 upper edge) streams the prefix's keys [pre_cuts[n],
+    pre_cuts[n + 1]) then the sequence's [seq_cuts[n], seq_cuts[n + 1]). Bounds as
+    `attention_terms.query_bounds` gives them (WINDOWED: a window or packed sequences; without,
+    pre_lo and seq_lo are unused). The whole prefix blocks are open with PREFIX_OPEN (the
+    partial one in the upper edge), else the prefix is in the upper edge; with WINDOWED the
+    prefix (what some query's window reaches) is in the lower edge. Without WINDOWED the lower
+    edge's cuts are the constant 0: its loop, and every select in it, folds away."""
+    if WINDOWED:
+        low_pre, _, _, _ = block_ranges(pre_lo, pre_lo, q_ok, prefix_len, BLOCK_N=BLOCK_N)
+        low_seq, open_seq, high_seq, end = block_ranges(seq_lo, seq_hi, q_ok, key_len,
+                                                        BLOCK_N=BLOCK_N)
+        pre_cuts = (low_pre, prefix_len, prefix_len, prefix_len)
+        seq_cuts = (low_seq, open_seq, high_seq, end)
+    else:
+        high_seq, end = sequence_key_range(q_start, key_shift, key_len, IS_CAUSAL=IS_CAUSAL,
+                                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        if PREFIX_OPEN:
+            pre_cuts = (0, 0, prefix_len // BLOCK_N * BLOCK_N, prefix_len)
+        else:
+            pre_cuts = (0, 0, 0, prefix_len)
+        seq_cuts = (0, 0, high_seq, end)
+    # The sequence's upper bound as a column bound for both sources: clamped at -1, every
+    # prefix column (< P) stays visible and the same sequence keys are hidden.
+    return pre_cuts, seq_cuts, tl.maximum(seq_hi, -1) + prefix_len
+
+
+@triton.jit
+def key_block(i, pre_blocks, pre_start, seq_start, prefix_len, key_len, Mask, stride_mask_l,
+              HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Iteration i of a pass's loop (`pass_blocks`): (pre, start, keys, cols, key_ok). pre:
+    the block is the prefix's; keys: indices in its source (from start); cols: their columns;
+    key_ok: inside the source and, with HAS_MASK, not padded (the mask, at the batch row,
+    covers the sequence only; a padded key is never read: NaN or inf there, times 0, must not
+    reach the result)."""
+    pre = i < pre_blocks
+    start = tl.where(pre, pre_start + i * BLOCK_N, seq_start + (i - pre_blocks) * BLOCK_N)
+    keys = start + tl.arange(0, BLOCK_N)
+    key_ok = keys < tl.where(pre, prefix_len, key_len)
+    if HAS_MASK:
+        # (where, not `&` with a scalar: the interpreter rejects that mask's dtype)
+        padded = tl.load(Mask + keys * stride_mask_l, mask=tl.where(pre, False, key_ok),
+                         other=1) == 0
+        key_ok = key_ok & ~padded
+    return pre, start, keys, tl.where(pre, 0, prefix_len) + keys, key_ok
+
+
+@triton.jit
+def pass_blocks(pre_cuts, seq_cuts, PASS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(pre_start, seq_start, pre_blocks, blocks) of pass PASS (`key_passes`): iterations
+    i < pre_blocks read the prefix."""
+    pre_start = pre_cuts[PASS]
+    seq_start = seq_cuts[PASS]
+    pre_blocks = tl.maximum(tl.cdiv(pre_cuts[PASS + 1] - pre_start, BLOCK_N), 0)
+    blocks = pre_blocks + tl.maximum(tl.cdiv(seq_cuts[PASS + 1] - seq_start, BLOCK_N), 0)
+    return pre_start, seq_start, pre_blocks, blocks
+
+
+@triton.jit
+def hide_columns(s, pre, cols, key_ok, pre_lo, seq_lo, hi_col, prefix_len, PASS: tl.constexpr,
+                 WINDOWED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HI_INSIDE: tl.constexpr = False):
+    """`hide_keys` for a `key_block` of pass PASS: the edges check the bounds; prefix key c
+    needs c >= pre_lo, sequence key j j >= seq_lo (the lower edge, and the upper one with
+    WINDOWED), both their column <= hi_col (`key_passes`; the lower edge, and the upper one
+    when causal or WINDOWED). The lower bound is chosen per block; with HI_INSIDE the prefix's
+    bound is its length (its partial block has no causal bound to imply it)."""
+    CHECK_LO: tl.constexpr = PASS == 0 or (PASS == 2 and WINDOWED)
+    if CHECK_LO:
+        lo = tl.where(pre, pre_lo, seq_lo + prefix_len)
+    else:
+        lo = pre_lo
+    if HI_INSIDE:
+        hi = tl.where(pre, prefix_len - 1, hi_col)
+    else:
+        hi = hi_col
+    return hide_keys(s, cols, key_ok, lo, hi, CHECK_KEYS=PASS != 1, CHECK_LO=CHECK_LO,
+                     CHECK_HI=PASS == 0 or (PASS == 2 and (IS_CAUSAL or WINDOWED)),
+                     HAS_MASK=HAS_MASK, HI_INSIDE=HI_INSIDE)

@@ -1,8 +1,9 @@
 """Prefix attention backward, dQ: one program per (query block, query head, batch row).
 
-Each program keeps its q, dO, LSE and Delta in registers and streams the prefix keys (bounds
-mask only) and then the sequence keys it can see (the causal mask's hidden blocks are skipped,
-as in the forward), accumulating dQ = scale * sum_j dS_ij k_j in fp32. One writer per tile: no
+Each program keeps its q, dO, LSE and Delta in registers and streams the keys it can see in
+the forward's passes (prefix_attention_fwd.py; the causal mask's hidden blocks are skipped),
+accumulating dQ = scale * sum_j dS_ij k_j in fp32. Unlike the forward's, its open pass holds
+sequence blocks only: the whole prefix goes with the diagonal (bench/NOTES.md). One writer per tile: no
 atomics. See prefix_attention_bwd.py for the identity and the other gradients (and dropout).
 """
 from __future__ import annotations
@@ -11,18 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_blocks import hide_keys, sequence_key_range
+from .attention_blocks import hide_columns, key_block, key_passes, pass_blocks
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import AttentionInputs, input_precision, strides3
 from .attention_specs import spec_ints, spec_variants, term_compile_specs
-from .attention_terms import (
-    NO_TERMS,
-    block_ranges,
-    load_bias,
-    logits,
-    query_bounds,
-    softcap_grad,
-)
+from .attention_terms import NO_TERMS, load_bias, logits, query_bounds, softcap_grad
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec, spec_signature
 from .launch import cdiv, define_kernels
@@ -38,44 +32,43 @@ def _dq_blocks(
     q_pos, q_ok, head_dim, qk_scale, softcap_scale,
     Bias, stride_bias_l, stride_bias_c,  # Bias at (row, head)
     seed, dropout_p, rng_rows,   # as in the forward's _attend_blocks
-    # One key range [start, end) of one K/V pair (start a multiple of BLOCK_N):
-    K, V, Mask,                  # K, V already at (row, kv head); Mask at the row (or unused)
-    stride_k_l, stride_v_l, stride_mask_l,
-    start, end, key_len,
-    key_lo, key_hi,              # per-query visible interval (attention_terms.py)
-    col0,                        # the range's first column in [prefix; sequence]
-    CHECK_KEYS: tl.constexpr, CHECK_LO: tl.constexpr, CHECK_HI: tl.constexpr,
+    # Pass PASS of attention_blocks.key_passes, as the forward's _attend_blocks; K/V at
+    # (row, kv head), Mask at the row (or unused).
+    PK, PV, stride_pk_l, stride_pv_l, prefix_len,
+    K, V, Mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
+    pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col,   # key_passes' cuts, query_bounds' bounds
+    PASS: tl.constexpr, WINDOWED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    for start_n in range(start, end, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < key_len
-        if HAS_MASK:
-            # A padded key is never read, as one past the end: NaN or inf there (0 * NaN in
-            # dS K and dO V^T) must not reach dq.
-            key_ok = key_ok & (tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0) != 0)
+    pre_start, seq_start, pre_blocks, blocks = pass_blocks(pre_cuts, seq_cuts, PASS=PASS,
+                                                           BLOCK_N=BLOCK_N)
+    for i in range(0, blocks):
+        pre, _, keys, cols, key_ok = key_block(
+            i, pre_blocks, pre_start, seq_start, prefix_len, key_len, Mask, stride_mask_l,
+            HAS_MASK=HAS_MASK, BLOCK_N=BLOCK_N)
         t_mask = d_ok[:, None] & key_ok[None, :]
-        cols = keys[None, :].to(tl.int64)
-        kt = tl.load(K + cols * stride_k_l + offs_d[:, None], mask=t_mask, other=0.0)
-        vt = tl.load(V + cols * stride_v_l + offs_d[:, None], mask=t_mask, other=0.0)
+        rows = keys[None, :].to(tl.int64)
+        kt = tl.load(tl.where(pre, PK, K) + rows * tl.where(pre, stride_pk_l, stride_k_l)
+                     + offs_d[:, None], mask=t_mask, other=0.0)
+        vt = tl.load(tl.where(pre, PV, V) + rows * tl.where(pre, stride_pv_l, stride_v_l)
+                     + offs_d[:, None], mask=t_mask, other=0.0)
         s, t = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
                       SOFTCAP=SOFTCAP)
         if HAS_BIAS:
-            s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
+            s += load_bias(Bias, q_pos[:, None], cols[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
         # Hidden keys go to -inf before exp2: with large logits s - LSE could overflow there.
-        s = hide_keys(s, keys, key_ok, key_lo, key_hi, CHECK_KEYS=CHECK_KEYS, CHECK_LO=CHECK_LO,
-                      CHECK_HI=CHECK_HI, HAS_MASK=HAS_MASK)
+        s = hide_columns(s, pre, cols, key_ok, pre_lo, seq_lo, hi_col, prefix_len, PASS=PASS,
+                         WINDOWED=WINDOWED, IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             # dP of the undropped probabilities: dO V^T through the kept entries, scaled.
-            cols = (col0 + keys).to(tl.int64)
-            keep = dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p)
+            keep = dropout_keep(seed, rng_rows[:, None] + cols.to(tl.int64)[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = softcap_grad(p * (dp - delta[:, None]), t, SOFTCAP=SOFTCAP)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
@@ -143,75 +136,29 @@ def _dq_kernel(
         IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, IS_PACKED=IS_PACKED)
     bias = Bias + batch * stride_bias_b + q_head * stride_bias_h
 
-    # The forward's key ranges: a window's prefix edge, then the sequence's interval blocks.
-    # Every _dq_blocks call shares the query rows, the bias and the dropout rows; each names
-    # its key range, its K/V pair and which masks the range needs.
+    # The forward's passes (attention_blocks.key_passes), except that the whole prefix goes
+    # with the causal diagonal, bounds-checked: in the open loop, choosing each block's source
+    # cost sm_80's steady loop 7% more instructions (bench/NOTES.md).
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
-    if HAS_WINDOW:
-        # Prefix keys below every query's window are skipped; the rest get the window's mask.
-        prefix_start, _, _, _ = block_ranges(pre_lo, pre_lo, row_ok, prefix_len, BLOCK_N=BLOCK_N)
-        prefix_full = prefix_start
-    else:
-        prefix_start = 0
-        prefix_full = prefix_len // BLOCK_N * BLOCK_N
-    dq = _dq_blocks(                          # whole prefix blocks (none with a window)
-        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-        K=pk, V=pv, Mask=Mask, stride_k_l=stride_pk_l, stride_v_l=stride_pv_l, stride_mask_l=0,
-        start=prefix_start, end=prefix_full, key_len=prefix_len, key_lo=pre_lo, key_hi=pre_lo,
-        col0=0, CHECK_KEYS=False, CHECK_LO=False, CHECK_HI=False, HAS_MASK=False,
-        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
-    dq = _dq_blocks(                          # the rest of the prefix, bounds-checked
-        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-        K=pk, V=pv, Mask=Mask, stride_k_l=stride_pk_l, stride_v_l=stride_pv_l, stride_mask_l=0,
-        start=prefix_full, end=prefix_len, key_len=prefix_len, key_lo=pre_lo, key_hi=pre_lo,
-        col0=0, CHECK_KEYS=True, CHECK_LO=HAS_WINDOW, CHECK_HI=False, HAS_MASK=False,
-        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
-
-    if HAS_WINDOW or IS_PACKED:
-        start, full_start, full_end, end = block_ranges(seq_lo, seq_hi, row_ok, key_len,
-                                                        BLOCK_N=BLOCK_N)
-    else:
-        full_end, end = sequence_key_range(q_block * BLOCK_M, key_shift, key_len,
-                                           IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-        start = 0
-        full_start = 0
     k = K + batch * stride_k_b + kv_head * stride_k_h
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
-    dq = _dq_blocks(                          # edge blocks below the common interval
-        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-        K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-        stride_mask_l=stride_mask_l, start=start, end=full_start, key_len=key_len,
-        key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
-        CHECK_KEYS=True, CHECK_LO=HAS_WINDOW or IS_PACKED,
-        CHECK_HI=IS_CAUSAL or HAS_WINDOW or IS_PACKED, HAS_MASK=HAS_MASK,
-        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
-    dq = _dq_blocks(                          # blocks every query sees whole
-        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-        K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-        stride_mask_l=stride_mask_l, start=full_start, end=full_end, key_len=key_len,
-        key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
-        CHECK_KEYS=False, CHECK_LO=False, CHECK_HI=False, HAS_MASK=HAS_MASK,
-        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
-    dq = _dq_blocks(                          # edge blocks above it (the causal diagonal)
-        dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-        bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-        K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-        stride_mask_l=stride_mask_l, start=full_end, end=end, key_len=key_len,
-        key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
-        CHECK_KEYS=True, CHECK_LO=HAS_WINDOW or IS_PACKED,
-        CHECK_HI=IS_CAUSAL or HAS_WINDOW or IS_PACKED, HAS_MASK=HAS_MASK,
-        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION)
+    WINDOWED: tl.constexpr = HAS_WINDOW or IS_PACKED
+    pre_cuts, seq_cuts, hi_col = key_passes(
+        q_block * BLOCK_M, row_ok, pre_lo, seq_lo, seq_hi, prefix_len, key_len, key_shift,
+        IS_CAUSAL=IS_CAUSAL, WINDOWED=WINDOWED, PREFIX_OPEN=False, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N)
+    for n in tl.static_range(3):
+        dq = _dq_blocks(
+            dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
+            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
+            pk, pv, stride_pk_l, stride_pv_l, prefix_len,
+            k, v, mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
+            pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col, PASS=n, WINDOWED=WINDOWED,
+            IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK, HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP,
+            HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            INPUT_PRECISION=INPUT_PRECISION)
 
     dq = dq * scale
     tl.store(DQ + batch * stride_dq_b + q_head * stride_dq_h + rows * stride_dq_l

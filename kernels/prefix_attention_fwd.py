@@ -1,14 +1,18 @@
 """Prefix attention forward: softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v].
 
-FlashAttention-2 style: one program per (query block, query head, batch row) streams first the
-prefix keys, then the sequence keys, straight from their own tensors (no concatenation, no
-per-row copy of a shared prefix, no repeated GQA heads) with an online softmax in base 2
+FlashAttention-2 style: one program per (query block, query head, batch row) streams the
+prefix keys and the sequence keys straight from their own tensors (no concatenation, no per-row
+copy of a shared prefix, no repeated GQA heads) with an online softmax in base 2
 (attention_blocks.py).
 
 Prefix keys are visible to every query, so their blocks need only a bounds mask. Sequence key j
 is visible to query i iff the padding mask allows it and, when causal, j <= i + (Lk - Lq)
 (bottom-right aligned). Blocks that the causal mask removes for the whole query block are never
-visited; blocks it leaves untouched run without the causal mask.
+visited; blocks it leaves untouched run without the causal mask. So the keys go in passes: the
+open pass (the whole prefix blocks, then the sequence blocks every query sees) and an upper
+edge (the prefix's partial block, then the causal diagonal), with a lower edge first for a
+window or packed sequences. Each pass is one software-pipelined loop over both sources, the
+block's K/V chosen per iteration: no pipeline drains between prefix and sequence.
 
 Attention-probability dropout (HAS_DROPOUT) keeps entry (b, h, i, c) as
 `attention_dropout.dropout_keep` says (c numbers the concatenated [prefix; sequence] keys; the
@@ -28,11 +32,11 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation   # the allocator's ContextVar: see _ensure_descriptor_allocator
 
-from .attention_blocks import hide_keys, online_softmax, sequence_key_range
+from .attention_blocks import hide_columns, key_block, key_passes, online_softmax, pass_blocks
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import ForwardInputs, input_precision
 from .attention_specs import spec_ints, spec_variants, term_compile_specs
-from .attention_terms import NO_TERMS, _LOG2E, block_ranges, load_bias, logits, query_bounds
+from .attention_terms import NO_TERMS, _LOG2E, load_bias, logits, query_bounds
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec, spec_signature
 from .launch import cdiv, define_kernels, on_input_device
@@ -47,31 +51,35 @@ def _attend_blocks(
     q_pos, q_ok, head_dim, qk_scale, softcap_scale,
     Bias, stride_bias_l, stride_bias_c,  # Bias at (row, head)
     seed, dropout_p, rng_rows,   # dropout: Philox row offsets (BLOCK_M,) int64
-    # One key range [start, end) of one K/V pair (start a multiple of BLOCK_N):
-    K, V, Mask,                  # K, V already at (row, kv head) — pointers, or with USE_TMA
-                                 # (key_len, head_dim) tensor descriptors; Mask at the row
-    stride_k_l, stride_v_l, stride_mask_l,
-    start, end, key_len,
-    key_lo, key_hi,              # per-query visible interval (attention_terms.py)
-    col0,                        # the range's first column in [prefix; sequence]
-    CHECK_KEYS: tl.constexpr,    # bounds mask (and the interval checks below) on this range
-    CHECK_LO: tl.constexpr, CHECK_HI: tl.constexpr,
+    # Pass PASS of attention_blocks.key_passes: one pipelined loop over its prefix keys, then
+    # its sequence keys. K/V at (row, kv head): pointers, or with USE_TMA (length, head_dim)
+    # tensor descriptors; Mask at the row.
+    PK, PV, stride_pk_l, stride_pv_l, prefix_len,
+    K, V, Mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
+    pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col,   # key_passes' cuts, query_bounds' bounds
+    PASS: tl.constexpr, WINDOWED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
-    HI_INSIDE: tl.constexpr = False,   # key_hi < key_len for every stored row (hide_keys)
 ):
-    """Online-softmax update of (acc, m_i, l_i) with the keys [start, end) of one K/V pair."""
+    """Online-softmax update of (acc, m_i, l_i) with pass PASS's keys, prefix and sequence in
+    one loop: one pipeline prologue and one drain for both (the block's source is chosen per
+    iteration)."""
+    CHECK_KEYS: tl.constexpr = PASS != 1
+    # The upper edge without a window: q_pos < q_len gives q_pos + key_shift < key_len, so the
+    # causal bound hides the keys past the end for every stored row. Through descriptors the
+    # bounds vector is needed nowhere else; pointer loads need it for their masks anyway (and
+    # ptxas spilled 28 B at sm_80 D = 64 without it: bench/NOTES.md).
+    HI_INSIDE: tl.constexpr = PASS == 2 and USE_TMA and not WINDOWED
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    for start_n in range(start, end, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < key_len
-        if HAS_MASK:
-            # A padded key is never read, as one past the end: NaN or inf there (0 * NaN in
-            # p V) must not reach the output.
-            key_ok = key_ok & (tl.load(Mask + keys * stride_mask_l, mask=key_ok, other=0) != 0)
+    pre_start, seq_start, pre_blocks, blocks = pass_blocks(pre_cuts, seq_cuts, PASS=PASS,
+                                                           BLOCK_N=BLOCK_N)
+    for i in range(0, blocks):
+        pre, start_n, keys, cols, key_ok = key_block(
+            i, pre_blocks, pre_start, seq_start, prefix_len, key_len, Mask, stride_mask_l,
+            HAS_MASK=HAS_MASK, BLOCK_N=BLOCK_N)
         if CHECK_KEYS or HAS_MASK:
             kt_mask = d_ok[:, None] & key_ok[None, :]
             v_mask = key_ok[:, None] & d_ok[None, :]
@@ -79,36 +87,46 @@ def _attend_blocks(
             kt_mask = d_ok[:, None]
             v_mask = d_ok[None, :]
         if USE_TMA:
-            # The descriptor's bounds give the zeros a masked load would (keys >= key_len,
+            # The descriptor's bounds give the zeros a masked load would (keys >= length,
             # columns >= head_dim); padded keys are hidden from the logits below, their
-            # values zeroed after the load.
-            kt = tl.trans(K.load([start_n, 0]))
+            # values zeroed after the load. The descriptor pair is chosen per block (the
+            # software pipeline issues the loads of later blocks, of either source).
+            if pre:
+                kd = PK
+                vd = PV
+            else:
+                kd = K
+                vd = V
+            kt = tl.trans(kd.load([start_n, 0]))
         else:
-            kt = tl.load(K + keys[None, :].to(tl.int64) * stride_k_l + offs_d[:, None],
-                         mask=kt_mask, other=0.0)
+            k_stride = tl.where(pre, stride_pk_l, stride_k_l)
+            kt = tl.load(tl.where(pre, PK, K) + keys[None, :].to(tl.int64) * k_stride
+                         + offs_d[:, None], mask=kt_mask, other=0.0)
         if HAS_BIAS:   # the bias adds to scaled logits: scale first
             s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale,
                           softcap_scale, SOFTCAP=SOFTCAP)
-            s += load_bias(Bias, q_pos[:, None], col0 + keys[None, :], q_ok[:, None],
+            s += load_bias(Bias, q_pos[:, None], cols[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
             exp2_scale = 1.0
         else:          # scaled inside exp2's argument (online_softmax; the launcher made it > 0)
             s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), 1.0, softcap_scale,
                           SOFTCAP=SOFTCAP)
             exp2_scale = qk_scale
-        s = hide_keys(s, keys, key_ok, key_lo, key_hi, CHECK_KEYS=CHECK_KEYS, CHECK_LO=CHECK_LO,
-                      CHECK_HI=CHECK_HI, HAS_MASK=HAS_MASK, HI_INSIDE=HI_INSIDE)
+        s = hide_columns(s, pre, cols, key_ok, pre_lo, seq_lo, hi_col, prefix_len, PASS=PASS,
+                         WINDOWED=WINDOWED, IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK,
+                         HI_INSIDE=HI_INSIDE)
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, exp2_scale)
         if HAS_DROPOUT:
-            cols = (col0 + keys).to(tl.int64)
-            p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
+            p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols.to(tl.int64)[None, :],
+                                      dropout_p), p, 0.0)
         if USE_TMA:
-            v = V.load([start_n, 0])
+            v = vd.load([start_n, 0])
             if HAS_MASK:
                 v = tl.where(key_ok[:, None], v, 0.0)
         else:
-            v = tl.load(V + keys[:, None].to(tl.int64) * stride_v_l + offs_d[None, :],
-                        mask=v_mask, other=0.0)
+            v_stride = tl.where(pre, stride_pv_l, stride_v_l)
+            v = tl.load(tl.where(pre, PV, V) + keys[:, None].to(tl.int64) * v_stride
+                        + offs_d[None, :], mask=v_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -195,103 +213,35 @@ def _prefix_attention_fwd_kernel(
         v = tl.make_tensor_descriptor(v, [key_len, head_dim], [stride_v_l, 1],
                                       [BLOCK_N, BLOCK_D])
     mask = Mask + batch * stride_mask_b
-    # What every _attend_blocks call below shares: the query rows, the bias, the dropout rows.
-    # Each call names its key range, its K/V pair and which masks the range needs.
-    if HAS_WINDOW or IS_PACKED:
-        # Per-query key intervals (attention_terms.py). Prefix keys below every query's window
-        # are skipped, the rest masked; sequence blocks inside every query's interval run
-        # without interval masks, blocks outside all of them are never loaded.
+    # The keys in passes (attention_blocks.key_passes): a lower edge with a window or packing
+    # only, the open blocks, the upper edge; each one loop over its prefix blocks and then its
+    # sequence blocks. Blocks outside every query's interval are never loaded.
+    WINDOWED: tl.constexpr = HAS_WINDOW or IS_PACKED
+    if WINDOWED:
         seq_lo, seq_hi, pre_lo = query_bounds(
             q_pos, row_ok, SegStart + batch * stride_seg_b, SegEnd + batch * stride_seg_b,
             key_len, key_shift, window_left, window_right, prefix_left, prefix_len,
             IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, IS_PACKED=IS_PACKED)
-        pre_start, _, _, _ = block_ranges(pre_lo, pre_lo, row_ok, prefix_len, BLOCK_N=BLOCK_N)
+    else:
+        # Only the causal bound: no interval vectors stay alive here (ptxas counted 28 more
+        # registers and 416 B of spills with them, sm_90 D = 64).
+        pre_lo = q_pos           # unused without a window
+        seq_lo = q_pos
+        seq_hi = q_pos + key_shift
+    pre_cuts, seq_cuts, hi_col = key_passes(
+        q_block * BLOCK_M, row_ok, pre_lo, seq_lo, seq_hi, prefix_len, key_len, key_shift,
+        IS_CAUSAL=IS_CAUSAL, WINDOWED=WINDOWED, PREFIX_OPEN=True, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N)
+    for n in tl.static_range(3):
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
             bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=pk, V=pv, Mask=Mask, stride_k_l=stride_pk_l, stride_v_l=stride_pv_l,
-            stride_mask_l=0, start=pre_start, end=prefix_len, key_len=prefix_len,
-            key_lo=pre_lo, key_hi=pre_lo, col0=0,
-            CHECK_KEYS=True, CHECK_LO=HAS_WINDOW, CHECK_HI=False, HAS_MASK=False,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
-        start, full_start, full_end, end = block_ranges(seq_lo, seq_hi, row_ok, key_len,
-                                                        BLOCK_N=BLOCK_N)
-        acc, m_i, l_i = _attend_blocks(       # edge blocks below the common interval
-            acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-            stride_mask_l=stride_mask_l, start=start, end=full_start, key_len=key_len,
-            key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
-            CHECK_KEYS=True, CHECK_LO=True, CHECK_HI=True, HAS_MASK=HAS_MASK,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
-        acc, m_i, l_i = _attend_blocks(       # inside every query's interval
-            acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-            stride_mask_l=stride_mask_l, start=full_start, end=full_end, key_len=key_len,
-            key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
-            CHECK_KEYS=False, CHECK_LO=False, CHECK_HI=False, HAS_MASK=HAS_MASK,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
-        acc, m_i, l_i = _attend_blocks(       # edge blocks above it
-            acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-            stride_mask_l=stride_mask_l, start=full_end, end=end, key_len=key_len,
-            key_lo=seq_lo, key_hi=seq_hi, col0=prefix_len,
-            CHECK_KEYS=True, CHECK_LO=True, CHECK_HI=True, HAS_MASK=HAS_MASK,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
-    else:
-        # Prefix keys: every query sees all of them; only the last block needs a bounds mask.
-        # Sequence keys: the fully visible blocks run without the causal mask; keys the causal
-        # mask hides from the whole block are never loaded. (No interval vectors stay alive
-        # here: ptxas counted 28 more registers and 416 B of spills with them, sm_90 D = 64.)
-        prefix_full = prefix_len // BLOCK_N * BLOCK_N
-        acc, m_i, l_i = _attend_blocks(       # whole prefix blocks
-            acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=pk, V=pv, Mask=Mask, stride_k_l=stride_pk_l, stride_v_l=stride_pv_l,
-            stride_mask_l=0, start=0, end=prefix_full, key_len=prefix_len,
-            key_lo=q_pos, key_hi=q_pos, col0=0,
-            CHECK_KEYS=False, CHECK_LO=False, CHECK_HI=False, HAS_MASK=False,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
-        acc, m_i, l_i = _attend_blocks(       # the prefix's partial last block
-            acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=pk, V=pv, Mask=Mask, stride_k_l=stride_pk_l, stride_v_l=stride_pv_l,
-            stride_mask_l=0, start=prefix_full, end=prefix_len, key_len=prefix_len,
-            key_lo=q_pos, key_hi=q_pos, col0=0,
-            CHECK_KEYS=True, CHECK_LO=False, CHECK_HI=False, HAS_MASK=False,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
-        full_end, end = sequence_key_range(q_block * BLOCK_M, key_shift, key_len,
-                                           IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-        acc, m_i, l_i = _attend_blocks(       # sequence blocks every query sees whole
-            acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-            stride_mask_l=stride_mask_l, start=0, end=full_end, key_len=key_len,
-            key_lo=q_pos, key_hi=q_pos + key_shift, col0=prefix_len,
-            CHECK_KEYS=False, CHECK_LO=False, CHECK_HI=False, HAS_MASK=HAS_MASK,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
-        acc, m_i, l_i = _attend_blocks(       # the causal diagonal and the last partial block
-            acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
-            bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            K=k, V=v, Mask=mask, stride_k_l=stride_k_l, stride_v_l=stride_v_l,
-            stride_mask_l=stride_mask_l, start=full_end, end=end, key_len=key_len,
-            key_lo=q_pos, key_hi=q_pos + key_shift, col0=prefix_len,
-            CHECK_KEYS=True, CHECK_LO=False, CHECK_HI=IS_CAUSAL, HAS_MASK=HAS_MASK,
-            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D, INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA,
-            # q_pos < q_len gives q_pos + key_shift < key_len. Through descriptors the bounds
-            # vector is needed nowhere else; pointer loads need it for their masks anyway
-            # (and ptxas spilled 28 B at sm_80 D = 64 without it: bench/NOTES.md).
-            HI_INSIDE=USE_TMA)
+            pk, pv, stride_pk_l, stride_pv_l, prefix_len,
+            k, v, mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
+            pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col, PASS=n, WINDOWED=WINDOWED,
+            IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK, HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP,
+            HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
 
     # A row with no visible key (possible only without a prefix or sinks) has l = 0: output
     # zeros and LSE = +inf, so the backward's recomputed probabilities exp2(s - LSE) are all 0.
