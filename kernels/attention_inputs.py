@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_options import AttentionSpec
 from .launch import contiguous_last, dense_index
 
 
@@ -86,12 +87,14 @@ class AttentionInputs:
     scale: float
 
     @classmethod
-    def prepare(cls, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale):
+    def prepare(cls, q, k, v, prefix_k, prefix_v, spec: AttentionSpec):
+        """The inputs and the spec's attention_mask, prefix_index and scale."""
         q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
         pk, pv, P = prefix_views(prefix_k, prefix_v, k, v)
+        index = dense_index(spec.prefix_index) if P > 0 else None
         return cls(q, k, v, pk, pv, P, prefix_k is not None and prefix_k.dim() == 3,
-                   mask_as_int8(attention_mask), dense_index(prefix_index) if P > 0 else None,
-                   q.shape[-1] ** -0.5 if scale is None else float(scale))
+                   mask_as_int8(spec.attention_mask), index,
+                   q.shape[-1] ** -0.5 if spec.scale is None else float(spec.scale))
 
     def pointers(self) -> tuple:
         """Q, K, V, PrefixK, PrefixV, Mask, PrefixIndex (q stands in for an absent one)."""
@@ -120,9 +123,8 @@ class ForwardInputs(AttentionInputs):
     lse: torch.Tensor
 
     @classmethod
-    def prepare(cls, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale, out):
-        x = AttentionInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
-                                    scale)
+    def prepare(cls, q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out=None):
+        x = AttentionInputs.prepare(q, k, v, prefix_k, prefix_v, spec)
         B, Hq, Lq, D = x.q.shape
         if out is None:
             out = torch.empty(B, Lq, Hq, D, dtype=x.q.dtype, device=x.q.device).transpose(1, 2)

@@ -40,6 +40,20 @@ class AttentionSpec:
     prefix_in_window: bool = _option(True, "bool prefix_in_window")
     softcap: float = _option(0.0, "float softcap")
 
+    @property
+    def has_window(self) -> bool:
+        """A side of `window_size` is bounded (>= 0); (-1, -1) is full attention."""
+        return self.window_size[0] >= 0 or self.window_size[1] >= 0
+
+    def terms_in_use(self) -> dict:
+        """The attention terms this spec turns on, field -> value (empty: plain attention with
+        padding mask, prefix index, causality and scale). `prefix_in_window` counts only
+        through the window it qualifies."""
+        on = dict(bias=self.bias is not None, sinks=self.sinks is not None,
+                  segments=self.segments is not None, window_size=self.has_window,
+                  softcap=self.softcap > 0)
+        return {name: getattr(self, name) for name, used in on.items() if used}
+
     def options(self) -> dict:
         """Field name -> value, what the backends' `not_supported_reasons` read."""
         return {name: getattr(self, name) for name in ATTENTION_OPTIONS}

@@ -134,27 +134,25 @@ def load_bias(Bias, rows, cols, rows_ok, cols_ok, stride_rows, stride_cols):
 class Terms:
     """What the kernels read for an `AttentionSpec`'s attention terms (kernels/
     attention_options.py holds their meaning): pointers (q stands in for absent tensors), int
-    bounds, the soft-cap scale and the constexpr flags."""
-    spec: AttentionSpec = AttentionSpec()
+    bounds, the soft-cap scale and the constexpr flags. Each launcher builds the one it uses
+    from the spec it is given (`Terms.of`)."""
+    spec: AttentionSpec
 
-    @property
-    def has_window(self) -> bool:
-        return self.spec.window_size[0] >= 0 or self.spec.window_size[1] >= 0
+    @classmethod
+    def of(cls, spec: AttentionSpec) -> "Terms":
+        """The view of `spec` with sinks as contiguous fp32 (Hq,), segments as contiguous
+        int32 (B, L) start, end (no copy where they already are: a second `of` on the view's
+        spec copies nothing)."""
+        sinks = None if spec.sinks is None else spec.sinks.float().contiguous()
+        segments = None if spec.segments is None else tuple(
+            t.to(torch.int32).contiguous() for t in spec.segments)
+        return cls(replace(spec, sinks=sinks, segments=segments,
+                           window_size=tuple(spec.window_size), softcap=float(spec.softcap)))
 
     @property
     def any(self) -> bool:
-        s = self.spec
-        return (s.bias is not None or s.sinks is not None or s.segments is not None
-                or self.has_window or s.softcap > 0)
-
-    def prepare(self) -> "Terms":
-        """Sinks as contiguous fp32 (Hq,), segments as contiguous int32 (B, L) start, end."""
-        s = self.spec
-        sinks = None if s.sinks is None else s.sinks.float().contiguous()
-        segments = None if s.segments is None else tuple(
-            t.to(torch.int32).contiguous() for t in s.segments)
-        return Terms(replace(s, sinks=sinks, segments=segments,
-                             window_size=tuple(s.window_size), softcap=float(s.softcap)))
+        """Some term is on: the autotuner's candidates differ (kernels/tiles.py)."""
+        return bool(self.spec.terms_in_use())
 
     def qk_scales(self, scale: float) -> tuple[float, float]:
         """(qk_scale, softcap_scale) as `logits` takes them."""
@@ -190,7 +188,7 @@ class Terms:
         """The kernels' constexpr flags; without HAS_SINKS for the backward kernels."""
         s = self.spec
         flags = dict(HAS_BIAS=s.bias is not None, IS_PACKED=s.segments is not None,
-                     HAS_WINDOW=self.has_window, SOFTCAP=s.softcap > 0)
+                     HAS_WINDOW=s.has_window, SOFTCAP=s.softcap > 0)
         if sinks:
             flags["HAS_SINKS"] = s.sinks is not None
         return flags
@@ -198,6 +196,3 @@ class Terms:
     def key(self) -> tuple:
         """What changes the best tile (autotune key): which terms are on."""
         return tuple(self.flags().values())
-
-
-NO_TERMS = Terms()

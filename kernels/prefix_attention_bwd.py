@@ -31,15 +31,15 @@ import triton.language as tl
 
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import AttentionInputs, input_precision, strides3
+from .attention_options import AttentionSpec
 from .attention_specs import spec_ints, spec_variants, term_compile_specs
-from .attention_terms import NO_TERMS, load_bias, logits, query_bounds, softcap_grad
+from .attention_terms import Terms, load_bias, logits, query_bounds, softcap_grad
 from .autotune import fixed_config, launch_tuned, length_bucket
 from .compile_specs import CompileSpec, spec_signature
 from .launch import cdiv, contiguous_last, define_kernels, num_splits, on_input_device
 from .split_reduce import plan_task_splits, sum_splits, task_split
 from .tiles import CANDIDATES, TileConfig, head_block, prefix_tile, spec_configs
 from .prefix_attention_bwd_dq import prefix_attention_dq
-
 
 define_kernels()     # before the first @triton.jit: see launch.interpreting
 
@@ -382,31 +382,32 @@ DELTA_BLOCK_M = 64
 
 
 @on_input_device
-def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, prefix_index,
-                         out, lse, *, causal=True, scale=None, needs=(True,) * 5,
-                         dropout_p=0.0, dropout_seed=None, terms=NO_TERMS):
+def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse, spec=AttentionSpec(),
+                         *, needs=(True,) * 5):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of `prefix_attention_fwd`; None where
     `needs` (five bools, autograd's needs_input_grad order) is False.
 
-    grad_out, out (B, Hq, Lq, D); lse (B, Hq, Lq) fp32 from the forward; other arguments as for
-    the forward (dropout_p and dropout_seed too: the mask is regenerated from the seed; terms:
-    the forward's `attention_terms.Terms`).
+    grad_out, out (B, Hq, Lq, D); lse (B, Hq, Lq) fp32 from the forward; q, k, v and the
+    prefixes as for the forward. spec: the forward's `AttentionSpec`, every field computed
+    (the dropout keep-mask is regenerated from spec.dropout_seed; sinks need nothing here:
+    the forward's LSE holds them).
     Gradients have their input's shape and dtype. dk and dv come from one kernel,
     as do dprefix_k and dprefix_v: asking for either of a pair computes both.
     """
     grad_out, out = contiguous_last(grad_out), contiguous_last(out)
-    x = AttentionInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale)
+    x = AttentionInputs.prepare(q, k, v, prefix_k, prefix_v, spec)
     q, k, v, pk, pv, P, mask, index = x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.prefix_len, \
         x.mask, x.index
     lse = lse.contiguous()
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    terms = terms.prepare()
+    terms = Terms.of(spec)
+    causal, dropout_p = spec.causal, spec.dropout_p
     qk_scale, softcap_scale = terms.qk_scales(x.scale)
     block_d = head_block(D)
     precision = input_precision(q.dtype)
-    seed = seed_arg(dropout_p, dropout_seed, q)
+    seed = seed_arg(dropout_p, spec.dropout_seed, q)
     dropout = dict(HAS_DROPOUT=dropout_p > 0)
     dq = dk = dv = dpk = dpv = None
 
@@ -418,8 +419,7 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, attention_mask, 
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4)
 
     if needs[0]:
-        dq = prefix_attention_dq(x, grad_out, lse, delta, causal=causal, dropout_p=dropout_p,
-                                 seed=dropout_seed, terms=terms)
+        dq = prefix_attention_dq(x, grad_out, lse, delta, terms.spec)
 
     if needs[1] or needs[2]:
         dk, dv = torch.empty_like(k), torch.empty_like(v)

@@ -15,8 +15,9 @@ import triton.language as tl
 from .attention_blocks import hide_columns, key_block, key_passes, pass_blocks
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import AttentionInputs, input_precision, strides3
+from .attention_options import AttentionSpec
 from .attention_specs import spec_ints, spec_variants, term_compile_specs
-from .attention_terms import NO_TERMS, load_bias, logits, query_bounds, softcap_grad
+from .attention_terms import Terms, load_bias, logits, query_bounds, softcap_grad
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec, spec_signature
 from .launch import cdiv, define_kernels
@@ -165,22 +166,24 @@ def _dq_kernel(
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
-def prefix_attention_dq(x: AttentionInputs, grad_out, lse, delta, *, causal, dropout_p=0.0,
-                        seed=None, terms=NO_TERMS):
-    """dq (q's shape and dtype). x: the backward's prepared inputs; grad_out with a contiguous
-    last dim; lse and delta (B, Hq, Lq) fp32, one layout; seed: the forward's 0-d int64 seed
-    tensor when dropout_p > 0; terms: prepared `attention_terms.Terms`."""
+def prefix_attention_dq(x: AttentionInputs, grad_out, lse, delta, spec: AttentionSpec):
+    """dq (q's shape and dtype). x: the backward's prepared inputs (`AttentionInputs`, from
+    the same spec); grad_out with a contiguous last dim; lse and delta (B, Hq, Lq) fp32, one
+    layout; spec: the forward's `AttentionSpec` (attention_mask, prefix_index and scale are
+    read from x; causal, dropout_p with dropout_seed and the attention terms from spec)."""
     B, Hq, Lq, D = x.q.shape
     Hkv, Lk = x.k.shape[1], x.k.shape[2]
     dq = torch.empty_like(x.q)
     if dq.numel() == 0:
         return dq
+    terms = Terms.of(spec)
+    causal, dropout_p = spec.causal, spec.dropout_p
     qk_scale, softcap_scale = terms.qk_scales(x.scale)
 
     def launch(cfg: TileConfig) -> None:
         _dq_kernel[(cdiv(Lq, cfg.block_m), Hq, B)](
             dq, x.q, x.k, x.v, x.prefix_k, x.prefix_v, grad_out, lse, delta, x.mask_pointer(),
-            x.q if x.index is None else x.index, seed_arg(dropout_p, seed, x.q),
+            x.q if x.index is None else x.index, seed_arg(dropout_p, spec.dropout_seed, x.q),
             *terms.pointers(x.q, sinks=False),
             Lq, Lk, x.prefix_len, D, Hq // Hkv, x.scale, qk_scale, float(dropout_p),
             softcap_scale,

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .attention_blocks import hide_keys, online_softmax
 from .attention_inputs import ForwardInputs, input_precision, strides3
+from .attention_options import AttentionSpec
 from .attention_specs import FLAG_COMBOS, SPEC_VARIANTS, spec_ints
 from .attention_terms import LOG2E
 from .compile_specs import CompileSpec, spec_signature
@@ -58,7 +59,6 @@ from .tiles import head_block
 # Queries per row up to which `ptuning_fast.fused` picks this kernel (one decoding step, or a
 # few draft tokens of speculative decoding); longer queries fill the prefill kernel's tiles.
 MAX_QUERIES = 16
-
 
 define_kernels()     # before the first @triton.jit: see launch.interpreting
 
@@ -440,19 +440,56 @@ def supports(q_len: int) -> bool:
     return 0 < q_len <= MAX_QUERIES
 
 
+# What this kernel computes of an `AttentionSpec`: no attention term, no dropout.
+SUPPORTED_OPTIONS = ("attention_mask", "prefix_index", "causal", "scale")
+
+
+def unsupported_options(spec: AttentionSpec) -> dict:
+    """The options of `spec` in use that this kernel does not compute (attention terms,
+    dropout_p > 0), field -> value; empty when it can run `spec`."""
+    unsupported = spec.terms_in_use()
+    if spec.dropout_p > 0:
+        unsupported["dropout_p"] = spec.dropout_p
+    return unsupported
+
+
+def check_spec(spec: AttentionSpec) -> None:
+    """Raises ValueError naming every option of `spec` in use that this kernel does not
+    compute: refused, never dropped."""
+    unsupported = unsupported_options(spec)
+    if unsupported:
+        given = ", ".join(f"spec.{name}={_describe(v)}" for name, v in unsupported.items())
+        raise ValueError(
+            f"prefix_attention_decode: the decode kernel computes {', '.join(SUPPORTED_OPTIONS)}"
+            f" only (no attention terms, no dropout); got {given}. prefix_attention_fwd "
+            "computes every option")
+
+
+def _describe(value) -> str:
+    """A spec value for an error message: a tensor by shape and dtype, not its elements."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    if isinstance(value, tuple):
+        return f"({', '.join(_describe(v) for v in value)})"
+    return repr(value)
+
+
 @on_input_device
-def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
-                            prefix_index=None, *, causal=True, scale=None, out=None,
-                            num_splits=None):
+def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, spec=AttentionSpec(), *,
+                            out=None, num_splits=None):
     """Returns (out, lse), exactly as `prefix_attention_fwd` (same shapes, layout, LSE
-    convention), for few queries per row (Lq <= MAX_QUERIES); no dropout.
+    convention), for few queries per row (Lq <= MAX_QUERIES).
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v None, (Hkv, P, D), (B, Hkv, P, D) or
-    (T, Hkv, P, D) with prefix_index (B,). attention_mask (B, Lk) bool/int, true = attend.
-    num_splits: override the SM-count rule (tests, tuning).
+    (T, Hkv, P, D) with spec.prefix_index (B,).
+    spec: an `AttentionSpec` of which this kernel computes attention_mask ((B, Lk) bool/int,
+    true = attend), prefix_index, causal and scale (None: D ** -0.5); a spec with an attention
+    term (bias, sinks, segments, window_size, softcap) or dropout_p > 0 is refused with a
+    ValueError (`check_spec`).
+    out: as for the forward. num_splits: override the SM-count rule (tests, tuning).
     """
-    x = ForwardInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale,
-                              out)
+    check_spec(spec)
+    x = ForwardInputs.prepare(q, k, v, prefix_k, prefix_v, spec, out)
     B, Hq, Lq, D = x.q.shape
     Hkv, Lk = x.k.shape[1], x.k.shape[2]
     if x.out.numel() == 0:
@@ -472,7 +509,7 @@ def prefix_attention_decode(q, k, v, prefix_k=None, prefix_v=None, attention_mas
         x.out, x.lse, acc, stats, *x.pointers(),
         Lq, Lk, x.prefix_len, D, Hq // Hkv, x.scale * LOG2E, plan.blocks_per_split,
         *x.strides(), *part_strides,
-        IS_CAUSAL=causal, HAS_MASK=x.mask is not None, HAS_INDEX=x.index is not None,
+        IS_CAUSAL=spec.causal, HAS_MASK=x.mask is not None, HAS_INDEX=x.index is not None,
         IS_SPLIT=split, KEYS_MAJOR=plan.keys_major, BLOCK_M=plan.block_m,
         BLOCK_N=plan.tile.block_n, BLOCK_D=plan.block_d,
         INPUT_PRECISION=input_precision(x.q.dtype),

@@ -35,8 +35,9 @@ from triton.runtime import _allocation   # the allocator's ContextVar: see _ensu
 from .attention_blocks import hide_columns, key_block, key_passes, online_softmax, pass_blocks
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import ForwardInputs, input_precision
+from .attention_options import AttentionSpec
 from .attention_specs import spec_ints, spec_variants, term_compile_specs
-from .attention_terms import NO_TERMS, _LOG2E, load_bias, logits, query_bounds
+from .attention_terms import _LOG2E, Terms, load_bias, logits, query_bounds
 from .autotune import launch_tuned, length_bucket
 from .compile_specs import CompileSpec, spec_signature
 from .launch import cdiv, define_kernels, on_input_device
@@ -261,30 +262,32 @@ def _prefix_attention_fwd_kernel(
 
 
 @on_input_device
-def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=None,
-                         prefix_index=None, *, causal=True, scale=None, out=None, config=None,
-                         dropout_p=0.0, dropout_seed=None, terms=NO_TERMS):
+def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, spec=AttentionSpec(), *,
+                         out=None, config=None):
     """Returns (out, lse).
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v None, (Hkv, P, D), (B, Hkv, P, D) or
-    (T, Hkv, P, D) with prefix_index (B,). attention_mask (B, Lk) bool/int, true = attend.
+    (T, Hkv, P, D) with spec.prefix_index (B,).
+    spec: the call's `AttentionSpec`, every field computed: attention_mask (B, Lk) bool/int,
+    true = attend; prefix_index; causal; scale (None: D ** -0.5); dropout_p > 0 drops
+    probabilities as `dropout_keep_mask(spec.dropout_seed, ...)` says (dropout_seed: 0-d int64
+    tensor on q's device, read by the kernel: no host sync); the attention terms bias, sinks,
+    segments, window_size, prefix_in_window, softcap (kernels/attention_terms.py).
     out: (B, Hq, Lq, D) in q's dtype, laid out as (B, Lq, Hq, D) so that
     `out.transpose(1, 2).reshape(B, Lq, Hq * D)` is free; pass `out=` to write into any
     (B, Hq, Lq, D) tensor with a contiguous last dim. lse: (B, Hq, Lq) fp32, base 2, in units
     of the scaled scores (+inf for a row with no visible key).
-    dropout_p > 0 drops probabilities as `dropout_keep_mask(dropout_seed, ...)` says;
-    dropout_seed: 0-d int64 tensor on q's device (read by the kernel: no host sync).
-    terms: `attention_terms.Terms` (bias, window, softcap, sinks, packed segments).
+    config: a `TileConfig` to launch instead of the tuned one (tests, tuning).
     """
-    x = ForwardInputs.prepare(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, scale,
-                              out)
+    x = ForwardInputs.prepare(q, k, v, prefix_k, prefix_v, spec, out)
     B, Hq, Lq, D = x.q.shape
     Hkv, Lk, P, mask, out, lse = x.k.shape[1], x.k.shape[2], x.prefix_len, x.mask, x.out, x.lse
     if out.numel() == 0:
         return out, lse
-    terms = terms.prepare()
+    terms = Terms.of(spec)
+    causal, dropout_p = spec.causal, spec.dropout_p
     qk_scale, softcap_scale = terms.qk_scales(x.scale)
-    if qk_scale <= 0 and terms.spec.bias is None:
+    if qk_scale <= 0 and spec.bias is None:
         # The loops scale inside exp2's argument (online_softmax), which needs a scale > 0
         # (the row max must commute with it; a hidden key's -inf times 0 is NaN): a negative
         # scale's sign goes into q (negation is exact, so are the scores), a zero scale makes
@@ -295,7 +298,7 @@ def prefix_attention_fwd(q, k, v, prefix_k=None, prefix_v=None, attention_mask=N
     def launch(cfg: TileConfig) -> None:
         grid = (cdiv(Lq, cfg.block_m), Hq, B)
         _prefix_attention_fwd_kernel[grid](
-            out, lse, *x.pointers(), seed_arg(dropout_p, dropout_seed, x.q),
+            out, lse, *x.pointers(), seed_arg(dropout_p, spec.dropout_seed, x.q),
             *terms.pointers(x.q), Lq, Lk, P, D, Hq // Hkv, qk_scale, float(dropout_p),
             softcap_scale, *x.strides(), *terms.ints(), **terms.flags(),
             IS_CAUSAL=causal, HAS_MASK=mask is not None, HAS_INDEX=x.index is not None,

@@ -24,6 +24,7 @@ from ptuning_fast.kernels import attention_dropout, attention_inputs, autotune, 
 from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels import prompt_embedding as embedding_kernels
+from ptuning_fast.kernels.attention_options import AttentionSpec
 from ptuning_fast.kernels.launch import H100, as_seed_tensor, pretend_target
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ def test_gpu_tma_forward_from_a_second_thread():
 
     def forward(tma):
         return fwd_kernels.prefix_attention_fwd(
-            q, k, v, pk, pv, mask, index, config=tiles.TileConfig(64, 64, 4, 2, tma=tma))[0]
+            q, k, v, pk, pv, AttentionSpec(attention_mask=mask, prefix_index=index),
+            config=tiles.TileConfig(64, 64, 4, 2, tma=tma))[0]
     pointer = forward(False)
     assert torch.equal(_in_new_thread(lambda: forward(True)), pointer)
 
@@ -305,7 +307,8 @@ def test_prefix_gradient_grid_fits_past_65535_tasks(monkeypatch):
     pk = torch.empty(*lead, H, P, D, dtype=torch.float16, device=DEVICE)
     lse = torch.empty(B, H, Lq, device=DEVICE)
     with pretend_target(H100):
-        bwd_kernels.prefix_attention_bwd(q, q, q, q, pk, pk, None, index, q, lse,
+        bwd_kernels.prefix_attention_bwd(q, q, q, q, pk, pk, q, lse,
+                                         AttentionSpec(prefix_index=index),
                                          needs=(False, False, False, True, True))
     _assert_grids_fit(prefix_spy)
     _assert_grids_fit(sum_spy)
@@ -329,7 +332,8 @@ def _prefix_grad_launch(monkeypatch, lead, index):
     pk = torch.empty(*lead, s["Hkv"], s["P"], s["D"], dtype=torch.bfloat16)
     lse = torch.empty(s["B"], s["Hq"], s["L"])
     with pretend_target(H100):
-        bwd_kernels.prefix_attention_bwd(q, q, kv, kv, pk, pk, None, index, q, lse,
+        bwd_kernels.prefix_attention_bwd(q, q, kv, kv, pk, pk, q, lse,
+                                         AttentionSpec(prefix_index=index),
                                          needs=(False, False, False, True, True))
     (launch,) = spy.launches
     monkeypatch.undo()

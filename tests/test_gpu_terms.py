@@ -17,6 +17,7 @@ from test_prefix_attention_terms import make_terms
 from ptuning_fast import reference
 from ptuning_fast.kernels import attention_inputs, autotune, tiles
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
+from ptuning_fast.kernels.attention_options import AttentionSpec
 from ptuning_fast.kernels.launch import device_target
 
 BF16 = torch.bfloat16
@@ -86,12 +87,12 @@ def test_gpu_tma_forward_equals_pointer_loads(case, dtype, monkeypatch):
     with_tma = [c for c in tiles.candidates("fwd", target.arch, dtype, case.D, tma=True)
                 if c.tma]
     assert with_tma, "no TMA candidate at this head dim"
+    spec = AttentionSpec(attention_mask=mask, prefix_index=index, causal=case.causal)
     outs = {}
     for tma in (False, True):
         cfg = tiles.TileConfig(with_tma[0].block_m, with_tma[0].block_n, with_tma[0].num_warps,
                                with_tma[0].num_stages, tma=tma)
-        outs[tma] = fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, mask, index,
-                                                     causal=case.causal, config=cfg)
+        outs[tma] = fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, spec, config=cfg)
     assert torch.equal(outs[True][0], outs[False][0]), "output: TMA != pointer loads"
     assert torch.equal(outs[True][1], outs[False][1]), "LSE: TMA != pointer loads"
     kw = dict(causal=case.causal, attention_mask=mask, prefix_index=index)

@@ -19,6 +19,7 @@ from ptuning_fast.kernels import prefix_attention_bwd as bwd_kernels
 from ptuning_fast.kernels import prefix_attention_bwd_dq as dq_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels import tiles
+from ptuning_fast.kernels.attention_options import AttentionSpec
 from ptuning_fast.kernels.launch import Target, pretend_target
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -225,7 +226,9 @@ def test_output_layout_and_poisoned_out():
     # Laid out as (B, Lq, Hq, D): the caller's transpose(1, 2).reshape(B, Lq, -1) is free.
     assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
     poisoned = poison_like(torch.empty(2, 4, 21, 64, device=DEVICE))
-    written, lse = fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, mask, out=poisoned)
+    written, lse = fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv,
+                                                    AttentionSpec(attention_mask=mask),
+                                                    out=poisoned)
     assert written is poisoned and torch.isfinite(lse).all()
     assert torch.equal(poisoned, out)
 
@@ -466,7 +469,8 @@ def test_tma_forward_equals_pointer_loads(D, layout):
     case = Case(2, 4, 2, 37, 45, D, 19, "task", "right", layout=layout)
     (q, k, v, pk, pv), mask, index = make_inputs(case, torch.float16, requires_grad=False)
     assert fwd_kernels.tma_ready(pk, pv, k, v)
-    outs = [fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, mask, index,
+    spec = AttentionSpec(attention_mask=mask, prefix_index=index)
+    outs = [fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, spec,
                                              config=tiles.TileConfig(32, 16, 4, 1, tma=tma))[0]
             for tma in (False, True)]
     assert torch.equal(outs[0], outs[1])

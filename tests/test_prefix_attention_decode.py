@@ -16,6 +16,7 @@ from ptuning_fast.benchmarks import flops, providers
 from ptuning_fast.kernels import attention_specs, launch
 from ptuning_fast.kernels import prefix_attention_decode as decode_kernels
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
+from ptuning_fast.kernels.attention_options import AttentionSpec
 
 
 def decode(case, inputs, mask, index, **kwargs):
@@ -23,8 +24,8 @@ def decode(case, inputs, mask, index, **kwargs):
     q = inputs[0]
     out = poison_like(torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype,
                                   device=DEVICE)).transpose(1, 2)
-    got, lse = decode_kernels.prefix_attention_decode(*inputs, mask, index, causal=case.causal,
-                                                      out=out, **kwargs)
+    spec = AttentionSpec(attention_mask=mask, prefix_index=index, causal=case.causal)
+    got, lse = decode_kernels.prefix_attention_decode(*inputs, spec, out=out, **kwargs)
     assert got is out
     return got, lse
 
@@ -43,7 +44,8 @@ def check_against_reference(case, dtype, against_prefill=True, **kwargs):
     if not against_prefill:
         return
     # Same LSE as the prefill kernel (base 2, scaled-score units, +inf where no key is seen).
-    _, prefill_lse = fwd_kernels.prefix_attention_fwd(*inputs, mask, index, causal=case.causal)
+    spec = AttentionSpec(attention_mask=mask, prefix_index=index, causal=case.causal)
+    _, prefill_lse = fwd_kernels.prefix_attention_fwd(*inputs, spec)
     assert torch.equal(torch.isinf(lse), torch.isinf(prefill_lse))
     finite = torch.isfinite(prefill_lse)
     torch.testing.assert_close(lse[finite], prefill_lse[finite], atol=1e-3, rtol=1e-4)
@@ -116,6 +118,40 @@ def test_split_rows_without_any_visible_key():
     got, lse = decode(case, inputs, mask, None, num_splits=4)
     assert_close(got, exact(*inputs, attention_mask=mask), torch.float32)
     assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.isinf(lse[1]).all()
+
+
+@pytest.mark.parametrize("option, value, shown", [
+    ("bias", lambda: torch.zeros(1, 1, 1, 11), "spec.bias=Tensor(shape=(1, 1, 1, 11), "),
+    ("sinks", lambda: torch.zeros(4), "spec.sinks=Tensor(shape=(4,), dtype=torch.float32)"),
+    ("segments", lambda: (torch.zeros(2, 9, dtype=torch.int32),) * 2,
+     "spec.segments=(Tensor(shape=(2, 9), dtype=torch.int32), Tensor("),
+    ("window_size", (4, 0), "spec.window_size=(4, 0)"),
+    ("softcap", 30.0, "spec.softcap=30.0"),
+    ("dropout_p", 0.1, "spec.dropout_p=0.1"),
+])
+def test_refuses_attention_terms_and_dropout(option, value, shown):
+    # The decode kernel computes none of them: a spec with one is refused by name, never run
+    # without it (the fused path sends such calls to the prefill kernel).
+    case = Case(2, 4, 2, 1, 9, 16, 2, "shared", "left")
+    inputs, mask, _ = make_inputs(case, torch.float32, requires_grad=False)
+    value = value() if callable(value) else value
+    spec = AttentionSpec(attention_mask=mask, **{option: value})
+    with pytest.raises(ValueError, match="prefix_attention_decode") as err:
+        decode_kernels.prefix_attention_decode(*inputs, spec)
+    assert shown in str(err.value)
+    assert "computes attention_mask, prefix_index, causal, scale only" in str(err.value)
+    assert not decode_kernels.unsupported_options(AttentionSpec(attention_mask=mask))
+
+
+def test_accepts_options_without_effect():
+    # prefix_in_window qualifies a window and dropout_seed a dropout_p: alone they change
+    # nothing, so the decode kernel runs them (as the prefill kernel does).
+    case = Case(2, 4, 2, 1, 9, 16, 2, "shared", "left")
+    inputs, mask, _ = make_inputs(case, torch.float32, requires_grad=False)
+    seed = torch.tensor(7, dtype=torch.int64, device=DEVICE)
+    spec = AttentionSpec(attention_mask=mask, prefix_in_window=False, dropout_seed=seed)
+    got, _ = decode_kernels.prefix_attention_decode(*inputs, spec)
+    assert_close(got, exact(*inputs, attention_mask=mask), torch.float32)
 
 
 def test_bitwise_deterministic():

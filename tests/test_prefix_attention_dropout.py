@@ -16,6 +16,7 @@ from ptuning_fast.dropout_seeds import reference_dropout_mask
 from ptuning_fast.kernels import prefix_attention_fwd as fwd_kernels
 from ptuning_fast.kernels import tiles
 from ptuning_fast.kernels.attention_dropout import dropout_keep_mask
+from ptuning_fast.kernels.attention_options import AttentionSpec
 from ptuning_fast.kernels.tiles import TileConfig
 
 SEED = 0x5EED_1234_ABCD
@@ -146,8 +147,8 @@ def _dropped_probabilities(config, p):
     eye = torch.eye(P + Lk, D, device=DEVICE)
     pv, v = eye[:P].unsqueeze(0), eye[P:].expand(B, Hkv, Lk, D)
     seed = torch.tensor(SEED, dtype=torch.int64, device=DEVICE)
-    out, _ = fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, causal=False, config=config,
-                                              dropout_p=p, dropout_seed=seed)
+    spec = AttentionSpec(causal=False, dropout_p=p, dropout_seed=seed)
+    out, _ = fwd_kernels.prefix_attention_fwd(q, k, v, pk, pv, spec, config=config)
     return out[..., :P + Lk], (B, Hq, Lq, P, Lk)
 
 

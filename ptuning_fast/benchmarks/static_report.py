@@ -148,21 +148,20 @@ def _attention_inputs(work: Work):
 
 
 def drive_attention(rec, work: Work) -> None:
+    from ..kernels.attention_options import AttentionSpec
     from ..kernels.prefix_attention_bwd import prefix_attention_bwd
     from ..kernels.prefix_attention_fwd import prefix_attention_fwd
     q, k, v, pk, pv, index = _attention_inputs(work)
+    spec = AttentionSpec(prefix_index=index, causal=work.case.causal)
     with rec.phase("fwd"):
-        out, lse = prefix_attention_fwd(q, k, v, pk, pv, prefix_index=index,
-                                        causal=work.case.causal)
+        out, lse = prefix_attention_fwd(q, k, v, pk, pv, spec)
     if work.case.mode == "fwd_bwd":
         with rec.phase("bwd"):   # autograd's grad_out: contiguous, like the benchmark's
-            prefix_attention_bwd(torch.empty_like(q), q, k, v, pk, pv, None, index, out, lse,
-                                 causal=work.case.causal)
+            prefix_attention_bwd(torch.empty_like(q), q, k, v, pk, pv, out, lse, spec)
 
 
 def drive_terms(rec, work: Work) -> None:
     from ..kernels.attention_options import AttentionSpec
-    from ..kernels.attention_terms import Terms
     from ..kernels.prefix_attention_bwd import prefix_attention_bwd
     from ..kernels.prefix_attention_fwd import prefix_attention_fwd
     from ..packing import packed_segments
@@ -170,16 +169,14 @@ def drive_terms(rec, work: Work) -> None:
     q, k, v, pk, pv, index = _attention_inputs(work)
     kw = terms.term_kwargs(c.terms, c, "cpu", make=torch.empty)
     segments = packed_segments(kw.get("position_ids"), batch=c.B, length=c.Lk)
-    launch_terms = Terms(AttentionSpec(bias=kw.get("bias"), sinks=kw.get("sinks"),
-                                          segments=segments,
-                                          window_size=kw.get("window_size", (-1, -1)),
-                                          softcap=kw.get("softcap", 0.0)))
+    spec = AttentionSpec(prefix_index=index, causal=c.causal, bias=kw.get("bias"),
+                         sinks=kw.get("sinks"), segments=segments,
+                         window_size=kw.get("window_size", (-1, -1)),
+                         softcap=kw.get("softcap", 0.0))
     with rec.phase("fwd"):
-        out, lse = prefix_attention_fwd(q, k, v, pk, pv, prefix_index=index, causal=c.causal,
-                                        terms=launch_terms)
+        out, lse = prefix_attention_fwd(q, k, v, pk, pv, spec)
     with rec.phase("bwd"):
-        prefix_attention_bwd(torch.empty_like(q), q, k, v, pk, pv, None, index, out, lse,
-                             causal=c.causal, terms=launch_terms)
+        prefix_attention_bwd(torch.empty_like(q), q, k, v, pk, pv, out, lse, spec)
 
 
 def drive_embedding(rec, work: Work) -> None:

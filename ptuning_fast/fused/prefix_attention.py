@@ -21,7 +21,6 @@ from ..kernels import prefix_attention_bwd as bwd_kernels
 from ..kernels import prefix_attention_decode as decode_kernels
 from ..kernels import prefix_attention_fwd as fwd_kernels
 from ..kernels.attention_options import FLAT_PARAMS, SCHEMA, AttentionSpec
-from ..kernels.attention_terms import Terms
 from .support import KERNEL_DTYPES, MAX_HEAD_DIM
 
 _INPUTS = "Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v"
@@ -29,16 +28,9 @@ _INPUTS = "Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v"
 _SPEC_TENSORS = tuple(i for i, p in enumerate(FLAT_PARAMS) if p.startswith("Tensor"))
 
 
-def _launch_kwargs(spec: AttentionSpec) -> dict:
-    """The launchers' keyword arguments for `spec`."""
-    return dict(attention_mask=spec.attention_mask, prefix_index=spec.prefix_index,
-                causal=spec.causal, scale=spec.scale, dropout_p=spec.dropout_p,
-                dropout_seed=spec.dropout_seed, terms=Terms(spec))
-
-
 def _forward(q, k, v, prefix_k, prefix_v, *spec):
     return fwd_kernels.prefix_attention_fwd(q, k, v, prefix_k, prefix_v,
-                                            **_launch_kwargs(AttentionSpec.from_flat(spec)))
+                                            AttentionSpec.from_flat(spec))
 
 
 # The schema (q, k, v, prefix_k, prefix_v, then the spec's flat fields) is generated from
@@ -57,9 +49,8 @@ def _(q, k, v, prefix_k, prefix_v, *spec):
 
 
 def _backward_op(grad_out, q, k, v, prefix_k, prefix_v, out, lse, needs, *spec):
-    grads = bwd_kernels.prefix_attention_bwd(
-        grad_out, q, k, v, prefix_k, prefix_v, out=out, lse=lse, needs=tuple(needs),
-        **_launch_kwargs(AttentionSpec.from_flat(spec)))
+    grads = bwd_kernels.prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse,
+                                             AttentionSpec.from_flat(spec), needs=tuple(needs))
     # A custom op cannot return None: a gradient nobody asked for is an empty placeholder.
     return [g if g is not None else q.new_empty(0) for g in grads]
 
@@ -111,12 +102,10 @@ def prefix_attention_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                attention_mask: torch.Tensor | None,
                                prefix_index: torch.Tensor | None, causal: bool,
                                scale: float) -> torch.Tensor:
-    return _decode(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale)
-
-
-def _decode(q, k, v, prefix_k, prefix_v, attention_mask, prefix_index, causal, scale):
-    out, _ = decode_kernels.prefix_attention_decode(q, k, v, prefix_k, prefix_v, attention_mask,
-                                                    prefix_index, causal=causal, scale=scale)
+    # An explicit schema: the decode kernel takes these four of the spec's options only.
+    spec = AttentionSpec(attention_mask=attention_mask, prefix_index=prefix_index,
+                         causal=causal, scale=scale)
+    out, _ = decode_kernels.prefix_attention_decode(q, k, v, prefix_k, prefix_v, spec)
     return out
 
 
@@ -130,7 +119,7 @@ def _takes_decode_path(q, k, v, prefix_k, prefix_v, spec: AttentionSpec) -> bool
     """Few queries, no dropout, no attention terms (the decode kernel computes none of them),
     and no gradient that autograd could ask for: the decode op has no backward (it keeps no
     LSE for one)."""
-    if spec.dropout_p > 0 or Terms(spec).any or not decode_kernels.supports(q.shape[2]):
+    if decode_kernels.unsupported_options(spec) or not decode_kernels.supports(q.shape[2]):
         return False
     return not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)))
@@ -158,15 +147,14 @@ def prefix_attention_fused(q, k, v, prefix_k, prefix_v, spec: AttentionSpec):
                          f"maximum {MAX_HEAD_DIM} (shape {tuple(q.shape)}); use "
                          "backend='reference'")
     if _takes_decode_path(q, k, v, prefix_k, prefix_v, spec):
-        scale = D ** -0.5 if spec.scale is None else float(spec.scale)
-        args = (q, k, v, prefix_k, prefix_v, spec.attention_mask, spec.prefix_index,
-                bool(spec.causal), scale)
         if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
             # Traced, or a tensor subclass (fake, distributed): the op and its dispatch.
-            return prefix_attention_decode_op(*args)
+            scale = D ** -0.5 if spec.scale is None else float(spec.scale)
+            return prefix_attention_decode_op(q, k, v, prefix_k, prefix_v, spec.attention_mask,
+                                              spec.prefix_index, bool(spec.causal), scale)
         # Eager on plain tensors: the launcher itself. The op has no autograd formula and no
         # gradient is wanted here, so its dispatch would only add host time per layer and
         # decoding step (bench/NOTES.md, "Per-call host cost").
-        return _decode(*args)
+        return decode_kernels.prefix_attention_decode(q, k, v, prefix_k, prefix_v, spec)[0]
     out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, *spec.flat())
     return out
