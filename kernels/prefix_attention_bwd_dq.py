@@ -139,7 +139,8 @@ def _dq_kernel(
 
     # The forward's passes (attention_blocks.key_passes), except that the whole prefix goes
     # with the causal diagonal, bounds-checked: in the open loop, choosing each block's source
-    # cost sm_80's steady loop 7% more instructions (bench/NOTES.md).
+    # cost sm_80's steady loop instructions (bench/NOTES.md, "The prefix in the sequence's
+    # pipelined loop").
     pk = PrefixK + prefix_row * stride_pk_b + kv_head * stride_pk_h
     pv = PrefixV + prefix_row * stride_pv_b + kv_head * stride_pv_h
     k = K + batch * stride_k_b + kv_head * stride_k_h

@@ -341,8 +341,8 @@ GPU_DECODE = {
 MIN_ROWS = 16            # the MMA's rows: m16 (mma.sync), and Triton pads tl.dot's M up to it
 KEYS_MAJOR_ROWS = 8      # packed rows up to which the keys-major tile runs, as its query columns:
                          # the MMA's smallest N (mma.sync m16n8k16, wgmma n8); at 4 rows, Triton's
-                         # own padding of N = 4 measured worse (ptxas, sm_90: 172 registers, no
-                         # wgmma, 1.4x the loop's instructions)
+                         # own padding of N = 4 measured worse (bench/NOTES.md, "Decode tile
+                         # rows")
 MIN_BLOCKS_PER_SPLIT = 4   # shorter splits spend more on partials and pipeline ramp-up than
                            # they win in parallelism
 MAX_SPLITS = 64
@@ -351,8 +351,8 @@ MERGE_WARPS = 4          # the merge is a few fp32 loads and FMAs per element
 
 def merge_warps(block_m: int, block_d: int) -> int:
     """Warps of the merge kernel: MERGE_WARPS up to 4096 accumulator elements (32 a thread), as
-    many more per 4096 beyond (64 x 128 and 32 x 256 on 4 warps took 255 registers and spilled
-    8-16 B: ptxas, fp32 output)."""
+    many more per 4096 beyond (64 x 128 and 32 x 256 on 4 warps spilled: bench/NOTES.md,
+    "Decode tile rows")."""
     return MERGE_WARPS * max(1, block_m * block_d // 4096)
 
 

@@ -71,7 +71,7 @@ def _attend_blocks(
     # The upper edge without a window: q_pos < q_len gives q_pos + key_shift < key_len, so the
     # causal bound hides the keys past the end for every stored row. Through descriptors the
     # bounds vector is needed nowhere else; pointer loads need it for their masks anyway (and
-    # ptxas spilled 28 B at sm_80 D = 64 without it: bench/NOTES.md).
+    # without it in the logits ptxas spilled at sm_80 D = 64: bench/NOTES.md).
     HI_INSIDE: tl.constexpr = PASS == 2 and USE_TMA and not WINDOWED
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
@@ -224,8 +224,8 @@ def _prefix_attention_fwd_kernel(
             key_len, key_shift, window_left, window_right, prefix_left, prefix_len,
             IS_CAUSAL=IS_CAUSAL, HAS_WINDOW=HAS_WINDOW, IS_PACKED=IS_PACKED)
     else:
-        # Only the causal bound: no interval vectors stay alive here (ptxas counted 28 more
-        # registers and 416 B of spills with them, sm_90 D = 64).
+        # Only the causal bound: a window's interval vectors, kept alive without one, cost
+        # ptxas registers and spills.
         pre_lo = q_pos           # unused without a window
         seq_lo = q_pos
         seq_hi = q_pos + key_shift

@@ -71,7 +71,7 @@ CANDIDATES: dict[str, dict[tuple[int, bool, int], list[TileConfig]]] = {
         (90, True, 32): [T(32, 128, 4, 3)],
         (90, True, 64): [T(32, 128, 8, 3)],
         # 128 keys: each warpgroup owns 64 of them; with 64 keys both warpgroups repeat the
-        # 16-query dots (1.5x the tensor-core work, bench/NOTES.md "The forward's hot loop").
+        # 16-query dots (bench/NOTES.md, "The forward's hot loop").
         (90, True, 128): [T(16, 64, 8, 3), T(16, 128, 8, 2, dropout_ok=False)],
         (90, True, 256): [T(16, 32, 8, 2)],
         (90, False, 32): [T(32, 64, 8, 2)],
