@@ -112,15 +112,29 @@ def key_passes(q_start, q_ok, pre_lo, seq_lo, seq_hi, prefix_len, key_len, key_s
 
 
 @triton.jit
-def key_block(i, pre_blocks, pre_start, seq_start, prefix_len, key_len, Mask, stride_mask_l,
-              HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Iteration i of a pass's loop (`pass_blocks`): (pre, start, keys, cols, key_ok). pre:
-    the block is the prefix's; keys: indices in its source (from start); cols: their columns;
+def _pre_blocks(pre_cuts, PASS: tl.constexpr, BLOCK_N: tl.constexpr):
+    return tl.maximum(tl.cdiv(pre_cuts[PASS + 1] - pre_cuts[PASS], BLOCK_N), 0)
+
+
+@triton.jit
+def pass_length(pre_cuts, seq_cuts, PASS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The blocks of pass PASS (`key_passes`): its prefix's, then its sequence's."""
+    return _pre_blocks(pre_cuts, PASS=PASS, BLOCK_N=BLOCK_N) \
+        + tl.maximum(tl.cdiv(seq_cuts[PASS + 1] - seq_cuts[PASS], BLOCK_N), 0)
+
+
+@triton.jit
+def key_block(i, pre_cuts, seq_cuts, prefix_len, key_len, Mask, stride_mask_l,
+              PASS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block i of pass PASS (i < `pass_length`): (pre, start, keys, cols, key_ok). pre: the
+    block is the prefix's; keys: indices in its source (from start); cols: their columns;
     key_ok: inside the source and, with HAS_MASK, not padded (the mask, at the batch row,
     covers the sequence only; a padded key is never read: NaN or inf there, times 0, must not
     reach the result)."""
+    pre_blocks = _pre_blocks(pre_cuts, PASS=PASS, BLOCK_N=BLOCK_N)
     pre = i < pre_blocks
-    start = tl.where(pre, pre_start + i * BLOCK_N, seq_start + (i - pre_blocks) * BLOCK_N)
+    start = tl.where(pre, pre_cuts[PASS] + i * BLOCK_N,
+                     seq_cuts[PASS] + (i - pre_blocks) * BLOCK_N)
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < tl.where(pre, prefix_len, key_len)
     if HAS_MASK:
@@ -129,17 +143,6 @@ def key_block(i, pre_blocks, pre_start, seq_start, prefix_len, key_len, Mask, st
                          other=1) == 0
         key_ok = key_ok & ~padded
     return pre, start, keys, tl.where(pre, 0, prefix_len) + keys, key_ok
-
-
-@triton.jit
-def pass_blocks(pre_cuts, seq_cuts, PASS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(pre_start, seq_start, pre_blocks, blocks) of pass PASS (`key_passes`): iterations
-    i < pre_blocks read the prefix."""
-    pre_start = pre_cuts[PASS]
-    seq_start = seq_cuts[PASS]
-    pre_blocks = tl.maximum(tl.cdiv(pre_cuts[PASS + 1] - pre_start, BLOCK_N), 0)
-    blocks = pre_blocks + tl.maximum(tl.cdiv(seq_cuts[PASS + 1] - seq_start, BLOCK_N), 0)
-    return pre_start, seq_start, pre_blocks, blocks
 
 
 @triton.jit

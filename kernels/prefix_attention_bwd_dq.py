@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_blocks import hide_columns, key_block, key_passes, pass_blocks
+from .attention_blocks import hide_columns, key_block, key_passes, pass_length
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import AttentionInputs, input_precision, strides3
 from .attention_options import AttentionSpec
@@ -35,21 +35,21 @@ def _dq_blocks(
     seed, dropout_p, rng_rows,   # as in the forward's _attend_blocks
     # Pass PASS of attention_blocks.key_passes, as the forward's _attend_blocks; K/V at
     # (row, kv head), Mask at the row (or unused).
-    PK, PV, stride_pk_l, stride_pv_l, prefix_len,
-    K, V, Mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
+    sources,                     # (PK, PV, stride_pk_l, stride_pv_l, prefix_len, K, V, Mask,
+                                 #  stride_k_l, stride_v_l, stride_mask_l, key_len)
     pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col,   # key_passes' cuts, query_bounds' bounds
     PASS: tl.constexpr, WINDOWED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    PK, PV, stride_pk_l, stride_pv_l, prefix_len, K, V, Mask, stride_k_l, stride_v_l, \
+        stride_mask_l, key_len = sources
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    pre_start, seq_start, pre_blocks, blocks = pass_blocks(pre_cuts, seq_cuts, PASS=PASS,
-                                                           BLOCK_N=BLOCK_N)
-    for i in range(0, blocks):
+    for i in range(0, pass_length(pre_cuts, seq_cuts, PASS=PASS, BLOCK_N=BLOCK_N)):
         pre, _, keys, cols, key_ok = key_block(
-            i, pre_blocks, pre_start, seq_start, prefix_len, key_len, Mask, stride_mask_l,
+            i, pre_cuts, seq_cuts, prefix_len, key_len, Mask, stride_mask_l, PASS=PASS,
             HAS_MASK=HAS_MASK, BLOCK_N=BLOCK_N)
         t_mask = d_ok[:, None] & key_ok[None, :]
         rows = keys[None, :].to(tl.int64)
@@ -146,6 +146,8 @@ def _dq_kernel(
     k = K + batch * stride_k_b + kv_head * stride_k_h
     v = V + batch * stride_v_b + kv_head * stride_v_h
     mask = Mask + batch * stride_mask_b
+    sources = (pk, pv, stride_pk_l, stride_pv_l, prefix_len, k, v, mask, stride_k_l, stride_v_l,
+               stride_mask_l, key_len)
     WINDOWED: tl.constexpr = HAS_WINDOW or IS_PACKED
     pre_cuts, seq_cuts, hi_col = key_passes(
         q_block * BLOCK_M, row_ok, pre_lo, seq_lo, seq_hi, prefix_len, key_len, key_shift,
@@ -155,9 +157,7 @@ def _dq_kernel(
         dq = _dq_blocks(
             dq, q, do, lse, delta, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
             bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            pk, pv, stride_pk_l, stride_pv_l, prefix_len,
-            k, v, mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
-            pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col, PASS=n, WINDOWED=WINDOWED,
+            sources, pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col, PASS=n, WINDOWED=WINDOWED,
             IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK, HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP,
             HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             INPUT_PRECISION=INPUT_PRECISION)

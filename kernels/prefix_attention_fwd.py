@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation   # the allocator's ContextVar: see _ensure_descriptor_allocator
 
-from .attention_blocks import hide_columns, key_block, key_passes, online_softmax, pass_blocks
+from .attention_blocks import hide_columns, key_block, key_passes, online_softmax, pass_length
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import ForwardInputs, input_precision
 from .attention_options import AttentionSpec
@@ -55,8 +55,8 @@ def _attend_blocks(
     # Pass PASS of attention_blocks.key_passes: one pipelined loop over its prefix keys, then
     # its sequence keys. K/V at (row, kv head): pointers, or with USE_TMA (length, head_dim)
     # tensor descriptors; Mask at the row.
-    PK, PV, stride_pk_l, stride_pv_l, prefix_len,
-    K, V, Mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
+    sources,                     # (PK, PV, stride_pk_l, stride_pv_l, prefix_len, K, V, Mask,
+                                 #  stride_k_l, stride_v_l, stride_mask_l, key_len)
     pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col,   # key_passes' cuts, query_bounds' bounds
     PASS: tl.constexpr, WINDOWED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -73,13 +73,13 @@ def _attend_blocks(
     # bounds vector is needed nowhere else; pointer loads need it for their masks anyway (and
     # without it in the logits ptxas spilled at sm_80 D = 64: bench/NOTES.md).
     HI_INSIDE: tl.constexpr = PASS == 2 and USE_TMA and not WINDOWED
+    PK, PV, stride_pk_l, stride_pv_l, prefix_len, K, V, Mask, stride_k_l, stride_v_l, \
+        stride_mask_l, key_len = sources
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    pre_start, seq_start, pre_blocks, blocks = pass_blocks(pre_cuts, seq_cuts, PASS=PASS,
-                                                           BLOCK_N=BLOCK_N)
-    for i in range(0, blocks):
+    for i in range(0, pass_length(pre_cuts, seq_cuts, PASS=PASS, BLOCK_N=BLOCK_N)):
         pre, start_n, keys, cols, key_ok = key_block(
-            i, pre_blocks, pre_start, seq_start, prefix_len, key_len, Mask, stride_mask_l,
+            i, pre_cuts, seq_cuts, prefix_len, key_len, Mask, stride_mask_l, PASS=PASS,
             HAS_MASK=HAS_MASK, BLOCK_N=BLOCK_N)
         if CHECK_KEYS or HAS_MASK:
             kt_mask = d_ok[:, None] & key_ok[None, :]
@@ -214,6 +214,8 @@ def _prefix_attention_fwd_kernel(
         v = tl.make_tensor_descriptor(v, [key_len, head_dim], [stride_v_l, 1],
                                       [BLOCK_N, BLOCK_D])
     mask = Mask + batch * stride_mask_b
+    sources = (pk, pv, stride_pk_l, stride_pv_l, prefix_len, k, v, mask, stride_k_l, stride_v_l,
+               stride_mask_l, key_len)
     # The keys in passes (attention_blocks.key_passes): a lower edge with a window or packing
     # only, the open blocks, the upper edge; each one loop over its prefix blocks and then its
     # sequence blocks. Blocks outside every query's interval are never loaded.
@@ -237,9 +239,7 @@ def _prefix_attention_fwd_kernel(
         acc, m_i, l_i = _attend_blocks(
             acc, m_i, l_i, q, q_pos, row_ok, head_dim, qk_scale, softcap_scale,
             bias, stride_bias_l, stride_bias_c, seed, dropout_p, rng_rows,
-            pk, pv, stride_pk_l, stride_pv_l, prefix_len,
-            k, v, mask, stride_k_l, stride_v_l, stride_mask_l, key_len,
-            pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col, PASS=n, WINDOWED=WINDOWED,
+            sources, pre_cuts, seq_cuts, pre_lo, seq_lo, hi_col, PASS=n, WINDOWED=WINDOWED,
             IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK, HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP,
             HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
             INPUT_PRECISION=INPUT_PRECISION, USE_TMA=USE_TMA)
