@@ -310,8 +310,8 @@ class DecodeTile:
 
     def warps(self, block_m: int) -> int:
         """Warps for a BLOCK_M-row tile: one more set of num_warps per 32 rows beyond 32, so
-        that each warp's share of the fp32 accumulator (and of q) stays the same (ptxas: 255
-        registers at 64 x 128 on 4 warps for sm_80)."""
+        that each warp's share of the fp32 accumulator (and of q) stays the same (64 x 128 on 4
+        warps ran out of registers on sm_80: bench/NOTES.md, "Decode tile rows")."""
         return self.num_warps * max(1, block_m // 32)
 
 
@@ -320,13 +320,13 @@ class DecodeTile:
 INTERPRETER_DECODE = DecodeTile(16, 32, 4, 1)
 
 # GPU tiles per (16-bit?, BLOCK_D), the same on sm_80 and sm_90. Shared memory holds the K and V
-# blocks in flight (16-bit, D = 128: 32 KB a block pair; the JIT-specialized row-major launch
-# takes 70 KB at 3 stages, three programs an H100 SM; keys-major on sm_90, 99 KB: wgmma keeps
-# every stage, two programs). fp32 quarters the key block at D = 64 / 128 and stops at 32 / 16
-# rows (more rows take more row blocks, each reading K/V again): its ieee dots run on the CUDA
-# cores with both operands in registers, and the halved blocks spilled 4-1248 B at 16-64 rows
-# (ptxas, sm_90; 8 or 16 warps spilled in other flag combinations). D = 256 stops at 32 rows:
-# its 32 x 256 accumulator already takes ~170 registers a thread on 4 warps.
+# blocks in flight (the static report gives each launch's shared memory and the programs an SM
+# holds; keys-major on sm_90, wgmma keeps every stage). fp32 quarters the key block at D = 64 /
+# 128 and stops at fewer rows (more rows take more row blocks, each reading K/V again): its
+# ieee dots run on the CUDA cores with both operands in registers, and the halved blocks spilled
+# at more rows (bench/NOTES.md, "Decode tile rows", with ptxas's figures). D = 256 stops at 32
+# rows: its 32 x 256 fp32 accumulator alone fills a large share of a thread's registers on 4
+# warps.
 GPU_DECODE = {
     (True, 32): DecodeTile(128, 64, 4, 4),
     (True, 64): DecodeTile(128, 64, 4, 3),

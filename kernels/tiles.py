@@ -7,8 +7,8 @@ shapes. On a GPU the launchers time the candidates once per tuning key and keep 
 (kernels/autotune.py). Every candidate is compiled for sm_80 and sm_90 by the compile test.
 
 Why these: the dK/dV program holds k, v, dK and dV of its key block in registers, so with 4
-warps a 64 x 128 key block needs ~255 registers a thread and spills (ptxas, sm_90, bf16); 8
-warps halve that. Short prefixes use a shorter prefix key block (see prefix_tile). fp32
+warps a 64 x 128 key block runs out of registers and spills (ptxas, sm_90, bf16); 8 warps
+halve each thread's share. Short prefixes use a shorter prefix key block (see prefix_tile). fp32
 tiles take twice the shared memory and registers, so fp32 halves the streamed block. sm_80
 (A100: 164 KB shared memory a block, mma.sync) and sm_90 (H100: 227 KB, wgmma) differ where
 ptxas said so; measured figures are in bench/NOTES.md.
@@ -169,9 +169,8 @@ def terms_tile(kernel: str, arch: int, cfg: TileConfig, block_d: int) -> TileCon
 def prefix_tile(prefix_len: int, cfg: TileConfig) -> TileConfig:
     """The prefix-dK/dV program's tile, from the dK/dV config: its key block, or less for a
     short prefix (P = 16 then fills its tile instead of a quarter of a 64-row one; floor 16, the
-    smallest MMA tile), and for a key block under 64 rows at most 4 warps and 2 stages (8
-    warps on a 16-row tile leave ptxas 128 registers a thread and it spills; with 3 stages
-    ptxas kept 4 bytes on the stack, sm_90 D = 64)."""
+    smallest MMA tile), and for a key block under 64 rows at most 4 warps and 2 stages (with 8
+    warps on a 16-row tile, or 3 stages, ptxas spilled at sm_90 D = 64)."""
     block_n = min(cfg.block_n, max(16, next_power_of_2(prefix_len)))
     if block_n >= 64:
         return TileConfig(cfg.block_m, block_n, cfg.num_warps, cfg.num_stages)
