@@ -112,29 +112,37 @@ def key_passes(q_start, q_ok, pre_lo, seq_lo, seq_hi, prefix_len, key_len, key_s
 
 
 @triton.jit
-def _pre_blocks(pre_cuts, PASS: tl.constexpr, BLOCK_N: tl.constexpr):
-    return tl.maximum(tl.cdiv(pre_cuts[PASS + 1] - pre_cuts[PASS], BLOCK_N), 0)
+def pass_plan(pre_cuts, seq_cuts, PASS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(blocks, plan) of pass PASS (`key_passes`): its blocks, the prefix's then the
+    sequence's, and what `key_block` reads of them: (prefix blocks, the prefix's first key, the
+    sequence's first key less the prefix blocks' keys), computed once a pass."""
+    pre_blocks = tl.maximum(tl.cdiv(pre_cuts[PASS + 1] - pre_cuts[PASS], BLOCK_N), 0)
+    blocks = pre_blocks + tl.maximum(tl.cdiv(seq_cuts[PASS + 1] - seq_cuts[PASS], BLOCK_N), 0)
+    return blocks, (pre_blocks, pre_cuts[PASS], seq_cuts[PASS] - pre_blocks * BLOCK_N)
 
 
 @triton.jit
-def pass_length(pre_cuts, seq_cuts, PASS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The blocks of pass PASS (`key_passes`): its prefix's, then its sequence's."""
-    return _pre_blocks(pre_cuts, PASS=PASS, BLOCK_N=BLOCK_N) \
-        + tl.maximum(tl.cdiv(seq_cuts[PASS + 1] - seq_cuts[PASS], BLOCK_N), 0)
-
-
-@triton.jit
-def key_block(i, pre_cuts, seq_cuts, prefix_len, key_len, Mask, stride_mask_l,
-              PASS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Block i of pass PASS (i < `pass_length`): (pre, start, keys, cols, key_ok). pre: the
-    block is the prefix's; keys: indices in its source (from start); cols: their columns;
-    key_ok: inside the source and, with HAS_MASK, not padded (the mask, at the batch row,
-    covers the sequence only; a padded key is never read: NaN or inf there, times 0, must not
-    reach the result)."""
-    pre_blocks = _pre_blocks(pre_cuts, PASS=PASS, BLOCK_N=BLOCK_N)
+def key_block(i, plan, sources, pre_lo, seq_lo, hi_col, CHECK_LO: tl.constexpr,
+              HAS_MASK: tl.constexpr, HI_INSIDE: tl.constexpr, BLOCK_N: tl.constexpr,
+              USE_TMA: tl.constexpr = False):
+    """Block i of a pass (i < `pass_plan`'s blocks) of `sources` = (PK, PV, stride_pk_l,
+    stride_pv_l, prefix_len, K, V, Mask, stride_k_l, stride_v_l, stride_mask_l, key_len):
+    (start, keys, cols, key_ok, lo, hi, (k, v, stride_k, stride_v)).
+    keys: indices in the block's source, the prefix's or the sequence's (from start); cols:
+    their columns; key_ok: inside the source and, with HAS_MASK, not padded (the mask, at the
+    batch row, covers the sequence only; a padded key is never read: NaN or inf there, times 0,
+    must not reach the result). lo, hi: the column bounds `hide_keys` checks on this block:
+    prefix key c needs c >= pre_lo, sequence key j j >= seq_lo (CHECK_LO), both their column <=
+    hi_col (`key_passes`); with HI_INSIDE the prefix's bound is its length (its partial block
+    has no causal bound to imply it). k, v: the source's K and V with their row strides, or with
+    USE_TMA its descriptors (chosen per block: the software pipeline issues later blocks' loads,
+    of either source). Few operations: the interpreter (the CPU tests) pays for each one, and a
+    call of a jit function costs it a scan of triton.language."""
+    PK, PV, stride_pk_l, stride_pv_l, prefix_len, K, V, Mask, stride_k_l, stride_v_l, \
+        stride_mask_l, key_len = sources
+    pre_blocks, pre_start, seq_start = plan
     pre = i < pre_blocks
-    start = tl.where(pre, pre_cuts[PASS] + i * BLOCK_N,
-                     seq_cuts[PASS] + (i - pre_blocks) * BLOCK_N)
+    start = tl.where(pre, pre_start, seq_start) + i * BLOCK_N
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < tl.where(pre, prefix_len, key_len)
     if HAS_MASK:
@@ -142,19 +150,6 @@ def key_block(i, pre_cuts, seq_cuts, prefix_len, key_len, Mask, stride_mask_l,
         padded = tl.load(Mask + keys * stride_mask_l, mask=tl.where(pre, False, key_ok),
                          other=1) == 0
         key_ok = key_ok & ~padded
-    return pre, start, keys, tl.where(pre, 0, prefix_len) + keys, key_ok
-
-
-@triton.jit
-def hide_columns(s, pre, cols, key_ok, pre_lo, seq_lo, hi_col, prefix_len, PASS: tl.constexpr,
-                 WINDOWED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HI_INSIDE: tl.constexpr = False):
-    """`hide_keys` for a `key_block` of pass PASS: the edges check the bounds; prefix key c
-    needs c >= pre_lo, sequence key j j >= seq_lo (the lower edge, and the upper one with
-    WINDOWED), both their column <= hi_col (`key_passes`; the lower edge, and the upper one
-    when causal or WINDOWED). The lower bound is chosen per block; with HI_INSIDE the prefix's
-    bound is its length (its partial block has no causal bound to imply it)."""
-    CHECK_LO: tl.constexpr = PASS == 0 or (PASS == 2 and WINDOWED)
     if CHECK_LO:
         lo = tl.where(pre, pre_lo, seq_lo + prefix_len)
     else:
@@ -163,6 +158,15 @@ def hide_columns(s, pre, cols, key_ok, pre_lo, seq_lo, hi_col, prefix_len, PASS:
         hi = tl.where(pre, prefix_len - 1, hi_col)
     else:
         hi = hi_col
-    return hide_keys(s, cols, key_ok, lo, hi, CHECK_KEYS=PASS != 1, CHECK_LO=CHECK_LO,
-                     CHECK_HI=PASS == 0 or (PASS == 2 and (IS_CAUSAL or WINDOWED)),
-                     HAS_MASK=HAS_MASK, HI_INSIDE=HI_INSIDE)
+    if USE_TMA:
+        if pre:
+            k = PK
+            v = PV
+        else:
+            k = K
+            v = V
+        kv = (k, v, 1, 1)
+    else:
+        kv = (tl.where(pre, PK, K), tl.where(pre, PV, V), tl.where(pre, stride_pk_l, stride_k_l),
+              tl.where(pre, stride_pv_l, stride_v_l))
+    return start, keys, tl.where(pre, 0, prefix_len) + keys, key_ok, lo, hi, kv

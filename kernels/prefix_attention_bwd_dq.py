@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_blocks import hide_columns, key_block, key_passes, pass_length
+from .attention_blocks import hide_keys, key_block, key_passes, pass_plan
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import AttentionInputs, input_precision, strides3
 from .attention_options import AttentionSpec
@@ -43,28 +43,27 @@ def _dq_blocks(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    PK, PV, stride_pk_l, stride_pv_l, prefix_len, K, V, Mask, stride_k_l, stride_v_l, \
-        stride_mask_l, key_len = sources
+    CHECK_KEYS: tl.constexpr = PASS != 1       # as in the forward's _attend_blocks
+    CHECK_LO: tl.constexpr = PASS == 0 or (PASS == 2 and WINDOWED)
+    CHECK_HI: tl.constexpr = PASS == 0 or (PASS == 2 and (IS_CAUSAL or WINDOWED))
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    for i in range(0, pass_length(pre_cuts, seq_cuts, PASS=PASS, BLOCK_N=BLOCK_N)):
-        pre, _, keys, cols, key_ok = key_block(
-            i, pre_cuts, seq_cuts, prefix_len, key_len, Mask, stride_mask_l, PASS=PASS,
-            HAS_MASK=HAS_MASK, BLOCK_N=BLOCK_N)
-        t_mask = d_ok[:, None] & key_ok[None, :]
+    blocks, plan = pass_plan(pre_cuts, seq_cuts, PASS=PASS, BLOCK_N=BLOCK_N)
+    for i in range(0, blocks):
+        _, keys, cols, key_ok, lo, hi, (kb, vb, stride_kb, stride_vb) = key_block(
+            i, plan, sources, pre_lo, seq_lo, hi_col, CHECK_LO=CHECK_LO, HAS_MASK=HAS_MASK,
+            HI_INSIDE=False, BLOCK_N=BLOCK_N)
+        t_mask = (offs_d < head_dim)[:, None] & key_ok[None, :]
         rows = keys[None, :].to(tl.int64)
-        kt = tl.load(tl.where(pre, PK, K) + rows * tl.where(pre, stride_pk_l, stride_k_l)
-                     + offs_d[:, None], mask=t_mask, other=0.0)
-        vt = tl.load(tl.where(pre, PV, V) + rows * tl.where(pre, stride_pv_l, stride_v_l)
-                     + offs_d[:, None], mask=t_mask, other=0.0)
+        kt = tl.load(kb + rows * stride_kb + offs_d[:, None], mask=t_mask, other=0.0)
+        vt = tl.load(vb + rows * stride_vb + offs_d[:, None], mask=t_mask, other=0.0)
         s, t = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale, softcap_scale,
                       SOFTCAP=SOFTCAP)
         if HAS_BIAS:
             s += load_bias(Bias, q_pos[:, None], cols[None, :], q_ok[:, None],
                            key_ok[None, :], stride_bias_l, stride_bias_c)
         # Hidden keys go to -inf before exp2: with large logits s - LSE could overflow there.
-        s = hide_columns(s, pre, cols, key_ok, pre_lo, seq_lo, hi_col, prefix_len, PASS=PASS,
-                         WINDOWED=WINDOWED, IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK)
+        s = hide_keys(s, cols, key_ok, lo, hi, CHECK_KEYS=CHECK_KEYS, CHECK_LO=CHECK_LO,
+                      CHECK_HI=CHECK_HI, HAS_MASK=HAS_MASK)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:

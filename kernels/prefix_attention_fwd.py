@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation   # the allocator's ContextVar: see _ensure_descriptor_allocator
 
-from .attention_blocks import hide_columns, key_block, key_passes, online_softmax, pass_length
+from .attention_blocks import hide_keys, key_block, key_passes, online_softmax, pass_plan
 from .attention_dropout import dropout_keep, seed_arg
 from .attention_inputs import ForwardInputs, input_precision
 from .attention_options import AttentionSpec
@@ -67,20 +67,24 @@ def _attend_blocks(
     """Online-softmax update of (acc, m_i, l_i) with pass PASS's keys, prefix and sequence in
     one loop: one pipeline prologue and one drain for both (the block's source is chosen per
     iteration)."""
+    # What the pass's blocks check (hide_keys): the edges the bounds, the lower edge (and the
+    # upper one with a window or packing) the lower bound, both edges the upper bound where
+    # one applies.
     CHECK_KEYS: tl.constexpr = PASS != 1
+    CHECK_LO: tl.constexpr = PASS == 0 or (PASS == 2 and WINDOWED)
+    CHECK_HI: tl.constexpr = PASS == 0 or (PASS == 2 and (IS_CAUSAL or WINDOWED))
     # The upper edge without a window: q_pos < q_len gives q_pos + key_shift < key_len, so the
     # causal bound hides the keys past the end for every stored row. Through descriptors the
     # bounds vector is needed nowhere else; pointer loads need it for their masks anyway (and
     # without it in the logits ptxas spilled at sm_80 D = 64: bench/NOTES.md).
     HI_INSIDE: tl.constexpr = PASS == 2 and USE_TMA and not WINDOWED
-    PK, PV, stride_pk_l, stride_pv_l, prefix_len, K, V, Mask, stride_k_l, stride_v_l, \
-        stride_mask_l, key_len = sources
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    for i in range(0, pass_length(pre_cuts, seq_cuts, PASS=PASS, BLOCK_N=BLOCK_N)):
-        pre, start_n, keys, cols, key_ok = key_block(
-            i, pre_cuts, seq_cuts, prefix_len, key_len, Mask, stride_mask_l, PASS=PASS,
-            HAS_MASK=HAS_MASK, BLOCK_N=BLOCK_N)
+    blocks, plan = pass_plan(pre_cuts, seq_cuts, PASS=PASS, BLOCK_N=BLOCK_N)
+    for i in range(0, blocks):
+        start_n, keys, cols, key_ok, lo, hi, (kb, vb, stride_kb, stride_vb) = key_block(
+            i, plan, sources, pre_lo, seq_lo, hi_col, CHECK_LO=CHECK_LO, HAS_MASK=HAS_MASK,
+            HI_INSIDE=HI_INSIDE, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA)
         if CHECK_KEYS or HAS_MASK:
             kt_mask = d_ok[:, None] & key_ok[None, :]
             v_mask = key_ok[:, None] & d_ok[None, :]
@@ -90,19 +94,11 @@ def _attend_blocks(
         if USE_TMA:
             # The descriptor's bounds give the zeros a masked load would (keys >= length,
             # columns >= head_dim); padded keys are hidden from the logits below, their
-            # values zeroed after the load. The descriptor pair is chosen per block (the
-            # software pipeline issues the loads of later blocks, of either source).
-            if pre:
-                kd = PK
-                vd = PV
-            else:
-                kd = K
-                vd = V
-            kt = tl.trans(kd.load([start_n, 0]))
+            # values zeroed after the load.
+            kt = tl.trans(kb.load([start_n, 0]))
         else:
-            k_stride = tl.where(pre, stride_pk_l, stride_k_l)
-            kt = tl.load(tl.where(pre, PK, K) + keys[None, :].to(tl.int64) * k_stride
-                         + offs_d[:, None], mask=kt_mask, other=0.0)
+            kt = tl.load(kb + keys[None, :].to(tl.int64) * stride_kb + offs_d[:, None],
+                         mask=kt_mask, other=0.0)
         if HAS_BIAS:   # the bias adds to scaled logits: scale first
             s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), qk_scale,
                           softcap_scale, SOFTCAP=SOFTCAP)
@@ -113,21 +109,19 @@ def _attend_blocks(
             s, _ = logits(tl.dot(q, kt, input_precision=INPUT_PRECISION), 1.0, softcap_scale,
                           SOFTCAP=SOFTCAP)
             exp2_scale = qk_scale
-        s = hide_columns(s, pre, cols, key_ok, pre_lo, seq_lo, hi_col, prefix_len, PASS=PASS,
-                         WINDOWED=WINDOWED, IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK,
-                         HI_INSIDE=HI_INSIDE)
+        s = hide_keys(s, cols, key_ok, lo, hi, CHECK_KEYS=CHECK_KEYS, CHECK_LO=CHECK_LO,
+                      CHECK_HI=CHECK_HI, HAS_MASK=HAS_MASK, HI_INSIDE=HI_INSIDE)
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, exp2_scale)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(seed, rng_rows[:, None] + cols.to(tl.int64)[None, :],
                                       dropout_p), p, 0.0)
         if USE_TMA:
-            v = vd.load([start_n, 0])
+            v = vb.load([start_n, 0])
             if HAS_MASK:
                 v = tl.where(key_ok[:, None], v, 0.0)
         else:
-            v_stride = tl.where(pre, stride_pv_l, stride_v_l)
-            v = tl.load(tl.where(pre, PV, V) + keys[:, None].to(tl.int64) * v_stride
-                        + offs_d[None, :], mask=v_mask, other=0.0)
+            v = tl.load(vb + keys[:, None].to(tl.int64) * stride_vb + offs_d[None, :],
+                        mask=v_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
