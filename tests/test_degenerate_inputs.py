@@ -81,6 +81,12 @@ def test_empty_prefix_or_batch_on_every_backend(tmp_path, backend, shape):
     rows there, with a prefix)."""
     path = tmp_path / "results.pt"
     dims = _merged_shapes()[shape]
+    if backend == "triton" and DEVICE == "cpu":
+        # The lengths are the torch path's merged-route thresholds; the kernels gain nothing
+        # from them under the interpreter but its time (about 80 s of the suite): a few query
+        # and key blocks each way still cross every block edge, bottom-right causal included.
+        B, Hq, Hkv, Lq, Lk, D, P = dims
+        dims = (B, Hq, Hkv, min(Lq, 70), min(Lk, 90), D, P)
     done = subprocess.run([sys.executable, "-c", _CHILD, backend, str(path), DEVICE,
                            *map(str, dims), *PREFIX_LAYOUTS],
                           capture_output=True, text=True, timeout=600)
