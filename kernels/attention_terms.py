@@ -130,6 +130,11 @@ def load_bias(Bias, rows, cols, rows_ok, cols_ok, stride_rows, stride_cols):
 # --------------------------------------------------------------------------------------------
 # Launch side
 
+# Each attention term's constexpr flag in the kernels, by its AttentionSpec field.
+_TERM_FLAGS = dict(bias="HAS_BIAS", segments="IS_PACKED", window_size="HAS_WINDOW",
+                   softcap="SOFTCAP", sinks="HAS_SINKS")
+
+
 @dataclass(frozen=True)
 class Terms:
     """What the kernels read for an `AttentionSpec`'s attention terms (kernels/
@@ -185,13 +190,11 @@ class Terms:
         return (left, right, prefix_left, *bias_strides, seg_b)
 
     def flags(self, sinks: bool = True) -> dict:
-        """The kernels' constexpr flags; without HAS_SINKS for the backward kernels."""
-        s = self.spec
-        flags = dict(HAS_BIAS=s.bias is not None, IS_PACKED=s.segments is not None,
-                     HAS_WINDOW=s.has_window, SOFTCAP=s.softcap > 0)
-        if sinks:
-            flags["HAS_SINKS"] = s.sinks is not None
-        return flags
+        """The kernels' constexpr flags, one a term, on where `AttentionSpec.terms_in_use`
+        lists it; without HAS_SINKS for the backward kernels."""
+        on = self.spec.terms_in_use()
+        return {flag: term in on for term, flag in _TERM_FLAGS.items()
+                if sinks or term != "sinks"}
 
     def key(self) -> tuple:
         """What changes the best tile (autotune key): which terms are on."""
