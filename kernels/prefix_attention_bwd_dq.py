@@ -2,9 +2,9 @@
 
 Each program keeps its q, dO, LSE and Delta in registers and streams the keys it can see in
 the forward's passes (prefix_attention_fwd.py; the causal mask's hidden blocks are skipped),
-accumulating dQ = scale * sum_j dS_ij k_j in fp32. Unlike the forward's, its open pass holds
-sequence blocks only: the whole prefix goes with the diagonal (bench/NOTES.md). One writer per tile: no
-atomics. See prefix_attention_bwd.py for the identity and the other gradients (and dropout).
+accumulating dQ = scale * sum_j dS_ij k_j in fp32; its open pass holds sequence blocks only,
+the whole prefix goes with the diagonal (bench/NOTES.md). One writer per tile: no atomics.
+See prefix_attention_bwd.py for the identity and the other gradients (and dropout).
 """
 from __future__ import annotations
 
